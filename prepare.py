@@ -1,0 +1,76 @@
+"""Prepare a dataset: DICOM / PNG / JPEG sources -> 8-bit PNG cache, labels.csv, rejects.csv.
+
+    python prepare.py --input ../shared/radiographs --output data/radiographs --image-size 256
+    python prepare.py --demo          # writes a synthetic DICOM set, then prepares it
+
+Supported source layouts are described in data/README.md. Re-running skips finished images.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from utils import config
+from utils.constants import DEMO_DIR
+
+FLAGS = ("CLASS_NAMES", "IMAGE_SIZE", "CHANNELS", "ASPECT", "WINDOW_PERCENTILES", "SPLIT_RATIOS", "SEED",
+         "WORKERS")
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = config.ArgumentParser(description=__doc__, formatter_class=config.argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="source folder (one folder per class, or VinDr-BodyPartXR) or CSV")
+    parser.add_argument("--output", help="prepared dataset folder (images/, labels.csv, rejects.csv)")
+    parser.add_argument("--demo", action="store_true",
+                        help=f"generate the synthetic demo DICOMs in {DEMO_DIR}/dicom and prepare them")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo every image when the output was prepared with other settings")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    config.add_flags(parser, FLAGS)
+    args = parser.parse_args(argv)
+    if not args.demo and (not args.input or not args.output):
+        parser.error("--input and --output are required (or use --demo)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    config.check_constants()
+    try:
+        settings = config.resolve(args, FLAGS)
+    except config.ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    from utils import demo, prepare
+    from utils.preprocessing import PreprocessSpec
+
+    if args.demo:
+        result = demo.prepare_demo(progress=not args.quiet, image_size=args.image_size
+                                   if "--image-size" in (argv or sys.argv) else None)
+        output = Path(DEMO_DIR) / "prepared"
+    else:
+        spec = PreprocessSpec(class_names=settings["class_names"], image_size=settings["image_size"],
+                              channels=settings["channels"], aspect=settings["aspect"],
+                              window_percentiles=settings["window_percentiles"])
+        output = Path(args.output)
+        try:
+            result = prepare.prepare_dataset(args.input, output, spec, ratios=settings["split_ratios"],
+                                             seed=settings["seed"], workers=settings["workers"],
+                                             progress=not args.quiet, overwrite=args.overwrite)
+        except prepare.SourceError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    config.save_config(settings, output / "prepare_config.json")
+    summary = result.summary()
+    (output / "summary.txt").write_text(summary + "\n")
+    print(summary)
+    print(f"\nwrote {output / 'labels.csv'}, {output / 'rejects.csv'}, {output / 'summary.txt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Every default of the project, typed and commented. No logic, no I/O.
+
+Scripts build their command-line flags from the names below (``IMAGE_SIZE`` becomes
+``--image-size``), so editing this file and passing a flag are two ways to say the same thing.
+A flag always wins over this file; the resolved values are written next to each output.
+"""
+
+from __future__ import annotations
+
+# --- Labels ---------------------------------------------------------------------------------
+# Order matters: it is the order of the model's outputs. The same code trains any label set
+# (e.g. the 22 UNIFESP body parts) by passing --class-names.
+CLASS_NAMES: tuple[str, ...] = ("abdominal", "adult_chest", "pediatric_chest", "spine", "others")
+
+# --- Preprocessing spec (saved with every model; see utils/preprocessing.py) ----------------
+IMAGE_SIZE: int = 512  # the paper resized every image to 512x512
+CHANNELS: int = 3  # gray replicated to 3 channels; 1 keeps it single-channel (from scratch only)
+ASPECT: str = "stretch"  # "stretch" as the paper did, or "letterbox" (keeps aspect, pads black)
+ASPECT_CHOICES: tuple[str, ...] = ("stretch", "letterbox")
+# Used only when a DICOM has neither a VOI LUT nor a window: the display range is the
+# [low, high] percentile range of the pixels, which ignores burned-in labels and collimation.
+WINDOW_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+
+# --- Data -----------------------------------------------------------------------------------
+DATA_DIR: str = "data/prepared"  # a prepared dataset: images/ + labels.csv (prepare.py writes it)
+DEMO_DIR: str = "data/demo"  # where --demo generates and prepares the synthetic set
+RUNS_DIR: str = "runs"  # training runs are written to RUNS_DIR/<backbone>-<timestamp>
+SPLIT_RATIOS: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train, val, test
+SEED: int = 42  # the paper's seed; seeds splits, shuffling, augmentation and weights
+WORKERS: int = 0  # processes for prepare.py; 0 means one per CPU core
+
+# --- Input pipeline -------------------------------------------------------------------------
+CACHE: bool = False  # cache decoded images in memory (about 0.8 MB/image at 512x512x3 uint8)
+SHUFFLE_BUFFER: int = 2048  # larger than most splits here, so shuffling is close to uniform
+AUGMENT_ROTATION_DEG: float = 10.0  # rotation drawn per image in [-r, r]; the paper used 5-10
+AUGMENT_BRIGHTNESS: float = 0.1  # additive brightness delta, fraction of the 0-255 range
+AUGMENT_CONTRAST: float = 0.1  # contrast factor drawn in [1 - c, 1 + c]
+HORIZONTAL_FLIP: bool = False  # off: laterality matters on X-rays (the paper flipped, p=0.5)
+
+# --- Model ----------------------------------------------------------------------------------
+BACKBONE: str = "mobilenet_v1"  # the paper's best model; `python training.py --help` lists all
+WEIGHTS: str = "none"  # "none" (from scratch, as the paper), "imagenet", or a .keras/.weights.h5 path
+DROPOUT: float = 0.2  # dropout before the classification layer
+BN_MOMENTUM: float = 0.9  # Keras default 0.99 starves from-scratch BN statistics; 0.9 = PyTorch
+
+# --- Optimisation (the paper's recipe, read from its code) ----------------------------------
+EPOCHS: int = 50
+BATCH_SIZE: int = 32
+MAX_LR: float = 0.01  # one-cycle peak learning rate
+WARMUP_FRACTION: float = 0.3  # one-cycle: share of steps spent rising to MAX_LR
+LR_START_DIV: float = 25.0  # one-cycle starts at MAX_LR / 25
+LR_FINAL_DIV: float = 1e4  # torch's final_div_factor: the last lr is MAX_LR / LR_START_DIV / 1e4
+WEIGHT_DECAY: float = 1e-4  # coupled L2, as torch Adam(weight_decay=...)
+CLIP_VALUE: float = 0.1  # gradient value clipping
+LABEL_SMOOTHING: float = 0.0
+CLASS_WEIGHTS: bool = False  # weight the loss by inverse class frequency
+FREEZE_EPOCHS: int = 0  # with pretrained weights: epochs with the backbone frozen before fine-tuning
+MIXED_PRECISION: str = "auto"  # "auto" = on when a GPU is present, else off; "on" / "off"
+MIXED_PRECISION_CHOICES: tuple[str, ...] = ("auto", "on", "off")
+XLA: bool = False  # jit_compile; slower on CPU, sometimes faster on GPU
+
+# --- Evaluation -----------------------------------------------------------------------------
+SPLIT: str = "test"  # which split test.py evaluates
+SPLIT_CHOICES: tuple[str, ...] = ("train", "val", "test")
+BOOTSTRAP_RESAMPLES: int = 1000
+CONFIDENCE_LEVEL: float = 0.95
+BOOTSTRAP_UNIT: str = "auto"  # "auto" = by patient group when groups are known, else "image"
+BOOTSTRAP_UNIT_CHOICES: tuple[str, ...] = ("auto", "group", "image")
+
+# --- Demo -----------------------------------------------------------------------------------
+DEMO_IMAGES_PER_CLASS: int = 40  # synthetic DICOMs per class for --demo
+DEMO_IMAGE_SIZE: int = 128  # --demo trains at this size so it finishes in minutes on a CPU
+DEMO_BACKBONE: str = "mobilenet_v1"
+DEMO_EPOCHS: int = 3
