@@ -1,0 +1,29 @@
+"""Backbones for body-part classification: ``build_model(name, num_classes, ...)``.
+
+Importing this package registers the backbones (order below = ``list_models()`` order) and
+builds nothing.
+"""
+
+from models import mobilenet, resnet, efficientnet  # noqa: F401  (registration side effect)
+from models.registry import (
+    MODEL_INFO,
+    ModelInfo,
+    build_model,
+    get_model_info,
+    list_models,
+    register_model,
+    set_bn_momentum,
+)
+from models.weights import WeightsMismatchError, WeightsUnavailableError
+
+__all__ = [
+    "MODEL_INFO",
+    "ModelInfo",
+    "WeightsMismatchError",
+    "WeightsUnavailableError",
+    "build_model",
+    "get_model_info",
+    "list_models",
+    "register_model",
+    "set_bn_momentum",
+]

@@ -42,7 +42,7 @@ def _to_minus_one_one(channels: int) -> keras.layers.Layer:
 def _backbone(application, input_shape, weights_file) -> keras.Model:
     base = application(input_shape=input_shape, include_top=False, weights=weights_file,
                        pooling=None)
-    return keras.Model(base.inputs, base.outputs, name="backbone")
+    return keras.Model(base.input, base.output, name="backbone")
 
 
 @register_model("mobilenet_v1", family="mobilenet", preprocess=_to_minus_one_one,

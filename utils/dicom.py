@@ -309,7 +309,7 @@ def _parse(source: Source, path: str | None, *, stop_before_pixels: bool) -> Dat
     except OSError:
         raise
     except Exception as exc:  # a corrupt file can fail anywhere inside pydicom's parser
-        raise NotDicomError(f"not a readable DICOM file ({exc})", path) from exc
+        raise _parse_error(exc, source, path) from exc
 
     head = _read_head(source, start, 8)
     if head[:2] not in _BARE_DATASET_STARTS:
@@ -324,13 +324,34 @@ def _parse(source: Source, path: str | None, *, stop_before_pixels: bool) -> Dat
     except OSError:
         raise
     except Exception as exc:
-        raise NotDicomError(f"not a readable DICOM file ({exc})", path) from exc
+        raise _parse_error(exc, source, path) from exc
     if not any(keyword in ds for keyword in _DATASET_EVIDENCE):
         raise NotDicomError(
             "not a DICOM file: no 'DICM' marker and no recognisable DICOM elements", path
         )
     logger.debug("%s: read without DICOM preamble/file meta", path)
     return ds
+
+
+def _parse_error(exc: Exception, source: Source, path: str | None) -> DicomReadError:
+    # With warnings turned into errors, pydicom's "End of file reached before delimiter"
+    # warning for cut-off encapsulated pixel data arrives here as an exception.
+    if _has_encapsulated_pixel_data(source):
+        return _truncated_encapsulated_error(path)
+    return NotDicomError(f"not a readable DICOM file ({exc})", path)
+
+
+def _has_encapsulated_pixel_data(source: Source) -> bool:
+    data = _read_all(source)
+    return any(head in data for head in _ENCAPSULATED_PIXEL_DATA_HEADS)
+
+
+def _truncated_encapsulated_error(path: str | None) -> TruncatedPixelDataError:
+    return TruncatedPixelDataError(
+        "the encapsulated (compressed) pixel data ends before its sequence delimiter: "
+        "the file is truncated",
+        path,
+    )
 
 
 def _rewind(source: Source, start: int | None) -> None:
@@ -370,12 +391,8 @@ def _require_pixel_data(ds: Dataset, source: Source, path: str | None) -> None:
     if len(ds) == 0:
         # pydicom drops the whole dataset (with a warning) when the file ends inside an
         # undefined-length element, which is what encapsulated pixel data cut short looks like.
-        if any(head in _read_all(source) for head in _ENCAPSULATED_PIXEL_DATA_HEADS):
-            raise TruncatedPixelDataError(
-                f"the encapsulated (compressed) pixel data of this {sop} ends before its "
-                "sequence delimiter: the file is truncated",
-                path,
-            )
+        if _has_encapsulated_pixel_data(source):
+            raise _truncated_encapsulated_error(path)
         raise NoPixelDataError(
             f"the {sop} file holds no data elements after its file meta information "
             "(the file may be truncated)",
