@@ -245,7 +245,7 @@ def read_dicom(
     pixels = np.clip(unit, 0.0, 1.0).astype(np.float32)
     if photometric == "MONOCHROME1":
         pixels = 1.0 - pixels
-    if pixels.size == 0 or pixels.min() == pixels.max():
+    if pixels.min() == pixels.max():  # zero rows/columns were rejected before decoding
         raise EmptyImageError(
             f"the image has no contrast: every pixel displays as {float(pixels.flat[0]):.3g} "
             f"after the {window_source} step",
@@ -388,11 +388,11 @@ def _require_pixel_data(ds: Dataset, source: Source, path: str | None) -> None:
             "which this reader does not handle",
             path,
         )
+    # When the file ends inside encapsulated pixel data, pydicom warns and drops the element
+    # (often the whole dataset): the start of the element in the raw bytes gives it away.
+    if _has_encapsulated_pixel_data(source):
+        raise _truncated_encapsulated_error(path)
     if len(ds) == 0:
-        # pydicom drops the whole dataset (with a warning) when the file ends inside an
-        # undefined-length element, which is what encapsulated pixel data cut short looks like.
-        if _has_encapsulated_pixel_data(source):
-            raise _truncated_encapsulated_error(path)
         raise NoPixelDataError(
             f"the {sop} file holds no data elements after its file meta information "
             "(the file may be truncated)",
@@ -458,17 +458,23 @@ def _decoder_for(tsyntax: UID, path: str | None):
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
         raise UnsupportedTransferSyntaxError(
-            f"cannot decode transfer syntax {tsyntax.name} ({tsyntax}): {_NO_DECODER_HINT}",
+            f"cannot decode {_syntax_label(tsyntax)}: {_NO_DECODER_HINT}",
             path,
         ) from None
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "no plugin installed"
         raise UnsupportedTransferSyntaxError(
-            f"cannot decode transfer syntax {tsyntax.name} ({tsyntax}): no decoder "
+            f"cannot decode {_syntax_label(tsyntax)}: no decoder "
             f"plugin is available ({missing}); {hint}",
             path,
         )
     return decoder
+
+
+def _syntax_label(tsyntax: UID) -> str:
+    if tsyntax.name != str(tsyntax):
+        return f"transfer syntax {tsyntax.name} ({tsyntax})"
+    return f"unknown or private transfer syntax {tsyntax}"
 
 
 def _check_native_length(ds: Dataset, path: str | None) -> None:
@@ -494,7 +500,7 @@ def _decode_error(exc: Exception, tsyntax: UID, path: str | None) -> DicomReadEr
     if "missing dependencies" in text:
         hint = _INSTALL_HINTS.get(tsyntax, _NO_DECODER_HINT)
         return UnsupportedTransferSyntaxError(
-            f"cannot decode transfer syntax {tsyntax.name} ({tsyntax}): {text}; {hint}", path
+            f"cannot decode {_syntax_label(tsyntax)}: {text}; {hint}", path
         )
     if "less than expected" in text:
         return TruncatedPixelDataError(f"the pixel data is shorter than expected: {text}", path)

@@ -14,14 +14,17 @@ import pathlib
 from typing import Any
 
 import numpy as np
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_encoder, set_pixel_data
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     JPEG2000,
     UID,
+    JPEG2000Lossless,
     JPEGLSNearLossless,
     ComputedRadiographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -32,7 +35,7 @@ from pydicom.uid import (
 
 SYNTHETIC_MARK = "SYNTHETIC"
 # Native syntaxes need no encoder; pydicom writes them directly.
-_NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
 _ENCODER_INSTALL_HINTS = {
     "pyjpegls": "pip install pyjpegls",
     "pylibjpeg": "pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-rle",
@@ -41,6 +44,7 @@ _ENCODER_INSTALL_HINTS = {
 _DEFAULT_BITS = {np.dtype(np.uint8): 8, np.dtype(np.int8): 8, np.dtype(np.uint16): 16,
                  np.dtype(np.int16): 16}
 _J2K_LOSSY_RATIO = 10.0  # JPEG 2000 (lossy) compression ratio; visibly lossy, still readable
+_J2K_MIN_SIDE = 32  # openjpeg's 6 resolution levels need 2**5 pixels per side
 _LOSSY_METHODS = {JPEG2000: "ISO_15444_1", JPEGLSNearLossless: "ISO_14495_1"}
 
 
@@ -80,7 +84,7 @@ def write_dicom(
         voi_lut_bits: bits per LUT entry (LUT Descriptor value 3), i.e. the LUT's output
             range 0..2**bits-1; default: the smallest allowed depth (8, 10..16) that holds
             the largest entry, e.g. 10 for a table whose maximum is 1023.
-        transfer_syntax: Explicit/Implicit VR Little Endian, or any syntax pydicom has an
+        transfer_syntax: Explicit/Implicit/Deflated VR Little Endian, or any syntax pydicom has an
             encoder for (RLE Lossless, JPEG 2000 lossless and lossy, JPEG-LS with
             ``pyjpegls``). Raises ``ValueError`` for syntaxes pydicom cannot encode and
             ``RuntimeError`` (saying what to install) when the encoder's plugins are missing.
@@ -92,6 +96,11 @@ def write_dicom(
             "VOILUTFunction": "SIGMOID"}``); None as a value deletes the element.
     """
     path = pathlib.Path(path)
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB"):
+        raise ValueError(f"photometric must be MONOCHROME1, MONOCHROME2 or RGB, not {photometric!r}")
+    unknown = [keyword for keyword in (extra or {}) if tag_for_keyword(keyword) is None]
+    if unknown:
+        raise ValueError(f"unknown DICOM keyword(s) in extra: {', '.join(unknown)}")
     arr = np.asarray(pixels)
     tsyntax = UID(transfer_syntax)
     encoder = None if tsyntax in _NATIVE_SYNTAXES else _encoder_for(tsyntax)
@@ -104,26 +113,40 @@ def write_dicom(
     _set_identity(ds, modality, photometric, patient_id, patient_age, body_part,
                   study_uid, series_uid, sop_uid)
     _set_grayscale_pipeline(ds, rescale, window, voi_lut, voi_lut_bits, photometric)
-    for keyword, value in (extra or {}).items():
+    _apply_extra(ds, extra or {})
+    _set_file_meta(ds)
+    _encode(ds, tsyntax, encoder)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _apply_extra(ds: Dataset, extra: dict[str, Any]) -> None:
+    for keyword, value in extra.items():
         if value is None:
             if keyword in ds:
                 delattr(ds, keyword)
         else:
             setattr(ds, keyword, value)
-    _set_file_meta(ds)
 
-    if encoder is not None:
-        options = {"j2k_cr": [_J2K_LOSSY_RATIO]} if tsyntax == JPEG2000 else {}
-        ds.compress(tsyntax, generate_instance_uid=False, **options)
-        if tsyntax in _LOSSY_METHODS:
-            ds.LossyImageCompression = "01"
-            ds.LossyImageCompressionMethod = _LOSSY_METHODS[tsyntax]
-    else:
+
+def _encode(ds: Dataset, tsyntax: UID, encoder) -> None:
+    """Compress the native pixel data in place (or just record a native syntax)."""
+    if encoder is None:
         ds.file_meta.TransferSyntaxUID = tsyntax
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+        return
+    if tsyntax in (JPEG2000, JPEG2000Lossless) and min(ds.Rows, ds.Columns) < _J2K_MIN_SIDE:
+        # pylibjpeg-openjpeg always uses 6 resolution levels and does not expose the setting
+        raise ValueError(
+            f"JPEG 2000 encoding needs at least {_J2K_MIN_SIDE} x {_J2K_MIN_SIDE} pixels, "
+            f"got {ds.Rows} x {ds.Columns}"
+        )
+    options = {"j2k_cr": [_J2K_LOSSY_RATIO]} if tsyntax == JPEG2000 else {}
+    ds.compress(tsyntax, generate_instance_uid=False, **options)
+    if tsyntax in _LOSSY_METHODS:
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionMethod = _LOSSY_METHODS[tsyntax]
 
 
 def _encoder_for(tsyntax: UID):
