@@ -4,7 +4,8 @@ Importing this package registers the backbones (order below = ``list_models()`` 
 builds nothing.
 """
 
-from models import mobilenet, resnet, efficientnet  # noqa: F401  (registration side effect)
+# Registration order is list_models() order (the paper's table), hence not sorted.
+from models import mobilenet, resnet, efficientnet  # noqa: F401, I001
 from models.registry import (
     MODEL_INFO,
     ModelInfo,

@@ -191,13 +191,13 @@ def build_model(
     replicate = gray_to_rgb if gray_to_rgb is not None else (channels == 1 and mode == IMAGENET)
     model = _assemble(info, num_classes, input_shape, replicate, imagenet_path, dropout)
 
-    if mode == PATH and channels == 1 and gray_to_rgb is None:
-        # A 1-channel model was trained either from scratch (1-channel backbone) or from
-        # ImageNet (gray_to_rgb): the file tells which.
-        if model_signature(model) != file_signature(path):
-            other = _assemble(info, num_classes, input_shape, True, None, dropout)
-            if model_signature(other) == file_signature(path):
-                model = other
+    # A 1-channel model was trained either from scratch (1-channel backbone) or from
+    # ImageNet (gray_to_rgb): the file tells which.
+    if mode == PATH and channels == 1 and gray_to_rgb is None \
+            and model_signature(model) != file_signature(path):
+        other = _assemble(info, num_classes, input_shape, True, None, dropout)
+        if model_signature(other) == file_signature(path):
+            model = other
 
     if bn_momentum is not None:
         set_bn_momentum(model, bn_momentum)

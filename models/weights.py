@@ -112,9 +112,10 @@ def _h5_signature(h5: h5py.File) -> dict[str, tuple[int, ...]]:
 def file_signature(path: str) -> dict[str, tuple[int, ...]]:
     """Variable paths and shapes in a ``.weights.h5`` file or in the weights inside a ``.keras``."""
     if path.endswith(".keras"):
-        with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as member:
-            with h5py.File(io.BytesIO(member.read()), "r") as h5:
-                return _h5_signature(h5)
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read("model.weights.h5")
+        with h5py.File(io.BytesIO(data), "r") as h5:
+            return _h5_signature(h5)
     with h5py.File(path, "r") as h5:
         return _h5_signature(h5)
 

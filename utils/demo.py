@@ -210,13 +210,14 @@ def generate_demo_dicoms(folder: str | os.PathLike, *, images_per_class: int = c
     return folder
 
 
-def prepare_demo(*, progress: bool = True, image_size: int | None = None, root: str | os.PathLike | None = None):
+def prepare_demo(*, progress: bool = True, image_size: int | None = None, root: str | os.PathLike | None = None,
+                 images_per_class: int = constants.DEMO_IMAGES_PER_CLASS):
     """Generate the synthetic DICOMs (once) and prepare them into ``<root>/prepared``."""
     from utils.prepare import prepare_dataset
     from utils.preprocessing import PreprocessSpec
 
     root = Path(root or constants.DEMO_DIR)
-    source = generate_demo_dicoms(root / "dicom", progress=progress)
+    source = generate_demo_dicoms(root / "dicom", images_per_class=images_per_class, progress=progress)
     spec = PreprocessSpec(class_names=DEMO_CLASSES, image_size=image_size or constants.DEMO_IMAGE_SIZE,
                           channels=constants.CHANNELS, aspect=constants.ASPECT,
                           window_percentiles=constants.WINDOW_PERCENTILES)

@@ -249,8 +249,9 @@ def assign_splits(labels: Sequence[str], groups: Sequence[str], preset: Sequence
 
     Groups never straddle two splits. Preset splits are kept; a group with any preset member goes
     whole to that split (the first one seen). The remaining groups are placed one at a time
-    (shuffled with ``seed``, larger groups first) into the split whose per-class deficit against
-    ``ratios`` is largest, which keeps every class close to the ratios. When the preset holds
+    (shuffled with ``seed``, larger groups first) into the split whose per-class target (``ratios``)
+    is least filled, relative to its size, which keeps every class close to the ratios and puts
+    even small classes into every split. When the preset holds
     only train/test (the VinDr release), val is drawn from the unassigned pool, i.e. from train,
     with ratio val / (train + val).
     """
@@ -291,7 +292,9 @@ def assign_splits(labels: Sequence[str], groups: Sequence[str], preset: Sequence
         counts = np.zeros(len(classes))
         for i in members[g]:
             counts[cls_index[labels[i]]] += 1
-        deficit = ((targets - current) * counts[None, :] / np.maximum(totals, 1)[None, :]).sum(axis=1)
+        # Unfilled share of each split's per-class target: small classes still reach every split.
+        unfilled = (targets - current) / np.maximum(targets, 1e-9)
+        deficit = (unfilled * counts[None, :]).sum(axis=1)
         deficit[ratios <= 0] = -np.inf
         choice = int(np.argmax(deficit))
         current[choice] += counts

@@ -155,7 +155,8 @@ def train(args, settings: dict[str, Any]) -> Path:
         start = max(done, phase.start)
         log.info("epochs %d-%d%s", start + 1, phase.end, " (backbone frozen)" if phase.frozen else "")
         model.fit(train_ds, validation_data=val_ds, epochs=phase.end, initial_epoch=start, steps_per_epoch=steps,
-                  class_weight=weights, callbacks=callbacks, verbose=2 if args.quiet else 1)
+                  class_weight=weights, callbacks=callbacks, verbose=2 if args.quiet else 1,
+                  shuffle=False)  # the tf.data pipeline shuffles
         best = callbacks[1].best
         done = phase.end
     return run_dir

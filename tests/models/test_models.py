@@ -39,7 +39,7 @@ SIZE = 64
 NUM_CLASSES = 5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _built(name: str, channels: int = 3) -> keras.Model:
     """One model per (backbone, channels) shared by the read-only checks below."""
     return build_model(name, NUM_CLASSES, (SIZE, SIZE, channels))
@@ -250,7 +250,8 @@ def test_imagenet_offline_says_what_to_do(name, monkeypatch, tmp_path):
     fname = MODEL_INFO[name].imagenet_file((512, 512, 3)).fname
 
     def offline(fname, origin, **kwargs):
-        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -2] Name or service "
+        # exactly what keras.utils.get_file raises offline
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -2] Name or service "  # noqa: TRY002
                         "not known")
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
@@ -296,14 +297,20 @@ def _fake_imagenet_file(name, path):
     EfficientNet files store the ImageNet mean and, as variance, the std (tensorflow#49930)."""
     application, preprocess_input = KERAS_APPS[name]
     base = application(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    norms = [layer for layer in base.layers if isinstance(layer, keras.layers.Normalization)]
+
+    def set_normalization(variance):
+        for norm in norms:
+            norm.adapt_mean.assign(_MEAN)
+            norm.adapt_variance.assign(variance)
+            norm.finalize_state()
+
     for layer in base.layers:
-        if isinstance(layer, keras.layers.Normalization):
-            layer.adapt_mean.assign(_MEAN)
-            layer.adapt_variance.assign(_STD)
-            layer.finalize_state()
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 0.0  # the next training-mode call stores the batch statistics
+    set_normalization(_STD**2)  # calibrate on what the ImageNet model sees: (x/255 - mean)/std
     base(preprocess_input(_images(batch=8, seed=3)), training=True)
+    set_normalization(_STD)  # what the published files store
     base.save(str(path))  # legacy HDF5, the format of the published files
     return str(path)
 

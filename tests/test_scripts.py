@@ -1,0 +1,95 @@
+"""The entry scripts end to end on a small synthetic set: prepare -> train -> resume -> test."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import test as test_script
+import training
+from utils import demo
+from utils.artifacts import read_model_info
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("prepare.py", ["--input", "--image-size", "--aspect", "--split-ratios", "--demo"]),
+    ("training.py", ["--backbone", "--epochs", "--weights", "--resume", "--demo", "resnet18", "--bn-momentum"]),
+    ("test.py", ["--data", "--split", "--bootstrap-resamples", "--bootstrap-unit", "--demo"]),
+])
+def test_help_explains_the_flags(script, flags):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr
+    for flag in flags:
+        assert flag in out.stdout
+
+
+def test_mistyped_backbone_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        training.parse_args(["--backbone", "mobilenet_v3"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    result = demo.prepare_demo(progress=False, image_size=64, root=root, images_per_class=8)
+    assert set(result.rejects["reason"]) == {"no_pixel_data", "truncated_pixel_data"}
+    return root / "prepared"
+
+
+def test_train_resume_and_evaluate(small_demo, tmp_path):
+    run = tmp_path / "run"
+    common = ["--data", str(small_demo), "--output", str(run), "--backbone", "mobilenet_v1", "--batch-size", "8",
+              "--quiet", "--seed", "1"]
+    assert training.main(common + ["--epochs", "1"]) == 0
+    for name in ("config.json", "log.csv", "best.keras", "last.keras", "best.json", "training_curves.png"):
+        assert (run / name).is_file(), name
+    assert (run / "tensorboard").is_dir()
+    info = read_model_info(run)
+    assert info.spec.image_size == 64 and info.spec.class_names == demo.DEMO_CLASSES and info.backbone == "mobilenet_v1"
+    # a second run into the same directory without --resume is refused
+    assert training.main(common + ["--epochs", "1"]) == 2
+    # --resume continues where it stopped, with the saved settings and optimizer state
+    config = json.loads((run / "config.json").read_text())["config"]
+    config["epochs"] = 2
+    payload = json.loads((run / "config.json").read_text())
+    payload["config"] = config
+    (run / "config.json").write_text(json.dumps(payload))
+    assert training.main(["--resume", str(run), "--quiet"]) == 0
+    log = pd.read_csv(run / "log.csv")
+    assert log["epoch"].tolist() == [0, 1]
+    assert {"loss", "accuracy", "macro_f1", "val_macro_f1", "val_accuracy", "learning_rate"} <= set(log.columns)
+
+    out = tmp_path / "eval"
+    assert test_script.main([str(run), "--data", str(small_demo), "--output", str(out), "--timing-runs", "3",
+                             "--bootstrap-resamples", "200", "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_images"] == len(pd.read_csv(small_demo / "labels.csv").query("split == 'test'"))
+    assert results["bootstrap"]["unit"] == "group"  # two images per synthetic patient
+    assert results["timing"]["batch1_ms_median"] > 0
+    for name in ("predictions.csv", "results.md", "confusion_matrix.png", "roc_curves.png"):
+        assert (out / name).is_file()
+
+    # the raw DICOM folder goes through the model's own preprocessing; broken files are left out
+    raw = tmp_path / "raw"
+    assert test_script.main([str(run / "best.keras"), "--data", str(small_demo.parent / "dicom"), "--output",
+                             str(raw), "--timing-runs", "0", "--bootstrap-resamples", "100", "--quiet"]) == 0
+    raw_results = json.loads((raw / "results.json").read_text())
+    assert raw_results["n_images"] == 40
+    reasons = sorted(x["reason"].split(":")[0] for x in raw_results["extra"]["left_out"])
+    assert reasons == ["no_pixel_data", "truncated_pixel_data"]
+
+    # several models -> one comparison table
+    both = tmp_path / "both"
+    assert test_script.main([str(run / "best.keras"), str(run / "last.keras"), "--data", str(small_demo),
+                             "--output", str(both), "--timing-runs", "0", "--bootstrap-resamples", "100",
+                             "--quiet"]) == 0
+    table = (both / "comparison.md").read_text()
+    assert "| best |" in table and "| last |" in table
