@@ -57,19 +57,19 @@ def _default_data(model_path: Path) -> str:
 
 def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict:
     from utils import evaluation, reports
-    from utils.artifacts import load_model
+    from utils.predictor import load_predictor
 
-    model, info = load_model(model_arg)
+    info = load_predictor(model_arg)
     data = args.data or _default_data(Path(model_arg))
     subset = evaluation.eval_set(data, settings["split"], info.spec)
     log.info("%s (%s): %d images from %s", model_arg, info.model_id, len(subset.files), subset.description)
-    probs, kept, errors = evaluation.predict(model, subset.files, info.spec, cached=subset.cached,
+    probs, kept, errors = evaluation.predict(info, subset.files, cached=subset.cached,
                                              batch_size=settings["batch_size"], progress=not args.quiet)
     for path, reason in errors + subset.skipped:
         log.warning("left out %s: %s", path, reason)
     if len(kept) == 0:
         raise SystemExit(f"error: no readable image in {data}")
-    timing = evaluation.time_inference(model, info.spec, runs=args.timing_runs) if args.timing_runs else None
+    timing = evaluation.time_inference(info, runs=args.timing_runs) if args.timing_runs else None
     groups = [subset.groups[i] for i in kept] if subset.groups is not None else None
     results = reports.write_evaluation(
         output_dir, y_true=subset.labels[kept], probs=probs, class_names=info.spec.class_names,

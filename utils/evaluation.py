@@ -113,20 +113,22 @@ def iter_batches(files: Sequence[str], spec: PreprocessSpec, *, cached: bool, ba
             yield batch, kept, errors
 
 
-def predict(model, files: Sequence[str], spec: PreprocessSpec, *, cached: bool, batch_size: int = 32,
+def predict(predictor, files: Sequence[str], *, cached: bool, batch_size: int = 32,
             progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """Softmax probabilities for the readable files: (probs (M, K), kept indices (M,), errors)."""
-    import tensorflow as tf
+    """Softmax probabilities for the readable files: (probs (M, K), kept indices (M,), errors).
+
+    ``predictor`` is a utils.predictor.Predictor; its spec decides the preprocessing.
+    """
     from tqdm import tqdm
 
-    infer = tf.function(lambda x: tf.nn.softmax(tf.cast(model(x, training=False), tf.float32)), reduce_retracing=True)
+    spec = predictor.spec
     probs, kept, errors = [], [], []
     bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not progress)
     # Prefetch: decoding of batch n+1 overlaps inference of batch n.
     batches = iter_batches(files, spec, cached=cached, batch_size=batch_size)
     for batch, idx, errs in _prefetch(batches):
         if batch is not None:
-            probs.append(infer(batch).numpy())
+            probs.append(predictor.predict(batch))
             kept += idx
         errors += [(files[i], e) for i, e in errs]
         bar.update(len(idx) + len(errs))
@@ -158,32 +160,29 @@ def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
         yield item
 
 
-def time_inference(model, spec: PreprocessSpec, *, runs: int = 50, warmup: int = 5,
-                   throughput_batch: int = 32) -> dict:
+def time_inference(predictor, *, runs: int = 50, warmup: int = 5, throughput_batch: int = 32) -> dict:
     """Model-only latency at batch 1 (median and p95 over ``runs``, after warm-up) and throughput."""
-    import tensorflow as tf
-
     from utils.training import device_name
 
-    infer = tf.function(lambda x: model(x, training=False))
-    one = tf.random.uniform((1, *spec.input_shape), 0, 255)
+    rng = np.random.default_rng(0)
+    one = rng.uniform(0, 255, (1, *predictor.spec.input_shape)).astype(np.float32)
     for _ in range(warmup):
-        infer(one).numpy()
+        predictor.predict(one)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        infer(one).numpy()
+        predictor.predict(one)
         times.append(time.perf_counter() - start)
-    many = tf.random.uniform((throughput_batch, *spec.input_shape), 0, 255)
-    infer(many).numpy()
+    many = rng.uniform(0, 255, (throughput_batch, *predictor.spec.input_shape)).astype(np.float32)
+    predictor.predict(many)
     batch_times = []
     for _ in range(max(3, runs // 10)):
         start = time.perf_counter()
-        infer(many).numpy()
+        predictor.predict(many)
         batch_times.append(time.perf_counter() - start)
     ms = np.asarray(times) * 1000
     return {"device": device_name(), "batch1_ms_median": float(np.median(ms)),
             "batch1_ms_p95": float(np.percentile(ms, 95)), "batch1_runs": runs,
             "batch_size": throughput_batch,
             "throughput_images_per_s": float(throughput_batch / np.median(batch_times)),
-            "note": "model only (no decoding), float32 input already in memory"}
+            "note": "model only (no decoding), input already in memory, softmax included"}
