@@ -14,7 +14,7 @@ CLASS_NAMES: tuple[str, ...] = ("abdominal", "adult_chest", "pediatric_chest", "
 
 # --- Preprocessing spec (saved with every model; see utils/preprocessing.py) ----------------
 IMAGE_SIZE: int = 512  # the paper resized every image to 512x512
-CHANNELS: int = 3  # gray replicated to 3 channels; 1 keeps it single-channel (from scratch only)
+CHANNELS: int = 1  # gray; ImageNet-weight models replicate it to 3 inside the graph. 3 = replicate in the pipeline
 ASPECT: str = "stretch"  # "stretch" as the paper did, or "letterbox" (keeps aspect, pads black)
 ASPECT_CHOICES: tuple[str, ...] = ("stretch", "letterbox")
 # Used only when a DICOM has neither a VOI LUT nor a window: the display range is the
@@ -72,3 +72,19 @@ DEMO_IMAGES_PER_CLASS: int = 40  # synthetic DICOMs per class for --demo
 DEMO_IMAGE_SIZE: int = 128  # --demo trains at this size so it finishes in minutes on a CPU
 DEMO_BACKBONE: str = "mobilenet_v1"  # backbone trained by --demo
 DEMO_EPOCHS: int = 8  # epochs trained by --demo (about a minute on 2 CPU cores)
+
+# --- Predict and router ---------------------------------------------------------------------
+THRESHOLD: float = 0.5  # top probability below this -> label "uncertain" (the manual-review route)
+SORT_MODE: str = "copy"  # how --sort-into places files: "copy", "hardlink" (same disk) or "symlink"
+SORT_MODE_CHOICES: tuple[str, ...] = ("copy", "hardlink", "symlink")
+DECODE_WORKERS: int = 0  # threads decoding files for predict.py and the router; 0 = 2 per core, at most 8
+ROUTER_AE_TITLE: str = "BODYPART_ROUTER"  # the router's own AE title (16 characters at most)
+ROUTER_HOST: str = "0.0.0.0"  # address the router listens on; 127.0.0.1 keeps it local
+ROUTER_PORT: int = 11112  # the router's DICOM port (11112 is the registered non-privileged one)
+ROUTER_SPOOL_DIR: str = "router-spool"  # received files, the queue database and the audit log
+ROUTER_BATCH_SIZE: int = 16  # most images classified in one model call
+ROUTER_BATCH_WAIT_MS: int = 200  # wait at most this long for a batch to fill before classifying
+ROUTER_MAX_ASSOCIATIONS: int = 10  # simultaneous incoming associations
+ROUTER_RETRY_INITIAL_S: float = 2.0  # first retry delay when a destination fails; doubles each time
+ROUTER_RETRY_MAX_S: float = 60.0  # longest delay between retries (a down destination is retried forever)
+ROUTER_MAX_ATTEMPTS: int = 10  # an object its destination refuses this often is marked failed (kept in spool)

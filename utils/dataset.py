@@ -1,7 +1,7 @@
 """labels.csv of a prepared dataset -> tf.data pipelines. Knows nothing of DICOM.
 
 Small pure steps chained in :func:`build_dataset`: ``decode`` (PNG -> uint8), then for training
-``random_rotate`` (per image) and ``augment_batch`` (contrast, brightness, flip drawn per image),
+``random_rotate`` (an angle per image) and ``augment_batch`` (contrast, brightness, flip drawn per image),
 ``to_input`` (float32 0..255, gray replicated to the spec's channels), cache / shuffle / batch /
 prefetch. Normalisation for the backbone is a layer inside
 the model, so this pipeline and every serving path feed the same 0..255 values.
@@ -61,10 +61,14 @@ def decode(path: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.ensure_shape(image, [image_size, image_size, 1])
 
 
-def to_input(image: tf.Tensor, channels: int) -> tf.Tensor:
-    """uint8 (H, W, 1) -> float32 (H, W, channels) with values 0..255."""
-    image = tf.cast(image, tf.float32)
+def replicate(image: tf.Tensor, channels: int) -> tf.Tensor:
+    """(..., 1) -> (..., channels) by repeating the gray channel."""
     return tf.repeat(image, channels, axis=-1) if channels > 1 else image
+
+
+def to_input(image: tf.Tensor, channels: int) -> tf.Tensor:
+    """uint8 (..., H, W, 1) -> float32 (..., H, W, channels) with values 0..255."""
+    return replicate(tf.cast(image, tf.float32), channels)
 
 
 def rotate_uint8(image: np.ndarray, degrees: float) -> np.ndarray:
@@ -76,24 +80,30 @@ def rotate_uint8(image: np.ndarray, degrees: float) -> np.ndarray:
     return out[:, :, np.newaxis]
 
 
-def random_rotate(image: tf.Tensor, max_degrees: float, seed: tf.Tensor) -> tf.Tensor:
-    """Rotate one uint8 (H, W, 1) image by an angle drawn in [-max, max] from a stateless ``seed``."""
-    angle = tf.random.stateless_uniform([], seed, -max_degrees, max_degrees)
-    rotated = tf.numpy_function(rotate_uint8, [image, angle], tf.uint8, stateful=False)
-    return tf.ensure_shape(rotated, image.shape)
+def _rotate_batch(images: np.ndarray, degrees: np.ndarray) -> np.ndarray:
+    return np.stack([rotate_uint8(image, angle) for image, angle in zip(images, degrees)]) if len(images) else images
+
+
+def random_rotate(images: tf.Tensor, max_degrees: float, seed: tf.Tensor) -> tf.Tensor:
+    """Rotate each uint8 image of a batch (B, H, W, 1) by its own angle drawn in [-max, max]
+    from a stateless ``seed`` (one OpenCV call per image, one Python call per batch)."""
+    angles = tf.random.stateless_uniform([tf.shape(images)[0]], seed, -max_degrees, max_degrees)
+    rotated = tf.numpy_function(_rotate_batch, [images, angles], tf.uint8, stateful=False)
+    return tf.ensure_shape(rotated, images.shape)
 
 
 def augment_batch(images: tf.Tensor, aug: Augmentation, seed: tf.Tensor) -> tf.Tensor:
-    """Contrast, brightness (and optional horizontal flip) drawn per image of a float batch (B, H, W, C)."""
+    """Contrast, brightness (and optional horizontal flip) drawn per image of a float batch (B, H, W, C).
+
+    Contrast and brightness are fused into one multiply-add per pixel: x * f + (mean * (1 - f) + b).
+    """
     seeds = tf.random.experimental.stateless_split(seed, num=3)
     batch = tf.shape(images)[0]
-    if aug.contrast:
+    if aug.contrast or aug.brightness:
         factor = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[0], 1.0 - aug.contrast, 1.0 + aug.contrast)
+        shift = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[1], -aug.brightness, aug.brightness) * 255.0
         mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
-        images = (images - mean) * factor + mean
-    if aug.brightness:
-        images = images + tf.random.stateless_uniform([batch, 1, 1, 1], seeds[1], -aug.brightness,
-                                                      aug.brightness) * 255.0
+        images = images * factor + (mean * (1.0 - factor) + shift)
     if aug.horizontal_flip:
         flip = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[2]) < 0.5
         images = tf.where(flip, tf.reverse(images, axis=[2]), images)
@@ -126,15 +136,16 @@ def build_dataset(paths: Sequence[str], labels: Sequence[int] | None, spec: Prep
     augmenting = training and augmentation.active
     if training:
         ds = ds.shuffle(min(shuffle_buffer, max(len(paths), 1)), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune,
+                  deterministic=not training)
     if augmenting and augmentation.rotation_deg:
         ds = tf.data.Dataset.zip((ds, _seeds(seed))).map(
             lambda xy, s: (random_rotate(xy[0], augmentation.rotation_deg, s), xy[1]),
             num_parallel_calls=autotune, deterministic=False)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune,
-                  deterministic=not training)
     if augmenting:
+        # Photometric augmentation on the single gray channel, then replication (3x less work).
         ds = tf.data.Dataset.zip((ds, _seeds(seed + 1))).map(
-            lambda xy, s: (augment_batch(to_input(xy[0], channels), augmentation, s), xy[1]),
+            lambda xy, s: (replicate(augment_batch(tf.cast(xy[0], tf.float32), augmentation, s), channels), xy[1]),
             num_parallel_calls=autotune, deterministic=False)
     else:
         ds = ds.map(lambda x, y: (to_input(x, channels), y), num_parallel_calls=autotune,

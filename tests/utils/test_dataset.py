@@ -73,14 +73,16 @@ def test_rotation_geometry():
     assert np.argwhere(rotate_uint8(image, 90.0)[..., 0] > 100).tolist() in ([[10, 2]], [[10, 18]])
 
 
-def test_random_rotate_draws_within_range_and_is_seeded():
-    image = tf.constant(np.pad(np.full((8, 8, 1), 255, np.uint8), ((12, 12), (12, 12), (0, 0))))
-    outs = [random_rotate(image, 10.0, tf.constant([s, 7])).numpy() for s in range(6)]
-    assert all(o.shape == (32, 32, 1) and o.dtype == np.uint8 for o in outs)
-    assert len({o.tobytes() for o in outs}) > 3  # different angles per seed
-    assert np.array_equal(outs[0], random_rotate(image, 10.0, tf.constant([0, 7])).numpy())
+def test_random_rotate_draws_an_angle_per_image_within_range_and_is_seeded():
+    square = np.pad(np.full((8, 8, 1), 255, np.uint8), ((12, 12), (12, 12), (0, 0)))
+    images = tf.constant(np.stack([square] * 6))
+    out = random_rotate(images, 10.0, tf.constant([0, 7])).numpy()
+    assert out.shape == (6, 32, 32, 1) and out.dtype == np.uint8
+    assert len({o.tobytes() for o in out}) == 6  # a different angle for every image
+    assert np.array_equal(out, random_rotate(images, 10.0, tf.constant([0, 7])).numpy())
+    assert not np.array_equal(out, random_rotate(images, 10.0, tf.constant([1, 7])).numpy())
     # at most 10 degrees: a centred square keeps most of its mass inside its own footprint
-    assert all(o[12:20, 12:20].mean() > 0.7 * 255 for o in outs)
+    assert all(o[12:20, 12:20].mean() > 0.7 * 255 for o in out)
 
 
 def test_augment_batch_without_any_transform_is_identity():

@@ -1,0 +1,76 @@
+"""Classify the body part of DICOM (and PNG/JPEG) files in bulk.
+
+    python predict.py --model runs/demo data/demo/dicom
+    python predict.py --model best.keras scans/ one.dcm list.txt --output out.csv --threshold 0.7
+    python predict.py --model runs/demo scans/ --sort-into sorted/ --sort-mode hardlink
+
+INPUT is a file, a folder (searched recursively for images and DICOM files) or a text file
+(*.txt, *.lst, *.list) listing paths. One CSV row per file: path, SOPInstanceUID,
+StudyInstanceUID, label, confidence, top_label, prob_<class> for each class, BodyPartExamined,
+tag_disagrees (true/false, empty without a tag), error, sorted_to. A file that cannot be read gets
+label "unreadable" and its reason; a prediction below --threshold gets label "uncertain".
+--sort-into copies (or links, --sort-mode) each file into DIR/<label>/; it never overwrites and
+never moves or alters a source file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from utils import config
+
+FLAGS = ("THRESHOLD", "BATCH_SIZE", "SORT_MODE", "DECODE_WORKERS")
+
+log = logging.getLogger("predict")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = config.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or lists of paths")
+    parser.add_argument("--model", required=True, metavar="RUN_OR_MODEL",
+                        help="training run directory (its best.keras) or a .keras file (required)")
+    parser.add_argument("--output", default="predictions.csv", help="CSV file written (default: predictions.csv)")
+    parser.add_argument("--sort-into", default=None, metavar="DIR",
+                        help="also place each file into DIR/<label>/ (default: off)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    config.add_flags(parser, FLAGS)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.threshold <= 1.0:
+        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.batch_size < 1 or args.decode_workers < 0:
+        parser.error("--batch-size must be >= 1 and --decode-workers >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from utils import batch_predict
+    from utils.predictor import load_predictor
+
+    try:
+        files, skipped = batch_predict.collect_inputs(args.inputs)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if skipped:
+        log.info("skipped %d files that are neither images nor DICOM (e.g. %s)", len(skipped), skipped[0])
+    if not files:
+        print("error: no image or DICOM file found in the inputs", file=sys.stderr)
+        return 2
+    predictor = load_predictor(args.model)
+    log.info("model %s (%s), %d classes, %d px; %d files", predictor.model_id, predictor.backbone,
+             predictor.spec.num_classes, predictor.spec.image_size, len(files))
+    summary = batch_predict.run(predictor, files, output=args.output, threshold=args.threshold,
+                                batch_size=args.batch_size, workers=args.decode_workers,
+                                sort_into=args.sort_into, sort_mode=args.sort_mode, progress=not args.quiet)
+    for line in summary.lines():
+        print(line)
+    print(f"predictions: {args.output}" + (f"; sorted into {args.sort_into}" if args.sort_into else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
