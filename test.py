@@ -14,6 +14,7 @@ model, or in --output/<model name>); with several models, comparison.md/.csv as 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict
         output_dir, y_true=subset.labels[kept], probs=probs, class_names=info.spec.class_names,
         files=[subset.files[i] for i in kept], groups=groups, n_resamples=settings["bootstrap_resamples"],
         confidence=settings["confidence_level"], seed=settings["seed"], unit=settings["bootstrap_unit"],
-        model_id=info.model_id, split=settings["split"], timing=timing,
+        model_id=info.model_id, split=subset.split, timing=timing,
         extra={"data": str(data), "source": subset.description, "backbone": info.backbone,
                "left_out": [{"file": f, "reason": r} for f, r in errors + subset.skipped]})
     config.save_config({**settings, "model": model_arg, "data": str(data)}, output_dir / "test_config.json")
@@ -83,6 +84,7 @@ def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines; errors still show
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     config.check_constants()
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         all_results.append(results)
         names.append(name)
-        print(f"\n{name} on {results['n_images']} images ({settings['split']}):")
+        print(f"\n{name} on {results['n_images']} images (split: {results['split']}):")
         print(reports.comparison_table([results], [name]))
         print(f"details: {output_dir / 'results.md'}")
     if len(all_results) > 1:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
-import time
 from pathlib import Path
 
 from utils import config, constants
@@ -63,6 +64,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines; errors still show
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = parse_args(argv)
@@ -80,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(prepare_demo(progress=not args.quiet).summary())
         args.data = str(Path(constants.DEMO_DIR) / "prepared")
-        args.output = args.output or str(Path(constants.RUNS_DIR) / "demo")
+        if not args.output:
+            args.output = str(Path(constants.RUNS_DIR) / "demo")
+            if not args.resume:
+                shutil.rmtree(args.output, ignore_errors=True)  # the demo run is rebuilt every time
     try:
         run_dir = runner.train(args, settings)
     except (runner.TrainingSetupError, FileNotFoundError) as error:

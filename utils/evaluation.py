@@ -34,6 +34,7 @@ class EvalSet:
     groups: list[str] | None
     cached: bool  # True: files are prepared PNGs already at the spec; False: raw sources
     description: str
+    split: str  # the split evaluated, or "all" for sources without one
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -64,17 +65,20 @@ def eval_set(data: str | os.PathLike, split: str, spec: PreprocessSpec) -> EvalS
         dataset_spec = PreprocessSpec.load(data / SPEC_FILENAME) if (data / SPEC_FILENAME).is_file() else None
         if dataset_spec is not None and _same_pixels(dataset_spec, spec):
             return EvalSet([str(data / p) for p in frame["path"]], labels, groups, True,
-                           f"{data} split={split} (prepared cache)")
+                           f"{data} split={split} (prepared cache)", split)
         log.warning("%s was prepared with other settings than the model's spec: reading its source files "
                     "with the model's preprocessing instead", data)
         return EvalSet(frame["source_file"].tolist(), labels, groups, False,
-                       f"{data} split={split} (source files, model's preprocessing)")
+                       f"{data} split={split} (source files, model's preprocessing)", split)
     listing = list_source(data, spec.class_names)
-    items = [it for it in listing.items if not it.split or it.split == split] if data.is_file() else listing.items
+    has_splits = any(it.split for it in listing.items)
+    items = [it for it in listing.items if it.split == split] if has_splits else listing.items
+    if not items:
+        raise ValueError(f"{data}: no image in split {split!r}")
     labels = _label_ids([it.label for it in items], spec.class_names, str(data))
     groups = [it.group or it.source for it in items]
     return EvalSet([it.source for it in items], labels, groups, False, f"{data} ({listing.layout})",
-                   skipped=[(r[0], r[1]) for r in listing.rejects])
+                   split if has_splits else "all", skipped=[(r[0], r[1]) for r in listing.rejects])
 
 
 def _read_cached(path: str, spec: PreprocessSpec) -> np.ndarray:

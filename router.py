@@ -1,0 +1,86 @@
+"""A DICOM node that classifies each received X-ray and forwards it to the AI model for its body part.
+
+    python router.py --config router.yaml                 # run (Ctrl-C / SIGTERM stop it cleanly)
+    python router.py --config router.yaml --check         # check config and model, C-ECHO each destination
+    python router.py --config router.yaml --status        # what the queue holds (works while it runs)
+    python router.py --config router.yaml --requeue-failed
+
+Storage SCP + Verification SCP (C-ECHO) on --router-port. Every received object is written to
+the spool and fsynced before success is answered, classified in batches, and forwarded by
+C-STORE, in the transfer syntax it arrived in, to the destination configured for its label
+(plus "uncertain" below the threshold and "unreadable" for non-images and broken files). The
+queue survives restarts and kill -9; a spool file is deleted only after its destination
+confirmed it. See router.example.yaml and docs/ROUTER.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from utils import config
+
+# Settings that flags may override (YAML keys without the ROUTER_ prefix; see utils/routing/config.py).
+FLAGS = ("ROUTER_AE_TITLE", "ROUTER_HOST", "ROUTER_PORT", "ROUTER_SPOOL_DIR", "THRESHOLD")
+
+log = logging.getLogger("router")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = config.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, metavar="FILE", help="router YAML file (required)")
+    parser.add_argument("--model", default=None, help="overrides the configuration's model (run dir or .keras)")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--check", action="store_true", help="check config and model, C-ECHO destinations, exit")
+    action.add_argument("--status", action="store_true", help="print the queue's counts and failed objects, exit")
+    action.add_argument("--requeue-failed", action="store_true", help="retry objects marked failed, exit")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    # Overrides default to None: unset flags leave the YAML (then constants.py) value in place.
+    config.add_flags(parser, FLAGS, **{config.dest_name(n): None for n in FLAGS})
+    return parser.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    return {"ae_title": args.router_ae_title, "host": args.router_host, "port": args.router_port,
+            "spool_dir": args.router_spool_dir, "threshold": args.threshold, "model": args.model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from utils.routing import service
+
+    service.configure_logging(args.log_level)
+    try:
+        settings = service.load_config(args.config, overrides(args))
+    except (config.ConfigError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.status:
+        return service.print_status(settings)
+    if args.requeue_failed:
+        print(f"{service.requeue_failed(settings)} failed objects queued again")
+        return 0
+    if args.check:
+        return service.check(settings)
+
+    node = service.RouterNode(settings)
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: stop.append(number))
+    try:
+        node.start()
+    except (config.ConfigError, service.SpoolLockedError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"router {settings.ae_title} listening on port {node.port}", flush=True)
+    while not stop and not node.wait(0.5):
+        pass
+    log.info("stopping (signal %s)", stop[0] if stop else "-")
+    node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

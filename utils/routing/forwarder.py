@@ -1,0 +1,241 @@
+"""Forwarders: one thread per destination, C-STORE out (or a copy into a folder), with retries.
+
+A DICOM forwarder opens one association per batch of due objects, proposing for each object
+its SOP class with *only* the transfer syntax it was received in, and sends the spool file's
+dataset bytes unchanged (pynetdicom's chunked send: no decoding, no re-encoding, no silent
+decompression). Outcomes:
+
+- success or warning status: the object is done, the spool file removed (queue row first);
+- the destination cannot be reached, rejects or aborts the association, or stops answering:
+  the destination is *down*; the whole destination waits with exponential backoff
+  (``retry_initial_s`` doubling up to ``retry_max_s``) and is retried for as long as it takes;
+- the destination refuses this object (failure status, or no presentation context for its SOP
+  class and transfer syntax): this object is retried with backoff, and after ``max_attempts``
+  marked ``failed`` with the reason (the file stays in the spool; ``--requeue-failed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from utils.batch_predict import UNREADABLE
+from utils.routing.audit import AuditLog
+from utils.routing.config import Destination, RouterConfig
+from utils.routing.queue import FORWARDED, QUARANTINED, Item, SpoolQueue, fsync_dir
+
+log = logging.getLogger(__name__)
+
+BATCH = 64  # objects sent per association at most
+MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8)
+TIMEOUT_S = 60  # ACSE / DIMSE / network timeout towards a destination
+
+
+def backoff(attempt: int, initial: float, maximum: float) -> float:
+    """Delay before retry number ``attempt`` (1, 2, ...): initial, 2x, 4x, ... capped at maximum."""
+    return min(maximum, initial * 2.0 ** max(0, attempt - 1))
+
+
+def enable_raw_sending() -> None:
+    """Make pynetdicom send a file's dataset bytes as stored instead of decoding and re-encoding them."""
+    from pynetdicom import _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+class _Worker(threading.Thread):
+    """Shared loop: wait for due items of our routes, hand them to ``deliver``, back off when down."""
+
+    def __init__(self, destination: Destination, routes: list[str], queue: SpoolQueue, audit: AuditLog,
+                 config: RouterConfig) -> None:
+        super().__init__(name=f"forward-{destination.node}", daemon=True)
+        self.destination = destination
+        self.routes = sorted(routes)
+        self.queue = queue
+        self.audit = audit
+        self.config = config
+        self.down_since: float | None = None
+        self.failures = 0  # consecutive times the destination was unreachable
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                items = self.queue.due(self.routes, BATCH)
+                if not items:
+                    next_due = self.queue.next_due(self.routes)
+                    timeout = 1.0 if next_due is None else min(1.0, max(0.05, next_due - time.time()))
+                    self._wake.wait(timeout)
+                    self._wake.clear()
+                    continue
+                problem = self.deliver(items)
+            except Exception as error:  # noqa: BLE001 - never let the thread die; treat as down
+                log.exception("forwarding to %s failed", self.destination.node)
+                problem = f"{type(error).__name__}: {error}"
+            if problem:
+                self._down(problem)
+            elif self.failures:
+                self._up()
+
+    def _down(self, reason: str) -> None:
+        self.failures += 1
+        delay = backoff(self.failures, self.config.retry_initial_s, self.config.retry_max_s)
+        if self.failures == 1:
+            self.down_since = time.time()
+            log.warning("destination %s is down (%s); retrying with backoff", self.destination.node, reason)
+            self.audit.write("destination_down", destination=self.destination.node, reason=reason)
+        self._stop.wait(delay)
+
+    def _up(self) -> None:
+        log.info("destination %s is back after %.0f s", self.destination.node, time.time() - (self.down_since or 0))
+        self.audit.write("destination_up", destination=self.destination.node,
+                         down_s=round(time.time() - (self.down_since or time.time()), 3))
+        self.failures, self.down_since = 0, None
+
+    def deliver(self, items: list[Item]) -> str | None:
+        """Send ``items``; return why the destination is unreachable, or None."""
+        raise NotImplementedError
+
+    def _done(self, item: Item, status: str, detail: str = "") -> None:
+        state = QUARANTINED if item.route == UNREADABLE else FORWARDED
+        self.queue.mark_done(item, state, detail)
+        self.audit.write("quarantined" if state == QUARANTINED else "forwarded", sop_instance_uid=item.sop_instance_uid,
+                         item=item.id, label=item.label, destination=self.destination.node, status=status,
+                         detail=detail or None, reason=item.reason or None)
+
+    def _refused(self, item: Item, reason: str) -> None:
+        attempts = item.attempts + 1
+        give_up = attempts >= self.config.max_attempts
+        delay = backoff(attempts, self.config.retry_initial_s, self.config.retry_max_s)
+        self.queue.defer(item, reason, delay=delay, give_up=give_up)
+        log.warning("%s refused %s (attempt %d%s): %s", self.destination.node, item.sop_instance_uid, attempts,
+                    ", giving up" if give_up else "", reason)
+        self.audit.write("forwarded", sop_instance_uid=item.sop_instance_uid, item=item.id, label=item.label,
+                         destination=self.destination.node, status="failed" if give_up else "retry",
+                         detail=reason, attempts=attempts)
+
+
+class DicomForwarder(_Worker):
+    """C-STORE SCU towards one DICOM node (AE title, host, port)."""
+
+    def deliver(self, items: list[Item]) -> str | None:
+        from pynetdicom import AE, build_context
+        from pynetdicom.status import code_to_category
+
+        pairs: list[tuple[str, str]] = []
+        batch = []
+        for item in items:
+            pair = (item.sop_class_uid, item.transfer_syntax)
+            if pair not in pairs:
+                if len(pairs) == MAX_CONTEXTS:
+                    continue  # next round
+                pairs.append(pair)
+            batch.append(item)
+        ae = AE(ae_title=self.config.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+        ae.connection_timeout = 10
+        dest = self.destination
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                             contexts=[build_context(sop, ts) for sop, ts in pairs])
+        if not assoc.is_established:
+            return ("association rejected" if assoc.is_rejected else
+                    "association aborted" if assoc.is_aborted else "connection failed")
+        accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
+        try:
+            for item in batch:
+                if self._stop.is_set():
+                    break
+                if (item.sop_class_uid, item.transfer_syntax) not in accepted:
+                    self._refused(item, f"destination refused SOP class {item.sop_class_uid} with transfer syntax "
+                                        f"{item.transfer_syntax} (sent only as received, never converted)")
+                    continue
+                status = assoc.send_c_store(self.queue.path(item))
+                if "Status" not in status:
+                    return "no answer to C-STORE (timeout or association aborted)"
+                code = int(status.Status)
+                category = code_to_category(code)
+                if category in ("Success", "Warning"):
+                    self._done(item, f"0x{code:04X}", "" if category == "Success" else "warning")
+                else:
+                    comment = str(status.get("ErrorComment", "") or "")
+                    self._refused(item, f"C-STORE status 0x{code:04X} ({category}){': ' + comment if comment else ''}")
+                if not assoc.is_established:
+                    return "association ended by the destination"
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            else:
+                assoc.abort()
+        return None
+
+
+class FolderForwarder(_Worker):
+    """Copies objects into a folder (the quarantine by default), with a ``.json`` reason beside each."""
+
+    def deliver(self, items: list[Item]) -> str | None:
+        import json
+
+        folder = Path(self.destination.folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            return f"cannot create {folder}: {error}"
+        for item in items:
+            if self._stop.is_set():
+                break
+            try:
+                target = _copy_durably(self.queue.path(item), folder, item.sop_instance_uid or Path(item.file).stem)
+                sidecar = {k: getattr(item, k) for k in ("sop_instance_uid", "sop_class_uid", "transfer_syntax",
+                                                         "calling_ae", "label", "confidence", "model_id", "reason")}
+                sidecar["received_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(item.received_at))
+                target.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+            except OSError as error:
+                return f"cannot write into {folder}: {error}"
+            self._done(item, "stored", str(target))
+        return None
+
+
+def _copy_durably(source: Path, folder: Path, stem: str) -> Path:
+    """Copy into ``folder`` as ``stem.dcm`` (``stem_1.dcm``... if taken), fsynced; never overwrites."""
+    temporary = folder / f".{uuid.uuid4().hex}.part"
+    with open(source, "rb") as src, open(temporary, "xb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+        dst.flush()
+        os.fsync(dst.fileno())
+    try:
+        for n in range(10_000):
+            target = folder / (f"{stem}.dcm" if n == 0 else f"{stem}_{n}.dcm")
+            try:
+                os.link(temporary, target)
+            except FileExistsError:
+                continue
+            fsync_dir(folder)
+            return target
+        raise FileExistsError(f"{folder}: too many files named {stem}")
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def make_forwarders(config: RouterConfig, queue: SpoolQueue, audit: AuditLog) -> list[_Worker]:
+    """One worker per distinct target; routes that share a target share its worker."""
+    by_node: dict[str, list[Destination]] = {}
+    for destination in config.destinations.values():
+        by_node.setdefault(destination.node, []).append(destination)
+    workers: list[_Worker] = []
+    for group in by_node.values():
+        kind = FolderForwarder if group[0].is_folder else DicomForwarder
+        workers.append(kind(group[0], [d.route for d in group], queue, audit, config))
+    return workers

@@ -1,0 +1,353 @@
+"""The router's persistent queue: spool files plus one SQLite row per received object.
+
+Layout of the spool folder::
+
+    spool/incoming/<name>.part   being written; never acknowledged, deleted at start-up
+    spool/files/<name>.dcm       received exactly as sent (preamble, file meta, dataset bytes)
+    spool/queue.sqlite3          one row per object: state, label, route, attempts, reason
+    spool/router.lock            held by the running router (a second one on the same spool fails)
+
+States: ``received`` -> ``classified`` (label and route set) -> ``forwarded`` or ``quarantined``
+(the destination confirmed; the spool file is deleted), or ``failed`` (a destination kept
+refusing it; the file stays, ``router.py --requeue-failed`` tries again).
+
+Durability, in order: the file is written to ``incoming/``, fsynced, renamed into ``files/`` and
+the folder fsynced; then the row is committed (WAL, ``synchronous=FULL``); only then does the SCP
+answer success. A row is marked done before its file is unlinked. So after a crash (kill -9,
+power loss) :meth:`SpoolQueue.recover` finds every state it can be in: a ``.part`` file (never
+acknowledged: deleted), a file without a row (registered as received), a done row whose file
+survived (file deleted), an unfinished row (it simply stays in the queue and is picked up again).
+Delivery is at least once: an object can reach its destination twice if the router dies between
+the destination's confirmation and the commit that records it, which DICOM receivers tolerate
+(same SOP Instance UID).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+RECEIVED, CLASSIFIED, FORWARDED, QUARANTINED, FAILED = "received", "classified", "forwarded", "quarantined", "failed"
+PENDING = (RECEIVED, CLASSIFIED)
+DONE = (FORWARDED, QUARANTINED)
+HISTORY_DAYS = 30  # rows of delivered objects are kept this long for `--status` and audits
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    file TEXT NOT NULL UNIQUE,
+    sop_instance_uid TEXT NOT NULL DEFAULT '',
+    sop_class_uid TEXT NOT NULL DEFAULT '',
+    transfer_syntax TEXT NOT NULL DEFAULT '',
+    calling_ae TEXT NOT NULL DEFAULT '',
+    sha256 TEXT NOT NULL DEFAULT '',
+    size INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    confidence REAL,
+    model_id TEXT NOT NULL DEFAULT '',
+    route TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_state ON items (state, route, next_attempt);
+CREATE INDEX IF NOT EXISTS items_sop ON items (sop_instance_uid);
+"""
+
+
+class SpoolLockedError(RuntimeError):
+    """Another router process is using this spool folder."""
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    file: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    sha256: str
+    size: int
+    state: str
+    label: str
+    confidence: float | None
+    model_id: str
+    route: str
+    reason: str
+    attempts: int
+    next_attempt: float
+    received_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    """What the classifier decided for one received item."""
+
+    item_id: int
+    label: str  # a class, "uncertain" or "unreadable"
+    confidence: float | None
+    model_id: str
+    route: str
+    reason: str = ""  # why unreadable
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolQueue:
+    """Thread-safe: one SQLite connection behind a lock (writes are short; SQLite serialises them anyway)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.files = self.root / "files"
+        self.incoming = self.root / "incoming"
+        for folder in (self.root, self.files, self.incoming):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.root / "router.lock", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            self._lock_file.close()
+            raise SpoolLockedError(f"{self.root} is in use by another router process") from error
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.root / "queue.sqlite3", check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the SCP answers
+        self._db.executescript(_SCHEMA)
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def store(self, data: bytes, *, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str,
+              calling_ae: str = "") -> tuple[Item, bool]:
+        """Make a received object durable; (item, duplicate). Returns only once file and row are on disk.
+
+        An identical object (same SOP Instance UID and bytes) that is still waiting in the queue
+        is not stored twice: a sender re-sending after a lost answer gets success again.
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            row = self._db.execute("SELECT * FROM items WHERE sop_instance_uid = ? AND sha256 = ? AND state IN (?, ?)",
+                                   (sop_instance_uid, digest, *PENDING)).fetchone()
+        if row is not None:
+            return _item(row), True
+        name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.dcm"
+        partial = self.incoming / (name + ".part")
+        with open(partial, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(partial, self.files / name)
+        fsync_dir(self.files)
+        item = self._insert(name, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, digest, len(data))
+        return item, False
+
+    def _insert(self, name: str, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, calling_ae: str,
+                digest: str, size: int) -> Item:
+        now = time.time()
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO items (file, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, sha256, size,"
+                " state, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, digest, size, RECEIVED, now, now))
+            return self.get(cursor.lastrowid)
+
+    # --- reading --------------------------------------------------------------------------
+
+    def path(self, item: Item) -> Path:
+        return self.files / item.file
+
+    def get(self, item_id: int) -> Item:
+        with self._lock:
+            return _item(self._db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone())
+
+    def received(self, limit: int) -> list[Item]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM items WHERE state = ? ORDER BY id LIMIT ?",
+                                    (RECEIVED, limit)).fetchall()
+        return [_item(r) for r in rows]
+
+    def due(self, routes: Iterable[str], limit: int, now: float | None = None) -> list[Item]:
+        """Classified items of these routes whose next attempt is due, oldest first."""
+        routes = list(routes)
+        now = time.time() if now is None else now
+        marks = ",".join("?" * len(routes))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM items WHERE state = ? AND route IN ({marks}) AND next_attempt <= ? ORDER BY id LIMIT ?",
+                (CLASSIFIED, *routes, now, limit)).fetchall()
+        return [_item(r) for r in rows]
+
+    def next_due(self, routes: Iterable[str]) -> float | None:
+        routes = list(routes)
+        marks = ",".join("?" * len(routes))
+        with self._lock:
+            row = self._db.execute(f"SELECT MIN(next_attempt) FROM items WHERE state = ? AND route IN ({marks})",
+                                   (CLASSIFIED, *routes)).fetchone()
+        return row[0]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def items(self, state: str | None = None) -> list[Item]:
+        with self._lock:
+            rows = (self._db.execute("SELECT * FROM items ORDER BY id") if state is None else
+                    self._db.execute("SELECT * FROM items WHERE state = ? ORDER BY id", (state,))).fetchall()
+        return [_item(r) for r in rows]
+
+    # --- state changes --------------------------------------------------------------------
+
+    def set_classified(self, decisions: Sequence[Classification]) -> None:
+        """Record a batch of decisions in one transaction."""
+        now = time.time()
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "UPDATE items SET state = ?, label = ?, confidence = ?, model_id = ?, route = ?, reason = ?,"
+                " next_attempt = 0, updated_at = ? WHERE id = ? AND state = ?",
+                [(CLASSIFIED, d.label, d.confidence, d.model_id, d.route, d.reason, now, d.item_id, RECEIVED)
+                 for d in decisions])
+
+    def mark_done(self, item: Item, state: str, detail: str = "") -> None:
+        """The destination confirmed: record it, then delete the spool file."""
+        if state not in DONE:
+            raise ValueError(f"not a final state: {state}")
+        with self._lock:
+            self._db.execute("UPDATE items SET state = ?, reason = CASE WHEN ? = '' THEN reason ELSE ? END,"
+                             " attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                             (state, detail, detail, time.time(), item.id))
+        self.path(item).unlink(missing_ok=True)
+
+    def defer(self, item: Item, reason: str, *, delay: float, give_up: bool = False) -> Item:
+        """A failed attempt for this item: try again after ``delay`` seconds, or mark it failed."""
+        with self._lock:
+            self._db.execute("UPDATE items SET state = ?, reason = ?, attempts = attempts + 1, next_attempt = ?,"
+                             " updated_at = ? WHERE id = ?",
+                             (FAILED if give_up else CLASSIFIED, reason, time.time() + delay, time.time(), item.id))
+            return self.get(item.id)
+
+    # --- start-up -------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        """Bring files and rows back in line after any stop, clean or not; counts of what was done."""
+        report = {"partial_deleted": 0, "orphans_registered": 0, "done_files_deleted": 0, "missing_files": 0,
+                  "pending": 0, "pruned": 0}
+        for partial in self.incoming.glob("*.part"):
+            partial.unlink(missing_ok=True)
+            report["partial_deleted"] += 1
+        with self._lock:
+            rows = {r["file"]: (r["id"], r["state"]) for r in self._db.execute("SELECT id, file, state FROM items")}
+        on_disk = {p.name for p in self.files.glob("*.dcm")}
+        for name in sorted(on_disk - set(rows)):
+            self._register_orphan(self.files / name)
+            report["orphans_registered"] += 1
+        for name, (item_id, state) in rows.items():
+            if state in DONE and name in on_disk:
+                (self.files / name).unlink(missing_ok=True)
+                report["done_files_deleted"] += 1
+            elif state in PENDING + (FAILED,) and name not in on_disk:
+                with self._lock:
+                    self._db.execute("UPDATE items SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
+                                     (FAILED, "spool_file_missing", time.time(), item_id))
+                report["missing_files"] += 1
+        with self._lock:
+            # Anything waiting is due now: a restart is a good moment to retry.
+            self._db.execute("UPDATE items SET next_attempt = 0 WHERE state = ?", (CLASSIFIED,))
+            report["pending"] = self._db.execute("SELECT COUNT(*) FROM items WHERE state IN (?, ?)",
+                                                 PENDING).fetchone()[0]
+            report["pruned"] = self._db.execute(
+                "DELETE FROM items WHERE state IN (?, ?) AND updated_at < ?",
+                (*DONE, time.time() - HISTORY_DAYS * 86400)).rowcount
+        return report
+
+    def _register_orphan(self, path: Path) -> None:
+        """A file that was made durable but whose row was never committed (killed in between)."""
+        from pydicom.filereader import read_file_meta_info
+
+        try:
+            meta = read_file_meta_info(path)
+            uids = (str(meta.get("MediaStorageSOPInstanceUID", "")), str(meta.get("MediaStorageSOPClassUID", "")),
+                    str(meta.get("TransferSyntaxUID", "")))
+        except Exception as error:  # noqa: BLE001 - still kept: the classifier will quarantine it
+            log.warning("%s: unreadable file meta (%s); registering it anyway", path, error)
+            uids = ("", "", "")
+        data = path.read_bytes()
+        self._insert(path.name, *uids, "", hashlib.sha256(data).hexdigest(), len(data))
+        log.info("recovered %s (%s) from the spool", path.name, uids[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            self._lock_file.close()
+
+    def _transaction(self):
+        db = self._db
+
+        class _Tx:
+            def __enter__(self):
+                db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, kind, value, tb):
+                db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+        return _Tx()
+
+
+def _item(row: sqlite3.Row) -> Item:
+    return Item(**{k: row[k] for k in row.keys()})
+
+
+# --- Access from another process (router.py --status / --requeue-failed, while the router runs) ---
+
+
+def _connect(root: str | os.PathLike) -> sqlite3.Connection:
+    path = Path(root) / "queue.sqlite3"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no queue here (has the router run with this spool_dir?)")
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def read_status(root: str | os.PathLike) -> tuple[dict[str, int], list[Item]]:
+    """(count per state, failed items) without taking the router's lock."""
+    db = _connect(root)
+    try:
+        counts = {r[0]: r[1] for r in db.execute("SELECT state, COUNT(*) FROM items GROUP BY state")}
+        failed = [_item(r) for r in db.execute("SELECT * FROM items WHERE state = ? ORDER BY id", (FAILED,))]
+    finally:
+        db.close()
+    return counts, failed
+
+
+def requeue_failed(root: str | os.PathLike) -> int:
+    """Give failed items a fresh set of attempts (a running router picks them up within a second)."""
+    db = _connect(root)
+    try:
+        return db.execute("UPDATE items SET state = ?, attempts = 0, next_attempt = 0, updated_at = ? WHERE state = ?",
+                          (CLASSIFIED, time.time(), FAILED)).rowcount
+    finally:
+        db.close()

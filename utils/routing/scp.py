@@ -1,0 +1,112 @@
+"""The router's Storage SCP (and Verification SCP): receive, make durable, then answer.
+
+Every storage SOP class pynetdicom knows (170, images and non-images: SR, encapsulated PDF,
+presentation states...) is accepted with uncompressed and the common compressed transfer
+syntaxes; the sender's preference order decides which one is used. The received bytes are
+stored as sent (``event.encoded_dataset()``: the dataset is never decoded or re-encoded), so
+forwarding can reproduce them exactly. Success (0x0000) is answered only after the spool file
+and its queue row are on disk; a failure to store answers 0xA700 (out of resources) and the
+sender keeps its copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from utils.routing.audit import AuditLog
+from utils.routing.config import RouterConfig
+from utils.routing.queue import SpoolQueue
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
+    HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, RLELossless,
+]
+OUT_OF_RESOURCES = 0xA700
+NETWORK_TIMEOUT_S = 60  # an idle or stalled peer is dropped after this long
+
+
+class StoreHandler:
+    """C-STORE: spool + queue row, audit, wake the classifier; C-ECHO: success."""
+
+    def __init__(self, queue: SpoolQueue, audit: AuditLog, on_received: Callable[[], None]) -> None:
+        self.queue = queue
+        self.audit = audit
+        self.on_received = on_received
+
+    def handle_store(self, event) -> int:
+        request = event.request
+        sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
+        sop_class_uid = str(request.AffectedSOPClassUID or "")
+        transfer_syntax = str(event.context.transfer_syntax)
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            item, duplicate = self.queue.store(data, sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
+                                               transfer_syntax=transfer_syntax, calling_ae=calling_ae)
+        except Exception as error:  # noqa: BLE001 - disk full, I/O error: refuse, the sender keeps its copy
+            log.error("could not store %s from %s: %s", sop_instance_uid, calling_ae, error)
+            self.audit.write("receive_failed", sop_instance_uid=sop_instance_uid, calling_ae=calling_ae,
+                             reason=str(error))
+            return OUT_OF_RESOURCES
+        self.audit.write("received", sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
+                         transfer_syntax=transfer_syntax, calling_ae=calling_ae, size=item.size, item=item.id,
+                         duplicate=duplicate)
+        self.on_received()
+        return 0x0000
+
+    @staticmethod
+    def handle_echo(event) -> int:
+        return 0x0000
+
+
+def build_ae(config: RouterConfig):
+    """The pynetdicom AE that serves as Storage and Verification SCP."""
+    from pynetdicom import AE, AllStoragePresentationContexts
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=config.ae_title)
+    ae.maximum_associations = config.max_associations
+    ae.network_timeout = NETWORK_TIMEOUT_S
+    ae.acse_timeout = 30
+    ae.dimse_timeout = NETWORK_TIMEOUT_S
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification)
+    if config.allowed_callers:
+        ae.require_calling_aet = list(config.allowed_callers)
+    return ae
+
+
+def start_scp(config: RouterConfig, handler: StoreHandler):
+    """Listen on (host, port) in background threads; returns (ae, server)."""
+    from pynetdicom import evt
+
+    ae = build_ae(config)
+    server = ae.start_server((config.host, config.port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, handler.handle_store),
+                                           (evt.EVT_C_ECHO, handler.handle_echo)])
+    return ae, server

@@ -1,0 +1,81 @@
+"""What router.py does besides running: logging set-up, --check, --status, --requeue-failed."""
+
+from __future__ import annotations
+
+import logging
+
+from utils.routing import queue as _queue
+from utils.routing.config import RouterConfig, load_config  # noqa: F401 (router.py uses them from here)
+from utils.routing.node import RouterNode  # noqa: F401
+from utils.routing.queue import SpoolLockedError  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+# pynetdicom logs every failed connection attempt as an error; the forwarder reports a down
+# destination once (log and audit), so these repeats are dropped.
+_REPEATED = ("Association request failed: unable to connect to remote", "TCP Initialisation Error")
+
+
+class _DropRepeats(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _REPEATED)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    pynetdicom_log.setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    pynetdicom_log.addFilter(_DropRepeats())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropRepeats())
+
+
+def echo(ae_title: str, host: str, port: int, called: str, timeout: float = 10) -> str | None:
+    """C-ECHO a node; None when it answered success, else what went wrong."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=called)
+    if not assoc.is_established:
+        return "association rejected" if assoc.is_rejected else "no association (down or unreachable)"
+    try:
+        status = assoc.send_c_echo()
+        return None if status and status.Status == 0 else f"C-ECHO status {status.get('Status', 'none')}"
+    finally:
+        assoc.release()
+
+
+def check(config: RouterConfig) -> int:
+    """Load the model, check every label has a destination, C-ECHO each DICOM destination."""
+    from utils.predictor import load_predictor
+
+    predictor = load_predictor(config.model)
+    config.check_routes(predictor.spec.class_names)
+    print(f"model {predictor.model_id} ({predictor.backbone}): classes {list(predictor.spec.class_names)}")
+    problems = 0
+    seen: dict[str, str | None] = {}
+    for route, dest in sorted(config.destinations.items()):
+        if dest.is_folder:
+            print(f"  {route:<16} -> folder {dest.folder}")
+            continue
+        if dest.node not in seen:
+            seen[dest.node] = echo(config.ae_title, dest.host, dest.port, dest.ae_title)
+        result = seen[dest.node]
+        problems += result is not None
+        print(f"  {route:<16} -> {dest.node}: {'echo ok' if result is None else result}")
+    return 1 if problems else 0
+
+
+def print_status(config: RouterConfig) -> int:
+    counts, failed = _queue.read_status(config.spool_dir)
+    print(f"spool {config.spool_dir}: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "empty"))
+    for item in failed:
+        print(f"  failed {item.sop_instance_uid} -> {item.route}: {item.reason} (file {item.file})")
+    return 0
+
+
+def requeue_failed(config: RouterConfig) -> int:
+    return _queue.requeue_failed(config.spool_dir)
