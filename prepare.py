@@ -8,7 +8,6 @@ Supported source layouts are described in data/README.md. Re-running skips finis
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -36,14 +35,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    config.check_constants()
-    try:
-        settings = config.resolve(args, FLAGS)
-    except config.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args, settings = config.start(parse_args, argv, FLAGS)
 
     from utils import demo, prepare
     from utils.preprocessing import PreprocessSpec

@@ -14,7 +14,6 @@ model, or in --output/<model name>); with several models, comparison.md/.csv as 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -84,15 +83,7 @@ def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines; errors still show
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    config.check_constants()
-    try:
-        settings = config.resolve(args, FLAGS)
-    except config.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args, settings = config.start(parse_args, argv, FLAGS)
     from utils import reports
 
     all_results, names = [], []

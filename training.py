@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -64,16 +63,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines; errors still show
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    args = parse_args(argv)
-    config.check_constants()
-    try:
-        settings = config.resolve(args, FLAGS)
-    except config.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args, settings = config.start(parse_args, argv, FLAGS)
 
     from utils import runner
 

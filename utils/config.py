@@ -14,13 +14,14 @@ import datetime as _dt
 import difflib
 import inspect
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from utils import constants
 
@@ -49,6 +50,23 @@ class ArgumentParser(argparse.ArgumentParser):
             if hints:
                 message += " (" + "; ".join(hints) + ")"
         super().error(message)
+
+
+def start(parse_args: Callable[[Sequence[str] | None], argparse.Namespace], argv: Sequence[str] | None,
+          names: Iterable[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The common start of every entry script: quiet TensorFlow C++ INFO/WARNING lines (errors
+    still show), logging, parse the flags, check constants.py, validate. Exits with status 2 and
+    a one-line message on a bad value."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    try:
+        check_constants()
+        return args, resolve(args, names)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def flag_name(constant: str) -> str:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import pandas as pd
 
 from utils.preprocessing import SPEC_FILENAME, PreprocessSpec, preprocess_file, to_model_input
 

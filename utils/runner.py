@@ -6,13 +6,11 @@ import datetime as _dt
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 import pandas as pd
 import tensorflow as tf
 

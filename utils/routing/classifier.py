@@ -42,25 +42,25 @@ class Classifier(threading.Thread):
         self.on_classified = on_classified
         self.batches = 0  # model calls so far (for tests and the bench)
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def wake(self) -> None:
         self._wake.set()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self._wake.set()
 
     def run(self) -> None:
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="decode") as pool:
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 try:
                     items = self._next_batch()
                     if items:
                         self.classify(items, pool)
                 except Exception:  # noqa: BLE001 - the items stay "received" and are tried again
                     log.exception("classification failed; retrying in %.0f s", ERROR_PAUSE_S)
-                    self._stop.wait(ERROR_PAUSE_S)
+                    self._halt.wait(ERROR_PAUSE_S)
 
     def _next_batch(self) -> list[Item]:
         """Received items once the batch is full or the oldest has waited ``batch_wait``; else []."""

@@ -62,17 +62,17 @@ class _Worker(threading.Thread):
         self.down_since: float | None = None
         self.failures = 0  # consecutive times the destination was unreachable
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def wake(self) -> None:
         self._wake.set()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self._wake.set()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 items = self.queue.due(self.routes, BATCH)
                 if not items:
@@ -97,7 +97,7 @@ class _Worker(threading.Thread):
             self.down_since = time.time()
             log.warning("destination %s is down (%s); retrying with backoff", self.destination.node, reason)
             self.audit.write("destination_down", destination=self.destination.node, reason=reason)
-        self._stop.wait(delay)
+        self._halt.wait(delay)
 
     def _up(self) -> None:
         log.info("destination %s is back after %.0f s", self.destination.node, time.time() - (self.down_since or 0))
@@ -156,7 +156,7 @@ class DicomForwarder(_Worker):
         accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
         try:
             for item in batch:
-                if self._stop.is_set():
+                if self._halt.is_set():
                     break
                 if (item.sop_class_uid, item.transfer_syntax) not in accepted:
                     self._refused(item, f"destination refused SOP class {item.sop_class_uid} with transfer syntax "
@@ -194,7 +194,7 @@ class FolderForwarder(_Worker):
         except OSError as error:
             return f"cannot create {folder}: {error}"
         for item in items:
-            if self._stop.is_set():
+            if self._halt.is_set():
                 break
             try:
                 target = _copy_durably(self.queue.path(item), folder, item.sop_instance_uid or Path(item.file).stem)

@@ -1,0 +1,92 @@
+"""The router's YAML configuration: defaults, strict checking, routes against the model's classes."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import router
+from utils import constants
+from utils.config import ConfigError
+from utils.routing.config import load_config
+
+from .conftest import CLASSES, ROOT
+
+DESTINATIONS = {c: {"ae_title": c.upper()[:16], "host": "127.0.0.1", "port": 2000 + i} for i, c in enumerate(CLASSES)}
+DESTINATIONS["uncertain"] = {"ae_title": "REVIEW", "host": "127.0.0.1", "port": 3000}
+
+
+def write(tmp_path: Path, **settings) -> Path:
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump({"model": "model.keras", "destinations": DESTINATIONS, **settings}))
+    return path
+
+
+def test_example_file_loads_and_covers_the_default_classes():
+    config = load_config(ROOT / "router.example.yaml")
+    config.check_routes(constants.CLASS_NAMES)
+    assert config.port == 11112 and config.destinations["unreadable"].is_folder
+    assert config.model == str(ROOT / "runs" / "demo")  # relative to the file's folder
+
+
+def test_defaults_come_from_constants(tmp_path):
+    config = load_config(write(tmp_path))
+    assert (config.ae_title, config.port, config.threshold) == (constants.ROUTER_AE_TITLE, constants.ROUTER_PORT,
+                                                                constants.THRESHOLD)
+    assert config.spool_dir == tmp_path / constants.ROUTER_SPOOL_DIR
+    assert config.audit_log == config.spool_dir / "audit.jsonl"
+    assert config.destinations["unreadable"].folder == config.spool_dir / "quarantine"
+    assert config.destinations["spine"].node == "SPINE@127.0.0.1:2003"
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    config = load_config(write(tmp_path, port=5000), {"port": 6000, "threshold": None, "ae_title": "NEW"})
+    assert (config.port, config.ae_title, config.threshold) == (6000, "NEW", constants.THRESHOLD)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"prot": 104}, "did you mean 'port'"),
+    ({"port": "104x"}, "expected int"),
+    ({"port": 70000}, "port must be between"),
+    ({"threshold": 1.5}, "threshold must be in"),
+    ({"threshold": True}, "expected float"),
+    ({"ae_title": "A_TITLE_LONGER_THAN_16"}, "AE title"),
+    ({"retry_max_s": 0.1, "retry_initial_s": 1}, "retry_max_s"),
+    ({"destinations": {"spine": {"ae_title": "X", "host": "h"}}}, "needs ae_title, host and port"),
+    ({"destinations": {"spine": {"ae_title": "X", "host": "h", "port": 1, "tls": True}}}, "unknown key 'tls'"),
+    ({"destinations": {"spine": "pacs"}}, "expected a mapping"),
+    ({"model": None}, "'model' is required"),
+])
+def test_bad_settings_are_refused_with_the_key(tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, **settings))
+
+
+def test_routes_must_cover_the_models_classes(tmp_path):
+    destinations = {k: v for k, v in DESTINATIONS.items() if k != "spine"}
+    destinations["spien"] = DESTINATIONS["spine"]
+    config = load_config(write(tmp_path, destinations=destinations))
+    with pytest.raises(ConfigError, match=r"no destination for \['spine'\].*spien \(did you mean spine\?\)"):
+        config.check_routes(CLASSES)
+
+
+def test_folder_destinations(tmp_path):
+    destinations = {**DESTINATIONS, "others": {"folder": "others"}, "unreadable": {"folder": "/srv/quarantine"}}
+    config = load_config(write(tmp_path, destinations=destinations))
+    assert config.destinations["others"].folder == tmp_path / "others"
+    assert config.destinations["unreadable"].folder == Path("/srv/quarantine")
+    config.check_routes(CLASSES)
+
+
+def test_router_flags_and_help(capsys):
+    args = router.parse_args(["--config", "x.yaml", "--router-port", "2000", "--threshold", "0.7"])
+    assert router.overrides(args) == {"ae_title": None, "host": None, "port": 2000, "spool_dir": None,
+                                      "threshold": 0.7, "model": None}
+    with pytest.raises(SystemExit):
+        router.parse_args(["--config", "x.yaml", "--router-prot", "1"])
+    assert "did you mean --router-port" in capsys.readouterr().err
+
+
+def test_router_refuses_a_bad_config_with_exit_code_2(tmp_path, capsys):
+    assert router.main(["--config", str(write(tmp_path, prot=1))]) == 2
+    assert "unknown key 'prot'" in capsys.readouterr().err

@@ -1,0 +1,123 @@
+"""The persistent queue: durable receive, state changes, and recovery from every crash point."""
+
+import json
+import multiprocessing
+import os
+import signal
+
+import pytest
+
+from utils.routing import queue as q
+from utils.routing.audit import AuditLog, read_audit
+from utils.routing.queue import Classification, SpoolLockedError, SpoolQueue
+
+from .conftest import bright_rows_image, write_dicom
+
+
+def store(spool: SpoolQueue, data: bytes = b"x" * 100, uid: str = "1.2.3"):
+    return spool.store(data, sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                       transfer_syntax="1.2.840.10008.1.2.1", calling_ae="SENDER")
+
+
+def test_store_keeps_the_bytes_and_walks_the_states(tmp_path):
+    spool = SpoolQueue(tmp_path)
+    item, duplicate = store(spool, b"abc")
+    assert not duplicate and item.state == q.RECEIVED and spool.path(item).read_bytes() == b"abc"
+    assert not list(spool.incoming.iterdir())
+    assert [i.id for i in spool.received(10)] == [item.id]
+    spool.set_classified([Classification(item.id, "spine", 0.9, "m1", "spine")])
+    assert spool.received(10) == [] and [i.id for i in spool.due(["spine"], 10)] == [item.id]
+    assert spool.due(["others"], 10) == []
+    item = spool.defer(spool.get(item.id), "busy", delay=60)
+    assert item.attempts == 1 and item.state == q.CLASSIFIED and spool.due(["spine"], 10) == []
+    assert spool.next_due(["spine"]) > item.updated_at + 50
+    spool.mark_done(item, q.FORWARDED, "0x0000")
+    assert spool.get(item.id).state == q.FORWARDED and not spool.path(item).exists()
+    assert spool.counts() == {q.FORWARDED: 1}
+
+
+def test_an_identical_resend_of_a_waiting_object_is_stored_once(tmp_path):
+    spool = SpoolQueue(tmp_path)
+    first, _ = store(spool, b"same")
+    again, duplicate = store(spool, b"same")
+    assert duplicate and again.id == first.id and len(list(spool.files.iterdir())) == 1
+    other, duplicate = store(spool, b"changed")  # same UID, other content: kept too
+    assert not duplicate and other.id != first.id
+
+
+def test_give_up_after_attempts_and_requeue(tmp_path):
+    spool = SpoolQueue(tmp_path)
+    item, _ = store(spool)
+    spool.set_classified([Classification(item.id, "spine", 0.9, "m1", "spine")])
+    spool.defer(spool.get(item.id), "refused", delay=0, give_up=True)
+    counts, failed = q.read_status(tmp_path)  # from "another process": no lock needed
+    assert counts == {q.FAILED: 1} and failed[0].reason == "refused"
+    assert q.requeue_failed(tmp_path) == 1
+    assert spool.get(item.id).state == q.CLASSIFIED and spool.get(item.id).attempts == 0
+
+
+def test_one_router_per_spool(tmp_path):
+    spool = SpoolQueue(tmp_path)
+    with pytest.raises(SpoolLockedError):
+        SpoolQueue(tmp_path)
+    spool.close()
+    SpoolQueue(tmp_path).close()
+
+
+def test_recover_repairs_every_crash_point(tmp_path):
+    spool = SpoolQueue(tmp_path)
+    waiting, _ = store(spool, b"waiting", "1.1")
+    classified, _ = store(spool, b"classified", "1.2")
+    spool.set_classified([Classification(classified.id, "spine", 0.9, "m", "spine")])
+    spool.defer(spool.get(classified.id), "down", delay=3600)
+    done, _ = store(spool, b"done", "1.3")
+    spool.set_classified([Classification(done.id, "spine", 0.9, "m", "spine")])
+    spool.mark_done(done, q.FORWARDED)
+    (spool.files / done.file).write_bytes(b"done")  # killed after the commit, before the unlink
+    (spool.incoming / "x.dcm.part").write_bytes(b"half")  # killed while writing: never acknowledged
+    orphan = write_dicom(spool.files / "123-orphan.dcm", bright_rows_image(10), sop_uid="1.4")  # no row yet
+    spool.close()
+
+    spool = SpoolQueue(tmp_path)
+    report = spool.recover()
+    assert report["partial_deleted"] == 1 and report["orphans_registered"] == 1 and report["done_files_deleted"] == 1
+    assert report["pending"] == 3
+    assert not (spool.files / done.file).exists() and not list(spool.incoming.iterdir())
+    received = {i.sop_instance_uid: i for i in spool.received(10)}
+    assert set(received) == {"1.1", "1.4"} and received["1.4"].file == orphan.name
+    assert received["1.4"].sop_class_uid and received["1.4"].transfer_syntax
+    assert [i.id for i in spool.due(["spine"], 10)] == [classified.id]  # its backoff is reset at start-up
+    assert spool.path(waiting).read_bytes() == b"waiting"
+
+
+def _store_and_die(root, ready):
+    spool = SpoolQueue(root)
+    store(spool, b"survives", "9.9")
+    ready.set()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_an_acknowledged_object_survives_kill_9(tmp_path):
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    child = context.Process(target=_store_and_die, args=(tmp_path, ready))
+    child.start()
+    child.join(60)
+    assert ready.is_set() and child.exitcode == -signal.SIGKILL
+    spool = SpoolQueue(tmp_path)  # the dead process's lock is gone with it
+    spool.recover()
+    [item] = spool.received(10)
+    assert item.sop_instance_uid == "9.9" and spool.path(item).read_bytes() == b"survives"
+
+
+def test_audit_lines_are_json_with_time_and_event(tmp_path):
+    audit = AuditLog(tmp_path / "a" / "audit.jsonl")
+    audit.write("received", sop_instance_uid="1.2", size=3)
+    audit.write("forwarded", sop_instance_uid="1.2", destination="X@h:1", status="0x0000")
+    audit.close()
+    with open(tmp_path / "a" / "audit.jsonl", "a") as f:
+        f.write('{"torn')  # a crash mid-line is skipped by the reader
+    records = read_audit(tmp_path / "a" / "audit.jsonl")
+    assert [r["event"] for r in records] == ["received", "forwarded"]
+    assert all("time" in r and r["sop_instance_uid"] == "1.2" for r in records)
+    assert json.loads((tmp_path / "a" / "audit.jsonl").read_text().splitlines()[0])["size"] == 3
