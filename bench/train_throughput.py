@@ -28,6 +28,15 @@ ALL_MODELS = ["mobilenet_v1", "mobilenet_v2", "resnet18", "resnet34",
               "efficientnet_b0", "efficientnet_b1", "efficientnet_b2"]  # models.list_models()
 
 
+LEGEND = (
+    "Training: `train_on_batch` (forward, backward, Adam update); inference: "
+    "`predict_on_batch`; ms/img = median step time / batch size; x mnv1 = step time relative "
+    "to mobilenet_v1 at the same size (lower is faster). Peak RSS = `ru_maxrss` of the child "
+    "process that measured that row (includes Python + TensorFlow, about 0.7 GiB after "
+    "import), read after the inference timing and again after the training timing."
+)
+
+
 def _rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
     import resource
@@ -82,7 +91,7 @@ def run_child(name: str, size: int, args) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                              env=env, cwd=Path(__file__).resolve().parent.parent)
+                              env=env, cwd=Path(__file__).resolve().parent.parent, check=False)
     except subprocess.TimeoutExpired:
         return {"model": name, "size": size, "error": f"timeout after {args.timeout} s"}
     for line in done.stdout.splitlines():
@@ -111,8 +120,8 @@ def markdown_table(rows: list[dict]) -> str:
     """One row per (backbone, size); ratios are against mobilenet_v1 at the same size."""
     reference = {r["size"]: r for r in rows if r["model"] == "mobilenet_v1" and "error" not in r}
     lines = [
-        "| backbone | size | params | train img/s | train ms/img | train x mnv1 "
-        "| infer img/s | infer ms/img | infer x mnv1 | peak RSS infer MiB | peak RSS train MiB |",
+        ("| backbone | size | params | train img/s | train ms/img | train x mnv1 "
+         "| infer img/s | infer ms/img | infer x mnv1 | peak RSS infer MiB | peak RSS train MiB |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -160,6 +169,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw rows to this JSON file")
     parser.add_argument("--results", help="replace the section '" + SECTION.lstrip("# ")
                         + "' of this Markdown file (e.g. bench/RESULTS.md)")
+    parser.add_argument("--from-json", nargs="+", metavar="FILE",
+                        help="measure nothing: render rows saved by earlier --json runs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -169,6 +180,29 @@ def main() -> None:
         print(RESULT_PREFIX + json.dumps(row), flush=True)
         return
 
+    if args.from_json:
+        saved = [json.loads(Path(f).read_text()) for f in args.from_json]
+        rows = [row for run in saved for row in run["rows"]]
+        description = "; ".join(dict.fromkeys(run["machine"] for run in saved))
+        settings = "; ".join(dict.fromkeys(run["settings"] for run in saved))
+    else:
+        load_before = os.getloadavg()[0]
+        rows = measure_all(args)
+        description = (f"{machine_description()}; 1-min load average {load_before:.1f} before, "
+                       f"{os.getloadavg()[0]:.1f} after")
+        settings = (f"batch {args.batch_size}, {args.channels} channel(s), median of "
+                    f"{args.steps} steps after {args.warmup} warm-up steps")
+    table = markdown_table(rows)
+    print(f"\n{description}\n{settings}\n\n{table}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"machine": description, "settings": settings, "rows": rows}, indent=1))
+    if args.results:
+        replace_section(Path(args.results), f"`python -m bench.train_throughput` "
+                        f"({settings}).\nMachine: {description}.\n\n{table}\n\n{LEGEND}")
+
+
+def measure_all(args) -> list[dict]:
     rows = []
     for size in args.sizes:
         for name in args.models:
@@ -176,15 +210,7 @@ def main() -> None:
             rows.append(run_child(name, size, args))
             print(f"{name} @ {size}: {time.perf_counter() - start:.0f} s "
                   f"{rows[-1].get('error', '')}", file=sys.stderr, flush=True)
-    table = markdown_table(rows)
-    description = machine_description()
-    print(f"\n{description}\nbatch {args.batch_size}, {args.channels} channel(s), "
-          f"median of {args.steps} steps after {args.warmup} warm-up steps\n\n{table}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": description, "rows": rows}, indent=1))
-    if args.results:
-        replace_section(Path(args.results), f"Machine: {description}.\n\n{table}")
-
+    return rows
 
 if __name__ == "__main__":
     main()

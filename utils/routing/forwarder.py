@@ -1,7 +1,8 @@
 """Forwarders: one thread per destination, C-STORE out (or a copy into a folder), with retries.
 
 A DICOM forwarder opens one association per batch of due objects, proposing for each object
-its SOP class with *only* the transfer syntax it was received in, and sends the spool file's
+its SOP class with *only* the transfer syntax it was received in (plus Verification, so that the
+association stands even when the destination refuses every other context), and sends the spool file's
 dataset bytes unchanged (pynetdicom's chunked send: no decoding, no re-encoding, no silent
 decompression). Outcomes:
 
@@ -32,7 +33,7 @@ from utils.routing.queue import FORWARDED, QUARANTINED, Item, SpoolQueue, fsync_
 log = logging.getLogger(__name__)
 
 BATCH = 64  # objects sent per association at most
-MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8)
+MAX_CONTEXTS = 127  # presentation contexts one association may propose (128, PS3.8), less Verification
 TIMEOUT_S = 60  # ACSE / DIMSE / network timeout towards a destination
 
 
@@ -144,12 +145,14 @@ class DicomForwarder(_Worker):
                     continue  # next round
                 pairs.append(pair)
             batch.append(item)
+        from pynetdicom.sop_class import Verification
+
         ae = AE(ae_title=self.config.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
         ae.connection_timeout = 10
         dest = self.destination
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                             contexts=[build_context(sop, ts) for sop, ts in pairs])
+                             contexts=[build_context(sop, ts) for sop, ts in pairs] + [build_context(Verification)])
         if not assoc.is_established:
             return ("association rejected" if assoc.is_rejected else
                     "association aborted" if assoc.is_aborted else "connection failed")

@@ -1,0 +1,186 @@
+"""The router in-process with pynetdicom peers: quarantine folder, non-image objects, refusals,
+batching, C-ECHO, calling AE checks, and predict-style decisions. No dcmtk needed."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from utils.routing import queue as q
+from utils.routing.audit import read_audit
+from utils.routing.config import load_config
+from utils.routing.node import RouterNode
+from utils.routing.queue import SpoolLockedError
+from utils.routing.scp import TRANSFER_SYNTAXES
+
+from .conftest import CLASSES, free_port, wait_for, write_config
+
+TIMEOUT = 60
+
+
+class Peer:
+    """An in-process Storage SCP that keeps what it receives and answers ``status``."""
+
+    def __init__(self, ae_title: str, status: int = 0x0000) -> None:
+        self.ae_title, self.status, self.port = ae_title, status, free_port()
+        self.received: dict[str, bytes] = {}
+        self.calls = 0
+        ae = AE(ae_title=ae_title)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.ae = ae
+
+    def _store(self, event):
+        self.calls += 1
+        if self.status == 0x0000:
+            self.received[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset(include_meta=False)
+        return self.status
+
+    def node(self) -> dict:
+        return {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
+
+    def close(self) -> None:
+        self.ae.shutdown()
+
+
+def send(port: int, paths: list[Path], *, calling: str = "SENDER", called: str = "ROUTER") -> list[int]:
+    """C-STORE files with pynetdicom, each in its own transfer syntax; the status of each."""
+    ae = AE(ae_title=calling)
+    metas = [pydicom.filereader.read_file_meta_info(p) for p in paths]
+    for sop, ts in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
+        ae.add_requested_context(sop, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(pydicom.dcmread(p)).Status) for p in paths]
+    finally:
+        assoc.release()
+
+
+def write_pdf(path: Path) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = EncapsulatedPDFStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.MIMETypeOfEncapsulatedDocument = "DOC", "SYNTHETIC", "application/pdf"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.EncapsulatedDocument = b"%PDF-1.4\n% synthetic\n"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def peers():
+    made: list[Peer] = []
+
+    def make(ae_title: str, status: int = 0x0000) -> Peer:
+        made.append(Peer(ae_title, status))
+        return made[-1]
+
+    yield make
+    for peer in made:
+        peer.close()
+
+
+@pytest.fixture
+def router(tmp_path, model_file):
+    """``router(destinations, **settings) -> RouterNode`` started in-process; stopped at teardown."""
+    nodes: list[RouterNode] = []
+
+    def start(destinations: dict, **settings) -> RouterNode:
+        config = load_config(write_config(tmp_path / "router.yaml", port=free_port(), spool=tmp_path / "spool",
+                                          model=model_file, destinations=destinations, **settings))
+        nodes.append(RouterNode(config).start())
+        return nodes[-1]
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+def test_quarantine_folder_non_images_and_exact_forwarding(router, peers, samples, tmp_path):
+    good = peers("GOOD")
+    node = router({**{c: good.node() for c in CLASSES}, "uncertain": good.node()})  # unreadable: default folder
+    chosen = samples
+    pdf = write_pdf(tmp_path / "doc.dcm")
+    statuses = send(node.port, [s.path for s in chosen.values()] + [pdf])
+    assert statuses == [0] * (len(chosen) + 1)  # non-images are accepted, not refused
+
+    images = {u for u, s in chosen.items() if s.label != "unreadable"}
+    wait_for(lambda: images <= set(good.received), TIMEOUT, "the images to be forwarded")
+    for uid in images:  # the dataset bytes as the sender encoded them
+        sent = pydicom.dcmread(chosen[uid].path)
+        assert pydicom.dcmread(pydicom.filebase.DicomBytesIO(good.received[uid]), force=True).PixelData == sent.PixelData
+    quarantine = node.config.destinations["unreadable"].folder
+    bad = {u for u, s in chosen.items() if s.label == "unreadable"} | {str(pydicom.dcmread(pdf).SOPInstanceUID)}
+    wait_for(lambda: len(list(quarantine.glob("*.dcm"))) == len(bad), TIMEOUT, "the quarantine folder to fill")
+    reasons = {json.loads(p.read_text())["sop_instance_uid"]: json.loads(p.read_text())["reason"]
+               for p in quarantine.glob("*.json")}
+    assert set(reasons) == bad and all(r.startswith(("no_pixel_data", "truncated_pixel_data")) for r in reasons.values())
+    assert not set(good.received) & bad
+    wait_for(lambda: not list((tmp_path / "spool" / "files").iterdir()), TIMEOUT, "the spool to empty")
+    assert node.queue.counts() == {q.FORWARDED: len(images), q.QUARANTINED: len(bad)}
+
+
+def test_a_failure_status_is_retried_then_marked_failed(router, peers, samples):
+    refusing, good = peers("REFUSING", status=0xA700), peers("GOOD")
+    node = router({**{c: good.node() for c in CLASSES}, "others": refusing.node(), "uncertain": good.node()})
+    others = {u: s for u, s in samples.items() if s.label == "others"}
+    send(node.port, [s.path for s in others.values()])
+    wait_for(lambda: node.queue.counts().get(q.FAILED) == len(others), TIMEOUT, "the items to be marked failed")
+    assert refusing.calls == 3 * len(others)  # max_attempts
+    failed = node.queue.items(q.FAILED)
+    assert all("0xA700" in i.reason and node.queue.path(i).exists() for i in failed)
+
+
+def test_images_arriving_together_are_classified_together(router, peers, samples):
+    good = peers("GOOD")
+    node = router({**{c: good.node() for c in CLASSES}, "uncertain": good.node()}, batch_size=64,
+                  batch_wait_ms=3000)
+    images = {u: s for u, s in samples.items() if s.label != "unreadable"}
+    threads = [threading.Thread(target=send, args=(node.port, [s.path])) for s in images.values()]
+    for thread in threads:  # one association each, all at once
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    wait_for(lambda: set(images) <= set(good.received), TIMEOUT, "the images to be forwarded")
+    assert node.classifier.batches == 1
+    classified = [r for r in read_audit(node.config.audit_log) if r["event"] == "classified"]
+    assert {r["sop_instance_uid"]: r["label"] for r in classified} == {u: s.label for u, s in images.items()}
+
+
+def test_echo_calling_ae_check_and_one_router_per_spool(router, peers, model_file, tmp_path):
+    good = peers("GOOD")
+    node = router({**{c: good.node() for c in CLASSES}, "uncertain": good.node()}, allowed_callers=["MODALITY"])
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ROUTER")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    assoc.release()
+    stranger = AE(ae_title="STRANGER")
+    stranger.add_requested_context(Verification)
+    assert stranger.associate("127.0.0.1", node.port, ae_title="ROUTER").is_rejected
+    with pytest.raises(SpoolLockedError):
+        RouterNode(node.config).start()
+
+
+def test_a_model_without_a_route_for_a_class_is_refused(router, peers):
+    from utils.config import ConfigError
+
+    good = peers("GOOD")
+    with pytest.raises(ConfigError, match="no destination for"):
+        router({"spine": good.node(), "uncertain": good.node()})
+
