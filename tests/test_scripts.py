@@ -93,3 +93,19 @@ def test_train_resume_and_evaluate(small_demo, tmp_path):
                              "--quiet"]) == 0
     table = (both / "comparison.md").read_text()
     assert "| best |" in table and "| last |" in table
+
+
+def test_pretrained_weights_file_with_frozen_warmup(small_demo, tmp_path):
+    """--weights PATH + --freeze-epochs: the head trains alone first, then everything."""
+    from models import build_model
+
+    weights = tmp_path / "start.weights.h5"
+    build_model("mobilenet_v2", len(demo.DEMO_CLASSES), (64, 64, 1), None).save_weights(weights)
+    run = tmp_path / "run"
+    assert training.main(["--data", str(small_demo), "--output", str(run), "--backbone", "mobilenet_v2",
+                          "--weights", str(weights), "--freeze-epochs", "1", "--epochs", "2", "--batch-size", "8",
+                          "--max-steps-per-epoch", "2", "--quiet"]) == 0
+    log = pd.read_csv(run / "log.csv")
+    assert log["epoch"].tolist() == [0, 1]
+    # each phase has its own one-cycle: the learning rate falls to its floor at the end of both
+    assert (log["learning_rate"] < 1e-6).all()

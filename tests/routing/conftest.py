@@ -4,7 +4,8 @@ The model is a tiny Keras graph (global average, then a dense layer set by hand)
 depends only on the image's mean brightness, so test images can be drawn to land in each class,
 or on a boundary (``uncertain``). Expected labels are computed in-process with the same
 predictor and preprocessing the router uses. dcmtk's ``storescp`` / ``storescu`` are found by
-content (pynetdicom installs Python apps with the same names, which may come first on PATH).
+content (pynetdicom installs Python apps with the same names, which may come first on PATH; see
+utils/routing/dcmtk.py).
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pydicom
@@ -27,6 +27,8 @@ import yaml
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
 from utils.dicom_writer import write_dicom
+from utils.routing.dcmtk import dicom_files, find_tool, storescp_command, storescu_command, storescu_profile
+from utils.routing.dcmtk import environment as dcmtk_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ("abdominal", "adult_chest", "pediatric_chest", "spine", "others")
@@ -61,19 +63,8 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@lru_cache(maxsize=None)
 def dcmtk(tool: str) -> str | None:
-    """Path of dcmtk's ``tool`` (not pynetdicom's Python app of the same name), or None."""
-    candidates = [os.path.join(d, tool) for d in os.environ.get("PATH", "").split(os.pathsep)] + [f"/usr/bin/{tool}"]
-    for path in dict.fromkeys(candidates):
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            try:
-                out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
-            except (OSError, subprocess.SubprocessError):
-                continue
-            if "dcmtk" in (out.stdout + out.stderr).lower():
-                return path
-    return None
+    return find_tool(tool)
 
 
 needs_dcmtk = pytest.mark.skipif(not (dcmtk("storescu") and dcmtk("storescp")),
@@ -191,7 +182,7 @@ def received_files(folder: Path) -> dict[str, list[Path]]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - a file still being written
+        except Exception:  # noqa: BLE001, S112 - a file still being written
             continue
         out.setdefault(str(ds.SOPInstanceUID), []).append(path)
     return out
@@ -216,7 +207,7 @@ class Process:
 
     def __init__(self, args: list[str], log: Path, **kwargs) -> None:
         self.args, self.log = args, log
-        self._log_handle = open(log, "ab")
+        self._log_handle = open(log, "ab")  # noqa: SIM115 - closed by kill()
         self.proc = subprocess.Popen(args, stdout=self._log_handle, stderr=subprocess.STDOUT,
                                      start_new_session=True, **kwargs)
 
@@ -254,8 +245,8 @@ def processes():
 
 def start_storescp(start, folder: Path, ae_title: str, port: int) -> Process:
     folder.mkdir(parents=True, exist_ok=True)
-    process = start([dcmtk("storescp"), "-aet", ae_title, "+xa", "+B", "-od", folder, port],
-                    folder.parent / f"{ae_title}.log")
+    process = start(storescp_command(folder, port, ae_title=ae_title), folder.parent / f"{ae_title}.log",
+                    env=dcmtk_environment())
     wait_for(lambda: listening(port) or not process.alive(), 30, f"storescp {ae_title} to listen")
     assert process.alive(), process.output()
     return process
@@ -269,43 +260,17 @@ def start_router(start, config_file: Path, log: Path, timeout: float = 180) -> P
     return process
 
 
-def storescu_config(files: list[Path], path: Path) -> Path:
-    """A storescu profile proposing, for each SOP class present, one context per transfer syntax present.
-
-    dcmtk's storescu otherwise proposes uncompressed syntaxes only and cannot send RLE or JPEG 2000
-    files as they are; one syntax per context lets the router accept each file's own syntax.
-    """
-    pairs = sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID))
-                    for m in (pydicom.filereader.read_file_meta_info(f) for f in files)})
-    syntaxes = sorted({ts for _, ts in pairs})
-    lines = ["[[TransferSyntaxes]]"]
-    for i, ts in enumerate(syntaxes):
-        lines += [f"[TS{i}]", f"TransferSyntax1 = {ts}"]
-    lines += ["", "[[PresentationContexts]]", "[Router]"]
-    lines += [f"PresentationContext{n + 1} = {sop}\\TS{syntaxes.index(ts)}" for n, (sop, ts) in enumerate(pairs)]
-    lines += ["", "[[Profiles]]", "[Router]", "PresentationContexts = Router", ""]
-    path.write_text("\n".join(lines))
-    return path
-
-
-def dicom_files(targets: list[Path]) -> list[Path]:
-    out = []
-    for target in targets:
-        out += sorted(p for p in Path(target).rglob("*") if p.is_file()) if Path(target).is_dir() else [Path(target)]
-    return out
-
-
 def storescu_args(targets: list[Path] | Path, port: int, config_dir: Path, *, called: str = "ROUTER") -> list[str]:
     """dcmtk storescu sending files or folders (recursively), each file in its own transfer syntax."""
     targets = targets if isinstance(targets, list) else [targets]
-    profile = storescu_config(dicom_files(targets), config_dir / f"storescu-{os.getpid()}-{time.monotonic_ns()}.cfg")
-    return [dcmtk("storescu"), "-aec", called, "-aet", "SENDER", "-xf", str(profile), "Router", "-nh",
-            "+sd", "+r", "127.0.0.1", str(port), *map(str, targets)]
+    profile = storescu_profile(dicom_files(targets), config_dir / f"storescu-{time.monotonic_ns()}.cfg")
+    return storescu_command(targets, "127.0.0.1", port, profile, called=called, calling="SENDER")
 
 
 def storescu(targets: list[Path] | Path, port: int, config_dir: Path, *, timeout: float = 180,
              check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(storescu_args(targets, port, config_dir), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(storescu_args(targets, port, config_dir), capture_output=True, text=True,
+                            timeout=timeout, check=False, env=dcmtk_environment())
     if check:
         assert result.returncode == 0 and "Store Failed" not in result.stderr, result.stdout + result.stderr
     return result

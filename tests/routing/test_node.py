@@ -114,18 +114,17 @@ def router(tmp_path, model_file):
 def test_quarantine_folder_non_images_and_exact_forwarding(router, peers, samples, tmp_path):
     good = peers("GOOD")
     node = router({**{c: good.node() for c in CLASSES}, "uncertain": good.node()})  # unreadable: default folder
-    chosen = samples
     pdf = write_pdf(tmp_path / "doc.dcm")
-    statuses = send(node.port, [s.path for s in chosen.values()] + [pdf])
-    assert statuses == [0] * (len(chosen) + 1)  # non-images are accepted, not refused
+    statuses = send(node.port, [s.path for s in samples.values()] + [pdf])
+    assert statuses == [0] * (len(samples) + 1)  # non-images are accepted, not refused
 
-    images = {u for u, s in chosen.items() if s.label != "unreadable"}
+    images = {u for u, s in samples.items() if s.label != "unreadable"}
     wait_for(lambda: images <= set(good.received), TIMEOUT, "the images to be forwarded")
     for uid in images:  # the dataset bytes as the sender encoded them
-        sent = pydicom.dcmread(chosen[uid].path)
+        sent = pydicom.dcmread(samples[uid].path)
         assert pydicom.dcmread(pydicom.filebase.DicomBytesIO(good.received[uid]), force=True).PixelData == sent.PixelData
     quarantine = node.config.destinations["unreadable"].folder
-    bad = {u for u, s in chosen.items() if s.label == "unreadable"} | {str(pydicom.dcmread(pdf).SOPInstanceUID)}
+    bad = {u for u, s in samples.items() if s.label == "unreadable"} | {str(pydicom.dcmread(pdf).SOPInstanceUID)}
     wait_for(lambda: len(list(quarantine.glob("*.dcm"))) == len(bad), TIMEOUT, "the quarantine folder to fill")
     reasons = {json.loads(p.read_text())["sop_instance_uid"]: json.loads(p.read_text())["reason"]
                for p in quarantine.glob("*.json")}
@@ -148,14 +147,24 @@ def test_a_failure_status_is_retried_then_marked_failed(router, peers, samples):
 
 def test_images_arriving_together_are_classified_together(router, peers, samples):
     good = peers("GOOD")
-    node = router({**{c: good.node() for c in CLASSES}, "uncertain": good.node()}, batch_size=64,
-                  batch_wait_ms=3000)
     images = {u: s for u, s in samples.items() if s.label != "unreadable"}
-    threads = [threading.Thread(target=send, args=(node.port, [s.path])) for s in images.values()]
+    # the batch is due when all have arrived, or 60 s after the first: one batch unless the machine stalls
+    node = router({**{c: good.node() for c in CLASSES}, "uncertain": good.node()}, batch_size=len(images),
+                  batch_wait_ms=60_000, max_associations=len(images))
+    results: list = []
+
+    def one(path):
+        try:
+            results.append(send(node.port, [path]))
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            results.append(error)
+
+    threads = [threading.Thread(target=one, args=(s.path,)) for s in images.values()]
     for thread in threads:  # one association each, all at once
         thread.start()
     for thread in threads:
         thread.join(TIMEOUT)
+    assert results == [[0]] * len(images)
     wait_for(lambda: set(images) <= set(good.received), TIMEOUT, "the images to be forwarded")
     assert node.classifier.batches == 1
     classified = [r for r in read_audit(node.config.audit_log) if r["event"] == "classified"]
@@ -184,3 +193,28 @@ def test_a_model_without_a_route_for_a_class_is_refused(router, peers):
     with pytest.raises(ConfigError, match="no destination for"):
         router({"spine": good.node(), "uncertain": good.node()})
 
+
+
+def test_batches_are_cut_into_warmed_up_shapes():
+    import numpy as np
+
+    from utils.routing.classifier import chunk_sizes, predict_in_chunks, warm_up
+
+    assert chunk_sizes(13, 16) == [8, 4, 1] and chunk_sizes(10, 10) == [8, 2] and chunk_sizes(3, 1) == [1, 1, 1]
+
+    class Recorder:
+        spec = type("Spec", (), {"input_shape": (2, 2, 1)})()
+
+        def __init__(self):
+            self.shapes = []
+
+        def predict(self, x):
+            self.shapes.append(len(x))
+            return x.reshape(len(x), -1)[:, :1] * 2
+
+    model = Recorder()
+    assert warm_up(model, 12) == [1, 2, 4, 8]
+    batch = np.arange(11 * 4, dtype=np.float32).reshape(11, 2, 2, 1)
+    model.shapes.clear()
+    assert np.array_equal(predict_in_chunks(model, batch, 12), batch.reshape(11, -1)[:, :1] * 2)
+    assert model.shapes == [8, 2, 1]

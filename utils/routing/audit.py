@@ -34,7 +34,7 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def write(self, event: str, **fields: Any) -> None:
-        record = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"), "event": event}
+        record = {"time": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"), "event": event}
         record.update(fields)
         line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
         with self._lock:

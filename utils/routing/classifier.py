@@ -3,7 +3,7 @@
 It takes whatever has arrived, up to ``batch_size`` objects, waiting at most ``batch_wait_ms``
 after the oldest one arrived for the batch to fill; decodes them in a thread pool with the
 model's own preprocessing spec (utils.batch_predict.decode_file, the same as predict.py and
-training); runs the model once; and records every decision in one transaction. An object the
+training); runs the model (in power-of-two chunks, shapes warmed up at start-up); and records every decision in one transaction. An object the
 model cannot see (not DICOM, no pixel data such as SR or PDF, broken pixel data) gets label and
 route ``unreadable`` with the reason. A prediction below the threshold gets route ``uncertain``.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 
@@ -26,6 +26,38 @@ from utils.routing.queue import Classification, Item, SpoolQueue
 log = logging.getLogger(__name__)
 
 ERROR_PAUSE_S = 5.0  # after an unexpected error (e.g. the model failed) wait this long, then retry
+
+
+def chunk_sizes(count: int, batch_size: int) -> list[int]:
+    """``count`` as powers of two no larger than ``batch_size``, largest first (13, 16 -> [8, 4, 1]).
+
+    The model then only ever sees these few batch shapes, all run once at start-up: on CPU the
+    first call with a new batch shape costs up to seconds (graph tracing, oneDNN set-up), which
+    batches of whatever size happened to arrive would pay again and again.
+    """
+    largest = 1 << (max(1, batch_size).bit_length() - 1)
+    sizes = []
+    while count > 0:
+        size = min(largest, 1 << (count.bit_length() - 1))
+        sizes.append(size)
+        count -= size
+    return sizes
+
+
+def warm_up(predictor, batch_size: int) -> list[int]:
+    """Run every batch shape :func:`chunk_sizes` can produce once; the shapes run."""
+    shapes = sorted({s for n in range(1, batch_size + 1) for s in chunk_sizes(n, batch_size)})
+    for size in shapes:
+        predictor.predict(np.zeros((size, *predictor.spec.input_shape), np.float32))
+    return shapes
+
+
+def predict_in_chunks(predictor, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    out, start = [], 0
+    for size in chunk_sizes(len(batch), batch_size):
+        out.append(predictor.predict(batch[start : start + size]))
+        start += size
+    return np.concatenate(out)
 
 
 class Classifier(threading.Thread):
@@ -58,7 +90,7 @@ class Classifier(threading.Thread):
                     items = self._next_batch()
                     if items:
                         self.classify(items, pool)
-                except Exception:  # noqa: BLE001 - the items stay "received" and are tried again
+                except Exception:
                     log.exception("classification failed; retrying in %.0f s", ERROR_PAUSE_S)
                     self._halt.wait(ERROR_PAUSE_S)
 
@@ -82,7 +114,8 @@ class Classifier(threading.Thread):
         decoded = list(pool.map(lambda item: decode_file(self.queue.path(item), spec), items))
         readable = [d for d in decoded if d.image is not None]
         if readable:
-            probs = self.predictor.predict(to_model_input(np.stack([d.image for d in readable]), spec.channels))
+            batch = to_model_input(np.stack([d.image for d in readable]), spec.channels)
+            probs = predict_in_chunks(self.predictor, batch, self.batch_size)
             self.batches += 1
         else:
             probs = np.zeros((0, spec.num_classes), np.float32)

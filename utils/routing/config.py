@@ -21,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from utils import constants
 from utils.batch_predict import UNCERTAIN, UNREADABLE

@@ -29,6 +29,7 @@ from utils.batch_predict import UNREADABLE
 from utils.routing.audit import AuditLog
 from utils.routing.config import Destination, RouterConfig
 from utils.routing.queue import FORWARDED, QUARANTINED, Item, SpoolQueue, fsync_dir
+from utils.routing.scp import set_tcp_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class _Worker(threading.Thread):
                     self._wake.clear()
                     continue
                 problem = self.deliver(items)
-            except Exception as error:  # noqa: BLE001 - never let the thread die; treat as down
+            except Exception as error:
                 log.exception("forwarding to %s failed", self.destination.node)
                 problem = f"{type(error).__name__}: {error}"
             if problem:
@@ -133,7 +134,7 @@ class DicomForwarder(_Worker):
     """C-STORE SCU towards one DICOM node (AE title, host, port)."""
 
     def deliver(self, items: list[Item]) -> str | None:
-        from pynetdicom import AE, build_context
+        from pynetdicom import AE, build_context, evt
         from pynetdicom.status import code_to_category
 
         pairs: list[tuple[str, str]] = []
@@ -152,7 +153,8 @@ class DicomForwarder(_Worker):
         ae.connection_timeout = 10
         dest = self.destination
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                             contexts=[build_context(sop, ts) for sop, ts in pairs] + [build_context(Verification)])
+                             contexts=[build_context(sop, ts) for sop, ts in pairs] + [build_context(Verification)],
+                             evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
         if not assoc.is_established:
             return ("association rejected" if assoc.is_rejected else
                     "association aborted" if assoc.is_aborted else "connection failed")

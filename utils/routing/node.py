@@ -16,10 +16,8 @@ import logging
 import threading
 import time
 
-import numpy as np
-
 from utils.routing.audit import AuditLog
-from utils.routing.classifier import Classifier
+from utils.routing.classifier import Classifier, warm_up
 from utils.routing.config import RouterConfig
 from utils.routing.forwarder import enable_raw_sending, make_forwarders
 from utils.routing.queue import SpoolQueue
@@ -47,7 +45,7 @@ class RouterNode:
         """The port actually listened on (useful with port 0)."""
         return self.server.server_address[1]
 
-    def start(self) -> "RouterNode":
+    def start(self) -> RouterNode:
         config = self.config
         self.queue = SpoolQueue(config.spool_dir)
         self.audit = AuditLog(config.audit_log)
@@ -69,7 +67,9 @@ class RouterNode:
             self.predictor = load_predictor(config.model)
         spec = self.predictor.spec
         config.check_routes(spec.class_names)
-        self.predictor.predict(np.zeros((1, *spec.input_shape), np.float32))  # warm-up: build the graph now
+        started = time.perf_counter()
+        shapes = warm_up(self.predictor, config.batch_size)  # the first call per batch shape is slow
+        log.info("model warmed up for batches of %s in %.1f s", shapes, time.perf_counter() - started)
         enable_raw_sending()
         self.forwarders = make_forwarders(config, self.queue, self.audit)
         by_route = {route: f for f in self.forwarders for route in f.routes}

@@ -32,9 +32,9 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class SpoolQueue:
         self.incoming = self.root / "incoming"
         for folder in (self.root, self.files, self.incoming):
             folder.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.root / "router.lock", "a+")
+        self._lock_file = open(self.root / "router.lock", "a+")  # noqa: SIM115 - held until close()
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as error:
@@ -317,7 +317,7 @@ class SpoolQueue:
 
 
 def _item(row: sqlite3.Row) -> Item:
-    return Item(**{k: row[k] for k in row.keys()})
+    return Item(**{k: row[k] for k in row.keys()})  # noqa: SIM118 - iterating a Row yields values
 
 
 # --- Access from another process (router.py --status / --requeue-failed, while the router runs) ---

@@ -12,7 +12,8 @@ sender keeps its copy.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import socket
+from collections.abc import Callable
 
 from pydicom.uid import (
     HTJ2K,
@@ -47,6 +48,7 @@ TRANSFER_SYNTAXES = [
 ]
 OUT_OF_RESOURCES = 0xA700
 NETWORK_TIMEOUT_S = 60  # an idle or stalled peer is dropped after this long
+MAX_PDU = 1 << 20  # largest PDU we accept: fewer, larger PDUs cost far less Python per object than 16 KB ones
 
 
 class StoreHandler:
@@ -83,6 +85,17 @@ class StoreHandler:
         return 0x0000
 
 
+def set_tcp_nodelay(event) -> None:
+    """EVT_CONN_OPEN handler: send each PDU at once (pynetdicom leaves Nagle's algorithm on; with the
+    peer's delayed ACKs that costs up to 40 ms per message: 20 small objects/s instead of 300)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as error:
+            log.debug("TCP_NODELAY not set: %s", error)
+
+
 def build_ae(config: RouterConfig):
     """The pynetdicom AE that serves as Storage and Verification SCP."""
     from pynetdicom import AE, AllStoragePresentationContexts
@@ -90,6 +103,7 @@ def build_ae(config: RouterConfig):
 
     ae = AE(ae_title=config.ae_title)
     ae.maximum_associations = config.max_associations
+    ae.maximum_pdu_size = MAX_PDU
     ae.network_timeout = NETWORK_TIMEOUT_S
     ae.acse_timeout = 30
     ae.dimse_timeout = NETWORK_TIMEOUT_S
@@ -108,5 +122,6 @@ def start_scp(config: RouterConfig, handler: StoreHandler):
     ae = build_ae(config)
     server = ae.start_server((config.host, config.port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, handler.handle_store),
-                                           (evt.EVT_C_ECHO, handler.handle_echo)])
+                                           (evt.EVT_C_ECHO, handler.handle_echo),
+                                           (evt.EVT_CONN_OPEN, set_tcp_nodelay)])
     return ae, server

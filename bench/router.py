@@ -1,0 +1,244 @@
+"""End-to-end router throughput and latency: dcmtk storescu -> router.py -> two dcmtk storescp.
+
+    python -m bench.router                                  # 120 files of 1536 x 1536, 12 bit
+    python -m bench.router --count 300 --size 2048 --batch-sizes 1 8 32
+    python -m bench.router --model runs/demo                # a trained model instead of an untrained one
+
+Synthetic X-rays (utils.demo drawings, mixed classes) are written as uncompressed DICOM (or
+--syntax rle / j2k). A router process is started per batch size with a model at the paper's
+512 px (an untrained MobileNet-V1 unless --model: speed does not depend on the weights); one
+storescu association sends every file; the router forwards each to one of two storescp
+destinations. Reported: images/s from the first byte sent to the last destination confirmation
+(the router's audit log), the rate at which the router acknowledged (spooled and fsynced) the
+files, per-image latency from received to confirmed under that load (p50 / p95), and the latency
+of a single image sent to an idle router. The same files sent straight from storescu to storescp
+give the network-and-disk baseline. Prints Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("abdominal", "adult_chest", "pediatric_chest", "spine", "others")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(condition, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(interval)
+    return value
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def make_files(folder: Path, count: int, size: int, syntax: str, seed: int) -> list[Path]:
+    import cv2
+    import pydicom
+
+    from utils.demo import draw
+    from utils.dicom_writer import write_dicom
+
+    uid = {"explicit": pydicom.uid.ExplicitVRLittleEndian, "rle": pydicom.uid.RLELossless,
+           "j2k": pydicom.uid.JPEG2000Lossless}[syntax]
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        label = CLASSES[i % len(CLASSES)]
+        image = cv2.resize(draw(label, rng), (size, size), interpolation=cv2.INTER_LINEAR)
+        pixels = np.rint(image * 4095).astype(np.uint16)
+        paths.append(write_dicom(folder / f"{i:05d}.dcm", pixels, bits_stored=12, transfer_syntax=uid))
+    return paths
+
+
+def untrained_model(path: Path, backbone: str, image_size: int) -> Path:
+    from models import build_model
+    from utils import constants
+    from utils.artifacts import save_model
+    from utils.preprocessing import PreprocessSpec
+
+    spec = PreprocessSpec(class_names=CLASSES, image_size=image_size, channels=constants.CHANNELS)
+    model = build_model(backbone, len(CLASSES), spec.input_shape, None)
+    return save_model(model, path, spec, model_id=f"untrained-{backbone}-{image_size}", backbone=backbone)
+
+
+class Peers:
+    """Processes started by the bench; all killed on exit."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.procs = tmp, []
+
+    def start(self, args: list[str], name: str, **kwargs) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen([str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def storescp(self, folder: Path, ae_title: str) -> int:
+        from utils.routing.dcmtk import environment, storescp_command
+
+        folder.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        self.start(storescp_command(folder, port, ae_title=ae_title), ae_title, env=environment())
+        _wait(lambda: _listening(port), 30, f"storescp {ae_title}")
+        return port
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+
+
+def storescu(files: list[Path], port: int, profile: Path, called: str) -> float:
+    from utils.routing.dcmtk import environment, storescu_command
+
+    start = time.time()
+    out = subprocess.run(storescu_command(files, "127.0.0.1", port, profile, called=called), capture_output=True,
+                         text=True, check=False, env=environment())
+    if out.returncode != 0 or "Store Failed" in out.stderr:
+        raise RuntimeError(f"storescu failed: {out.stderr[-2000:]}")
+    return start
+
+
+def baseline(files: list[Path], tmp: Path, profile: Path) -> float:
+    """images/s storescu -> storescp directly (same files, same disk)."""
+    peers = Peers(tmp)
+    try:
+        port = peers.storescp(tmp / "direct", "DIRECT")
+        start = storescu(files, port, profile, "DIRECT")
+        return len(files) / (time.time() - start)
+    finally:
+        peers.close()
+
+
+def _times(audit: Path) -> dict[str, dict[str, float]]:
+    from utils.routing.audit import read_audit
+
+    out: dict[str, dict[str, float]] = {}
+    for r in read_audit(audit) if audit.exists() else []:
+        if "sop_instance_uid" in r and r["event"] in ("received", "forwarded", "quarantined"):
+            if r["event"] != "received" and r.get("status") != "0x0000":
+                continue
+            when = _dt.datetime.fromisoformat(r["time"]).timestamp()
+            out.setdefault(r["sop_instance_uid"], {}).setdefault("done" if r["event"] != "received" else "received",
+                                                                 when)
+    return out
+
+
+def through_router(files: list[Path], singles: list[Path], model: Path, batch: int, wait_ms: int, tmp: Path,
+                   profile: Path) -> dict:
+    import pydicom
+    import yaml
+
+    run = tmp / f"router-b{batch}"
+    run.mkdir()
+    peers = Peers(run)
+    try:
+        a, b = peers.storescp(run / "A", "DEST_A"), peers.storescp(run / "B", "DEST_B")
+        node = lambda ae, port: {"ae_title": ae, "host": "127.0.0.1", "port": port}
+        routes = {c: node("DEST_A", a) if i < 3 else node("DEST_B", b) for i, c in enumerate(CLASSES)}
+        port = _free_port()
+        config = {"ae_title": "ROUTER", "host": "127.0.0.1", "port": port, "model": str(model), "threshold": 0.5,
+                  "spool_dir": str(run / "spool"), "batch_size": batch, "batch_wait_ms": wait_ms,
+                  "destinations": {**routes, "uncertain": node("DEST_B", b), "unreadable": node("DEST_B", b)}}
+        (run / "router.yaml").write_text(yaml.safe_dump(config))
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        router = peers.start([sys.executable, ROOT / "router.py", "--config", run / "router.yaml",
+                              "--log-level", "WARNING"], "router", cwd=ROOT, env=env)
+        _wait(lambda: _listening(port) or router.poll() is not None, 300, "the router")
+        if router.poll() is not None:
+            raise RuntimeError((run / "router.log").read_text()[-3000:])
+        audit = run / "spool" / "audit.jsonl"
+        uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+
+        start = storescu(files, port, profile, "ROUTER")
+        sent = time.time()
+        times = _wait(lambda: (t := _times(audit)) and all("done" in t.get(u, {}) for u in uids) and t, 1800,
+                      "every image to be confirmed", interval=0.2)
+        done_last = max(times[u]["done"] for u in uids)
+        latencies = [1000 * (times[u]["done"] - times[u]["received"]) for u in uids]
+
+        idle = []
+        for path in singles:  # one at a time, the router idle in between
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            t0 = storescu([path], port, profile, "ROUTER")
+            when = _wait(lambda uid=uid: _times(audit).get(uid, {}).get("done"), 120, "a single image",
+                         interval=0.005)
+            idle.append(1000 * (when - t0))
+        router.send_signal(signal.SIGTERM)
+        router.wait(60)
+        return {"batch": batch, "wait_ms": wait_ms, "images_per_s": len(uids) / (done_last - start),
+                "ack_per_s": len(uids) / (sent - start),
+                "p50_ms": statistics.median(latencies), "p95_ms": float(np.percentile(latencies, 95)),
+                "idle_ms": statistics.median(idle)}
+    finally:
+        peers.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=120, help="files sent in the throughput run")
+    parser.add_argument("--size", type=int, default=1536, help="image side in pixels (12-bit, square)")
+    parser.add_argument("--syntax", default="explicit", choices=("explicit", "rle", "j2k"))
+    parser.add_argument("--model", default=None, help="run dir or .keras (default: untrained backbone)")
+    parser.add_argument("--backbone", default="mobilenet_v1")
+    parser.add_argument("--image-size", type=int, default=512, help="model input size for the untrained model")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--batch-wait-ms", type=int, default=200)
+    parser.add_argument("--singles", type=int, default=5, help="single images sent to the idle router")
+    args = parser.parse_args(argv)
+
+    from utils.config import environment
+    from utils.routing.dcmtk import find_tool, storescu_profile
+
+    if not (find_tool("storescu") and find_tool("storescp")):
+        raise SystemExit("dcmtk's storescu/storescp are needed: apt-get install dcmtk")
+    with tempfile.TemporaryDirectory(prefix="bench-router-") as name:
+        tmp = Path(name)
+        files = make_files(tmp / "in", args.count, args.size, args.syntax, seed=0)
+        singles = make_files(tmp / "single", args.singles, args.size, args.syntax, seed=1)
+        profile = storescu_profile(files[:1], tmp / "storescu.cfg")
+        model = Path(args.model) if args.model else untrained_model(tmp / "model.keras", args.backbone,
+                                                                     args.image_size)
+        direct = baseline(files, tmp, profile)
+        rows = [through_router(files, singles, model, b, args.batch_wait_ms, tmp, profile) for b in args.batch_sizes]
+    env = environment()
+    mb = files and args.size * args.size * 2 / 1e6
+    print(f"\nMachine: {env['processor']}, {env['cpu_count']} cores; {env['time'][:10]}. {args.count} files of "
+          f"{args.size}x{args.size} 12-bit ({mb:.1f} MB, {args.syntax}); model: {args.model or 'untrained ' + args.backbone} "
+          f"at {args.image_size} px.")
+    print(f"\nstorescu -> storescp directly (no router): {direct:.1f} images/s\n")
+    print("| batch size | batch wait (ms) | images/s end to end | acknowledged/s | latency p50 (ms) | latency p95 (ms) "
+          "| single image, idle (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['wait_ms']} | {r['images_per_s']:.1f} | {r['ack_per_s']:.1f} | {r['p50_ms']:.0f} "
+              f"| {r['p95_ms']:.0f} | {r['idle_ms']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

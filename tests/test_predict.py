@@ -1,0 +1,203 @@
+"""predict.py: inputs, CSV rows, threshold, unreadable files, BodyPartExamined check, --sort-into."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+import predict
+from utils import batch_predict
+from utils.batch_predict import collect_inputs, place, tag_disagrees
+
+from .routing.conftest import CLASSES, ROWS_BY_CLASS, THRESHOLD, brightness_model, expected_labels, make_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return brightness_model(tmp_path_factory.mktemp("model") / "brightness.keras")
+
+
+@pytest.fixture
+def scans(tmp_path, model):
+    """A folder tree of DICOMs (every class, uncertain, SR, broken), a PNG, a corrupt PNG and a README."""
+    folder = tmp_path / "scans"
+    files = make_samples(folder / "dicom")
+    png = np.zeros((64, 64), np.uint8)
+    png[: ROWS_BY_CLASS["spine"]] = 255
+    (folder / "raster").mkdir()
+    cv2.imwrite(str(folder / "raster" / "spine.png"), png)
+    (folder / "raster" / "corrupt.png").write_bytes(b"\x89PNG not really")
+    (folder / "README.txt").write_text("not an image\n")
+    (folder / ".hidden.dcm").write_bytes(b"")
+    return folder, expected_labels(model, files)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run(args: list[str]) -> int:
+    return predict.main([*map(str, args), "--quiet"])
+
+
+def test_collect_inputs_folders_lists_and_files(tmp_path, scans):
+    folder, _ = scans
+    files, skipped = collect_inputs([folder])
+    assert len(files) == 15 and [Path(s).name for s in skipped] == ["README.txt"]
+    assert not any(".hidden" in f for f in files)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# chosen\nscans/dicom/spine_0.dcm\n\n{folder / 'raster' / 'spine.png'}\nmissing.dcm\n")
+    again, _ = collect_inputs([listing, folder / "dicom" / "spine_0.dcm"])
+    assert again == [str(tmp_path / "scans/dicom/spine_0.dcm"), str(folder / "raster/spine.png"), "missing.dcm"]
+    with pytest.raises(FileNotFoundError):
+        collect_inputs([tmp_path / "nowhere"])
+
+
+def test_csv_rows_labels_errors_and_tags(tmp_path, scans, model):
+    folder, expected = scans
+    listing = tmp_path / "more.lst"
+    listing.write_text(f"{tmp_path / 'gone.dcm'}\n")
+    out = tmp_path / "out" / "predictions.csv"
+    before = digests(folder)
+    assert run(["--model", model, folder, listing, "--output", out, "--threshold", THRESHOLD, "--batch-size", 4]) == 0
+    assert digests(folder) == before
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert list(frame.columns) == (["path", "SOPInstanceUID", "StudyInstanceUID", "label", "confidence", "top_label"]
+                                   + [f"prob_{c}" for c in CLASSES]
+                                   + ["BodyPartExamined", "tag_disagrees", "error", "sorted_to"])
+    assert len(frame) == 16  # 13 DICOMs, 2 PNGs, 1 listed missing file; not the README
+    rows = frame.set_index("SOPInstanceUID", drop=False)
+    for uid, sample in expected.items():
+        assert rows.loc[uid, "label"] == sample.label
+        assert rows.loc[uid, "StudyInstanceUID"]  # UIDs also for unreadable objects (SR)
+    readable = frame[~frame["label"].isin(["unreadable"])]
+    probs = readable[[f"prob_{c}" for c in CLASSES]].astype(float).to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    assert np.allclose(readable["confidence"].astype(float), probs.max(axis=1), atol=1e-6)
+    by_name = frame.assign(name=frame["path"].map(lambda p: Path(p).name)).set_index("name")
+    assert by_name.loc["spine.png", "label"] == "spine"
+    assert by_name.loc["boundary_0.dcm", "label"] == "uncertain"
+    assert by_name.loc["boundary_0.dcm", "top_label"] in ("abdominal", "adult_chest")
+    errors = {name: by_name.loc[name, "error"].split(":")[0] for name in
+              ("corrupt.png", "report_sr.dcm", "short_pixels.dcm", "gone.dcm")}
+    assert errors == {"corrupt.png": "unreadable_image", "report_sr.dcm": "no_pixel_data",
+                      "short_pixels.dcm": "truncated_pixel_data", "gone.dcm": "file_not_found"}
+    assert (frame.loc[frame["error"] != "", "label"] == "unreadable").all()
+    # BodyPartExamined: ABDOMEN / CHEST / LSPINE as written by make_samples; "others" images are tagged CHEST
+    assert by_name.loc["abdominal_0.dcm", "tag_disagrees"] == "false"
+    assert by_name.loc["adult_chest_0.dcm", "tag_disagrees"] == "false"
+    assert by_name.loc["spine_1.dcm", "tag_disagrees"] == "false"
+    assert by_name.loc["others_0.dcm", "tag_disagrees"] == "true"
+    assert by_name.loc["boundary_0.dcm", "tag_disagrees"] == ""  # no tag
+
+
+@pytest.mark.parametrize("threshold, uncertain", [(0.0, 0), (1.0, 11)])
+def test_threshold_decides_uncertain(tmp_path, scans, model, threshold, uncertain):
+    folder, _ = scans
+    out = tmp_path / "p.csv"
+    assert run(["--model", model, folder / "dicom", "--output", out, "--threshold", threshold]) == 0
+    assert (pd.read_csv(out)["label"] == "uncertain").sum() == uncertain
+
+
+@pytest.mark.parametrize("mode", ["copy", "hardlink", "symlink"])
+def test_sort_into_never_overwrites_or_touches_sources(tmp_path, scans, model, mode):
+    folder, expected = scans
+    sorted_dir = tmp_path / "sorted"
+    clash = sorted_dir / "spine" / "spine_0.dcm"
+    clash.parent.mkdir(parents=True)
+    clash.write_bytes(b"someone else's file")
+    before = digests(folder)
+    args = ["--model", model, folder / "dicom", "--output", tmp_path / "p.csv", "--threshold", THRESHOLD,
+            "--sort-into", sorted_dir, "--sort-mode", mode]
+    assert run(args) == 0
+    assert clash.read_bytes() == b"someone else's file"
+    placed = sorted(p.relative_to(sorted_dir).as_posix() for p in sorted_dir.rglob("*.dcm"))
+    assert "spine/spine_0_1.dcm" in placed
+    for sample in expected.values():
+        name = sample.path.name if sample.path.name != "spine_0.dcm" else "spine_0_1.dcm"
+        target = sorted_dir / sample.label / name
+        assert target.read_bytes() == sample.path.read_bytes()
+        assert target.is_symlink() == (mode == "symlink")
+        if mode == "hardlink":
+            assert os.path.samefile(target, sample.path)
+    assert run(args) == 0  # a second run finds the same files there and adds nothing
+    assert sorted(p.relative_to(sorted_dir).as_posix() for p in sorted_dir.rglob("*.dcm")) == placed
+    assert digests(folder) == before
+    frame = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False)
+    assert (frame["sorted_to"] != "").all()
+
+
+def test_place_is_exclusive(tmp_path):
+    source = tmp_path / "a.dcm"
+    source.write_bytes(b"1")
+    target, new = place(source, tmp_path / "out")
+    assert new and target.read_bytes() == b"1"
+    assert place(source, tmp_path / "out") == (target, False)
+    with pytest.raises(ValueError):
+        place(source, tmp_path / "out", "move")
+
+
+@pytest.mark.parametrize("label, tag, disagrees", [
+    ("adult_chest", "CHEST", False), ("pediatric_chest", "chest", False), ("spine", "C-SPINE", False),
+    ("spine", "CHEST", True), ("abdominal", "ABDOMEN", False), ("others", "KNEE", False), ("others", "CHEST", True),
+    ("adult_chest", "KNEE", True), ("spine", "", None), ("uncertain", "CHEST", None),
+])
+def test_tag_disagreement(label, tag, disagrees):
+    assert tag_disagrees(label, tag, CLASSES) is disagrees
+
+
+def test_tag_disagreement_for_other_label_sets():
+    assert tag_disagrees("knee", "KNEE", ("knee", "hand")) is False
+    assert tag_disagrees("hand", "KNEE", ("knee", "hand")) is True
+
+
+def test_a_real_backbone_end_to_end(tmp_path, scans):
+    """Plumbing with an (untrained) MobileNet-V1 saved by this project: every file gets a row."""
+    from models import build_model
+    from utils.artifacts import save_model
+    from utils.preprocessing import PreprocessSpec
+
+    folder, _ = scans
+    spec = PreprocessSpec(class_names=CLASSES, image_size=64, channels=3)
+    path = save_model(build_model("mobilenet_v1", 5, (64, 64, 3), None), tmp_path / "m.keras", spec,
+                      model_id="untrained", backbone="mobilenet_v1")
+    out = tmp_path / "p.csv"
+    assert run(["--model", path, folder, "--output", out, "--threshold", 0]) == 0
+    frame = pd.read_csv(out)
+    assert len(frame) == 15 and set(frame["label"]) <= {*CLASSES, "unreadable"}
+    assert (frame["label"] == "unreadable").sum() == 3
+
+
+def test_cli_help_and_refusals(tmp_path, capsys):
+    out = subprocess.run([sys.executable, "predict.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=False, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0
+    for flag in ("--model", "--output", "--threshold", "--sort-into", "--sort-mode", "--batch-size"):
+        assert flag in out.stdout
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--model", "m", "x", "--threshold", "2"])
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--model", "m", "x", "--sort-mod", "copy"])
+    assert "did you mean --sort-mode" in capsys.readouterr().err
+    assert predict.main(["--model", "m", str(tmp_path / "nothing-here")]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert predict.main(["--model", "m", str(empty)]) == 2
+
+
+def test_summary_counts(tmp_path, scans, model, capsys):
+    folder, _ = scans
+    assert run(["--model", model, folder, "--output", tmp_path / "p.csv", "--threshold", THRESHOLD]) == 0
+    text = capsys.readouterr().out
+    assert "15 files in" in text and "unreadable: no_pixel_data 1, truncated_pixel_data 1, unreadable_image 1" in text
+    assert batch_predict.Summary().lines()[0].startswith("0 files")
