@@ -19,9 +19,9 @@ import argparse
 import logging
 import sys
 
-from utils import config
+from utils import config, constants
 
-FLAGS = ("THRESHOLD", "BATCH_SIZE", "SORT_MODE", "DECODE_WORKERS")
+FLAGS = ("THRESHOLD", "SORT_MODE", "DECODE_WORKERS")
 
 log = logging.getLogger("predict")
 
@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default="predictions.csv", help="CSV file written (default: predictions.csv)")
     parser.add_argument("--sort-into", default=None, metavar="DIR",
                         help="also place each file into DIR/<label>/ (default: off)")
+    parser.add_argument("--batch-size", type=int, default=constants.BATCH_SIZE,
+                        help=f"images per model call (default: {constants.BATCH_SIZE})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     config.add_flags(parser, FLAGS)
     args = parser.parse_args(argv)
@@ -45,8 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args, _ = config.start(parse_args, argv, FLAGS)
     from utils import batch_predict
     from utils.predictor import load_predictor
 
@@ -60,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print("error: no image or DICOM file found in the inputs", file=sys.stderr)
         return 2
-    predictor = load_predictor(args.model)
+    try:
+        predictor = load_predictor(args.model)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot load model {args.model}: {error}", file=sys.stderr)
+        return 2
     log.info("model %s (%s), %d classes, %d px; %d files", predictor.model_id, predictor.backbone,
              predictor.spec.num_classes, predictor.spec.image_size, len(files))
     summary = batch_predict.run(predictor, files, output=args.output, threshold=args.threshold,

@@ -48,7 +48,7 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args, _ = config.start(parse_args, argv, FLAGS)
     from utils.routing import service
 
     service.configure_logging(args.log_level)
@@ -58,12 +58,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.status:
-        return service.print_status(settings)
+        try:
+            return service.print_status(settings)
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if args.requeue_failed:
         print(f"{service.requeue_failed(settings)} failed objects queued again")
         return 0
     if args.check:
-        return service.check(settings)
+        try:
+            return service.check(settings)
+        except (config.ConfigError, OSError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
 
     node = service.RouterNode(settings)
     stop = []
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda number, frame: stop.append(number))
     try:
         node.start()
-    except (config.ConfigError, service.SpoolLockedError, OSError) as error:
+    except (config.ConfigError, service.SpoolLockedError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"router {settings.ae_title} listening on port {node.port}", flush=True)

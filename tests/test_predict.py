@@ -190,6 +190,9 @@ def test_cli_help_and_refusals(tmp_path, capsys):
         predict.parse_args(["--model", "m", "x", "--sort-mod", "copy"])
     assert "did you mean --sort-mode" in capsys.readouterr().err
     assert predict.main(["--model", "m", str(tmp_path / "nothing-here")]) == 2
+    (tmp_path / "one.png").write_bytes(b"")
+    assert predict.main(["--model", str(tmp_path / "no-model.keras"), str(tmp_path / "one.png")]) == 2
+    assert "cannot load model" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert predict.main(["--model", "m", str(empty)]) == 2

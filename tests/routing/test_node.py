@@ -218,3 +218,25 @@ def test_batches_are_cut_into_warmed_up_shapes():
     model.shapes.clear()
     assert np.array_equal(predict_in_chunks(model, batch, 12), batch.reshape(11, -1)[:, :1] * 2)
     assert model.shapes == [8, 2, 1]
+
+
+def test_router_check_status_and_requeue_commands(peers, model_file, tmp_path, capsys):
+    import router as router_script
+
+    good = peers("GOOD")
+    down = {"ae_title": "DOWN", "host": "127.0.0.1", "port": free_port()}
+    config = write_config(tmp_path / "router.yaml", port=free_port(), spool=tmp_path / "spool", model=model_file,
+                          destinations={**{c: good.node() for c in CLASSES}, "uncertain": down})
+    assert router_script.main(["--config", str(config), "--check"]) == 1  # one destination does not answer
+    out = capsys.readouterr().out
+    assert "spine            -> GOOD@127.0.0.1" in out and "echo ok" in out and "uncertain        -> DOWN@" in out
+    assert "no association" in out
+    assert router_script.main(["--config", str(config), "--status"]) == 2  # no queue yet
+    spool = q.SpoolQueue(tmp_path / "spool")
+    item, _ = spool.store(b"x", sop_instance_uid="1.2", sop_class_uid="1.2.3", transfer_syntax="1.2.840.10008.1.2.1")
+    spool.set_classified([q.Classification(item.id, "spine", 0.9, "m", "spine")])
+    spool.defer(spool.get(item.id), "refused by GOOD", delay=0, give_up=True)
+    assert router_script.main(["--config", str(config), "--status"]) == 0  # while the spool is locked: fine
+    assert "failed 1" in capsys.readouterr().out
+    assert router_script.main(["--config", str(config), "--requeue-failed"]) == 0
+    assert spool.get(item.id).state == q.CLASSIFIED

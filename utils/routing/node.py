@@ -48,8 +48,8 @@ class RouterNode:
     def start(self) -> RouterNode:
         config = self.config
         self.queue = SpoolQueue(config.spool_dir)
-        self.audit = AuditLog(config.audit_log)
         try:
+            self.audit = AuditLog(config.audit_log)
             self._start()
         except BaseException:
             self.stop()

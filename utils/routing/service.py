@@ -23,6 +23,7 @@ class _DropRepeats(logging.Filter):
 
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also when an entry script configured logging already
     pynetdicom_log = logging.getLogger("pynetdicom")
     pynetdicom_log.setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     pynetdicom_log.addFilter(_DropRepeats())
