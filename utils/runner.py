@@ -109,7 +109,10 @@ def train(args, settings: dict[str, Any]) -> Path:
         (run_dir / "config.json").write_text(json.dumps(payload, indent=2) + "\n")
     T.seed_everything(settings["seed"])
     mixed = T.configure_precision(settings["mixed_precision"])
-    strategy = T.select_strategy()
+    try:
+        strategy = T.select_strategy()
+    except T.MultiWorkerUnsupported as error:
+        raise TrainingSetupError(str(error)) from error
     log.info("device: %s; mixed precision %s; %d replica(s)", T.device_name(), "on" if mixed else "off",
              strategy.num_replicas_in_sync)
 

@@ -185,13 +185,22 @@ def class_weights(labels: Sequence[int], num_classes: int) -> dict[int, float]:
     return {i: float(w) for i, w in enumerate(weights)}
 
 
+class MultiWorkerUnsupported(RuntimeError):
+    """Several workers were asked for; Keras 3 cannot train with MultiWorkerMirroredStrategy."""
+
+
 def select_strategy() -> tf.distribute.Strategy:
-    """MultiWorkerMirrored when TF_CONFIG names several workers, Mirrored across local GPUs, else default."""
+    """Mirrored across local GPUs, else the default strategy; several workers are refused (see below)."""
     if os.environ.get("TF_CONFIG"):
         cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
         if len(cluster.get("worker", [])) > 1:
-            log.info("TF_CONFIG with %d workers: MultiWorkerMirroredStrategy", len(cluster["worker"]))
-            return tf.distribute.MultiWorkerMirroredStrategy()
+            # Tried with two workers on localhost (TF 2.21, Keras 3.15): the strategy forms, then
+            # Keras' fit fails converting PerReplica inputs to tensors. Upstream: keras-team/keras
+            # issue 20585, tensorflow/tensorflow issue 72388. Refuse clearly instead.
+            raise MultiWorkerUnsupported(
+                f"TF_CONFIG names {len(cluster['worker'])} workers, but Keras 3's fit() does not work with "
+                "tf.distribute.MultiWorkerMirroredStrategy (keras-team/keras#20585). Train on one machine "
+                "(all its GPUs are used through MirroredStrategy), or unset TF_CONFIG.")
     gpus = tf.config.list_physical_devices("GPU")
     if len(gpus) > 1:
         log.info("%d GPUs: MirroredStrategy", len(gpus))

@@ -86,3 +86,17 @@ def test_class_weights_inverse_frequency():
 ])
 def test_plan_phases(epochs, freeze, pretrained, expected):
     assert plan_phases(epochs, freeze, pretrained) == expected
+
+
+def test_several_workers_are_refused_with_the_reason(monkeypatch):
+    import json
+
+    from utils.training import MultiWorkerUnsupported, select_strategy
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(MultiWorkerUnsupported, match="keras-team/keras#20585"):
+        select_strategy()
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["localhost:1"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    assert select_strategy().num_replicas_in_sync == 1
