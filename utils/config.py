@@ -200,7 +200,7 @@ def validate(config: dict[str, Any]) -> None:
         if key in config and not 0 <= config[key] < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be in [0, 1), got {config[key]}")
     for key in ("max_lr", "weight_decay", "clip_value", "bn_momentum", "augment_rotation_deg",
-                "augment_brightness", "augment_contrast"):
+                "augment_brightness", "augment_contrast", "bn_recalibration_steps", "freeze_epochs"):
         if key in config and config[key] is not None and config[key] < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
 

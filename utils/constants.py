@@ -42,6 +42,7 @@ BACKBONE: str = "mobilenet_v1"  # the paper's best model; `python training.py --
 WEIGHTS: str = "none"  # "none" (from scratch, as the paper), "imagenet", or a .keras/.weights.h5 path
 DROPOUT: float = 0.2  # dropout before the classification layer
 BN_MOMENTUM: float = 0.9  # Keras default 0.99 starves from-scratch BN statistics; 0.9 = PyTorch
+BN_RECALIBRATION_STEPS: int = 0  # >0: before each validation, refresh BN statistics on N un-augmented train batches
 
 # --- Optimisation (the paper's recipe, read from its code) ----------------------------------
 EPOCHS: int = 50  # the paper trained 50 epochs and kept the best validation epoch

@@ -153,12 +153,15 @@ def train(args, settings: dict[str, Any]) -> Path:
                 _set_frozen(model, phase.frozen)
                 _compile(model, settings, spec, steps * (phase.end - phase.start))
         callbacks = _callbacks(run_dir, spec, settings["backbone"], best)
+        if settings.get("bn_recalibration_steps"):
+            stats_ds, _ = load_split(data_dir, "train", spec, training=False, batch_size=batch, cache=settings["cache"])
+            callbacks.insert(0, T.RecalibrateBatchNorm(stats_ds.repeat(), settings["bn_recalibration_steps"]))
         start = max(done, phase.start)
         log.info("epochs %d-%d%s", start + 1, phase.end, " (backbone frozen)" if phase.frozen else "")
         model.fit(train_ds, validation_data=val_ds, epochs=phase.end, initial_epoch=start, steps_per_epoch=steps,
                   class_weight=weights, callbacks=callbacks, verbose=2 if args.quiet else 1,
                   shuffle=False)  # the tf.data pipeline shuffles
-        best = callbacks[1].best
+        best = next(c for c in callbacks if isinstance(c, T.Checkpoints)).best
         done = phase.end
     return run_dir
 

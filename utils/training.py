@@ -124,6 +124,26 @@ def current_lr(optimizer) -> float:
     return float(lr(optimizer.iterations) if callable(lr) else lr)
 
 
+class RecalibrateBatchNorm(keras.callbacks.Callback):
+    """Refresh BatchNorm moving statistics before each validation ("precise BN", simplified).
+
+    On small data an epoch has few steps, and the moving averages lag behind fast-changing
+    weights: inference-mode predictions collapse while training accuracy is high. Running
+    ``steps`` forward passes in training mode on un-augmented training batches (no gradient step)
+    brings the statistics to the current weights; the refreshed statistics are also what the
+    checkpoint saves.
+    """
+
+    def __init__(self, dataset, steps: int) -> None:
+        super().__init__()
+        self.dataset, self.steps = dataset, int(steps)
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        forward = tf.function(lambda x: self.model(x, training=True))
+        for images, _ in self.dataset.take(self.steps):
+            forward(images)
+
+
 class LearningRateLogger(keras.callbacks.Callback):
     """Adds the learning rate at the end of each epoch to the logs (CSV, TensorBoard, plots)."""
 

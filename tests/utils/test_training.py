@@ -100,3 +100,21 @@ def test_several_workers_are_refused_with_the_reason(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["localhost:1"]},
                                                 "task": {"type": "worker", "index": 0}}))
     assert select_strategy().num_replicas_in_sync == 1
+
+
+def test_batchnorm_recalibration_brings_moving_statistics_to_the_data():
+    from utils.training import RecalibrateBatchNorm
+
+    inputs = keras.Input((4,))
+    bn = keras.layers.BatchNormalization(momentum=0.9)
+    model = keras.Model(inputs, keras.layers.Dense(2)(bn(inputs)))
+    data = tf.data.Dataset.from_tensor_slices((np.full((64, 4), 100.0, np.float32) + np.arange(4, dtype=np.float32),
+                                               np.zeros(64, np.int32))).batch(8).repeat()
+    weights_before = [w.numpy().copy() for w in model.trainable_weights]
+    assert np.allclose(bn.moving_mean.numpy(), 0.0)
+    callback = RecalibrateBatchNorm(data, steps=60)
+    callback.set_model(model)
+    callback.on_test_begin()
+    np.testing.assert_allclose(bn.moving_mean.numpy(), [100, 101, 102, 103], rtol=0.01)
+    for before, after in zip(weights_before, model.trainable_weights):  # statistics only, no gradient step
+        np.testing.assert_array_equal(before, after.numpy())
