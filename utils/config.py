@@ -15,13 +15,14 @@ import difflib
 import inspect
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from utils import constants
 
@@ -229,16 +230,30 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def to_jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types: dataclasses and mappings to dicts, numpy scalars/arrays to Python, paths to
+    strings, NaN and infinities to None; anything else is a TypeError."""
+    import numpy as np
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    raise TypeError(f"not JSON-serializable: {type(obj).__name__}")
 
 
 def save_config(config: dict[str, Any], path: str | os.PathLike, *, command: Sequence[str] | None = None) -> Path:
