@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.demo:
         result = demo.prepare_demo(progress=not args.quiet, image_size=args.image_size
-                                   if "--image-size" in (argv or sys.argv) else None)
+                                   if "--image-size" in config.given_flags(argv) else None)
         output = Path(DEMO_DIR) / "prepared"
     else:
         spec = PreprocessSpec(class_names=settings["class_names"], image_size=settings["image_size"],

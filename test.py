@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None):
     if args.demo:
         args.models = args.models or [str(Path(constants.RUNS_DIR) / "demo")]
         args.data = args.data or str(Path(constants.DEMO_DIR) / "prepared")
-        if "--timing-runs" not in (argv if argv is not None else sys.argv[1:]):
+        if "--timing-runs" not in config.given_flags(argv):
             args.timing_runs = 10
     if not args.models:
         parser.error("give at least one MODEL (a run directory or .keras file), or --demo")

@@ -44,13 +44,10 @@ def parse_args(argv: list[str] | None = None):
                              f"{constants.DEMO_EPOCHS} epochs at {constants.DEMO_IMAGE_SIZE}px")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
     parser.add_argument("--quiet", action="store_true", help="no per-batch progress bar")
-    config.add_flags(parser, FLAGS)
-    for action in parser._actions:
-        if action.dest == "backbone":
-            action.choices = list_models()
+    config.add_flags(parser, FLAGS, choices={"BACKBONE": list_models()})
     args = parser.parse_args(argv)
     if args.demo:
-        explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
+        explicit = config.given_flags(argv)
         if "--backbone" not in explicit:
             args.backbone = constants.DEMO_BACKBONE
         if "--epochs" not in explicit:

@@ -129,9 +129,18 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def add_flags(parser: argparse.ArgumentParser, names: Iterable[str], **defaults: Any) -> None:
-    """Add one flag per constant name; ``defaults`` overrides a default (by lower-case name)."""
+def given_flags(argv: Sequence[str] | None) -> set[str]:
+    """The ``--flags`` written on the command line (``--x=1`` counts as ``--x``); None = sys.argv."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Iterable[str],
+              choices: dict[str, Sequence[Any]] | None = None, **defaults: Any) -> None:
+    """Add one flag per constant name; ``defaults`` overrides a default (by lower-case name),
+    ``choices`` the allowed values (by constant name) where they are known only at run time."""
     hints, comments = constant_types(), constant_comments()
+    choices = choices or {}
     for name in names:
         if name not in hints:
             raise KeyError(f"{name} is not defined in utils/constants.py")
@@ -139,9 +148,9 @@ def add_flags(parser: argparse.ArgumentParser, names: Iterable[str], **defaults:
         default = defaults.get(dest_name(name), getattr(constants, name))
         kwargs: dict[str, Any] = {"dest": dest_name(name), "default": default,
                                   "help": comments.get(name, "") or " "}
-        choices = getattr(constants, f"{name}_CHOICES", None)
-        if choices is not None:
-            kwargs["choices"] = choices
+        allowed = choices.get(name, getattr(constants, f"{name}_CHOICES", None))
+        if allowed is not None:
+            kwargs["choices"] = allowed
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is tuple:

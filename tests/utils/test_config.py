@@ -69,3 +69,13 @@ def test_save_config_writes_config_command_and_environment(tmp_path):
     assert payload["config"] == {"image_size": 256, "class_names": ["a", "b"]}
     assert payload["command"] == ["x"]
     assert {"python", "processor", "time"} <= set(payload["environment"])
+
+
+def test_given_flags_and_run_time_choices(capsys):
+    assert config.given_flags(["--epochs", "3", "--image-size=256", "x"]) == {"--epochs", "--image-size"}
+    parser = config.ArgumentParser(prog="prog")
+    config.add_flags(parser, ["BACKBONE"], choices={"BACKBONE": ["a", "b"]})
+    assert parser.parse_args(["--backbone", "b"]).backbone == "b"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--backbone", "c"])
+    assert "invalid choice" in capsys.readouterr().err
