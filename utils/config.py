@@ -265,12 +265,14 @@ def to_jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON-serializable: {type(obj).__name__}")
 
 
-def save_config(config: dict[str, Any], path: str | os.PathLike, *, command: Sequence[str] | None = None) -> Path:
-    """Write the resolved configuration, the command line and the environment as JSON."""
+def save_config(config: dict[str, Any], path: str | os.PathLike, *, command: Sequence[str] | None = None,
+                **extra: Any) -> Path:
+    """Write the resolved configuration, the command line, the environment and any ``extra``
+    top-level entries (e.g. ``spec``) as JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"config": to_jsonable(config),
                "command": list(command if command is not None else sys.argv),
-               "environment": environment()}
+               "environment": environment(), **to_jsonable(extra)}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

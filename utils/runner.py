@@ -17,6 +17,7 @@ import tensorflow as tf
 from utils import config, constants
 from utils.artifacts import LAST_MODEL, load_model
 from utils.dataset import Augmentation, load_split
+from models.weights import SCRATCH, parse_weights
 from utils.preprocessing import PreprocessSpec
 from utils import training as T
 
@@ -100,19 +101,17 @@ def train(args, settings: dict[str, Any]) -> Path:
         data_dir = args.data
     spec = dataset_spec(data_dir, args, settings) if resume_payload is None else \
         PreprocessSpec.from_dict(resume_payload["spec"])
+    try:  # everything that can refuse the run does so before a run directory exists
+        pretrained = parse_weights(settings["weights"])[0] != SCRATCH
+        strategy = T.select_strategy()
+    except (ValueError, FileNotFoundError, T.MultiWorkerUnsupported) as error:
+        raise TrainingSetupError(str(error)) from error
     if resume_payload is None:
         run_dir = new_run_dir(args)
         settings = {**settings, "data": str(data_dir), "image_size": spec.image_size, "channels": spec.channels}
-        config.save_config({**settings}, run_dir / "config.json")
-        payload = json.loads((run_dir / "config.json").read_text())
-        payload["spec"] = spec.to_dict()
-        (run_dir / "config.json").write_text(json.dumps(payload, indent=2) + "\n")
+        config.save_config(settings, run_dir / "config.json", spec=spec.to_dict())
     T.seed_everything(settings["seed"])
     mixed = T.configure_precision(settings["mixed_precision"])
-    try:
-        strategy = T.select_strategy()
-    except T.MultiWorkerUnsupported as error:
-        raise TrainingSetupError(str(error)) from error
     log.info("device: %s; mixed precision %s; %d replica(s)", T.device_name(), "on" if mixed else "off",
              strategy.num_replicas_in_sync)
 
@@ -130,7 +129,6 @@ def train(args, settings: dict[str, Any]) -> Path:
              len(val_rows), steps, *spec.input_shape)
     weights = T.class_weights(train_rows["y"], spec.num_classes) if settings["class_weights"] else None
 
-    pretrained = str(settings["weights"]).lower() not in ("none", "")
     phases = plan_phases(settings["epochs"], settings["freeze_epochs"], pretrained)
     done, best = _resume_state(run_dir) if resume_payload is not None else (0, -math.inf)
     if done >= settings["epochs"]:
@@ -169,10 +167,8 @@ def train(args, settings: dict[str, Any]) -> Path:
 def _build(settings: dict[str, Any], spec: PreprocessSpec):
     from models import build_model
 
-    weights = settings["weights"]
-    weights = None if str(weights).lower() in ("none", "") else weights
     try:
-        return build_model(settings["backbone"], spec.num_classes, spec.input_shape, weights,
+        return build_model(settings["backbone"], spec.num_classes, spec.input_shape, settings["weights"],
                            dropout=settings["dropout"], bn_momentum=settings["bn_momentum"])
     except (ValueError, RuntimeError, OSError) as error:
         raise TrainingSetupError(str(error)) from error
