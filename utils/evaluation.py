@@ -37,10 +37,6 @@ class EvalSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _same_pixels(a: PreprocessSpec, b: PreprocessSpec) -> bool:
-    return (a.image_size, a.aspect, tuple(a.window_percentiles)) == (b.image_size, b.aspect, tuple(b.window_percentiles))
-
-
 def _label_ids(labels: Sequence[str], class_names: Sequence[str], where: str) -> np.ndarray:
     index = {c: i for i, c in enumerate(class_names)}
     unknown = sorted(set(labels) - set(index))
@@ -62,7 +58,7 @@ def eval_set(data: str | os.PathLike, split: str, spec: PreprocessSpec) -> EvalS
         labels = _label_ids(frame["label"].tolist(), spec.class_names, str(data))
         groups = frame["group"].tolist() if "group" in frame else None
         dataset_spec = PreprocessSpec.load(data / SPEC_FILENAME) if (data / SPEC_FILENAME).is_file() else None
-        if dataset_spec is not None and _same_pixels(dataset_spec, spec):
+        if dataset_spec is not None and dataset_spec.same_pixels(spec):
             return EvalSet([str(data / p) for p in frame["path"]], labels, groups, True,
                            f"{data} split={split} (prepared cache)", split)
         log.warning("%s was prepared with other settings than the model's spec: reading its source files "

@@ -423,9 +423,7 @@ def _check_existing_spec(output_dir: Path, spec: PreprocessSpec, overwrite: bool
     if not existing.is_file():
         return
     previous = PreprocessSpec.load(existing)
-    same_pixels = (previous.image_size, previous.aspect, previous.window_percentiles) == (
-        spec.image_size, spec.aspect, spec.window_percentiles)
-    if same_pixels:
+    if previous.same_pixels(spec):
         return
     if not overwrite:
         raise SourceError(

@@ -72,6 +72,11 @@ class PreprocessSpec:
     def input_shape(self) -> tuple[int, int, int]:
         return (self.image_size, self.image_size, self.channels)
 
+    def same_pixels(self, other: "PreprocessSpec") -> bool:
+        """Whether both specs produce the same 8-bit cache images (size, aspect, windowing)."""
+        return (self.image_size, self.aspect, tuple(self.window_percentiles)) == (
+            other.image_size, other.aspect, tuple(other.window_percentiles))
+
     def replace(self, **changes: Any) -> "PreprocessSpec":
         return dataclasses.replace(self, **changes)
 

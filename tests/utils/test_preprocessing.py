@@ -86,3 +86,11 @@ def test_model_input_replicates_gray():
     x3 = to_model_input(image, 3)
     assert x3.shape == (1, 2, 3) and x3.dtype == np.float32 and x3[0, 1].tolist() == [255.0] * 3
     assert to_model_input(np.stack([image, image]), 1).shape == (2, 1, 2, 1)
+
+
+def test_same_pixels_compares_what_the_cache_depends_on():
+    spec = PreprocessSpec(image_size=64)
+    assert spec.same_pixels(spec.replace(channels=3, class_names=("x", "y")))  # not part of the cached pixels
+    assert not spec.same_pixels(spec.replace(image_size=32))
+    assert not spec.same_pixels(spec.replace(aspect="letterbox"))
+    assert not spec.same_pixels(spec.replace(window_percentiles=(1.0, 99.0)))
