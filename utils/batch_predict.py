@@ -19,12 +19,12 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from utils.evaluation import map_in_batches, prefetch
 from utils.preprocessing import PreprocessSpec, is_raster, preprocess_file, to_model_input
 
 log = logging.getLogger(__name__)
@@ -88,16 +88,10 @@ def _header_or_empty(path: str) -> dict[str, str]:
         return {}
 
 
-def default_workers() -> int:
-    return min(8, (os.cpu_count() or 1) * 2)
-
-
 def iter_decoded(files: Sequence[str], spec: PreprocessSpec, *, batch_size: int,
                  workers: int = 0) -> Iterator[list[Decoded]]:
     """Decode ``files`` in a thread pool, ``batch_size`` at a time, in order."""
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        for start in range(0, len(files), batch_size):
-            yield list(pool.map(lambda p: decode_file(p, spec), files[start : start + batch_size]))
+    return map_in_batches(files, lambda p: decode_file(p, spec), batch_size=batch_size, workers=workers)
 
 
 # --- Decisions ------------------------------------------------------------------------------
@@ -272,8 +266,6 @@ def run(predictor, files: Sequence[str], *, output: str | os.PathLike, threshold
     """Classify ``files``, write one CSV row per file to ``output`` as batches finish; a Summary."""
     from tqdm import tqdm
 
-    from utils.evaluation import _prefetch
-
     spec: PreprocessSpec = predictor.spec
     class_names = list(spec.class_names)
     summary = Summary(total=len(files))
@@ -284,7 +276,7 @@ def run(predictor, files: Sequence[str], *, output: str | os.PathLike, threshold
     with open(output, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=csv_columns(class_names))
         writer.writeheader()
-        for decoded in _prefetch(iter_decoded(files, spec, batch_size=batch_size, workers=workers)):
+        for decoded in prefetch(iter_decoded(files, spec, batch_size=batch_size, workers=workers)):
             readable = [d for d in decoded if d.image is not None]
             probs = (predictor.predict(to_model_input(np.stack([d.image for d in readable]), spec.channels))
                      if readable else np.zeros((0, len(class_names)), np.float32))

@@ -15,13 +15,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 from utils.preprocessing import SPEC_FILENAME, PreprocessSpec, preprocess_file, to_model_input
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -96,20 +98,31 @@ def _load(path: str, spec: PreprocessSpec, cached: bool) -> tuple[np.ndarray | N
         return None, f"{getattr(error, 'reason', type(error).__name__)}: {error}"
 
 
+def default_workers() -> int:
+    """Decode threads: OpenCV and the DICOM codecs release the GIL, so a few per core pay off."""
+    return min(8, (os.cpu_count() or 1) * 2)
+
+
+def map_in_batches(items: Sequence[T], load: Callable[[T], R], *, batch_size: int,
+                   workers: int = 0) -> Iterator[list[R]]:
+    """``load`` every item in a thread pool, ``batch_size`` at a time, results in input order."""
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        for start in range(0, len(items), batch_size):
+            yield list(pool.map(load, items[start : start + batch_size]))
+
+
 def iter_batches(files: Sequence[str], spec: PreprocessSpec, *, cached: bool, batch_size: int,
                  workers: int = 0) -> Iterator[tuple[np.ndarray, list[int], list[tuple[int, str]]]]:
-    """Decode in a background thread pool (OpenCV and the DICOM codecs release the GIL) while the
-    caller runs the model; yields (batch float32 (B, S, S, C), indices kept, [(index, error)])."""
-    workers = workers or min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(files), batch_size):
-            chunk = list(range(start, min(start + batch_size, len(files))))
-            results = list(pool.map(lambda i: _load(files[i], spec, cached), chunk))
-            kept = [i for i, (img, _) in zip(chunk, results) if img is not None]
-            errors = [(i, err) for i, (img, err) in zip(chunk, results) if img is None]
-            images = [img for img, _ in results if img is not None]
-            batch = to_model_input(np.stack(images), spec.channels) if images else None
-            yield batch, kept, errors
+    """Decode in a background thread pool while the caller runs the model; yields
+    (batch float32 (B, S, S, C), indices kept, [(index, error)])."""
+    batches = map_in_batches(range(len(files)), lambda i: (i, *_load(files[i], spec, cached)),
+                             batch_size=batch_size, workers=workers)
+    for results in batches:
+        kept = [i for i, img, _ in results if img is not None]
+        errors = [(i, err) for i, img, err in results if img is None]
+        images = [img for _, img, _ in results if img is not None]
+        batch = to_model_input(np.stack(images), spec.channels) if images else None
+        yield batch, kept, errors
 
 
 def predict(predictor, files: Sequence[str], *, cached: bool, batch_size: int = 32,
@@ -125,7 +138,7 @@ def predict(predictor, files: Sequence[str], *, cached: bool, batch_size: int = 
     bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not progress)
     # Prefetch: decoding of batch n+1 overlaps inference of batch n.
     batches = iter_batches(files, spec, cached=cached, batch_size=batch_size)
-    for batch, idx, errs in _prefetch(batches):
+    for batch, idx, errs in prefetch(batches):
         if batch is not None:
             probs.append(predictor.predict(batch))
             kept += idx
@@ -137,7 +150,8 @@ def predict(predictor, files: Sequence[str], *, cached: bool, batch_size: int = 
             np.asarray(kept, dtype=np.int64), errors)
 
 
-def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
+def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
+    """Run ``iterator`` in a background thread, ``depth`` items ahead of the consumer."""
     import queue
     import threading
 

@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from utils.batch_predict import UNREADABLE, decide, decode_file, default_workers, tag_disagrees
+from utils.batch_predict import UNREADABLE, decide, decode_file, tag_disagrees
+from utils.evaluation import default_workers
 from utils.preprocessing import to_model_input
 from utils.routing.audit import AuditLog
 from utils.routing.queue import Classification, Item, SpoolQueue
