@@ -11,7 +11,6 @@ route ``unreadable`` with the reason. A prediction below the threshold gets rout
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from utils.evaluation import default_workers
 from utils.preprocessing import to_model_input
 from utils.routing.audit import AuditLog
 from utils.routing.queue import Classification, Item, SpoolQueue
+from utils.routing.worker import WakeableThread
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,10 @@ def predict_in_chunks(predictor, batch: np.ndarray, batch_size: int) -> np.ndarr
     return np.concatenate(out)
 
 
-class Classifier(threading.Thread):
+class Classifier(WakeableThread):
     def __init__(self, queue: SpoolQueue, predictor, audit: AuditLog, *, threshold: float, batch_size: int,
                  batch_wait_ms: int, workers: int = 0, on_classified: Callable[[set[str]], None] = lambda r: None):
-        super().__init__(name="classifier", daemon=True)
+        super().__init__(name="classifier")
         self.queue = queue
         self.predictor = predictor
         self.audit = audit
@@ -74,15 +74,6 @@ class Classifier(threading.Thread):
         self.workers = workers or default_workers()
         self.on_classified = on_classified
         self.batches = 0  # model calls so far (for tests and the bench)
-        self._wake = threading.Event()
-        self._halt = threading.Event()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self._wake.set()
 
     def run(self) -> None:
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="decode") as pool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +29,7 @@ from utils.routing.audit import AuditLog
 from utils.routing.config import Destination, RouterConfig
 from utils.routing.queue import FORWARDED, QUARANTINED, Item, SpoolQueue, fsync_dir
 from utils.routing.scp import set_tcp_nodelay
+from utils.routing.worker import WakeableThread
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ def enable_raw_sending() -> None:
     _config.STORE_SEND_CHUNKED_DATASET = True
 
 
-class _Worker(threading.Thread):
+class _Worker(WakeableThread):
     """Shared loop: wait for due items of our routes, hand them to ``deliver``, back off when down."""
 
     def __init__(self, destination: Destination, routes: list[str], queue: SpoolQueue, audit: AuditLog,
                  config: RouterConfig) -> None:
-        super().__init__(name=f"forward-{destination.node}", daemon=True)
+        super().__init__(name=f"forward-{destination.node}")
         self.destination = destination
         self.routes = sorted(routes)
         self.queue = queue
@@ -63,15 +63,6 @@ class _Worker(threading.Thread):
         self.config = config
         self.down_since: float | None = None
         self.failures = 0  # consecutive times the destination was unreachable
-        self._wake = threading.Event()
-        self._halt = threading.Event()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self._wake.set()
 
     def run(self) -> None:
         while not self._halt.is_set():
