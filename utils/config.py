@@ -218,7 +218,7 @@ def validate(config: dict[str, Any]) -> None:
 def environment() -> dict[str, str]:
     """Where and with what a result was produced (saved beside results)."""
     info = {"python": sys.version.split()[0], "platform": platform.platform(),
-            "processor": _cpu_name(), "cpu_count": str(os.cpu_count()),
+            "processor": cpu_name(), "cpu_count": str(os.cpu_count()),
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     try:
         info["git_commit"] = subprocess.run(
@@ -229,7 +229,7 @@ def environment() -> dict[str, str]:
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -243,9 +243,9 @@ def device_name() -> str:
             return f"{len(gpus)} x {details.get('device_name', 'GPU')}"
         except (ValueError, RuntimeError):
             return f"{len(gpus)} GPU(s)"
-    from utils.config import _cpu_name
+    from utils.config import cpu_name
 
-    return f"CPU ({_cpu_name()}, {os.cpu_count()} cores)"
+    return f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
 
 
 def seed_everything(seed: int) -> None:
