@@ -46,21 +46,13 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
-def _default_data(model_path: Path) -> str:
-    import json
-
-    run_config = (model_path if model_path.is_dir() else model_path.parent) / "config.json"
-    if run_config.is_file():
-        return json.loads(run_config.read_text())["config"].get("data", constants.DATA_DIR)
-    return constants.DATA_DIR
-
-
 def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict:
     from utils import evaluation, reports
+    from utils.artifacts import training_data
     from utils.predictor import load_predictor
 
     info = load_predictor(model_arg)
-    data = args.data or _default_data(Path(model_arg))
+    data = args.data or training_data(model_arg) or constants.DATA_DIR
     subset = evaluation.eval_set(data, settings["split"], info.spec)
     log.info("%s (%s): %d images from %s", model_arg, info.model_id, len(subset.files), subset.description)
     probs, kept, errors = evaluation.predict(info, subset.files, cached=subset.cached,

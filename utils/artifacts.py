@@ -54,6 +54,17 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def training_data(path: str | os.PathLike) -> Path | None:
+    """The prepared dataset a run directory (or a model file inside one) was trained on, as its
+    config.json records it; None when there is no readable record. The folder may no longer exist."""
+    path = Path(path)
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        return Path(json.loads(config_file.read_text())["config"]["data"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def read_model_info(path: str | os.PathLike) -> ModelInfo:
     """The spec embedded in a .keras file (or a run directory's best.keras), without loading weights."""
     path = resolve_model_path(path)

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from utils.artifacts import training_data
 from utils.predictor import ARTIFACT_KEY, KerasPredictor, load_predictor, sidecar_path
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,9 @@ def default_output(model_path: Path, fmt: str, quantization: str) -> Path:
 
 
 def data_dir_of(model_path: Path) -> Path | None:
-    """The prepared dataset a run was trained on (its config.json), if it still exists."""
-    config_file = model_path.parent / "config.json"
-    try:
-        data = json.loads(config_file.read_text())["config"]["data"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    data = Path(data)
-    return data if (data / "labels.csv").is_file() else None
+    """The prepared dataset a run was trained on, if it still exists."""
+    data = training_data(model_path)
+    return data if data is not None and (data / "labels.csv").is_file() else None
 
 
 def images_from_split(data_dir: str | os.PathLike, split: str, spec, limit: int, seed: int = 0) -> np.ndarray:
