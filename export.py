@@ -28,7 +28,7 @@ log = logging.getLogger("export")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from utils.export import FORMATS, QUANTIZATIONS
 
-    parser = config.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = config.ArgumentParser(description=__doc__)
     parser.add_argument("model", metavar="RUN_OR_MODEL", help="training run directory (its best.keras) or a .keras file")
     parser.add_argument("--format", required=True, choices=FORMATS, help="artifact format (required)")
     parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,

@@ -27,7 +27,7 @@ log = logging.getLogger("predict")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = config.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = config.ArgumentParser(description=__doc__)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or lists of paths")
     parser.add_argument("--model", required=True, metavar="RUN_OR_MODEL",
                         help="training run directory (its best.keras) or a .keras file (required)")

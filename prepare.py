@@ -19,7 +19,7 @@ FLAGS = ("CLASS_NAMES", "IMAGE_SIZE", "CHANNELS", "ASPECT", "WINDOW_PERCENTILES"
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = config.ArgumentParser(description=__doc__, formatter_class=config.argparse.RawDescriptionHelpFormatter)
+    parser = config.ArgumentParser(description=__doc__)
     parser.add_argument("--input", help="source folder (one folder per class, or VinDr-BodyPartXR) or CSV")
     parser.add_argument("--output", help="prepared dataset folder (images/, labels.csv, rejects.csv)")
     parser.add_argument("--demo", action="store_true",

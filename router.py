@@ -29,7 +29,7 @@ log = logging.getLogger("router")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = config.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = config.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, metavar="FILE", help="router YAML file (required)")
     parser.add_argument("--model", default=None, help="overrides the configuration's model (run dir or .keras)")
     action = parser.add_mutually_exclusive_group()

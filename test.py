@@ -25,7 +25,7 @@ log = logging.getLogger("test")
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = config.ArgumentParser(description=__doc__, formatter_class=config.argparse.RawDescriptionHelpFormatter)
+    parser = config.ArgumentParser(description=__doc__)
     parser.add_argument("models", nargs="*", metavar="MODEL", help="run directories or .keras files")
     parser.add_argument("--data", default=None, help=f"prepared dataset, CSV or class folders "
                                                      f"(default: the run's training data, else {constants.DATA_DIR})")

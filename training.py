@@ -31,7 +31,7 @@ log = logging.getLogger("training")
 def parse_args(argv: list[str] | None = None):
     from models import list_models
 
-    parser = config.ArgumentParser(description=__doc__, formatter_class=config.argparse.RawDescriptionHelpFormatter)
+    parser = config.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default=constants.DATA_DIR, help="a prepared dataset (prepare.py output)")
     parser.add_argument("--output", help=f"run directory (default: {constants.RUNS_DIR}/<backbone>-<time>)")
     parser.add_argument("--image-size", type=int, default=None,

@@ -28,6 +28,7 @@ def test_help_explains_the_flags(script, flags):
     assert out.returncode == 0, out.stderr
     for flag in flags:
         assert flag in out.stdout
+    assert "(default:" in out.stdout  # defaults are shown, as the usage examples above them are kept
 
 
 def test_mistyped_backbone_is_rejected(capsys):

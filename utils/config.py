@@ -31,12 +31,17 @@ class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout (usage examples) and shows every flag's default."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with no prefix matching and a 'did you mean' hint for mistyped flags."""
+    """argparse with no prefix matching, defaults in the help, and a 'did you mean' hint for
+    mistyped flags."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
