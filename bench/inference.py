@@ -1,13 +1,22 @@
-"""Model inference speed per artifact format, against the machine's fp32 roofline.
+"""Model inference speed per artifact format against the machine's rooflines, and DICOM -> label.
 
     python -m bench.inference                              # mobilenet_v1 at 512 px
     python -m bench.inference --backbones mobilenet_v1 efficientnet_b0 --size 512 --runs 5
+    python -m bench.inference --e2e-files 0                # model timings only
 
-For each backbone (untrained weights: speed does not depend on them), builds the model with this
-project's spec, exports it with export.py's code (TFLite fp32, TFLite int8 calibrated on
---data, ONNX), and times every artifact through the same predictor interface the entry points
-use: ms/image at batch 1 and batch 8, median of --runs runs after warm-up. The roofline row is a
-measured large fp32 matmul; "x floor" is the model's time over FLOPs / peak GFLOP/s.
+Part 1. For each backbone (untrained weights: speed does not depend on them), builds the model
+with this project's spec, exports it with export.py's code (TFLite fp32, TFLite int8 calibrated
+on --data, ONNX), and times every artifact through the same predictor interface the entry
+points use: ms/image at batch 1 and batch 8, median of --runs runs after warm-up. Two rooflines
+are measured in the same run: a large fp32 matmul (TensorFlow) and a large int8 1x1 convolution
+(TFLite/XNNPACK, the kernel that does ~95 % of MobileNet's arithmetic); "x floor" is an
+artifact's time over the model's operations / that peak.
+
+Part 2 (--e2e-files N > 0). End-to-end DICOM -> label with the fastest artifact (int8 if it
+was made): N synthetic 2000x2500 12-bit X-rays per transfer syntax (uncompressed, JPEG 2000
+lossless) go through ``utils.batch_predict.run``, the code behind predict.py (thread-pool
+decoding overlapped with the model, CSV written); files/s, median of --runs runs, next to
+decoding alone (the same thread pool, no model) to show which one limits.
 """
 
 from __future__ import annotations
@@ -37,6 +46,41 @@ def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
+def int8_conv_gops(size: int = 64, channels: int = 512, runs: int = 9) -> float:
+    """Measured int8 peak: a (size x size x channels) -> channels 1x1 convolution, quantized like
+    export.py's int8 (per-channel weights, int8 activations), run by the TFLite interpreter with
+    its XNNPACK delegate on all cores, in GOP/s (2 operations per multiply-accumulate)."""
+    import keras
+    import tensorflow as tf
+
+    from utils.predictor import tflite_interpreter
+
+    shape = (size, size, channels)
+    model = keras.Sequential([keras.Input(shape), keras.layers.Conv2D(channels, 1)])
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.export(tmp, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([rng.normal(size=(1, *shape)).astype(np.float32)]
+                                                    for _ in range(4))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        path = Path(tmp) / "conv.tflite"
+        path.write_bytes(converter.convert())
+        interpreter = tflite_interpreter(path)
+    interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    interpreter.set_tensor(detail["index"], rng.normal(size=detail["shape"]).astype(np.float32))
+    for _ in range(3):
+        interpreter.invoke()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append(time.perf_counter() - start)
+    return 2 * size * size * channels * channels / statistics.median(times) / 1e9
+
+
 def model_flops(model, input_shape: tuple[int, int, int]) -> float:
     """Floating-point operations of one forward pass at batch 1 (TensorFlow's graph profiler)."""
     import tensorflow as tf
@@ -64,15 +108,65 @@ def time_predictor(predictor, shape: tuple[int, int, int], batch: int, runs: int
     return statistics.median(results)
 
 
+def write_xrays(folder: Path, syntax, count: int, unique: int = 8) -> list[str]:
+    """``count`` 2000x2500 12-bit MONOCHROME2 DICOMs: ``unique`` distinct images, then copies
+    (decoding cost does not depend on which image it is; JPEG 2000 encoding is slow)."""
+    import shutil
+
+    from bench.pipeline import _xray
+    from utils.dicom_writer import write_dicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:04d}.dcm"
+        if i < unique:
+            write_dicom(path, _xray((2500, 2000), 12, i), bits_stored=12, transfer_syntax=syntax,
+                        photometric="MONOCHROME2")
+        else:
+            shutil.copyfile(paths[i % unique], path)
+        paths.append(str(path))
+    return paths
+
+
+def end_to_end(artifact: Path, tmp: Path, count: int, runs: int) -> list[tuple[str, float, float, float]]:
+    """(case, MB per file, decode-only files/s, DICOM -> label files/s) per transfer syntax."""
+    import pydicom.uid
+
+    from utils.batch_predict import iter_decoded, run
+    from utils.constants import THRESHOLD
+    from utils.predictor import load_predictor
+
+    predictor = load_predictor(artifact)
+    rows = []
+    for name, syntax in (("uncompressed", pydicom.uid.ExplicitVRLittleEndian),
+                         ("JPEG 2000 lossless", pydicom.uid.JPEG2000Lossless)):
+        files = write_xrays(tmp / name.replace(" ", "_"), syntax, count)
+        run(predictor, files[:8], output=tmp / "warmup.csv", threshold=THRESHOLD, progress=False)
+        decode, full = [], []
+        for _ in range(runs):
+            start = time.perf_counter()
+            for _batch in iter_decoded(files, predictor.spec, batch_size=32):
+                pass
+            decode.append(count / (time.perf_counter() - start))
+            summary = run(predictor, files, output=tmp / "e2e.csv", threshold=THRESHOLD, progress=False)
+            full.append(count / summary.seconds)
+        megabytes = Path(files[0]).stat().st_size / 1e6
+        rows.append((name, megabytes, statistics.median(decode), statistics.median(full)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["mobilenet_v1"])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--data", default="data/radiographs",
-                        help="prepared dataset at --size for int8 calibration (synthetic noise if absent)")
+                        help="prepared dataset at --size for int8 calibration (int8 is skipped if absent)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5, help="calls per timed run")
     parser.add_argument("--skip-onnx", action="store_true")
+    parser.add_argument("--e2e-files", type=int, default=64,
+                        help="DICOM files per transfer syntax for the end-to-end part (0: skip it)")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -84,37 +178,51 @@ def main() -> None:
     from utils.preprocessing import PreprocessSpec
 
     env = environment()
-    peak = matmul_gflops()
+    load_before = os.getloadavg()[0]
+    fp32_peak, int8_peak = matmul_gflops(), int8_conv_gops()
     data = args.data if args.data and (Path(args.data) / "labels.csv").is_file() else None
-    print(f"Machine: {env['processor']}, {env['cpu_count']} cores; {env['time'][:10]}; "
-          f"fp32 matmul peak {peak:.0f} GFLOP/s; int8 calibration on {data or 'nothing (no --data)'}")
-    rows = []
+    rows, e2e = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.backbones:
             spec = PreprocessSpec(image_size=args.size)
             model = build_model(name, spec.num_classes, spec.input_shape, None)
             flops = model_flops(model, spec.input_shape)
             path = save_model(model, Path(tmp) / f"{name}.keras", spec, model_id=f"bench-{name}", backbone=name)
-            artifacts = [("Keras fp32", path)]
+            artifacts = [("Keras fp32", path, fp32_peak)]
             for label, fmt, quant in (("TFLite fp32 (XNNPACK)", "tflite", "none"),
-                                      ("TFLite int8", "tflite", "int8"), ("ONNX Runtime fp32", "onnx", "none")):
+                                      ("TFLite int8 (XNNPACK)", "tflite", "int8"), ("ONNX Runtime fp32", "onnx", "none")):
                 if fmt == "onnx" and args.skip_onnx:
                     continue
                 if quant == "int8" and data is None:
-                    print("skipping int8: no prepared dataset to calibrate on")
+                    print("skipping int8: no prepared dataset to calibrate on (--data)")
                     continue
                 result = export_model(path, fmt, quantize=quant, data=data, check_images=8, calibration_images=100)
-                artifacts.append((label, result.path))
-            floor_ms = flops / (peak * 1e9) * 1000
-            for label, artifact in artifacts:
+                artifacts.append((label, result.path, int8_peak if quant == "int8" else fp32_peak))
+            batch1 = {}
+            for label, artifact, peak in artifacts:
                 predictor = load_predictor(artifact)
                 ms1 = time_predictor(predictor, spec.input_shape, 1, args.runs, args.repeats)
                 ms8 = time_predictor(predictor, spec.input_shape, 8, args.runs, max(1, args.repeats // 2))
-                rows.append((name, label, ms1, ms8, ms1 / floor_ms, flops))
-    print(f"\n| backbone @ {args.size} px | artifact | ms/image batch 1 | ms/image batch 8 | x fp32 floor (batch 1) |")
-    print("|---|---|---|---|---|")
+                rows.append((name, label, ms1, ms8, ms1 / (flops / (peak * 1e9) * 1000), flops))
+                batch1[label, artifact] = ms1
+            if args.e2e_files > 0 and name == args.backbones[0]:
+                label, artifact = min(batch1, key=batch1.get)  # the fastest artifact at batch 1
+                e2e = [(label, *row) for row in end_to_end(artifact, Path(tmp), args.e2e_files, args.runs)]
+    print(f"\nMachine: {env['processor']}, {env['cpu_count']} cores; {env['time'][:10]}; 1-min load average "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after; fp32 matmul peak {fp32_peak:.0f} GFLOP/s, "
+          f"int8 1x1-conv peak {int8_peak:.0f} GOP/s; int8 calibrated on {data or '-'}")
+    print(f"\n| backbone @ {args.size} px | artifact | ms/image batch 1 | ms/image batch 8 "
+          "| x floor (batch 1) | floor ms |")
+    print("|---|---|---|---|---|---|")
     for name, label, ms1, ms8, ratio, flops in rows:
-        print(f"| {name} ({flops / 1e9:.2f} GFLOP) | {label} | {ms1:.1f} | {ms8:.1f} | {ratio:.2f} |")
+        print(f"| {name} ({flops / 1e9:.2f} GFLOP) | {label} | {ms1:.1f} | {ms8:.1f} | {ratio:.2f} "
+              f"| {ms1 / ratio:.1f} |")
+    if e2e:
+        print(f"\n| DICOM -> label, 2000x2500 12-bit, {args.e2e_files} files | MB/file | decoding only, files/s "
+              "| decoding + model + CSV, files/s |")
+        print("|---|---|---|---|")
+        for label, case, megabytes, decode, full in e2e:
+            print(f"| {case} ({label}) | {megabytes:.1f} | {decode:.1f} | {full:.1f} |")
 
 
 if __name__ == "__main__":
