@@ -1,0 +1,35 @@
+"""The benchmark scripts still run (tiny sizes; they measure, tests never assert times)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import keras
+
+from bench import gpu, inference
+
+
+def test_gpu_bench_runs_and_writes_rows(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    try:
+        gpu.main(["--size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+                  "--latency-calls", "2", "--policies", "float32", "--json", str(out)])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    saved = json.loads(out.read_text())
+    [row] = saved["rows"]
+    assert "error" not in row, row
+    assert row["model"] == "mobilenet_v1" and row["batch"] == 2 and row["loss_finite"]
+    assert row["train_images_per_s"] > 0 and row["latency_ms_median"] > 0
+    assert "| mobilenet_v1 | float32 |" in capsys.readouterr().out
+
+
+def test_gpu_bench_reports_a_failing_policy_as_a_row():
+    rows = [{"model": "m", "policy": "float32", "batch": 4, "error": "ValueError: boom"}]
+    assert "error: ValueError: boom" in gpu.markdown_table(rows)
+
+
+def test_int8_roofline_is_measured():
+    gops = inference.int8_conv_gops(size=8, channels=32, runs=2)
+    assert math.isfinite(gops) and gops > 0
