@@ -3,6 +3,14 @@
 ``read_dicom`` is the one entry point for pixels; ``read_dicom_header`` reads the few header
 fields the project uses without decoding pixels; ``is_dicom`` is a cheap file-type check.
 
+Two things keep ``read_dicom`` fast on large X-rays. The grayscale steps (modality LUT/rescale,
+VOI, clip, MONOCHROME1 inversion) depend on the stored value alone, so for 8- and 16-bit images
+they run once over every possible stored value and the image is mapped through that table: the
+same numbers, bit for bit, as running them on every pixel. And a caller that will shrink the
+image can pass ``target_shape``: a JPEG 2000 image is then decoded at a lower resolution level
+that still covers the target (OpenJPEG, through Pillow, skips the finest wavelet levels), which
+is close to, not identical with, decoding everything and shrinking afterwards.
+
 Everything that cannot be read raises a subclass of ``DicomReadError`` (a ``ValueError``)
 whose ``reason`` is a short code, so callers can count and report failures by kind. The
 subclasses cover the expected cases; the base class itself is raised with
@@ -14,15 +22,19 @@ cannot be applied. A missing file is not a DICOM problem: ``FileNotFoundError`` 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
@@ -58,6 +70,8 @@ from utils.constants import WINDOW_PERCENTILES
 logger = logging.getLogger(__name__)
 
 Source = str | os.PathLike | BinaryIO
+# (rows, cols) of an image -> (rows, cols) the caller will resize it to.
+TargetShape = Callable[[int, int], tuple[int, int]]
 
 HEADER_FIELDS: tuple[str, ...] = (
     "SOPInstanceUID",
@@ -177,6 +191,9 @@ class DicomImage:
     pixels: np.ndarray  # float32, (rows, cols), 0 = black, 1 = white as displayed
     window_source: str  # "voi_lut" | "window" | "percentile"
     metadata: dict[str, str]  # HEADER_FIELDS, "" where the tag is missing
+    # JPEG 2000 resolution levels skipped when decoding (see read_dicom's target_shape); each
+    # halves rows and columns, rounding up, so pixels is smaller than Rows x Columns when > 0.
+    reduced_by: int = 0
 
 
 def read_dicom(
@@ -184,6 +201,7 @@ def read_dicom(
     *,
     percentiles: tuple[float, float] = WINDOW_PERCENTILES,
     max_percentile_samples: int = 1_000_000,
+    target_shape: TargetShape | None = None,
 ) -> DicomImage:
     """Decode the first frame of a DICOM image into display-ready gray values in [0, 1].
 
@@ -198,6 +216,8 @@ def read_dicom(
        without an installed decoder -> ``UnsupportedTransferSyntaxError`` saying what to
        install; pixel data shorter than Rows x Columns x frames needs (or encapsulated
        pixel data cut off by the end of the file) -> ``TruncatedPixelDataError``.
+       With ``target_shape``, a grayscale JPEG 2000 image may instead be decoded at a
+       reduced resolution (see ``target_shape`` below).
     4. Photometric interpretation: MONOCHROME1/2 go on; RGB and YBR_* (which pydicom
        converts to RGB) and PALETTE COLOR (after its palette) become BT.601 luminance;
        anything else -> ``UnsupportedPhotometricError``.
@@ -221,37 +241,47 @@ def read_dicom(
         percentiles: (low, high) percentiles that map to 0 and 1 when the file has
             neither VOI LUT nor window.
         max_percentile_samples: most pixels the percentiles are computed on.
+        target_shape: ``target_shape(rows, cols) -> (rows, cols)`` the caller will resize
+            the image to. When given, a MONOCHROME JPEG 2000 image is decoded at the
+            lowest resolution level k (each level halves rows and columns, rounding up;
+            at most ``MAX_J2K_REDUCTION`` and the codestream's decomposition levels) whose
+            image is still at least that target and maps to the same target; ``reduced_by``
+            says k. Steps 5-8 then run on the smaller image, which is finally shifted by
+            (2**k - 1) / 2**(k + 1) of its pixels so that each pixel sits where an area
+            average of its 2**k x 2**k block would. Anything unusual about the codestream,
+            or any failure, falls back to the full-resolution decode.
 
     Returns:
-        ``DicomImage`` with float32 ``pixels`` of shape (rows, cols).
+        ``DicomImage`` with float32 ``pixels`` of shape (rows, cols), or the reduced shape.
     """
     low_pct, high_pct = _check_percentiles(percentiles)
     path = _describe(source)
     ds = _parse(source, path, stop_before_pixels=False)
     _require_pixel_data(ds, source, path)
     photometric = _check_photometric(ds, path)
-    frame, decoded_photometric = _decode_first_frame(ds, path)
+    frame, decoded_photometric, reduced_by = _decode_first_frame(ds, path, target_shape)
 
     if photometric in _MONOCHROME:
-        values = _modality_values(frame, ds, path)
-        unit, window_source = _voi_to_unit(
-            values, ds, (low_pct, high_pct), max_percentile_samples
+        pixels, window_source = _monochrome_to_display(
+            frame, ds, (low_pct, high_pct), max_percentile_samples, path
         )
+        if reduced_by:
+            pixels = _recentre(pixels, reduced_by, (int(ds.Rows), int(ds.Columns)))
     else:
         gray = _colour_to_gray(frame, ds, photometric, decoded_photometric)
-        unit = _percentile_to_unit(gray, low_pct, high_pct, max_percentile_samples)
+        low, high = _percentile_range(gray, (low_pct, high_pct), max_percentile_samples)
+        pixels = _unit_to_display(_percentile_to_unit(gray, low, high), invert=False)
         window_source = "percentile"
 
-    pixels = np.clip(unit, 0.0, 1.0).astype(np.float32)
-    if photometric == "MONOCHROME1":
-        pixels = 1.0 - pixels
     if pixels.min() == pixels.max():  # zero rows/columns were rejected before decoding
         raise EmptyImageError(
             f"the image has no contrast: every pixel displays as {float(pixels.flat[0]):.3g} "
             f"after the {window_source} step",
             path,
         )
-    return DicomImage(pixels=pixels, window_source=window_source, metadata=_header_dict(ds))
+    return DicomImage(
+        pixels=pixels, window_source=window_source, metadata=_header_dict(ds), reduced_by=reduced_by
+    )
 
 
 def read_dicom_header(source: Source) -> dict[str, str]:
@@ -427,8 +457,11 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian
 
 
-def _decode_first_frame(ds: Dataset, path: str | None) -> tuple[np.ndarray, str]:
-    """Stored values of frame 0 and the photometric interpretation they came out in."""
+def _decode_first_frame(
+    ds: Dataset, path: str | None, target_shape: TargetShape | None = None
+) -> tuple[np.ndarray, str, int]:
+    """Stored values of frame 0, the photometric interpretation they came out in, and the
+    JPEG 2000 resolution levels skipped (0: full resolution)."""
     tsyntax = _transfer_syntax(ds)
     if not getattr(ds, "file_meta", None):
         ds.file_meta = FileMetaDataset()
@@ -442,6 +475,10 @@ def _decode_first_frame(ds: Dataset, path: str | None) -> tuple[np.ndarray, str]
         raise EmptyImageError(f"the image has {rows} rows and {columns} columns", path)
     if not tsyntax.is_compressed:
         _check_native_length(ds, path)
+    if target_shape is not None and tsyntax in _J2K_SYNTAXES:
+        reduced = _decode_j2k_reduced(ds, target_shape, path)
+        if reduced is not None:
+            return reduced[0], str(ds.PhotometricInterpretation), reduced[1]
 
     try:
         frame, meta = decoder.as_array(ds, index=0, validate=True, **as_pixel_options(ds))
@@ -449,7 +486,7 @@ def _decode_first_frame(ds: Dataset, path: str | None) -> tuple[np.ndarray, str]
         raise
     except Exception as exc:  # codecs raise RuntimeError/ValueError/AttributeError...
         raise _decode_error(exc, tsyntax, path) from exc
-    return frame, str(meta.get("photometric_interpretation", ds.PhotometricInterpretation))
+    return frame, str(meta.get("photometric_interpretation", ds.PhotometricInterpretation)), 0
 
 
 def _decoder_for(tsyntax: UID, path: str | None):
@@ -509,6 +546,161 @@ def _decode_error(exc: Exception, tsyntax: UID, path: str | None) -> DicomReadEr
     )
 
 
+# --- Step 3, JPEG 2000 at reduced resolution -----------------------------------------------
+
+_J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"  # start of codestream, then the SIZ marker
+_J2K_COD, _J2K_COC, _J2K_SOT = b"\xff\x52", b"\xff\x53", b"\xff\x90"
+_J2K_EOC = b"\xff\xd9"
+# Most levels skipped. A reduced level holds the codec's wavelet low-pass, not an area average:
+# on 8-bit model inputs with a fixed window, mean |diff| against a full-resolution decode
+# measured <= 0.6 gray levels at 1 level and <= 0.95 at 2, but up to 1.9 at 3 and 3.9 at 4.
+MAX_J2K_REDUCTION = 2
+
+
+@dataclass(frozen=True)
+class _J2kHeader:
+    """What the reduced decode needs from a codestream's main header (SIZ and COD)."""
+
+    rows: int
+    cols: int
+    precision: int
+    signed: bool
+    levels: int  # wavelet decomposition levels: how many times the image can be halved
+
+
+def _decode_j2k_reduced(
+    ds: Dataset, target_shape: TargetShape, path: str | None
+) -> tuple[np.ndarray, int] | None:
+    """Frame 0 at the lowest resolution level that still covers the target, and that level.
+
+    None means "decode at full resolution with pydicom": when no level can be skipped, when
+    the image or codestream is anything but plain grayscale whose header agrees with the
+    DICOM attributes (pydicom has rules for the disagreements), and when anything fails.
+    """
+    try:
+        codestream = get_frame(ds.PixelData, 0, number_of_frames=int(ds.get("NumberOfFrames") or 1))
+        header = _j2k_header(codestream)
+        if header is None or not _j2k_matches_dataset(header, ds, codestream):
+            return None
+        levels = min(header.levels, MAX_J2K_REDUCTION)
+        level = _reduction_level(header.rows, header.cols, levels, target_shape)
+        if level == 0:
+            return None
+        return _pillow_j2k_decode(codestream, level, header, ds), level
+    except Exception as exc:  # noqa: BLE001 - any failure here only costs the speed-up
+        logger.debug("%s: reduced-resolution JPEG 2000 decoding failed (%r); "
+                     "decoding at full resolution", path, exc)
+        return None
+
+
+def _j2k_header(codestream: bytes) -> _J2kHeader | None:
+    """Parse SIZ and COD; None for several components, image offsets, subsampling or a COC."""
+    if codestream[:4] != _J2K_SOC_SIZ:
+        return None
+    lsiz, _, cols, rows, x_offset, y_offset = struct.unpack_from(">HHIIII", codestream, 4)
+    (components,) = struct.unpack_from(">H", codestream, 40)
+    ssiz, x_step, y_step = codestream[42:45]
+    if components != 1 or x_offset or y_offset or (x_step, y_step) != (1, 1):
+        return None
+    position = 4 + lsiz
+    while codestream[position : position + 2] not in (_J2K_SOT, b""):
+        marker = codestream[position : position + 2]
+        (length,) = struct.unpack_from(">H", codestream, position + 2)
+        if marker == _J2K_COC:  # component-specific coding: leave it to the full decoder
+            return None
+        if marker == _J2K_COD:  # Lcod, Scod, SGcod (4 bytes), then SPcod's level count
+            levels = codestream[position + 9]
+            return _J2kHeader(rows, cols, (ssiz & 0x7F) + 1, bool(ssiz & 0x80), levels)
+        position += 2 + length
+    return None
+
+
+def _j2k_matches_dataset(header: _J2kHeader, ds: Dataset, codestream: bytes) -> bool:
+    """Grayscale, 8/16 bits allocated, and size, precision and sign as the DICOM header says.
+
+    The codestream must also end with its EOC marker (give or take a few padding bytes), so
+    that a cut-off one, which a reduced decode might not notice, goes to the full decoder.
+    """
+    return (
+        str(ds.PhotometricInterpretation) in _MONOCHROME
+        and int(ds.get("SamplesPerPixel") or 1) == 1
+        and int(ds.BitsAllocated) in (8, 16)
+        and header.precision == int(ds.BitsStored) <= int(ds.BitsAllocated)
+        and header.signed == bool(int(ds.PixelRepresentation))
+        and (header.rows, header.cols) == (int(ds.Rows), int(ds.Columns))
+        and _J2K_EOC in codestream[-8:]
+    )
+
+
+def _reduced_size(size: int, level: int) -> int:
+    return -(-size // 2**level)  # OpenJPEG rounds up
+
+
+def _reduction_level(rows: int, cols: int, levels: int, target_shape: TargetShape) -> int:
+    """The most resolution levels to skip so that the image still covers the caller's target.
+
+    The reduced image must be at least the target in both directions and must give the same
+    target (with letterboxing, rounding up can change the aspect ratio by a hair).
+    """
+    target = tuple(target_shape(rows, cols))
+    best = 0
+    for level in range(1, levels + 1):
+        reduced = (_reduced_size(rows, level), _reduced_size(cols, level))
+        if reduced[0] < target[0] or reduced[1] < target[1]:
+            break
+        if tuple(target_shape(*reduced)) == target:
+            best = level
+    return best
+
+
+def _recentre(pixels: np.ndarray, level: int, full_shape: tuple[int, int]) -> np.ndarray:
+    """Resample a reduced image onto the grid an area average of the full image would use.
+
+    A sample at a reduced level sits on the first pixel of the 2**level x 2**level block it
+    summarises; an area average sits on its block's centre, and the last block, cut short by
+    the rounding up, is narrower. So pixel j takes the value at full-resolution position
+    ``(j + 0.5) * full / reduced - 0.5`` (linear interpolation, the edge repeated): about
+    ``j + (2**level - 1) / 2**(level + 1)`` in reduced pixels. Without this the image shifts by
+    up to half a reduced pixel, more at the far edges, against a full-resolution decode.
+    """
+    for axis, full in enumerate(full_shape):
+        size = pixels.shape[axis]
+        position = ((np.arange(size) + 0.5) * (full / size) - 0.5) / 2**level
+        low = np.clip(np.floor(position).astype(np.intp), 0, size - 1)
+        high = np.minimum(low + 1, size - 1)
+        weight = np.clip(position - low, 0.0, 1.0).astype(np.float32)
+        shape = (-1, 1) if axis == 0 else (1, -1)
+        below, above = np.take(pixels, low, axis=axis), np.take(pixels, high, axis=axis)
+        pixels = below + weight.reshape(shape) * (above - below)
+    return pixels
+
+
+def _pillow_j2k_decode(codestream: bytes, level: int, header: _J2kHeader, ds: Dataset) -> np.ndarray:
+    """Decode at ``level`` with Pillow's OpenJPEG and undo Pillow's 8/16-bit scaling.
+
+    Pillow returns samples as ``(value + signed offset) << (8 or 16 - precision)``, which is
+    exact to undo; the result has the dtype pydicom would give (uint/int 8/16).
+    """
+    from PIL import Image  # only this path needs Pillow
+
+    rows, cols = _reduced_size(header.rows, level), _reduced_size(header.cols, level)
+    with Image.open(io.BytesIO(codestream), formats=["JPEG2000"]) as image:
+        # Pillow sizes a reduced image by rounding to nearest, OpenJPEG rounds up (and Pillow
+        # then rejects its tiles). Nominal sizes of (reduced size << level) round to the same.
+        image._size = (cols << level, rows << level)
+        image.reduce = level
+        image.load()
+        samples = np.asarray(image)
+    if samples.shape != (rows, cols) or samples.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"Pillow returned {samples.dtype} {samples.shape}, expected {(rows, cols)}")
+    values = samples.astype(np.int32) >> (8 * samples.itemsize - header.precision)
+    if header.signed:
+        values -= 1 << (header.precision - 1)
+    kind = "int" if header.signed else "uint"
+    return values.astype(f"{kind}{int(ds.BitsAllocated)}")
+
+
 # --- Step 4: photometric interpretation -----------------------------------------------------
 
 
@@ -543,6 +735,76 @@ def _colour_to_gray(
     return frame[..., :3].astype(np.float64) @ _LUMA_WEIGHTS
 
 
+# --- Steps 5-7 for grayscale, through a table ----------------------------------------------
+
+# A table pays when the image has this many times more pixels than the table has entries.
+_MIN_PIXELS_PER_TABLE_ENTRY = 4
+_LOOKUP_BLOCK = 128 * 1024  # pixels looked up at a time
+
+
+def _monochrome_to_display(
+    frame: np.ndarray,
+    ds: Dataset,
+    percentiles: tuple[float, float],
+    max_samples: int,
+    path: str | None,
+) -> tuple[np.ndarray, str]:
+    """Steps 5-7 for a grayscale frame: float32 display values in [0, 1] and the VOI source.
+
+    Modality LUT/rescale, VOI, clipping and the MONOCHROME1 inversion depend on the stored
+    value alone (the percentile range comes from the whole image first). For 8- and 16-bit
+    frames they run, in float64 as always, on every value the dtype can hold (at most 65,536)
+    and the frame is mapped through that table: the very same numbers as running them on
+    every pixel, for one lookup per pixel instead of several float64 passes over it.
+    """
+    domain = _table_domain(frame)
+    values = _modality_values(frame if domain is None else domain, ds, path)
+
+    def percentile_range() -> tuple[float, float]:
+        return _percentile_range(
+            frame, percentiles, max_samples, lambda stored: _modality_values(stored, ds, path)
+        )
+
+    with np.errstate(over="ignore"):  # SIGMOID far from its centre: exp overflows to the limit
+        unit, window_source = _voi_to_unit(values, ds, percentile_range)
+    display = _unit_to_display(unit, invert=ds.PhotometricInterpretation == "MONOCHROME1")
+    if domain is None:
+        return display, window_source
+    return _lookup(display, frame.view(f"u{frame.itemsize}")), window_source
+
+
+def _table_domain(frame: np.ndarray) -> np.ndarray | None:
+    """Every value of the frame's integer dtype, indexed by its unsigned bit pattern.
+
+    None when a table does not pay: not 8/16-bit native integers, or a small image.
+    """
+    dtype = frame.dtype
+    if dtype.kind not in "iu" or dtype.itemsize > 2 or not dtype.isnative:
+        return None
+    domain = np.arange(2 ** (8 * dtype.itemsize), dtype=f"u{dtype.itemsize}").view(dtype)
+    return domain if frame.size >= _MIN_PIXELS_PER_TABLE_ENTRY * domain.size else None
+
+
+def _lookup(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``table[index]`` for a 2-D index, a block of rows at a time.
+
+    NumPy first widens a whole index array to 64-bit; block by block that stays in the CPU
+    cache, which makes the lookup about twice as fast on a 2000 x 2500 image.
+    """
+    out = np.empty(index.shape, table.dtype)
+    step = max(1, _LOOKUP_BLOCK // max(1, index.shape[1]))
+    for start in range(0, index.shape[0], step):
+        rows = slice(start, start + step)
+        np.take(table, index[rows], out=out[rows], mode="clip")  # every index is in range
+    return out
+
+
+def _unit_to_display(unit: np.ndarray, *, invert: bool) -> np.ndarray:
+    """Clip to [0, 1], float32, and ``1 - x`` for MONOCHROME1 (after the VOI step)."""
+    pixels = np.clip(unit, 0.0, 1.0).astype(np.float32)
+    return 1.0 - pixels if invert else pixels
+
+
 # --- Step 5: modality LUT -------------------------------------------------------------------
 
 
@@ -567,10 +829,13 @@ def _modality_values(frame: np.ndarray, ds: Dataset, path: str | None) -> np.nda
 def _voi_to_unit(
     values: np.ndarray,
     ds: Dataset,
-    percentiles: tuple[float, float],
-    max_samples: int,
+    percentile_range: Callable[[], tuple[float, float]],
 ) -> tuple[np.ndarray, str]:
-    """Map modality values to [0, 1]-ish (clipped later) and say which VOI did it."""
+    """Map modality values to [0, 1]-ish (clipped later) and say which VOI did it.
+
+    ``percentile_range()`` gives the (low, high) modality values for the fallback; it is
+    only called when there is neither a usable VOI LUT nor window.
+    """
     if ds.get("VOILUTSequence"):
         try:
             return _voi_lut_to_unit(values, ds), "voi_lut"
@@ -578,7 +843,7 @@ def _voi_to_unit(
             logger.debug("unusable VOI LUT Sequence (%s); trying the window", exc)
     if _usable_window(ds):
         return _window_to_unit(values, ds), "window"
-    return _percentile_to_unit(values, *percentiles, max_samples), "percentile"
+    return _percentile_to_unit(values, *percentile_range()), "percentile"
 
 
 def _voi_lut_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -633,14 +898,23 @@ def _window_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
     return (windowed - y_min) / (y_max - y_min)
 
 
-def _percentile_to_unit(
-    values: np.ndarray, low_pct: float, high_pct: float, max_samples: int
-) -> np.ndarray:
-    """Map the [low, high] percentile range to [0, 1]; full min-max if that range is empty."""
-    sample = _grid_sample(values, max_samples)
-    low, high = np.percentile(sample, [low_pct, high_pct])
+def _percentile_range(
+    image: np.ndarray,
+    percentiles: tuple[float, float],
+    max_samples: int,
+    to_values: Callable[[np.ndarray], np.ndarray] = np.asarray,
+) -> tuple[float, float]:
+    """The (low, high) percentiles of ``to_values(image)`` on a grid subsample of the image;
+    the full min-max if that range is empty. ``to_values`` is elementwise (modality LUT)."""
+    low, high = np.percentile(to_values(_grid_sample(image, max_samples)), percentiles)
     if not high > low:
-        low, high = float(values.min()), float(values.max())
+        values = to_values(image)
+        low, high = values.min(), values.max()
+    return float(low), float(high)
+
+
+def _percentile_to_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] to [0, 1]; all zeros when the range is empty (a constant image)."""
     if not high > low:
         return np.zeros(values.shape)  # constant: reported as EmptyImageError by the caller
     return (values.astype(np.float64) - low) / (high - low)

@@ -5,7 +5,11 @@ paths go through :func:`preprocess_file`, so a model sees the same pixels in pro
 training:
 
 1. decode to a 2-D float image in [0, 1] in display orientation (DICOM: modality LUT, VOI LUT or
-   window or percentile range, MONOCHROME1 inverted; PNG/JPEG: taken as already displayed);
+   window or percentile range, MONOCHROME1 inverted; PNG/JPEG: taken as already displayed). A
+   JPEG 2000 DICOM at least twice the output size is decoded at a reduced resolution level that
+   still covers the output (``utils.dicom.read_dicom``'s ``target_shape``), so step 2 starts
+   from an image 2**k times smaller: close to, not identical with, a full-resolution decode
+   (tests/utils/test_decode_fast.py measures and bounds the difference);
 2. resize to ``image_size`` with the aspect policy (``stretch`` or ``letterbox``), area
    interpolation when shrinking, linear when enlarging, in float;
 3. round to 8 bits (this is what the cache stores as PNG);
@@ -20,6 +24,7 @@ trained model, and entry points read it from the model, not from today's constan
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -152,20 +157,26 @@ def load_display_image(path: str | os.PathLike, spec: PreprocessSpec) -> tuple[n
 
     if is_raster(path):
         return read_raster(path), {}
-    image = dicom.read_dicom(path, percentiles=tuple(spec.window_percentiles))
+    image = dicom.read_dicom(path, percentiles=tuple(spec.window_percentiles),
+                             target_shape=functools.partial(resized_shape, size=spec.image_size,
+                                                            aspect=spec.aspect))
     return image.pixels, dict(image.metadata)
+
+
+def resized_shape(rows: int, cols: int, size: int, aspect: str) -> tuple[int, int]:
+    """The (rows, cols) step 2 resizes a (rows, cols) image to, before letterbox padding."""
+    if aspect == "stretch":
+        return size, size
+    if aspect == "letterbox":
+        scale = size / max(rows, cols)
+        return max(1, round(rows * scale)), max(1, round(cols * scale))
+    raise ValueError(f"unknown aspect policy {aspect!r}")
 
 
 def resize_display(image: np.ndarray, size: int, aspect: str) -> np.ndarray:
     """Step 2: float image -> (size, size) float image with the aspect policy."""
     rows, cols = image.shape
-    if aspect == "stretch":
-        target_rows, target_cols = size, size
-    elif aspect == "letterbox":
-        scale = size / max(rows, cols)
-        target_rows, target_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
-    else:
-        raise ValueError(f"unknown aspect policy {aspect!r}")
+    target_rows, target_cols = resized_shape(rows, cols, size, aspect)
     shrinking = target_rows * target_cols < rows * cols
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     resized = cv2.resize(np.ascontiguousarray(image, dtype=np.float32), (target_cols, target_rows),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from utils.preprocessing import (ImageReadError, PreprocessSpec, display_to_cache, read_raster, resize_display,
-                                 to_model_input, to_uint8)
+                                 resized_shape, to_model_input, to_uint8)
 
 
 def test_spec_round_trip_and_validation(tmp_path):
@@ -40,6 +40,16 @@ def test_letterbox_keeps_aspect_and_pads_black():
     assert len(columns_with_content) == 16  # 50/100 of 32
     assert columns_with_content[0] == 8  # centred
     assert out[:, :8].max() == 0.0
+
+
+@pytest.mark.parametrize("shape", [(100, 50), (50, 100), (97, 61), (40, 40)])
+def test_resized_shape_is_the_content_of_resize_display(shape):
+    out = resize_display(np.ones(shape, np.float32), 32, "letterbox")
+    content = (int((out.max(axis=1) > 0.5).sum()), int((out.max(axis=0) > 0.5).sum()))
+    assert resized_shape(*shape, 32, "letterbox") == content
+    assert resized_shape(*shape, 32, "stretch") == (32, 32)
+    with pytest.raises(ValueError, match="aspect"):
+        resized_shape(*shape, 32, "squash")
 
 
 def test_area_interpolation_when_shrinking_averages():
