@@ -21,7 +21,7 @@ import sys
 
 from utils import config, constants
 
-FLAGS = ("THRESHOLD", "SORT_MODE", "DECODE_WORKERS")
+FLAGS = ("THRESHOLD", "SORT_MODE", "DECODE_WORKERS", "DECODE_POOL")
 
 log = logging.getLogger("predict")
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("model %s (%s), %d classes, %d px; %d files", predictor.model_id, predictor.backbone,
              predictor.spec.num_classes, predictor.spec.image_size, len(files))
     summary = batch_predict.run(predictor, files, output=args.output, threshold=args.threshold,
-                                batch_size=args.batch_size, workers=args.decode_workers,
+                                batch_size=args.batch_size, workers=args.decode_workers, pool=args.decode_pool,
                                 sort_into=args.sort_into, sort_mode=args.sort_mode, progress=not args.quiet)
     for line in summary.lines():
         print(line)

@@ -12,6 +12,7 @@ links) each file into ``DIR/<label>/`` and never overwrites or touches a source 
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.evaluation import map_in_batches, prefetch
+from utils.evaluation import map_in_batches, prefetch, use_processes
 from utils.preprocessing import PreprocessSpec, is_raster, preprocess_file, to_model_input
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,18 @@ def _header_or_empty(path: str) -> dict[str, str]:
         return {}
 
 
-def iter_decoded(files: Sequence[str], spec: PreprocessSpec, *, batch_size: int,
-                 workers: int = 0) -> Iterator[list[Decoded]]:
-    """Decode ``files`` in a thread pool, ``batch_size`` at a time, in order."""
-    return map_in_batches(files, lambda p: decode_file(p, spec), batch_size=batch_size, workers=workers)
+def iter_decoded(files: Sequence[str], spec: PreprocessSpec, *, batch_size: int, workers: int = 0,
+                 pool: str = "threads") -> Iterator[list[Decoded]]:
+    """Decode ``files`` in a thread or process ``pool`` (constants.DECODE_POOL_CHOICES),
+    ``batch_size`` at a time, in order. A file whose decoding process dies is reported as
+    ``decoder_crashed``; the other files go on."""
+    return map_in_batches(files, functools.partial(decode_file, spec=spec), batch_size=batch_size,
+                          workers=workers, processes=use_processes(pool, files), on_crash=_crashed)
+
+
+def _crashed(path: str) -> Decoded:
+    return Decoded(path, None, _header_or_empty(path), "decoder_crashed",
+                   "the process decoding this file died (a crash in an image codec); the file was not read")
 
 
 # --- Decisions ------------------------------------------------------------------------------
@@ -261,7 +270,7 @@ class Summary:
 
 
 def run(predictor, files: Sequence[str], *, output: str | os.PathLike, threshold: float, batch_size: int = 32,
-        workers: int = 0, sort_into: str | os.PathLike | None = None, sort_mode: str = "copy",
+        workers: int = 0, pool: str = "auto", sort_into: str | os.PathLike | None = None, sort_mode: str = "copy",
         progress: bool = True) -> Summary:
     """Classify ``files``, write one CSV row per file to ``output`` as batches finish; a Summary."""
     from tqdm import tqdm
@@ -276,7 +285,7 @@ def run(predictor, files: Sequence[str], *, output: str | os.PathLike, threshold
     with open(output, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=csv_columns(class_names))
         writer.writeheader()
-        for decoded in prefetch(iter_decoded(files, spec, batch_size=batch_size, workers=workers)):
+        for decoded in prefetch(iter_decoded(files, spec, batch_size=batch_size, workers=workers, pool=pool)):
             readable = [d for d in decoded if d.image is not None]
             probs = (predictor.predict(to_model_input(np.stack([d.image for d in readable]), spec.channels))
                      if readable else np.zeros((0, len(class_names)), np.float32))

@@ -78,7 +78,9 @@ DEMO_EPOCHS: int = 8  # epochs trained by --demo (about a minute on 2 CPU cores)
 THRESHOLD: float = 0.5  # top probability below this -> label "uncertain" (the manual-review route)
 SORT_MODE: str = "copy"  # how --sort-into places files: "copy", "hardlink" (same disk) or "symlink"
 SORT_MODE_CHOICES: tuple[str, ...] = ("copy", "hardlink", "symlink")
-DECODE_WORKERS: int = 0  # threads decoding files for predict.py and the router; 0 = 2 per core, at most 8
+DECODE_WORKERS: int = 0  # decoders for predict.py and the router; 0 = 2 threads per core (at most 8) or 1 process per core
+DECODE_POOL: str = "auto"  # predict.py decodes in "threads" or "processes" (JPEG 2000 decoders hold the GIL; a crashing codec loses only its file); "auto": processes when most files are JPEG 2000
+DECODE_POOL_CHOICES: tuple[str, ...] = ("auto", "threads", "processes")
 ROUTER_AE_TITLE: str = "BODYPART_ROUTER"  # the router's own AE title (16 characters at most)
 ROUTER_HOST: str = "0.0.0.0"  # address the router listens on; 127.0.0.1 keeps it local
 ROUTER_PORT: int = 11112  # the router's DICOM port (11112 is the registered non-privileged one)
