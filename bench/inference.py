@@ -14,7 +14,7 @@ artifact's time over the model's operations / that peak.
 
 Part 2 (--e2e-files N > 0). End-to-end DICOM -> label with the fastest artifact (int8 if it
 was made): N synthetic 2000x2500 12-bit X-rays per transfer syntax (uncompressed, JPEG 2000
-lossless) go through ``utils.batch_predict.run``, the code behind predict.py (thread-pool
+lossless) go through ``utils.batch_predict.run``, the code behind predict.py (pool-parallel
 decoding overlapped with the model, CSV written); files/s, median of --runs runs, next to
 decoding alone (the same thread pool, no model) to show which one limits.
 """
@@ -146,7 +146,7 @@ def end_to_end(artifact: Path, tmp: Path, count: int, runs: int) -> list[tuple[s
         decode, full = [], []
         for _ in range(runs):
             start = time.perf_counter()
-            for _batch in iter_decoded(files, predictor.spec, batch_size=32):
+            for _batch in iter_decoded(files, predictor.spec, batch_size=32, pool="auto"):
                 pass
             decode.append(count / (time.perf_counter() - start))
             summary = run(predictor, files, output=tmp / "e2e.csv", threshold=THRESHOLD, progress=False)
