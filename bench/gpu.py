@@ -63,7 +63,7 @@ def device_description() -> tuple[str, str]:
     return name, versions
 
 
-def _timed(call, warmup: int, steps: int) -> list[float]:
+def timed(call, warmup: int, steps: int) -> list[float]:
     """Seconds per call after ``warmup`` untimed calls; each call returns host values (synced)."""
     for _ in range(warmup):
         call()
@@ -100,10 +100,10 @@ def measure(name: str, policy: str, args) -> dict:
     start = time.perf_counter()
     model.train_on_batch(x, y)
     first_step = time.perf_counter() - start
-    train = _timed(lambda: model.train_on_batch(x, y), args.warmup, args.steps)
+    train = timed(lambda: model.train_on_batch(x, y), args.warmup, args.steps)
     loss = float(np.asarray(model.train_on_batch(x, y)).ravel()[0])
-    latency = _timed(lambda: model.predict_on_batch(one), args.warmup, args.latency_calls)
-    batched = _timed(lambda: model.predict_on_batch(x), args.warmup, args.steps)
+    latency = timed(lambda: model.predict_on_batch(one), args.warmup, args.latency_calls)
+    batched = timed(lambda: model.predict_on_batch(x), args.warmup, args.steps)
     train_s = statistics.median(train)
     return {
         "model": name, "policy": policy, "size": args.size, "channels": args.channels,

@@ -45,14 +45,9 @@ def _rss_mib() -> float:
 
 
 def _median_seconds(step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    from bench.gpu import timed
+
+    return statistics.median(timed(step, warmup, steps))
 
 
 def measure(name: str, size: int, batch: int, channels: int, warmup: int, steps: int,
