@@ -36,6 +36,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
@@ -310,6 +311,18 @@ def is_dicom(path: str | os.PathLike) -> bool:
     except (DicomReadError, OSError):
         return False
     return True
+
+
+# Transfer syntaxes whose decoder (OpenJPEG) holds the GIL, so threads decode them one at a time.
+GIL_BOUND_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
+
+
+def file_transfer_syntax(path: str | os.PathLike) -> str:
+    """The Transfer Syntax UID in a file's meta information; "" for non-DICOM or unreadable files."""
+    try:
+        return str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
+    except Exception:  # noqa: BLE001 - PNGs, broken files: their decoding reports them
+        return ""
 
 
 # --- Step 1: parse --------------------------------------------------------------------------

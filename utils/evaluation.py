@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from utils.constants import DECODE_POOL_CHOICES
 from utils.preprocessing import SPEC_FILENAME, PreprocessSpec, preprocess_file, to_model_input
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,8 @@ def default_workers(processes: bool = False) -> int:
 
 
 PROCESS_POOL_MIN_ITEMS = 16  # "auto" never starts processes (about 1 s) for fewer files
-# Transfer syntaxes whose decoders hold the GIL (threads do not run them in parallel): JPEG 2000
-# and High-Throughput JPEG 2000. Measured on 2 cores, 2000x2500 files to 512 px: JPEG 2000 9.6
+# Measured on 2 cores, 2000x2500 files to 512 px: JPEG 2000 (its decoder holds the GIL) 9.6
 # files/s in 2 processes against 5.7 in threads; uncompressed 41 in processes against 66 in threads.
-GIL_BOUND_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
-                                "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"})
 
 
 def use_processes(pool: str, files: Sequence[str]) -> bool:
@@ -122,24 +120,16 @@ def use_processes(pool: str, files: Sequence[str]) -> bool:
     "auto": processes when there are at least PROCESS_POOL_MIN_ITEMS files, more than one core,
     and most of the first 8 files have a GIL-bound transfer syntax (read from their file meta).
     """
-    if pool not in ("auto", "threads", "processes"):
+    if pool not in DECODE_POOL_CHOICES:
         raise ValueError(f"unknown decode pool {pool!r}")
     if pool != "auto":
         return pool == "processes"
     if len(files) < PROCESS_POOL_MIN_ITEMS or (os.cpu_count() or 1) < 2:
         return False
+    from utils.dicom import GIL_BOUND_SYNTAXES, file_transfer_syntax
+
     sample = files[:8]
-    return sum(_transfer_syntax(path) in GIL_BOUND_SYNTAXES for path in sample) * 2 > len(sample)
-
-
-def _transfer_syntax(path: str | os.PathLike) -> str:
-    """The file's Transfer Syntax UID from its file meta ("" for non-DICOM or unreadable files)."""
-    from pydicom.filereader import read_file_meta_info
-
-    try:
-        return str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
-    except Exception:  # noqa: BLE001 - PNGs, broken files: decided elsewhere
-        return ""
+    return sum(file_transfer_syntax(path) in GIL_BOUND_SYNTAXES for path in sample) * 2 > len(sample)
 
 
 def _process_pool(workers: int) -> ProcessPoolExecutor:
