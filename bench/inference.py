@@ -53,18 +53,16 @@ def int8_conv_gops(size: int = 64, channels: int = 512, runs: int = 9) -> float:
     import keras
     import tensorflow as tf
 
+    from utils.export import quantize_int8, write_saved_model
     from utils.predictor import tflite_interpreter
 
     shape = (size, size, channels)
     model = keras.Sequential([keras.Input(shape), keras.layers.Conv2D(channels, 1)])
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        model.export(tmp, format="tf_saved_model", verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([rng.normal(size=(1, *shape)).astype(np.float32)]
-                                                    for _ in range(4))
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        write_saved_model(model, Path(tmp) / "saved_model")
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "saved_model"))
+        quantize_int8(converter, lambda: ([rng.normal(size=(1, *shape)).astype(np.float32)] for _ in range(4)))
         path = Path(tmp) / "conv.tflite"
         path.write_bytes(converter.convert())
         interpreter = tflite_interpreter(path)

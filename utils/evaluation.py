@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
 import os
 import time
-import multiprocessing
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field

@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,11 +140,18 @@ def convert_tflite(model, quantization: str, calibration: Path | None, spec, sam
             if calibration is None:
                 raise ValueError("int8 needs a prepared dataset for calibration (--data, or a run whose "
                                  "config.json names an existing dataset)")
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = lambda: representative_dataset(calibration, spec, samples)
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            # inference_input_type / inference_output_type stay float32: same input as every format
+            quantize_int8(converter, lambda: representative_dataset(calibration, spec, samples))
         return converter.convert()
+
+
+def quantize_int8(converter, representative: Callable[[], Iterator[list[np.ndarray]]]) -> None:
+    """Full int8 (weights per channel, activations calibrated on ``representative()``), with
+    float32 input and output kept so that every artifact takes the same 0..255 input."""
+    import tensorflow as tf
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
 
 
 def convert_onnx(model, spec, metadata: dict[str, Any], out: Path) -> None:
