@@ -169,20 +169,11 @@ def write_demo_file(path: Path, label: str, index: int, rng: np.random.Generator
 
 def write_bad_files(folder: Path) -> list[Path]:
     """A non-image DICOM object and a truncated file: prepare.py must reject both with a reason."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from utils.dicom_writer import write_non_image
 
     folder.mkdir(parents=True, exist_ok=True)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = pydicom.uid.BasicTextSRStorage
-    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    report = Dataset()
-    report.file_meta = meta
-    report.SOPClassUID, report.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    report.Modality, report.PatientID = "SR", "DEMO-REPORT"
-    report.StudyInstanceUID, report.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-    sr_path = folder / "synthetic_report_sr.dcm"
-    report.save_as(sr_path, enforce_file_format=True)
+    sr_path = write_non_image(folder / "synthetic_report_sr.dcm", pydicom.uid.BasicTextSRStorage,
+                              Modality="SR", PatientID="DEMO-REPORT")
     broken = folder / "synthetic_truncated.dcm"
     whole = write_demo_file(folder / "synthetic_whole.tmp", "others", 0, np.random.default_rng(0))
     data = whole.read_bytes()

@@ -122,6 +122,25 @@ def write_dicom(
     return path
 
 
+def write_non_image(path: str | os.PathLike, sop_class: str, **elements: Any) -> pathlib.Path:
+    """A storage object without pixel data (SR, encapsulated PDF...) with fresh SOP, Study and
+    Series UIDs, explicit VR little endian, and ``elements`` set by keyword (Modality,
+    PatientID, EncapsulatedDocument...)."""
+    path = pathlib.Path(path)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def _apply_extra(ds: Dataset, extra: dict[str, Any]) -> None:
     for keyword, value in extra.items():
         if value is None:

@@ -24,9 +24,9 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from utils.dicom_writer import write_dicom
+from utils.dicom_writer import write_dicom, write_non_image
 from utils.routing.dcmtk import dicom_files, find_tool, storescp_command, storescu_command, storescu_profile
 from utils.routing.dcmtk import environment as dcmtk_environment
 
@@ -105,20 +105,8 @@ UNCERTAIN_ROWS = 13
 
 def write_sr(path: Path) -> Path:
     """A Basic Text SR: a storage object without pixels (must be accepted, then quarantined)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = pydicom.uid.BasicTextSRStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID, ds.PatientName = "SR", "SYNTHETIC", "SYNTHETIC"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_non_image(path, pydicom.uid.BasicTextSRStorage, Modality="SR", PatientID="SYNTHETIC",
+                           PatientName="SYNTHETIC")
 
 
 def write_short_pixels(path: Path) -> Path:

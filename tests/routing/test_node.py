@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import EncapsulatedPDFStorage
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from utils.dicom_writer import write_non_image
 from utils.routing import queue as q
 from utils.routing.audit import read_audit
 from utils.routing.config import load_config
@@ -69,17 +69,9 @@ def send(port: int, paths: list[Path], *, calling: str = "SENDER", called: str =
 
 
 def write_pdf(path: Path) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = EncapsulatedPDFStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID, ds.MIMETypeOfEncapsulatedDocument = "DOC", "SYNTHETIC", "application/pdf"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.EncapsulatedDocument = b"%PDF-1.4\n% synthetic\n"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_non_image(path, EncapsulatedPDFStorage, Modality="DOC", PatientID="SYNTHETIC",
+                           MIMETypeOfEncapsulatedDocument="application/pdf",
+                           EncapsulatedDocument=b"%PDF-1.4\n% synthetic\n")
 
 
 @pytest.fixture
