@@ -29,6 +29,12 @@ SPLIT_RATIOS: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train, val, test
 SEED: int = 42  # the paper's seed; seeds splits, shuffling, augmentation and weights
 WORKERS: int = 0  # processes for prepare.py; 0 means one per CPU core
 
+# --- Untrusted input -----------------------------------------------------------------------
+# Declared sizes are checked before anything is allocated or decoded: a 644-byte header can
+# declare 20000 x 20000 pixels. The largest projection X-rays (stitched long-leg/spine) are
+# about 7000 x 3500; 50 megapixels per frame leaves room and bounds one decode to ~0.4 GB.
+MAX_IMAGE_PIXELS: int = 50_000_000  # Rows x Columns x SamplesPerPixel of one frame; larger -> image_too_large
+
 # --- Input pipeline -------------------------------------------------------------------------
 CACHE: bool = False  # cache decoded images in memory (about 0.8 MB/image at 512x512x3 uint8)
 SHUFFLE_BUFFER: int = 2048  # larger than most splits here, so shuffling is close to uniform
@@ -81,6 +87,8 @@ SORT_MODE_CHOICES: tuple[str, ...] = ("copy", "hardlink", "symlink")
 DECODE_WORKERS: int = 0  # decoders for predict.py and the router; 0 = 2 threads per core (at most 8) or 1 process per core
 DECODE_POOL: str = "auto"  # predict.py decodes in "threads" or "processes" (JPEG 2000 decoders hold the GIL; a crashing codec loses only its file); "auto": processes when most files are JPEG 2000
 DECODE_POOL_CHOICES: tuple[str, ...] = ("auto", "threads", "processes")
+DECODE_TIMEOUT_S: float = 30.0  # a file whose decoding takes longer is given up (its worker process is killed): reason decode_timeout
+DECODE_MEMORY_LIMIT_MB: int = 4096  # address-space cap of each decoding process; a file needing more fails alone (0 = no cap)
 ROUTER_AE_TITLE: str = "BODYPART_ROUTER"  # the router's own AE title (16 characters at most)
 ROUTER_HOST: str = "0.0.0.0"  # address the router listens on; 127.0.0.1 keeps it local
 ROUTER_PORT: int = 11112  # the router's DICOM port (11112 is the registered non-privileged one)
@@ -91,3 +99,4 @@ ROUTER_MAX_ASSOCIATIONS: int = 10  # simultaneous incoming associations
 ROUTER_RETRY_INITIAL_S: float = 2.0  # first retry delay when a destination fails; doubles each time
 ROUTER_RETRY_MAX_S: float = 60.0  # longest delay between retries (a down destination is retried forever)
 ROUTER_MAX_ATTEMPTS: int = 10  # an object its destination refuses this often is marked failed (kept in spool)
+ROUTER_MAX_CLASSIFY_ATTEMPTS: int = 3  # an object whose classification dies this often (crash, kill) goes to "unreadable"

@@ -1,0 +1,1 @@
+"""Fuzzing the DICOM reader: hostile-file recipes, a corpus of malformed files, an atheris target."""
