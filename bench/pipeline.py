@@ -90,14 +90,14 @@ def _xray(shape: tuple[int, int], bits: int, seed: int) -> np.ndarray:
 @contextlib.contextmanager
 def _decode_as_before():
     """read_dicom without its stored-value table: modality LUT and VOI run per pixel again."""
-    from utils import dicom
+    from utils.dicom import grayscale
 
-    saved = dicom._MIN_PIXELS_PER_TABLE_ENTRY
-    dicom._MIN_PIXELS_PER_TABLE_ENTRY = math.inf
+    saved = grayscale._MIN_PIXELS_PER_TABLE_ENTRY
+    grayscale._MIN_PIXELS_PER_TABLE_ENTRY = math.inf
     try:
         yield
     finally:
-        dicom._MIN_PIXELS_PER_TABLE_ENTRY = saved
+        grayscale._MIN_PIXELS_PER_TABLE_ENTRY = saved
 
 
 def _median_ms(fn, runs: int) -> float:

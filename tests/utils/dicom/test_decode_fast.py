@@ -22,7 +22,13 @@ from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 
 from utils import dicom
+from utils.constants import MAX_IMAGE_PIXELS
 from utils.demo import draw
+from utils.dicom import grayscale
+from utils.dicom.colour import check_photometric
+from utils.dicom.decode import decode_first_frame
+from utils.dicom.parse import transfer_syntax
+from utils.dicom.pixel_module import read_pixel_module
 from utils.dicom_writer import write_dicom
 from utils.preprocessing import PreprocessSpec, display_to_cache, preprocess_file, resized_shape
 
@@ -58,6 +64,13 @@ def full_and_reduced(path, size: int, aspect: str = "stretch") -> tuple[np.ndarr
     reduced = dicom.read_dicom(path, target_shape=target(size, aspect))
     full = display_to_cache(full_resolution(str(path)), spec)
     return full.astype(int), display_to_cache(reduced.pixels, spec).astype(int), reduced.reduced_by
+
+
+def decode_frame_0(path, target_shape):
+    """(frame, photometric, level) from the decode step alone, before steps 4-8."""
+    ds = pydicom.dcmread(path)
+    module = read_pixel_module(ds, check_photometric(ds, str(path)), str(path), MAX_IMAGE_PIXELS)
+    return decode_first_frame(ds, module, transfer_syntax(ds), str(path), MAX_IMAGE_PIXELS, target_shape)
 
 
 def gray_level_diffs(a: np.ndarray, b: np.ndarray) -> tuple[float, float, int]:
@@ -104,7 +117,7 @@ def test_reduced_samples_are_the_wavelet_low_pass(write, dtype, bits, shape, lev
     stored = (info.min + smooth / smooth.max() * (min(info.max, 2**bits - 1) - info.min)).astype(dtype)
     path = write(stored, bits_stored=bits, transfer_syntax=JPEG2000Lossless)
     reduced = [math.ceil(n / 2**level) for n in shape]
-    frame, _, used = dicom._decode_first_frame(pydicom.dcmread(path), str(path), lambda r, c: reduced)
+    frame, _, used = decode_frame_0(path, lambda r, c: reduced)
     assert used == level and frame.dtype == dtype and list(frame.shape) == reduced
     expected = wavelet_low_pass(stored, level, bits, info.min < 0)
     np.testing.assert_array_equal(frame, expected)
@@ -321,17 +334,17 @@ def test_table_equals_per_pixel_steps(write, monkeypatch, case):
     path = write(stored, **case)
 
     lookups = []
-    real_lookup = dicom._lookup
-    monkeypatch.setattr(dicom, "_lookup", lambda *a: lookups.append(1) or real_lookup(*a))
+    real_lookup = grayscale._lookup
+    monkeypatch.setattr(grayscale, "_lookup", lambda *a: lookups.append(1) or real_lookup(*a))
     try:
         tabled = dicom.read_dicom(path)
     except dicom.EmptyImageError:  # a window outside the values: the same either way
-        monkeypatch.setattr(dicom, "_MIN_PIXELS_PER_TABLE_ENTRY", 10**9)
+        monkeypatch.setattr(grayscale, "_MIN_PIXELS_PER_TABLE_ENTRY", 10**9)
         with pytest.raises(dicom.EmptyImageError):
             dicom.read_dicom(path)
         return
     assert lookups, "the table was not used"
-    monkeypatch.setattr(dicom, "_MIN_PIXELS_PER_TABLE_ENTRY", 10**9)  # per pixel, as before
+    monkeypatch.setattr(grayscale, "_MIN_PIXELS_PER_TABLE_ENTRY", 10**9)  # per pixel, as before
     per_pixel = dicom.read_dicom(path)
     assert tabled.window_source == per_pixel.window_source
     assert tabled.pixels.dtype == per_pixel.pixels.dtype == np.float32

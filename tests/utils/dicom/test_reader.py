@@ -1,4 +1,4 @@
-"""Tests for utils.dicom.read_dicom / read_dicom_header / is_dicom."""
+"""Tests for utils.dicom.read_dicom / read_dicom_header / is_dicom on real and synthetic files."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.uid import (
     JPEG2000,
-    JPEG2000Lossless,
-    ExplicitVRLittleEndian,
-    RLELossless,
     EncapsulatedPDFStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
     generate_uid,
 )
 

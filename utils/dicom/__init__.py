@@ -1,0 +1,99 @@
+"""Read a DICOM X-ray into a float image as a viewer would display it; the one reader of
+untrusted DICOM in the project.
+
+``read_dicom`` is the one entry point for pixels; ``read_dicom_header`` reads the few header
+fields the project uses without decoding pixels; ``is_dicom`` is a cheap file-type check.
+
+The contract
+------------
+For anything about a file's content, ``read_dicom`` and ``read_dicom_header`` raise only
+``DicomReadError`` (a ``ValueError``; picklable, with ``reason``, ``path`` and ``message``),
+whatever pydicom or a codec does underneath: ordinary exceptions, panics of compiled plugins
+(a Rust ``PanicException`` is a BaseException), ``MemoryError``, ``RecursionError``, warnings
+turned into errors. ``is_dicom`` returns False instead.
+``reason`` is one of ``REASONS``:
+
+    not_dicom, malformed_dicom, no_pixel_data, invalid_pixel_module, image_too_large,
+    implausible_compression, truncated_pixel_data, unsupported_transfer_syntax,
+    unsupported_photometric, decode_failed, codec_panic, out_of_memory, invalid_palette,
+    invalid_modality_lut, empty_image
+
+and the message says what was wrong in plain words, with the original exception's type and
+text in brackets where there was one. What still propagates unchanged: an ``OSError`` that
+carries an errno (a missing file, a permission or disk error: not a DICOM problem;
+pydicom's own errno-less OSErrors such as "No tag to read" are ``malformed_dicom``), a
+file object that cannot seek (``io.UnsupportedOperation``), KeyboardInterrupt, SystemExit and
+cancellation.
+
+Limits, checked before work: one frame may declare at most ``max_pixels`` samples
+(``utils.constants.MAX_IMAGE_PIXELS``; Rows x Columns x Samples per Pixel, in the header and
+in frame 0's codestream); uncompressed pixel data must hold every declared frame before
+pydicom touches it; a compressed frame's own header must match the DICOM header, and a large
+frame may not come from implausibly few bytes; no read asks for more bytes than the file has;
+a deflated dataset may not inflate beyond 1 GiB. So no small file makes the reader allocate
+gigabytes or decode for long, and a reader capped at a 4 GiB address space does not run out
+of memory on any file.
+
+Speed: the grayscale steps run through a table of every stored value (``grayscale``), and a
+caller that will shrink the image can pass ``target_shape`` to have a JPEG 2000 image decoded
+at a lower resolution level (``j2k``); see ``read_dicom``.
+
+Layout
+------
+errors.py        DicomReadError, its subclasses, REASONS; turning any exception into one
+reader.py        the public functions, HEADER_FIELDS, DicomImage
+parse.py         steps 1-2: bounded reading, dcmread, preamble-less files, no pixel data
+pixel_module.py  the Image Pixel module as checked integers; the pixel budget; native length
+codestream.py    frame 0's JPEG / JPEG-LS / JPEG 2000 (JP2) / RLE header checks
+decode.py        step 3: decoder choice and install hints, first-frame decoding
+j2k.py           step 3 at reduced resolution for JPEG 2000
+colour.py        step 4: Photometric Interpretation, colour and palette to luminance
+grayscale.py     steps 5-7: modality LUT, VOI, MONOCHROME1, through the stored-value table
+"""
+
+from .errors import (
+    REASONS,
+    CodecPanicError,
+    DicomReadError,
+    EmptyImageError,
+    ImageTooLargeError,
+    InvalidPixelModuleError,
+    MalformedDicomError,
+    NoPixelDataError,
+    NotDicomError,
+    TruncatedPixelDataError,
+    UnsupportedPhotometricError,
+    UnsupportedTransferSyntaxError,
+)
+from .j2k import MAX_J2K_REDUCTION, TargetShape
+from .parse import Source
+from .reader import (
+    HEADER_FIELDS,
+    DicomImage,
+    is_dicom,
+    read_dicom,
+    read_dicom_header,
+)
+
+__all__ = [
+    "HEADER_FIELDS",
+    "MAX_J2K_REDUCTION",
+    "REASONS",
+    "CodecPanicError",
+    "DicomImage",
+    "DicomReadError",
+    "EmptyImageError",
+    "ImageTooLargeError",
+    "InvalidPixelModuleError",
+    "MalformedDicomError",
+    "NoPixelDataError",
+    "NotDicomError",
+    "Source",
+    "TargetShape",
+    "TruncatedPixelDataError",
+    "UnsupportedPhotometricError",
+    "UnsupportedTransferSyntaxError",
+    "is_dicom",
+    "read_dicom",
+    "read_dicom_header",
+]
