@@ -9,6 +9,8 @@ INPUT is a file, a folder (searched recursively for images and DICOM files) or a
 StudyInstanceUID, label, confidence, top_label, prob_<class> for each class, BodyPartExamined,
 tag_disagrees (true/false, empty without a tag), error, sorted_to. A file that cannot be read gets
 label "unreadable" and its reason; a prediction below --threshold gets label "uncertain".
+Files are decoded in worker processes (--decode-pool): a file that hangs its decoder past
+--decode-timeout-s, crashes it or needs more than --decode-memory-limit-mb costs only its row.
 --sort-into copies (or links, --sort-mode) each file into DIR/<label>/; it never overwrites and
 never moves or alters a source file.
 """
@@ -20,8 +22,9 @@ import logging
 import sys
 
 from utils import config, constants
+from utils.isolation import PoolSettings
 
-FLAGS = ("THRESHOLD", "SORT_MODE", "DECODE_WORKERS", "DECODE_POOL")
+FLAGS = ("THRESHOLD", "SORT_MODE", "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB")
 
 log = logging.getLogger("predict")
 
@@ -41,13 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
-    if args.batch_size < 1 or args.decode_workers < 0:
-        parser.error("--batch-size must be >= 1 and --decode-workers >= 0")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    PoolSettings.from_args(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, _ = config.start(parse_args, argv, FLAGS)
+    args, settings = config.start(parse_args, argv, FLAGS)
     from utils import batch_predict
     from utils.predictor import load_predictor
 
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("model %s (%s), %d classes, %d px; %d files", predictor.model_id, predictor.backbone,
              predictor.spec.num_classes, predictor.spec.image_size, len(files))
     summary = batch_predict.run(predictor, files, output=args.output, threshold=args.threshold,
-                                batch_size=args.batch_size, workers=args.decode_workers, pool=args.decode_pool,
+                                batch_size=args.batch_size, pool=PoolSettings.from_flags(settings),
                                 sort_into=args.sort_into, sort_mode=args.sort_mode, progress=not args.quiet)
     for line in summary.lines():
         print(line)

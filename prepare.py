@@ -4,6 +4,9 @@
     python prepare.py --demo          # writes a synthetic DICOM set, then prepares it
 
 Supported source layouts are described in data/README.md. Re-running skips finished images.
+Files are read in --workers processes (--decode-pool): a source file that hangs a decoder past
+--decode-timeout-s, crashes it or needs more than --decode-memory-limit-mb becomes a row of
+rejects.csv with its reason (e.g. decode_timeout, decoder_crashed) instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from pathlib import Path
 
 from utils import config
 from utils.constants import DEMO_DIR
+from utils.isolation import PoolSettings
 
 FLAGS = ("CLASS_NAMES", "IMAGE_SIZE", "CHANNELS", "ASPECT", "WINDOW_PERCENTILES", "SPLIT_RATIOS", "SEED",
-         "WORKERS")
+         "WORKERS", "DECODE_POOL", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB")
 
 
 def parse_args(argv: list[str] | None = None):
@@ -31,6 +35,7 @@ def parse_args(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     if not args.demo and (not args.input or not args.output):
         parser.error("--input and --output are required (or use --demo)")
+    PoolSettings.from_args(parser, args)
     return args
 
 
@@ -52,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = prepare.prepare_dataset(args.input, output, spec, ratios=settings["split_ratios"],
                                              seed=settings["seed"], workers=settings["workers"],
-                                             progress=not args.quiet, overwrite=args.overwrite)
+                                             progress=not args.quiet, overwrite=args.overwrite,
+                                             pool=PoolSettings.from_flags(settings))
         except prepare.SourceError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -6,9 +6,11 @@
 
 MODEL is a training run directory (its best.keras) or a .keras file saved by this project; its
 embedded preprocessing spec decides how images are read. --data is a prepared dataset (its
---split is used), a CSV of path,label[,group], or a folder per class. Outputs per model:
-results.json, results.md, predictions.csv, confusion_matrix.png, roc_curves.png (beside the
-model, or in --output/<model name>); with several models, comparison.md/.csv as well.
+--split is used), a CSV of path,label[,group], or a folder per class; raw files are decoded in
+worker processes (--decode-pool), so one that hangs or crashes a codec is left out with its
+reason. Outputs per model: results.json, results.md, predictions.csv, confusion_matrix.png,
+roc_curves.png (beside the model, or in --output/<model name>); with several models,
+comparison.md/.csv as well.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import sys
 from pathlib import Path
 
 from utils import config, constants
+from utils.isolation import PoolSettings
 
-FLAGS = ("SPLIT", "BOOTSTRAP_RESAMPLES", "CONFIDENCE_LEVEL", "BOOTSTRAP_UNIT", "SEED", "BATCH_SIZE")
+FLAGS = ("SPLIT", "BOOTSTRAP_RESAMPLES", "CONFIDENCE_LEVEL", "BOOTSTRAP_UNIT", "SEED", "BATCH_SIZE",
+         "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB")
 
 log = logging.getLogger("test")
 
@@ -36,6 +40,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     config.add_flags(parser, FLAGS)
     args = parser.parse_args(argv)
+    PoolSettings.from_args(parser, args)
     if args.demo:
         args.models = args.models or [str(Path(constants.RUNS_DIR) / "demo")]
         args.data = args.data or str(Path(constants.DEMO_DIR) / "prepared")
@@ -56,7 +61,8 @@ def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict
     subset = evaluation.eval_set(data, settings["split"], info.spec)
     log.info("%s (%s): %d images from %s", model_arg, info.model_id, len(subset.files), subset.description)
     probs, kept, errors = evaluation.predict(info, subset.files, cached=subset.cached,
-                                             batch_size=settings["batch_size"], progress=not args.quiet)
+                                             batch_size=settings["batch_size"], progress=not args.quiet,
+                                             pool=PoolSettings.from_flags(settings))
     for path, reason in errors + subset.skipped:
         log.warning("left out %s: %s", path, reason)
     if len(kept) == 0:

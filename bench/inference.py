@@ -14,9 +14,10 @@ artifact's time over the model's operations / that peak.
 
 Part 2 (--e2e-files N > 0). End-to-end DICOM -> label with the fastest artifact (int8 if it
 was made): N synthetic 2000x2500 12-bit X-rays per transfer syntax (uncompressed, JPEG 2000
-lossless) go through ``utils.batch_predict.run``, the code behind predict.py (pool-parallel
-decoding overlapped with the model, CSV written); files/s, median of --runs runs, next to
-decoding alone (the same thread pool, no model) to show which one limits.
+lossless) go through ``utils.batch_predict.run``, the code behind predict.py (decoding in the
+engine's pool overlapped with the model, CSV written), once per decoding pool (processes and
+threads, --e2e-workers each); files/s, median of --runs runs, next to decoding alone (the same
+pool, no model) to show which one limits.
 """
 
 from __future__ import annotations
@@ -127,30 +128,45 @@ def write_xrays(folder: Path, syntax, count: int, unique: int = 8) -> list[str]:
     return paths
 
 
-def end_to_end(artifact: Path, tmp: Path, count: int, runs: int) -> list[tuple[str, float, float, float]]:
-    """(case, MB per file, decode-only files/s, DICOM -> label files/s) per transfer syntax."""
+def end_to_end(artifact: Path, tmp: Path, count: int, runs: int,
+               workers: list[int]) -> list[tuple[str, str, float, float, float]]:
+    """(case, pool, MB per file, decode-only files/s, DICOM -> label files/s) per transfer syntax
+    and decoding pool, medians of ``runs``; the pools take turns within each run, so the machine's
+    drift hits them alike. Decoding only: an engine whose workers are already started (steady
+    state). DICOM -> label: ``utils.batch_predict.run`` as predict.py calls it, worker start-up
+    included."""
     import pydicom.uid
 
-    from utils.batch_predict import iter_decoded, run
+    from utils.batch_predict import run
     from utils.constants import THRESHOLD
+    from utils.engine import Engine
+    from utils.isolation import PoolSettings
     from utils.predictor import load_predictor
 
     predictor = load_predictor(artifact)
+    pools = [PoolSettings(mode, workers=w) for mode in ("processes", "threads") for w in workers]
     rows = []
     for name, syntax in (("uncompressed", pydicom.uid.ExplicitVRLittleEndian),
                          ("JPEG 2000 lossless", pydicom.uid.JPEG2000Lossless)):
         files = write_xrays(tmp / name.replace(" ", "_"), syntax, count)
         run(predictor, files[:8], output=tmp / "warmup.csv", threshold=THRESHOLD, progress=False)
-        decode, full = [], []
+        decode: dict[PoolSettings, list[float]] = {p: [] for p in pools}
+        full: dict[PoolSettings, list[float]] = {p: [] for p in pools}
         for _ in range(runs):
-            start = time.perf_counter()
-            for _batch in iter_decoded(files, predictor.spec, batch_size=32, pool="auto"):
-                pass
-            decode.append(count / (time.perf_counter() - start))
-            summary = run(predictor, files, output=tmp / "e2e.csv", threshold=THRESHOLD, progress=False)
-            full.append(count / summary.seconds)
+            for pool in pools:
+                with Engine(predictor.spec, pool=pool) as engine:
+                    engine.decode(files[: pool.worker_count])  # start the workers
+                    start = time.perf_counter()
+                    for _batch in engine.decode_batches(files, 32):
+                        pass
+                    decode[pool].append(count / (time.perf_counter() - start))
+                summary = run(predictor, files, output=tmp / "e2e.csv", threshold=THRESHOLD, pool=pool,
+                              progress=False)
+                full[pool].append(count / summary.seconds)
         megabytes = Path(files[0]).stat().st_size / 1e6
-        rows.append((name, megabytes, statistics.median(decode), statistics.median(full)))
+        for pool in pools:
+            rows.append((name, f"{pool.mode} ({pool.worker_count})", megabytes, statistics.median(decode[pool]),
+                         statistics.median(full[pool])))
     return rows
 
 
@@ -165,6 +181,8 @@ def main() -> None:
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--e2e-files", type=int, default=64,
                         help="DICOM files per transfer syntax for the end-to-end part (0: skip it)")
+    parser.add_argument("--e2e-workers", type=int, nargs="+", default=[0],
+                        help="decoding workers to compare end to end, each in processes and threads (0: default)")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -205,7 +223,8 @@ def main() -> None:
                 batch1[label, artifact] = ms1
             if args.e2e_files > 0 and name == args.backbones[0]:
                 label, artifact = min(batch1, key=batch1.get)  # the fastest artifact at batch 1
-                e2e = [(label, *row) for row in end_to_end(artifact, Path(tmp), args.e2e_files, args.runs)]
+                e2e = [(label, *row) for row in end_to_end(artifact, Path(tmp), args.e2e_files, args.runs,
+                                                           args.e2e_workers)]
     print(f"\nMachine: {env['processor']}, {env['cpu_count']} cores; {env['time'][:10]}; 1-min load average "
           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after; fp32 matmul peak {fp32_peak:.0f} GFLOP/s, "
           f"int8 1x1-conv peak {int8_peak:.0f} GOP/s; int8 calibrated on {data or '-'}")
@@ -216,11 +235,11 @@ def main() -> None:
         print(f"| {name} ({flops / 1e9:.2f} GFLOP) | {label} | {ms1:.1f} | {ms8:.1f} | {ratio:.2f} "
               f"| {ms1 / ratio:.1f} |")
     if e2e:
-        print(f"\n| DICOM -> label, 2000x2500 12-bit, {args.e2e_files} files | MB/file | decoding only, files/s "
-              "| decoding + model + CSV, files/s |")
-        print("|---|---|---|---|")
-        for label, case, megabytes, decode, full in e2e:
-            print(f"| {case} ({label}) | {megabytes:.1f} | {decode:.1f} | {full:.1f} |")
+        print(f"\n| DICOM -> label, 2000x2500 12-bit, {args.e2e_files} files | decoding pool (workers) | MB/file "
+              "| decoding only, files/s | decoding + model + CSV, files/s |")
+        print("|---|---|---|---|---|")
+        for label, case, pool, megabytes, decode, full in e2e:
+            print(f"| {case} ({label}) | {pool} | {megabytes:.1f} | {decode:.1f} | {full:.1f} |")
 
 
 if __name__ == "__main__":

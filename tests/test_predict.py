@@ -137,6 +137,39 @@ def test_sort_into_never_overwrites_or_touches_sources(tmp_path, scans, model, m
     assert (frame["sorted_to"] != "").all()
 
 
+def test_every_dicom_named_file_gets_exactly_one_row(tmp_path, model, monkeypatch):
+    """A folder of malformed files: a codec panic, text and empty files named .dcm, a truncated file,
+    a file whose decoder hangs and one whose decoder dies; the run finishes with one row each."""
+    from fuzz.hostile import write_panicking_rle
+    from utils import engine
+
+    from .utils.test_engine import hostile_decode
+
+    folder = tmp_path / "hostile"
+    good = make_samples(folder, per_class=1, uncertain=0, extra_bad=False)
+    write_panicking_rle(folder / "panic.dcm")
+    (folder / "x.dcm").write_text("a text file named like a DICOM\n")
+    (folder / "empty.DCM").write_bytes(b"")
+    (folder / "scan.dicom").write_bytes(b"\0" * 64)
+    data = good[0].read_bytes()
+    (folder / "truncated.dcm").write_bytes(data[:-3000])
+    (folder / "hang.dcm").write_bytes(data)
+    (folder / "die.dcm").write_bytes(data)
+    (folder / "notes.md").write_text("not named like an image: skipped\n")
+    monkeypatch.setattr(engine, "decode_file", hostile_decode)  # hang* sleeps, die* kills its worker
+    out = tmp_path / "p.csv"
+    assert run(["--model", model, folder, "--output", out, "--decode-timeout-s", 2, "--decode-workers", 2]) == 0
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    named = sorted(p.name for p in folder.iterdir() if p.name != "notes.md")
+    assert sorted(Path(p).name for p in frame["path"]) == named and len(frame) == len(good) + 7
+    reasons = {Path(p).name: e.split(":")[0] for p, e in zip(frame["path"], frame["error"]) if e}
+    assert reasons == {"panic.dcm": "codec_panic", "x.dcm": "not_dicom", "empty.DCM": "not_dicom", "scan.dicom": "not_dicom",
+                       "truncated.dcm": "truncated_pixel_data", "hang.dcm": "decode_timeout",
+                       "die.dcm": "decoder_crashed"}
+    assert (frame.loc[frame["error"] != "", "label"] == "unreadable").all()
+    assert set(frame.loc[frame["error"] == "", "label"]) <= {*CLASSES, "uncertain"}
+
+
 def test_place_is_exclusive(tmp_path):
     source = tmp_path / "a.dcm"
     source.write_bytes(b"1")
@@ -182,13 +215,19 @@ def test_cli_help_and_refusals(tmp_path, capsys):
     out = subprocess.run([sys.executable, "predict.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=False, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert out.returncode == 0
-    for flag in ("--model", "--output", "--threshold", "--sort-into", "--sort-mode", "--batch-size"):
+    for flag in ("--model", "--output", "--threshold", "--sort-into", "--sort-mode", "--batch-size", "--decode-pool",
+                 "--decode-workers", "--decode-timeout-s", "--decode-memory-limit-mb"):
         assert flag in out.stdout
     with pytest.raises(SystemExit):
         predict.parse_args(["--model", "m", "x", "--threshold", "2"])
     with pytest.raises(SystemExit):
         predict.parse_args(["--model", "m", "x", "--sort-mod", "copy"])
     assert "did you mean --sort-mode" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--model", "m", "x", "--decode-timeout-s", "0"])
+    assert "--decode-timeout-s must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--model", "m", "x", "--decode-pool", "auto"])
     assert predict.main(["--model", "m", str(tmp_path / "nothing-here")]) == 2
     (tmp_path / "one.png").write_bytes(b"")
     assert predict.main(["--model", str(tmp_path / "no-model.keras"), str(tmp_path / "one.png")]) == 2

@@ -18,9 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script, flags", [
-    ("prepare.py", ["--input", "--image-size", "--aspect", "--split-ratios", "--demo"]),
+    ("prepare.py", ["--input", "--image-size", "--aspect", "--split-ratios", "--demo", "--decode-pool",
+                    "--decode-timeout-s", "--decode-memory-limit-mb"]),
     ("training.py", ["--backbone", "--epochs", "--weights", "--resume", "--demo", "resnet18", "--bn-momentum"]),
-    ("test.py", ["--data", "--split", "--bootstrap-resamples", "--bootstrap-unit", "--demo"]),
+    ("test.py", ["--data", "--split", "--bootstrap-resamples", "--bootstrap-unit", "--demo", "--decode-pool",
+                 "--decode-workers", "--decode-timeout-s", "--decode-memory-limit-mb"]),
 ])
 def test_help_explains_the_flags(script, flags):
     out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -110,3 +112,34 @@ def test_pretrained_weights_file_with_frozen_warmup(small_demo, tmp_path):
     assert log["epoch"].tolist() == [0, 1]
     # each phase has its own one-cycle: the learning rate falls to its floor at the end of both
     assert (log["learning_rate"] < 1e-6).all()
+
+
+def test_test_py_leaves_out_hostile_raw_files_with_their_reason(tmp_path, monkeypatch):
+    """Raw files through the isolated engine: a hang, a crash, a codec panic and a text file named .dcm
+    are left out with their reasons; the evaluation goes on with the rest."""
+    from fuzz.hostile import write_panicking_rle
+    from utils import engine
+    from utils.dicom_writer import write_dicom
+
+    from .routing.conftest import ROWS_BY_CLASS, bright_rows_image, brightness_model
+    from .utils.test_engine import hostile_decode
+
+    model = brightness_model(tmp_path / "brightness.keras")
+    data = tmp_path / "data"
+    for label, rows in ROWS_BY_CLASS.items():
+        for i in range(2):
+            write_dicom(data / label / f"{i}.dcm", bright_rows_image(rows), bits_stored=12, patient_id=f"{label}{i}")
+    spine = data / "spine"
+    for name in ("hang.dcm", "die.dcm"):
+        (spine / name).write_bytes((spine / "0.dcm").read_bytes())
+    write_panicking_rle(spine / "panic.dcm")
+    (spine / "x.dcm").write_text("not DICOM")
+    monkeypatch.setattr(engine, "decode_file", hostile_decode)  # hang* sleeps, die* kills its worker
+    out = tmp_path / "eval"
+    assert test_script.main([str(model), "--data", str(data), "--output", str(out), "--timing-runs", "0",
+                             "--bootstrap-resamples", "50", "--decode-timeout-s", "2", "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_images"] == 10
+    reasons = {Path(x["file"]).name: x["reason"].split(":")[0] for x in results["extra"]["left_out"]}
+    assert reasons == {"panic.dcm": "codec_panic", "hang.dcm": "decode_timeout", "die.dcm": "decoder_crashed", "x.dcm": "not_dicom"}
+    assert json.loads((out / "test_config.json").read_text())["config"]["decode_pool"] == "processes"

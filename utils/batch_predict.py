@@ -1,137 +1,39 @@
-"""Batch prediction behind predict.py, and the per-image decisions the router shares with it.
+"""Batch prediction behind predict.py.
 
     files, skipped = collect_inputs(["scans/", "more.dcm", "list.txt"])
     summary = run(predictor, files, output="predictions.csv", threshold=0.5, sort_into="sorted/")
 
-Files are decoded in a background thread pool (the DICOM codecs and OpenCV release the GIL) while
-the model runs on the previous batch. Every input becomes one CSV row: a file that cannot be read
-gets label ``unreadable`` and its reason instead of stopping the run. ``--sort-into`` copies (or
-links) each file into ``DIR/<label>/`` and never overwrites or touches a source file.
+Files go through utils.engine (decoded in isolated worker processes, batch n+1 while the model
+runs on batch n). Every input becomes one CSV row: a file that cannot be read, hangs or crashes
+its decoder gets label ``unreadable`` and its reason instead of stopping the run. ``--sort-into``
+copies (or links) each file into ``DIR/<label>/`` and never overwrites or touches a source file.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import logging
 import os
-import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from utils.decisions import BODY_PART_TAGS, OTHER_CLASSES, UNCERTAIN, UNREADABLE, decide, tag_disagrees
+from utils.engine import Decoded, Engine, Prediction, decode_file
+from utils.isolation import PoolSettings
+from utils.preprocessing import PreprocessSpec, is_raster
 
-from utils.evaluation import map_in_batches, prefetch, use_processes
-from utils.preprocessing import PreprocessSpec, is_raster, preprocess_file, to_model_input
+__all__ = ["BODY_PART_TAGS", "OTHER_CLASSES", "UNCERTAIN", "UNREADABLE", "Decoded", "Summary", "collect_inputs",
+           "csv_columns", "decide", "decode_file", "place", "run", "tag_disagrees"]
 
 log = logging.getLogger(__name__)
 
-UNCERTAIN = "uncertain"  # top probability below the threshold: route to manual review
-UNREADABLE = "unreadable"  # not an image the model can see (broken, non-image object, not DICOM)
 LIST_SUFFIXES = (".txt", ".lst", ".list")  # an input file with this suffix lists paths, one per line
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")  # named as DICOM: kept from a folder even when the content is not
 SORT_MODES = ("copy", "hardlink", "symlink")
-
-# Body Part Examined values (DICOM PS3.16 CID 4031 defined terms and common variants, compared
-# upper-case without separators) that agree with each default class. Classes not listed here
-# agree with a tag equal to their own name (e.g. a "knee" class with KNEE).
-BODY_PART_TAGS: dict[str, frozenset[str]] = {
-    "abdominal": frozenset({"ABDOMEN", "ABDOMENPELVIS", "ABD", "KUB", "BOWEL", "STOMACH"}),
-    "adult_chest": frozenset({"CHEST", "THORAX", "LUNG", "CHESTPA", "CHESTAP", "CHESTLAT"}),
-    "pediatric_chest": frozenset({"CHEST", "THORAX", "LUNG", "CHESTPA", "CHESTAP", "CHESTLAT"}),
-    "spine": frozenset({"SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "CTSPINE", "TLSPINE", "LSSPINE",
-                        "WHOLESPINE", "COCCYX", "SACRUM", "CERVICALSPINE", "THORACICSPINE", "LUMBARSPINE"}),
-}
-OTHER_CLASSES = ("others", "other")  # a catch-all class agrees with any tag no specific class claims
-
-
-# --- Decoding -------------------------------------------------------------------------------
-
-
-@dataclass
-class Decoded:
-    """One file after preprocessing: the 8-bit image, or why there is none."""
-
-    path: str
-    image: np.ndarray | None  # uint8 (S, S), None when unreadable
-    header: dict[str, str] = field(default_factory=dict)  # DICOM header fields ("" where missing)
-    reason: str = ""  # short error code (utils.dicom / utils.preprocessing reasons), "" when readable
-    message: str = ""
-
-
-def decode_file(path: str | os.PathLike, spec: PreprocessSpec) -> Decoded:
-    """Preprocess one file with the model's spec; never raises for a bad file."""
-    path = os.fspath(path)
-    try:
-        image, header = preprocess_file(path, spec)
-        return Decoded(path, image, dict(header))
-    except FileNotFoundError as error:
-        return Decoded(path, None, {}, "file_not_found", str(error))
-    except OSError as error:
-        return Decoded(path, None, {}, "os_error", str(error))
-    except Exception as error:  # noqa: BLE001 - every failure becomes a reported row
-        reason = getattr(error, "reason", "") or type(error).__name__
-        return Decoded(path, None, _header_or_empty(path), str(reason), str(error))
-
-
-def _header_or_empty(path: str) -> dict[str, str]:
-    """The UIDs and tags of a DICOM that has no usable image (an SR still has a SOPInstanceUID)."""
-    if is_raster(path):
-        return {}
-    from utils.dicom import read_dicom_header
-
-    try:
-        return read_dicom_header(path)
-    except Exception:  # noqa: BLE001 - best effort; the decode error is what gets reported
-        return {}
-
-
-def iter_decoded(files: Sequence[str], spec: PreprocessSpec, *, batch_size: int, workers: int = 0,
-                 pool: str = "threads") -> Iterator[list[Decoded]]:
-    """Decode ``files`` in a thread or process ``pool`` (constants.DECODE_POOL_CHOICES),
-    ``batch_size`` at a time, in order. A file whose decoding process dies is reported as
-    ``decoder_crashed``; the other files go on."""
-    return map_in_batches(files, functools.partial(decode_file, spec=spec), batch_size=batch_size,
-                          workers=workers, processes=use_processes(pool, files), on_crash=_crashed)
-
-
-def _crashed(path: str) -> Decoded:
-    return Decoded(path, None, _header_or_empty(path), "decoder_crashed",
-                   "the process decoding this file died (a crash in an image codec); the file was not read")
-
-
-# --- Decisions ------------------------------------------------------------------------------
-
-
-def decide(probs: np.ndarray, class_names: Sequence[str], threshold: float) -> tuple[list[str], list[str], np.ndarray]:
-    """(labels with ``uncertain`` below the threshold, top labels, confidences) for probs (N, K)."""
-    top = np.argmax(probs, axis=1)
-    confidence = probs[np.arange(len(probs)), top].astype(np.float64)
-    top_labels = [class_names[i] for i in top]
-    labels = [name if c >= threshold else UNCERTAIN for name, c in zip(top_labels, confidence)]
-    return labels, top_labels, confidence
-
-
-def _normalise_tag(value: str) -> str:
-    return re.sub(r"[^A-Z0-9]", "", (value or "").upper())
-
-
-def tag_disagrees(label: str, tag: str, class_names: Sequence[str]) -> bool | None:
-    """Does the BodyPartExamined tag contradict the predicted class? None when there is no tag.
-
-    CHEST agrees with both chest classes; a catch-all class ("others") disagrees only with tags
-    that another class claims; a tag no class claims contradicts every specific class.
-    """
-    tag = _normalise_tag(tag)
-    if not tag or label not in class_names:
-        return None
-    claimed = {c for c in class_names if tag in BODY_PART_TAGS.get(c, frozenset({_normalise_tag(c)}))}
-    if label in OTHER_CLASSES:
-        return bool(claimed - {label})
-    return label not in claimed
 
 
 # --- Inputs ---------------------------------------------------------------------------------
@@ -140,8 +42,10 @@ def tag_disagrees(label: str, tag: str, class_names: Sequence[str]) -> bool | No
 def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[str], list[str]]:
     """Expand files, folders (recursive) and list files into (files, skipped files).
 
-    A folder contributes its images and DICOM files (by content; hidden entries and other files
-    are skipped and returned as skipped). A file named ``*.txt``/``*.lst``/``*.list`` that is not
+    A folder contributes its images and DICOM files: named ``*.dcm``/``*.dicom``/``*.dic`` (any
+    case; kept even when the content is not DICOM, so it gets a row with reason ``not_dicom``)
+    or with DICOM content whatever the name; hidden entries and other files are skipped and
+    returned as skipped. A file named ``*.txt``/``*.lst``/``*.list`` that is not
     DICOM lists paths, one per line (``#`` comments and blank lines ignored; relative paths are
     taken relative to the list's folder, else to the working directory). Any other file is used
     as given, readable or not. Duplicates are kept once, in first-seen order.
@@ -159,7 +63,8 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[str], list
                     full = os.path.join(root, name)
                     if name.startswith("."):
                         continue
-                    (files if is_raster(full) or is_dicom(full) else skipped).append(full)
+                    wanted = is_raster(full) or name.lower().endswith(DICOM_SUFFIXES) or is_dicom(full)
+                    (files if wanted else skipped).append(full)
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file() and not is_dicom(path):
             files += _read_list(path)
         elif path.exists():
@@ -270,9 +175,12 @@ class Summary:
 
 
 def run(predictor, files: Sequence[str], *, output: str | os.PathLike, threshold: float, batch_size: int = 32,
-        workers: int = 0, pool: str = "auto", sort_into: str | os.PathLike | None = None, sort_mode: str = "copy",
+        pool: PoolSettings | None = None, sort_into: str | os.PathLike | None = None, sort_mode: str = "copy",
         progress: bool = True) -> Summary:
-    """Classify ``files``, write one CSV row per file to ``output`` as batches finish; a Summary."""
+    """Classify ``files``, write one CSV row per file to ``output`` as batches finish; a Summary.
+
+    ``pool`` sets how files are decoded (default: worker processes, utils/constants.py DECODE_*).
+    """
     from tqdm import tqdm
 
     spec: PreprocessSpec = predictor.spec
@@ -282,41 +190,36 @@ def run(predictor, files: Sequence[str], *, output: str | os.PathLike, threshold
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     bar = tqdm(total=len(files), desc="classifying", unit="file", disable=not progress)
-    with open(output, "w", newline="") as handle:
+    with open(output, "w", newline="") as handle, \
+            Engine(spec, predictor.predict, threshold=threshold, pool=pool) as engine:
         writer = csv.DictWriter(handle, fieldnames=csv_columns(class_names))
         writer.writeheader()
-        for decoded in prefetch(iter_decoded(files, spec, batch_size=batch_size, workers=workers, pool=pool)):
-            readable = [d for d in decoded if d.image is not None]
-            probs = (predictor.predict(to_model_input(np.stack([d.image for d in readable]), spec.channels))
-                     if readable else np.zeros((0, len(class_names)), np.float32))
-            labels, top_labels, confidence = decide(probs, class_names, threshold)
-            results = iter(zip(labels, top_labels, confidence, probs))
-            for d in decoded:
-                row = _row(d, next(results) if d.image is not None else None, class_names, summary)
+        for predictions in engine.classify_batches(files, batch_size):
+            for prediction in predictions:
+                row = _row(prediction, class_names, summary)
                 if sort_into is not None:
-                    row["sorted_to"] = _sort(d.path, Path(sort_into) / row["label"], sort_mode, row, summary)
+                    row["sorted_to"] = _sort(prediction.path, Path(sort_into) / row["label"], sort_mode, row, summary)
                 writer.writerow(row)
             handle.flush()
-            bar.update(len(decoded))
+            bar.update(len(predictions))
     bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _row(d: Decoded, result, class_names: list[str], summary: Summary) -> dict:
-    tag = d.header.get("BodyPartExamined", "")
-    row = {"path": d.path, "SOPInstanceUID": d.header.get("SOPInstanceUID", ""),
-           "StudyInstanceUID": d.header.get("StudyInstanceUID", ""), "BodyPartExamined": tag,
+def _row(p: Prediction, class_names: list[str], summary: Summary) -> dict:
+    tag = p.header.get("BodyPartExamined", "")
+    row = {"path": p.path, "SOPInstanceUID": p.header.get("SOPInstanceUID", ""),
+           "StudyInstanceUID": p.header.get("StudyInstanceUID", ""), "BodyPartExamined": tag,
            "error": "", "sorted_to": "", "tag_disagrees": "", "confidence": "", "top_label": ""}
-    if result is None:
-        row.update(label=UNREADABLE, error=f"{d.reason}: {d.message}")
+    if not p.readable:
+        row.update(label=UNREADABLE, error=p.error)
         row.update({f"prob_{c}": "" for c in class_names})
-        summary.errors[d.reason] += 1
+        summary.errors[p.reason] += 1
     else:
-        label, top_label, confidence, probs = result
-        row.update(label=label, top_label=top_label, confidence=f"{confidence:.6f}")
-        row.update({f"prob_{c}": f"{p:.6f}" for c, p in zip(class_names, probs)})
-        disagrees = tag_disagrees(top_label, tag, class_names)
+        row.update(label=p.label, top_label=p.top_label, confidence=f"{p.confidence:.6f}")
+        row.update({f"prob_{c}": f"{q:.6f}" for c, q in zip(class_names, p.probs)})
+        disagrees = tag_disagrees(p.top_label, tag, class_names)
         if disagrees is None:
             summary.missing_tag += 1
         else:

@@ -84,9 +84,9 @@ DEMO_EPOCHS: int = 8  # epochs trained by --demo (about a minute on 2 CPU cores)
 THRESHOLD: float = 0.5  # top probability below this -> label "uncertain" (the manual-review route)
 SORT_MODE: str = "copy"  # how --sort-into places files: "copy", "hardlink" (same disk) or "symlink"
 SORT_MODE_CHOICES: tuple[str, ...] = ("copy", "hardlink", "symlink")
-DECODE_WORKERS: int = 0  # decoders for predict.py and the router; 0 = 2 threads per core (at most 8) or 1 process per core
-DECODE_POOL: str = "auto"  # predict.py decodes in "threads" or "processes" (JPEG 2000 decoders hold the GIL; a crashing codec loses only its file); "auto": processes when most files are JPEG 2000
-DECODE_POOL_CHOICES: tuple[str, ...] = ("auto", "threads", "processes")
+DECODE_WORKERS: int = 0  # decoders for predict.py, test.py and the router; 0 = 1 process per core, or 2 threads per core (at most 8)
+DECODE_POOL: str = "processes"  # "processes": a file that hangs or crashes a codec costs only its row; "threads": trusted files only
+DECODE_POOL_CHOICES: tuple[str, ...] = ("processes", "threads")
 DECODE_TIMEOUT_S: float = 30.0  # a file whose decoding takes longer is given up (its worker process is killed): reason decode_timeout
 DECODE_MEMORY_LIMIT_MB: int = 4096  # address-space cap of each decoding process; a file needing more fails alone (0 = no cap)
 ROUTER_AE_TITLE: str = "BODYPART_ROUTER"  # the router's own AE title (16 characters at most)

@@ -16,11 +16,12 @@ rejects.csv with a reason code and message. One bad file never stops the run.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import hashlib
 import logging
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -29,6 +30,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from utils.isolation import Failure, IsolatedPool, PoolSettings
 from utils.preprocessing import PreprocessSpec, is_raster, preprocess_file
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,7 @@ def _rows_to_items(frame: pd.DataFrame, resolve_path, class_names: Sequence[str]
         path = resolve_path(str(row[id_column]))
         label = _normalise_label(raw_label, class_names)
         if path is None:
-            listing.rejects.append((str(row[id_column]), "missing_file", "listed but not found on disk"))
+            listing.rejects.append((str(row[id_column]), "file_not_found", "listed but not found on disk"))
             continue
         if label is None:
             listing.rejects.append((str(path), "unknown_label",
@@ -314,8 +316,6 @@ def output_name(source: str, label: str) -> str:
 
 def process_item(item: Item, output_dir: str, spec: PreprocessSpec) -> dict:
     """Decode, preprocess and write one image; returns a labels.csv row or a reject."""
-    from utils import dicom
-
     relative = output_name(item.source, item.label)
     target = Path(output_dir) / relative
     row = {"path": relative, "label": item.label, "source_file": item.source,
@@ -334,13 +334,15 @@ def process_item(item: Item, output_dir: str, spec: PreprocessSpec) -> dict:
             if not cv2.imwrite(str(temporary), image):
                 raise OSError(f"could not write {temporary}")
             os.replace(temporary, target)  # a killed run never leaves a half-written PNG behind
-    except (dicom.DicomReadError, ValueError, OSError) as error:
-        return {"_reject": True, "source_file": item.source,
-                "reason": getattr(error, "reason", type(error).__name__), "message": str(error)}
-    except Exception as error:  # noqa: BLE001 - one strange file must not stop the batch
-        log.debug("unexpected error on %s", item.source, exc_info=True)
-        return {"_reject": True, "source_file": item.source, "reason": "unexpected_error",
-                "message": f"{type(error).__name__}: {error}"}
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:  # noqa: BLE001 - one strange file must not stop the batch
+        from utils.engine import error_reason  # the reason codes predict.py, test.py and the router give
+
+        reason, message = error_reason(item.source, error)
+        if reason == "unexpected_error":
+            log.debug("unexpected error on %s", item.source, exc_info=True)
+        return {"_reject": True, "source_file": item.source, "reason": reason, "message": message}
     for key in ("SOPInstanceUID", "PatientID", "Modality", "BodyPartExamined", "PatientAge",
                 "PhotometricInterpretation"):
         row[key] = metadata.get(key, "")
@@ -392,8 +394,9 @@ class PrepareResult:
 
 def prepare_dataset(source: str | os.PathLike, output_dir: str | os.PathLike, spec: PreprocessSpec, *,
                     ratios: Sequence[float], seed: int, workers: int = 0, progress: bool = True,
-                    overwrite: bool = False) -> PrepareResult:
-    """Prepare ``source`` into ``output_dir``; see the module docstring."""
+                    overwrite: bool = False, pool: PoolSettings | None = None) -> PrepareResult:
+    """Prepare ``source`` into ``output_dir``; see the module docstring. Files are read as
+    ``pool`` says (default: isolated worker processes), with ``workers`` of them unless 0."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_existing_spec(output_dir, spec, overwrite)
@@ -403,7 +406,10 @@ def prepare_dataset(source: str | os.PathLike, output_dir: str | os.PathLike, sp
     log.info("%s: %d files (%s)", source, len(listing.items), listing.layout)
 
     rows, rejects = [], [dict(zip(REJECT_COLUMNS, r)) for r in listing.rejects]
-    for result in _map(listing.items, str(output_dir), spec, workers, progress):
+    pool = pool or PoolSettings()
+    if workers:
+        pool = dataclasses.replace(pool, workers=workers)
+    for result in _map(listing.items, str(output_dir), spec, pool, progress):
         if result.pop("_reject", False):
             rejects.append(result)
         else:
@@ -435,23 +441,28 @@ def _check_existing_spec(output_dir: Path, spec: PreprocessSpec, overwrite: bool
         png.unlink()
 
 
-def _map(items: list[Item], output_dir: str, spec: PreprocessSpec, workers: int, progress: bool) -> Iterator[dict]:
+def _map(items: list[Item], output_dir: str, spec: PreprocessSpec, pool: PoolSettings,
+         progress: bool) -> Iterator[dict]:
+    """process_item over ``items`` in the isolated pool (utils.isolation), in order: a source
+    file that hangs or crashes its decoder, or needs more memory than the cap, becomes a reject
+    with its reason (decode_timeout, decoder_crashed...) instead of stopping or stalling the run."""
     from tqdm import tqdm
 
-    workers = workers or os.cpu_count() or 1
+    from utils.engine import failure_reason
+
+    work = functools.partial(process_item, output_dir=output_dir, spec=spec)
+    batch = pool.worker_count * 16  # results and the bar arrive batch by batch
     bar = tqdm(total=len(items), desc="preparing", unit="img", disable=not progress)
     try:
-        if workers == 1 or len(items) < 8:
-            for item in items:
-                yield process_item(item, output_dir, spec)
-                bar.update()
-            return
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            chunk = max(1, min(64, len(items) // (workers * 8)))
-            for result in pool.map(process_item, items, [output_dir] * len(items), [spec] * len(items),
-                                   chunksize=chunk):
-                yield result
-                bar.update()
+        with IsolatedPool(pool, initializer="utils.engine:init_decoder_process") as workers:
+            for start, results in zip(range(0, len(items), batch), workers.map_batches(work, items, batch)):
+                for item, result in zip(items[start : start + batch], results):
+                    if isinstance(result, Failure):
+                        reason, message = failure_reason(result, pool.timeout_s)
+                        log.warning("%s: %s", item.source, message)
+                        result = {"_reject": True, "source_file": item.source, "reason": reason, "message": message}
+                    yield result
+                bar.update(len(results))
     finally:
         bar.close()
 

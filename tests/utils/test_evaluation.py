@@ -1,94 +1,69 @@
-"""Decoding pools: threads and processes give the same results in order; a dying process
-costs only its item; processes that die on everything stop the work with a clear error."""
+"""test.py's inference: the prepared cache and raw files through the engine, bad files left out
+with the engine's reason codes."""
 
 from __future__ import annotations
 
-import os
+from types import SimpleNamespace
 
+import cv2
 import numpy as np
-import pydicom.uid
 import pytest
 
-from utils import evaluation
-from utils.dicom_writer import write_dicom
-from utils.evaluation import DecodingProcessesDied, map_in_batches, use_processes
+from utils import engine, evaluation
+from utils.isolation import PoolSettings
+from utils.preprocessing import PreprocessSpec
+
+from .test_engine import SPEC, brightness, dicoms, hostile_decode
 
 
-def square(x: int) -> int:
-    return x * x
+@pytest.fixture
+def predictor():
+    return SimpleNamespace(spec=SPEC, predict=brightness)
 
 
-def die_on_three(x: int) -> int:
-    if x == 3:
-        os._exit(1)  # what a segfaulting codec looks like to the pool
-    return x * x
+def test_cached_pngs_and_their_errors(tmp_path, predictor):
+    good = tmp_path / "good.png"
+    cv2.imwrite(str(good), np.full((32, 32), 200, np.uint8))
+    small = tmp_path / "small.png"
+    cv2.imwrite(str(small), np.zeros((16, 16), np.uint8))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG no")
+    files = [str(good), str(small), str(broken), str(tmp_path / "gone.png")]
+    probs, kept, errors = evaluation.predict(predictor, files, cached=True, batch_size=2, progress=False)
+    assert kept.tolist() == [0] and probs.shape == (1, 2) and probs[0, 1] == pytest.approx(200 / 255)
+    assert [(path, error.split(":")[0]) for path, error in errors] == [
+        (str(small), "wrong_image_size"), (str(broken), "unreadable_image"), (str(tmp_path / "gone.png"),
+                                                                               "file_not_found")]
 
 
-def always_die(x: int) -> int:
-    os._exit(1)
+@pytest.mark.parametrize("cached", [False, True])
+def test_iter_batches_keeps_indices_in_order(tmp_path, cached):
+    files = dicoms(tmp_path, count=3)
+    if cached:
+        files = [str(tmp_path / f"{i}.png") for i in range(3)]
+        for i, png in enumerate(files):
+            cv2.imwrite(png, np.full((32, 32), 10 * i, np.uint8))
+    files.insert(1, str(tmp_path / "missing.dcm"))
+    batches = list(evaluation.iter_batches(files, SPEC.replace(channels=3), cached=cached, batch_size=2))
+    assert [kept for _, kept, _ in batches] == [[0], [2, 3]]
+    assert batches[0][2][0][0] == 1 and batches[0][2][0][1].startswith("file_not_found: ")
+    assert batches[1][0].shape == (2, 32, 32, 3) and batches[1][0].dtype == np.float32
 
 
-@pytest.mark.parametrize("processes", [False, True])
-def test_results_in_input_order_batch_by_batch(processes):
-    batches = list(map_in_batches(list(range(10)), square, batch_size=4, workers=2, processes=processes))
-    assert [len(b) for b in batches] == [4, 4, 2]
-    assert sum(batches, []) == [x * x for x in range(10)]
+def test_raw_files_that_hang_or_crash_are_left_out(tmp_path, predictor, monkeypatch):
+    monkeypatch.setattr(engine, "decode_file", hostile_decode)  # the engine's default decode, in the workers
+    good = dicoms(tmp_path / "good", count=2)
+    for name in ("hang.dcm", "die.dcm"):
+        (tmp_path / name).write_bytes(open(good[0], "rb").read())
+    files = [good[0], str(tmp_path / "hang.dcm"), str(tmp_path / "die.dcm"), good[1]]
+    probs, kept, errors = evaluation.predict(predictor, files, cached=False, batch_size=4, progress=False,
+                                             pool=PoolSettings(workers=2, timeout_s=1.5))
+    assert kept.tolist() == [0, 3] and probs.shape == (2, 2)
+    assert [e.split(":")[0] for _, e in errors] == ["decode_timeout", "decoder_crashed"]
 
 
-def test_a_dying_process_costs_only_its_item():
-    batches = list(map_in_batches(list(range(10)), die_on_three, batch_size=4, workers=2, processes=True,
-                                  on_crash=lambda x: f"crashed {x}"))
-    assert sum(batches, []) == [0, 1, 4, "crashed 3", 16, 25, 36, 49, 64, 81]
-
-
-def test_a_dying_process_without_on_crash_raises():
-    from concurrent.futures.process import BrokenProcessPool
-
-    with pytest.raises(BrokenProcessPool):
-        list(map_in_batches(list(range(4)), die_on_three, batch_size=4, workers=2, processes=True))
-
-
-def test_processes_dying_on_everything_stop_the_work():
-    with pytest.raises(DecodingProcessesDied, match="decode-pool threads"):
-        list(map_in_batches(list(range(8)), always_die, batch_size=8, workers=2, processes=True,
-                            on_crash=lambda x: None))
-
-
-def _dicoms(folder, syntax, count):
-    image = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
-    paths = []
-    for i in range(count):
-        path = folder / f"{i}.dcm"
-        write_dicom(path, image, bits_stored=12, transfer_syntax=syntax, photometric="MONOCHROME2")
-        paths.append(str(path))
-    return paths
-
-
-def test_auto_picks_processes_for_jpeg2000_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    (tmp_path / "j2k").mkdir()
-    (tmp_path / "plain").mkdir()
-    j2k = _dicoms(tmp_path / "j2k", pydicom.uid.JPEG2000Lossless, 2) * 8
-    plain = _dicoms(tmp_path / "plain", pydicom.uid.ExplicitVRLittleEndian, 2) * 8
-    assert use_processes("auto", j2k) and not use_processes("auto", plain)
-    assert not use_processes("auto", j2k[: evaluation.PROCESS_POOL_MIN_ITEMS - 1])  # too few to pay
-    assert use_processes("processes", plain[:1]) and not use_processes("threads", j2k)
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
-    assert not use_processes("auto", j2k)
-    with pytest.raises(ValueError):
-        use_processes("fork", j2k)
-
-
-def test_decoded_files_are_identical_in_threads_and_processes(tmp_path):
-    from utils.batch_predict import iter_decoded
-    from utils.preprocessing import PreprocessSpec
-
-    files = _dicoms(tmp_path, pydicom.uid.JPEG2000Lossless, 3) + [str(tmp_path / "missing.dcm")]
-    spec = PreprocessSpec(image_size=32)
-    threads = sum(iter_decoded(files, spec, batch_size=2, pool="threads"), [])
-    processes = sum(iter_decoded(files, spec, batch_size=2, pool="processes"), [])
-    assert [d.path for d in processes] == files
-    for a, b in zip(threads, processes):
-        assert a.reason == b.reason and a.header == b.header
-        assert (a.image is None and b.image is None) or np.array_equal(a.image, b.image)
-    assert processes[-1].reason == "file_not_found"
+def test_spec_mismatch_is_reported_per_file(tmp_path):
+    png = tmp_path / "a.png"
+    cv2.imwrite(str(png), np.zeros((64, 64), np.uint8))
+    decoded = evaluation.decode_cached(str(png), PreprocessSpec(image_size=32))
+    assert decoded.image is None and decoded.reason == "wrong_image_size" and "64" in decoded.message

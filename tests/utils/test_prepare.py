@@ -1,3 +1,6 @@
+import os
+import signal
+import time
 from pathlib import Path
 
 import cv2
@@ -11,6 +14,17 @@ from utils.preprocessing import PreprocessSpec
 
 CLASSES = ("abdominal", "adult_chest", "pediatric_chest", "spine", "others")
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "radiographs"
+_process_item = prepare.process_item
+
+
+def hostile_process_item(item, output_dir, spec):
+    """process_item, except that sources named hang* hang and die* kill their worker process."""
+    name = Path(item.source).name
+    if name.startswith("hang"):
+        time.sleep(120)
+    elif name.startswith("die"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return _process_item(item, output_dir, spec)
 
 
 def gradient(seed: int, shape=(40, 30)) -> np.ndarray:
@@ -108,7 +122,7 @@ def test_csv_source_with_preset_splits(tmp_path):
     preset = labels[labels["source_file"].str.contains(r"_[01]\.png$")]
     assert (preset["split"] == "test").all()
     assert (labels["split"] == "test").sum() == 4  # only the preset images: the rest go to train/val
-    assert sorted(result.rejects["reason"]) == ["missing_file", "unknown_label"]
+    assert sorted(result.rejects["reason"]) == ["file_not_found", "unknown_label"]
 
 
 def test_dicom_sources_group_by_patient_and_record_header(tmp_path):
@@ -181,3 +195,30 @@ def test_shared_radiographs_listing():
     assert len(listing.items) == 1029 and not listing.rejects
     assert sum(1 for it in listing.items if it.source.endswith(".dcm")) == 2
     assert all(it.group for it in listing.items)
+
+
+def test_hostile_sources_become_rejects_with_their_reason(tmp_path, monkeypatch):
+    """A hang, a crash, a codec panic, a text file named .dcm: one reject each; prepare.py goes on."""
+    import prepare as prepare_script
+    from fuzz.hostile import write_panicking_rle
+
+    root = tmp_path / "src"
+    for c, label in enumerate(CLASSES[:2]):
+        for i in range(3):
+            write_dicom(root / label / f"{i}.dcm", gradient(c * 10 + i).astype(np.uint16) * 16, bits_stored=12,
+                        patient_id=f"P{c}{i}")
+    good = (root / "spine" / "0.dcm")
+    good.parent.mkdir()
+    write_dicom(good, gradient(7).astype(np.uint16), bits_stored=12)
+    for name in ("hang.dcm", "die.dcm"):
+        (root / "spine" / name).write_bytes(good.read_bytes())
+    write_panicking_rle(root / "spine" / "panic.dcm")
+    (root / "spine" / "text.dcm").write_text("not DICOM")
+    monkeypatch.setattr(prepare, "process_item", hostile_process_item)
+    out = tmp_path / "out"
+    assert prepare_script.main(["--input", str(root), "--output", str(out), "--class-names", *CLASSES,
+                                "--image-size", "32", "--workers", "2", "--decode-timeout-s", "1.5", "--quiet"]) == 0
+    rejects = pd.read_csv(out / "rejects.csv").set_index("source_file")["reason"]
+    reasons = {Path(path).name: reason for path, reason in rejects.items()}
+    assert reasons == {"panic.dcm": "codec_panic", "hang.dcm": "decode_timeout", "die.dcm": "decoder_crashed", "text.dcm": "not_dicom"}
+    assert len(pd.read_csv(out / "labels.csv")) == 7
