@@ -11,12 +11,17 @@ C-STORE, in the transfer syntax it arrived in, to the destination configured for
 (plus "uncertain" below the threshold and "unreadable" for non-images and broken files). The
 queue survives restarts and kill -9; a spool file is deleted only after its destination
 confirmed it. See router.example.yaml and docs/ROUTER.md.
+
+Exit status: 0 after SIGTERM / SIGINT; 1 when --check found a problem; 2 for a bad configuration
+or a failed start; 3 when a worker thread died or hung (the router stops accepting and exits so
+that its supervisor, e.g. systemd with Restart=on-failure, starts it again).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -34,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="overrides the configuration's model (run dir or .keras)")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--check", action="store_true", help="check config and model, C-ECHO destinations, exit")
-    action.add_argument("--status", action="store_true", help="print the queue's counts and failed objects, exit")
+    action.add_argument("--status", action="store_true",
+                        help="print the queue's counts, unreadable objects with their reasons and failed ones, exit")
     action.add_argument("--requeue-failed", action="store_true", help="retry objects marked failed, exit")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     # Overrides default to None: unset flags leave the YAML (then constants.py) value in place.
@@ -73,22 +79,45 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
 
-    node = service.RouterNode(settings)
+    return run(service.RouterNode(settings))
+
+
+def run(node) -> int:
+    """Start ``node`` and serve until SIGTERM / SIGINT (0) or until a worker fails (EXIT_WORKER_FAILED)."""
+    from utils.routing import service
+
     stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda number, frame: stop.append(number))
+    previous = {sig: signal.signal(sig, lambda number, frame: stop.append(number))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        node.start()
-    except (config.ConfigError, service.SpoolLockedError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"router {settings.ae_title} listening on port {node.port}", flush=True)
-    while not stop and not node.wait(0.5):
-        pass
-    log.info("stopping (signal %s)", stop[0] if stop else "-")
-    node.stop()
-    return 0
+        try:
+            node.start()
+        except (config.ConfigError, service.SpoolLockedError, OSError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"router {node.config.ae_title} listening on port {node.port}", flush=True)
+        while not stop and not node.wait(0.5):
+            pass
+        if node.failure:
+            log.critical("stopped: %s (exit status %d)", node.failure, node.exit_code)
+        else:
+            log.info("stopping (signal %s)", stop[0] if stop else "-")
+        node.stop()
+        return node.exit_code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.routing.node import EXIT_WORKER_FAILED
+
+    code = main()
+    if code == EXIT_WORKER_FAILED:
+        # A worker failed: a hung decoder thread would keep the interpreter from exiting (it joins
+        # thread pools at exit), so leave at once; the queue and the audit log are closed already.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -25,10 +25,15 @@ import pydicom
 import pytest
 import yaml
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
 
 from utils.dicom_writer import write_dicom, write_non_image
+from utils.routing.config import load_config
 from utils.routing.dcmtk import dicom_files, find_tool, storescp_command, storescu_command, storescu_profile
 from utils.routing.dcmtk import environment as dcmtk_environment
+from utils.routing.node import RouterNode
+from utils.routing.scp import TRANSFER_SYNTAXES
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ("abdominal", "adult_chest", "pediatric_chest", "spine", "others")
@@ -293,3 +298,76 @@ def samples(tmp_path_factory, model_file) -> dict[str, Sample]:
     assert labels == {*CLASSES, "uncertain", "unreadable"}, labels  # the model spreads the samples as designed
     return expected
 
+
+# --- in-process peers and routers (pynetdicom only, no dcmtk) ----------------------------------
+
+
+class Peer:
+    """An in-process Storage SCP that keeps what it receives and answers ``status``."""
+
+    def __init__(self, ae_title: str, status: int = 0x0000) -> None:
+        self.ae_title, self.status, self.port = ae_title, status, free_port()
+        self.received: dict[str, bytes] = {}
+        self.calls = 0
+        ae = AE(ae_title=ae_title)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.ae = ae
+
+    def _store(self, event):
+        self.calls += 1
+        if self.status == 0x0000:
+            self.received[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset(include_meta=False)
+        return self.status
+
+    def node(self) -> dict:
+        return {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
+
+    def close(self) -> None:
+        self.ae.shutdown()
+
+
+def send(port: int, paths: list[Path], *, calling: str = "SENDER", called: str = "ROUTER") -> list[int]:
+    """C-STORE files with pynetdicom, each in its own transfer syntax; the status of each."""
+    ae = AE(ae_title=calling)
+    metas = [pydicom.filereader.read_file_meta_info(p) for p in paths]
+    for sop, ts in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
+        ae.add_requested_context(sop, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(pydicom.dcmread(p)).Status) for p in paths]
+    finally:
+        assoc.release()
+
+
+@pytest.fixture
+def peers():
+    made: list[Peer] = []
+
+    def make(ae_title: str, status: int = 0x0000) -> Peer:
+        made.append(Peer(ae_title, status))
+        return made[-1]
+
+    yield make
+    for peer in made:
+        peer.close()
+
+
+@pytest.fixture
+def router(tmp_path, model_file):
+    """``router(destinations, **settings) -> RouterNode`` started in-process; stopped at teardown."""
+    nodes: list[RouterNode] = []
+
+    def start(destinations: dict, **settings) -> RouterNode:
+        config = load_config(write_config(tmp_path / "router.yaml", port=free_port(), spool=tmp_path / "spool",
+                                          model=model_file, destinations=destinations, **settings))
+        nodes.append(RouterNode(config).start())
+        return nodes[-1]
+
+    yield start
+    for node in nodes:
+        node.stop()

@@ -37,6 +37,7 @@ def test_defaults_come_from_constants(tmp_path):
     assert config.audit_log == config.spool_dir / "audit.jsonl"
     assert config.destinations["unreadable"].folder == config.spool_dir / "quarantine"
     assert config.destinations["spine"].node == "SPINE@127.0.0.1:2003"
+    assert config.max_classify_attempts == constants.ROUTER_MAX_CLASSIFY_ATTEMPTS
 
 
 def test_overrides_win_over_the_file(tmp_path):
@@ -52,6 +53,8 @@ def test_overrides_win_over_the_file(tmp_path):
     ({"threshold": True}, "expected float"),
     ({"ae_title": "A_TITLE_LONGER_THAN_16"}, "AE title"),
     ({"retry_max_s": 0.1, "retry_initial_s": 1}, "retry_max_s"),
+    ({"max_classify_attempts": 0}, "max_classify_attempts must be >= 1"),
+    ({"max_classify_attempts": 2.5}, "expected int"),
     ({"destinations": {"spine": {"ae_title": "X", "host": "h"}}}, "needs ae_title, host and port"),
     ({"destinations": {"spine": {"ae_title": "X", "host": "h", "port": 1, "tls": True}}}, "unknown key 'tls'"),
     ({"destinations": {"spine": "pacs"}}, "expected a mapping"),

@@ -10,97 +10,24 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import EncapsulatedPDFStorage
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from utils.dicom_writer import write_non_image
 from utils.routing import queue as q
 from utils.routing.audit import read_audit
-from utils.routing.config import load_config
 from utils.routing.node import RouterNode
 from utils.routing.queue import SpoolLockedError
-from utils.routing.scp import TRANSFER_SYNTAXES
 
-from .conftest import CLASSES, free_port, wait_for, write_config
+from .conftest import CLASSES, free_port, send, wait_for, write_config
 
 TIMEOUT = 60
-
-
-class Peer:
-    """An in-process Storage SCP that keeps what it receives and answers ``status``."""
-
-    def __init__(self, ae_title: str, status: int = 0x0000) -> None:
-        self.ae_title, self.status, self.port = ae_title, status, free_port()
-        self.received: dict[str, bytes] = {}
-        self.calls = 0
-        ae = AE(ae_title=ae_title)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
-        self.ae = ae
-
-    def _store(self, event):
-        self.calls += 1
-        if self.status == 0x0000:
-            self.received[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset(include_meta=False)
-        return self.status
-
-    def node(self) -> dict:
-        return {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
-
-    def close(self) -> None:
-        self.ae.shutdown()
-
-
-def send(port: int, paths: list[Path], *, calling: str = "SENDER", called: str = "ROUTER") -> list[int]:
-    """C-STORE files with pynetdicom, each in its own transfer syntax; the status of each."""
-    ae = AE(ae_title=calling)
-    metas = [pydicom.filereader.read_file_meta_info(p) for p in paths]
-    for sop, ts in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
-        ae.add_requested_context(sop, [ts])
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(pydicom.dcmread(p)).Status) for p in paths]
-    finally:
-        assoc.release()
 
 
 def write_pdf(path: Path) -> Path:
     return write_non_image(path, EncapsulatedPDFStorage, Modality="DOC", PatientID="SYNTHETIC",
                            MIMETypeOfEncapsulatedDocument="application/pdf",
                            EncapsulatedDocument=b"%PDF-1.4\n% synthetic\n")
-
-
-@pytest.fixture
-def peers():
-    made: list[Peer] = []
-
-    def make(ae_title: str, status: int = 0x0000) -> Peer:
-        made.append(Peer(ae_title, status))
-        return made[-1]
-
-    yield make
-    for peer in made:
-        peer.close()
-
-
-@pytest.fixture
-def router(tmp_path, model_file):
-    """``router(destinations, **settings) -> RouterNode`` started in-process; stopped at teardown."""
-    nodes: list[RouterNode] = []
-
-    def start(destinations: dict, **settings) -> RouterNode:
-        config = load_config(write_config(tmp_path / "router.yaml", port=free_port(), spool=tmp_path / "spool",
-                                          model=model_file, destinations=destinations, **settings))
-        nodes.append(RouterNode(config).start())
-        return nodes[-1]
-
-    yield start
-    for node in nodes:
-        node.stop()
 
 
 def test_quarantine_folder_non_images_and_exact_forwarding(router, peers, samples, tmp_path):

@@ -1,32 +1,46 @@
 """The classifier thread: batches of received objects -> label, confidence, route.
 
 It takes whatever has arrived, up to ``batch_size`` objects, waiting at most ``batch_wait_ms``
-after the oldest one arrived for the batch to fill; decodes them in a thread pool with the
-model's own preprocessing spec (utils.batch_predict.decode_file, the same as predict.py and
-training); runs the model (in power-of-two chunks, shapes warmed up at start-up); and records every decision in one transaction. An object the
-model cannot see (not DICOM, no pixel data such as SR or PDF, broken pixel data) gets label and
-route ``unreadable`` with the reason. A prediction below the threshold gets route ``uncertain``.
+after the oldest one arrived for the batch to fill; decodes and classifies them with
+utils.engine, as predict.py and test.py do (the model's own preprocessing spec; isolated worker
+processes started once, so an object that hangs a codec past ``decode_timeout_s``, crashes it or
+needs more than ``decode_memory_limit_mb`` gets reason ``decode_timeout`` / ``decoder_crashed``
+instead of taking the router down); runs the model in power-of-two chunks (shapes warmed up at
+start-up); and records every decision in one transaction. An object the model cannot see (not
+DICOM, no pixel data such as SR or PDF, broken pixel data) gets label and route ``unreadable``
+with the reason. A prediction below the threshold gets route ``uncertain``.
+
+Poison objects: each classification attempt is counted in the queue (committed) before
+decoding starts. An object whose attempts failed or never finished (a codec panic, a crash, a
+hang ended by a restart, kill -9) ``max_classify_attempts`` times is given up: route
+``unreadable``, reason ``classification_failed``, without being decoded again. Objects with an
+earlier attempt are classified one at a time, so a crash counts against the object being
+classified only. A batch that fails is split in halves until the failing objects are alone; a
+failure where nothing at all could be classified (the model, the database) gives the attempts
+back and pauses instead, so it never turns good objects unreadable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from utils.batch_predict import UNREADABLE, decide, decode_file, tag_disagrees
-from utils.evaluation import default_workers
-from utils.preprocessing import to_model_input
+from utils import constants
+from utils.engine import UNREADABLE, Engine, tag_disagrees
+from utils.isolation import PoolSettings
 from utils.routing.audit import AuditLog
 from utils.routing.queue import Classification, Item, SpoolQueue
-from utils.routing.worker import WakeableThread
+from utils.routing.worker import FATAL, WakeableThread
 
 log = logging.getLogger(__name__)
 
 ERROR_PAUSE_S = 5.0  # after an unexpected error (e.g. the model failed) wait this long, then retry
+CLASSIFY_FAILED = "classification_failed"  # reason code of objects given up after max_classify_attempts
 
 
 def chunk_sizes(count: int, batch_size: int) -> list[int]:
@@ -62,8 +76,12 @@ def predict_in_chunks(predictor, batch: np.ndarray, batch_size: int) -> np.ndarr
 
 
 class Classifier(WakeableThread):
+    max_classify_attempts: int = constants.ROUTER_MAX_CLASSIFY_ATTEMPTS  # the node sets the configured value
+
     def __init__(self, queue: SpoolQueue, predictor, audit: AuditLog, *, threshold: float, batch_size: int,
-                 batch_wait_ms: int, workers: int = 0, on_classified: Callable[[set[str]], None] = lambda r: None):
+                 batch_wait_ms: int, pool: PoolSettings | None = None,
+                 on_classified: Callable[[set[str]], None] = lambda r: None):
+        """``pool``: how objects are decoded (default: isolated processes, utils/constants.py DECODE_*)."""
         super().__init__(name="classifier")
         self.queue = queue
         self.predictor = predictor
@@ -71,20 +89,139 @@ class Classifier(WakeableThread):
         self.threshold = threshold
         self.batch_size = batch_size
         self.batch_wait = batch_wait_ms / 1000.0
-        self.workers = workers or default_workers()
+        self.engine = Engine(predictor.spec, functools.partial(predict_in_chunks, predictor, batch_size=batch_size),
+                             threshold=threshold, pool=pool)  # its worker processes start on first use
         self.on_classified = on_classified
         self.batches = 0  # model calls so far (for tests and the bench)
 
     def run(self) -> None:
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="decode") as pool:
+        with self._decoding():
             while not self._halt.is_set():
                 try:
                     items = self._next_batch()
                     if items:
-                        self.classify(items, pool)
-                except Exception:
-                    log.exception("classification failed; retrying in %.0f s", ERROR_PAUSE_S)
-                    self._halt.wait(ERROR_PAUSE_S)
+                        self._classify_isolating(items)
+                except FATAL:
+                    raise
+                except BaseException as error:  # noqa: BLE001 - a codec's panic must not end the thread
+                    self._pause_after(error)
+                finally:
+                    self.busy_since = None
+
+    # --- the two places where the loop meets classify() -------------------------------------
+
+    @contextlib.contextmanager
+    def _decoding(self) -> Iterator[None]:
+        """What classify() decodes with, held for the thread's lifetime."""
+        with self.engine:
+            yield
+
+    def _classify_batch(self, items: list[Item]) -> None:
+        """Decode, predict and record the decisions of ``items`` (their attempt already counted)."""
+        self.classify(items)
+
+    # --- poison objects: counted attempts, isolation, giving up -----------------------------
+
+    def _classify_isolating(self, items: list[Item]) -> None:
+        """Give up objects out of attempts; classify those tried before one by one, the rest as a batch."""
+        limit = self.max_classify_attempts
+        exhausted = [i for i in items if i.classify_attempts >= limit]
+        if exhausted:
+            self._give_up(exhausted)
+        retried = [[i] for i in items if 0 < i.classify_attempts < limit]
+        fresh = [i for i in items if i.classify_attempts == 0]
+        classified, failures = 0, []
+        for group in retried + ([fresh] if fresh else []):
+            if self._halt.is_set():
+                break
+            done, failed = self._attempt(group)
+            classified += done
+            failures += failed
+        if failures:
+            self._settle(failures, classified)
+
+    def _attempt(self, items: list[Item]) -> tuple[int, list[tuple[Item, BaseException]]]:
+        """Count an attempt for each item, then classify them: (objects classified, [(item, error)]).
+
+        A failing batch is split in halves (its attempts given back first) until each failure
+        is alone, so one bad object cannot hold back the others.
+        """
+        started = self.queue.start_classification(items)  # committed: a crash from here on counts
+        if not started:
+            return 0, []
+        self.busy_since = time.monotonic()
+        try:
+            self._classify_batch(started)
+            return len(started), []
+        except FATAL:
+            raise
+        except BaseException as error:  # noqa: BLE001 - a codec's panic is a BaseException
+            left = self.queue.still_received(started)
+            done = len(started) - len(left)
+            if not left:  # every decision was recorded; what failed came after
+                self._report_error(error, "after its decisions were recorded", objects=len(started))
+                return done, []
+            if len(left) == 1:
+                return done, [(left[0], error)]
+            log.info("a batch of %d objects failed (%s: %s); classifying it in halves", len(left),
+                     type(error).__name__, error)
+            self.queue.return_classification_attempts(left)
+            half = len(left) // 2
+            done_a, failed_a = self._attempt(left[:half])
+            done_b, failed_b = self._attempt(left[half:])
+            return done + done_a + done_b, failed_a + failed_b
+        finally:
+            self.busy_since = None
+
+    def _settle(self, failures: list[tuple[Item, BaseException]], classified: int) -> None:
+        """Keep the attempts of objects that failed on their own; give them back after a systemic failure.
+
+        A failure is the object's own when other objects were classified meanwhile, when it is
+        not an ``Exception`` (a codec's panic), or when an earlier failure was already its own.
+        Otherwise nothing at all could be classified (the model, the database): the attempts are
+        given back and the classifier pauses.
+        """
+        systemic = []
+        for item, error in failures:
+            if classified or not isinstance(error, Exception) or item.reason:
+                reason = describe(error)
+                self.queue.note_classification_failure(item, reason)
+                log.warning("classifying %s failed (attempt %d of %d): %s", item.sop_instance_uid or item.file,
+                            item.classify_attempts, self.max_classify_attempts, reason, exc_info=error)
+                self.audit.write("classification_failed", sop_instance_uid=item.sop_instance_uid, item=item.id,
+                                 attempt=item.classify_attempts, max_attempts=self.max_classify_attempts,
+                                 error=reason)
+            else:
+                systemic.append(item)
+        if systemic:
+            self.queue.return_classification_attempts(systemic)
+            self._pause_after(failures[0][1], objects=len(systemic))
+
+    def _give_up(self, items: list[Item]) -> None:
+        """Route objects out of attempts to ``unreadable`` with the reason, without decoding them again."""
+        decisions = [Classification(i.id, UNREADABLE, None, "", UNREADABLE, poison_reason(i)) for i in items]
+        self.queue.set_classified(decisions)
+        for item, decision in zip(items, decisions):
+            log.error("%s: classification failed or did not finish %d times; routed to %s (%s)",
+                      item.sop_instance_uid or item.file, item.classify_attempts, UNREADABLE, decision.reason)
+            self.audit.write("poisoned", sop_instance_uid=item.sop_instance_uid, item=item.id,
+                             attempts=item.classify_attempts, route=UNREADABLE, reason=decision.reason)
+            self.audit.write("classified", sop_instance_uid=item.sop_instance_uid, item=item.id, label=UNREADABLE,
+                             top_label=None, confidence=None, model_id="", route=UNREADABLE, reason=decision.reason)
+        self.on_classified({UNREADABLE})
+
+    def _report_error(self, error: BaseException, note: str, **fields) -> None:
+        """Log with the traceback and audit (``classifier_error``) a failure that is not one object's."""
+        log.error("classification failed %s: %s", note, describe(error), exc_info=error)
+        try:
+            self.audit.write("classifier_error", error=describe(error), **fields)
+        except Exception:  # the audit log itself failing (disk full) must not end the thread
+            log.exception("could not write the audit log")
+
+    def _pause_after(self, error: BaseException, objects: int | None = None) -> None:
+        """Report the failure, wait ``ERROR_PAUSE_S`` (a stop cuts it short), then the loop retries."""
+        self._report_error(error, f"(retrying in {ERROR_PAUSE_S:.0f} s)", objects=objects, pause_s=ERROR_PAUSE_S)
+        self._halt.wait(ERROR_PAUSE_S)
 
     def _next_batch(self) -> list[Item]:
         """Received items once the batch is full or the oldest has waited ``batch_wait``; else []."""
@@ -101,31 +238,16 @@ class Classifier(WakeableThread):
                 return []  # look again: more may have arrived
         return items
 
-    def classify(self, items: list[Item], pool: ThreadPoolExecutor) -> list[Classification]:
+    def classify(self, items: list[Item]) -> list[Classification]:
+        """Decode, predict and decide ``items`` as one batch (utils.engine); record the decisions."""
         spec = self.predictor.spec
-        decoded = list(pool.map(lambda item: decode_file(self.queue.path(item), spec), items))
-        readable = [d for d in decoded if d.image is not None]
-        if readable:
-            batch = to_model_input(np.stack([d.image for d in readable]), spec.channels)
-            probs = predict_in_chunks(self.predictor, batch, self.batch_size)
-            self.batches += 1
-        else:
-            probs = np.zeros((0, spec.num_classes), np.float32)
-        labels, top_labels, confidence = decide(probs, spec.class_names, self.threshold)
-        results = iter(zip(labels, top_labels, confidence))
-        decisions, notes = [], []
-        for item, d in zip(items, decoded):
-            if d.image is None:
-                decisions.append(Classification(item.id, UNREADABLE, None, self.predictor.model_id, UNREADABLE,
-                                                f"{d.reason}: {d.message}"))
-                notes.append((None, d))
-            else:
-                label, top_label, conf = next(results)
-                decisions.append(Classification(item.id, label, float(conf), self.predictor.model_id, label))
-                notes.append((top_label, d))
+        predictions = self.engine.classify([self.queue.path(item) for item in items])
+        self.batches += any(p.readable for p in predictions)
+        decisions = [Classification(item.id, p.label, p.confidence, self.predictor.model_id, p.label, p.error)
+                     for item, p in zip(items, predictions)]
         self.queue.set_classified(decisions)
-        for item, decision, (top_label, d) in zip(items, decisions, notes):
-            tag = d.header.get("BodyPartExamined", "")
+        for item, decision, p in zip(items, decisions, predictions):
+            tag, top_label = p.header.get("BodyPartExamined", ""), p.top_label or None
             self.audit.write("classified", sop_instance_uid=item.sop_instance_uid, item=item.id,
                              label=decision.label, top_label=top_label, confidence=decision.confidence,
                              model_id=decision.model_id, route=decision.route, reason=decision.reason or None,
@@ -134,3 +256,16 @@ class Classifier(WakeableThread):
         log.info("classified %d objects (%s)", len(items), ", ".join(sorted({d.label for d in decisions})))
         self.on_classified({d.route for d in decisions})
         return decisions
+
+
+def describe(error: BaseException, limit: int = 500) -> str:
+    """``"PanicException: index out of bounds..."``, cut to ``limit`` characters."""
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def poison_reason(item: Item) -> str:
+    """The reason recorded for an object given up after its attempts (the last error, if one was caught)."""
+    cause = (f"last error: {item.reason}" if item.reason else
+             "the router crashed, hung or was killed while classifying it")
+    return f"{CLASSIFY_FAILED}: {item.classify_attempts} classification attempts failed or did not finish; {cause}"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from utils import constants
-from utils.batch_predict import UNCERTAIN, UNREADABLE
+from utils.decisions import UNCERTAIN, UNREADABLE
 from utils.config import ConfigError
 
 # YAML key -> (type, default). Defaults come from constants.py so both stay one source of truth.
@@ -41,11 +41,15 @@ _SETTINGS: dict[str, tuple[type, Any]] = {
     "audit_log": (str, None),  # default: <spool_dir>/audit.jsonl
     "batch_size": (int, constants.ROUTER_BATCH_SIZE),
     "batch_wait_ms": (int, constants.ROUTER_BATCH_WAIT_MS),
+    "decode_pool": (str, constants.DECODE_POOL),  # "processes" (isolated, time-limited) or "threads"
     "decode_workers": (int, constants.DECODE_WORKERS),
+    "decode_timeout_s": (float, constants.DECODE_TIMEOUT_S),
+    "decode_memory_limit_mb": (int, constants.DECODE_MEMORY_LIMIT_MB),
     "max_associations": (int, constants.ROUTER_MAX_ASSOCIATIONS),
     "retry_initial_s": (float, constants.ROUTER_RETRY_INITIAL_S),
     "retry_max_s": (float, constants.ROUTER_RETRY_MAX_S),
     "max_attempts": (int, constants.ROUTER_MAX_ATTEMPTS),
+    "max_classify_attempts": (int, constants.ROUTER_MAX_CLASSIFY_ATTEMPTS),
     "allowed_callers": (list, []),  # calling AE titles accepted; empty = any
     "destinations": (dict, None),
 }
@@ -91,6 +95,10 @@ class RouterConfig:
     max_attempts: int
     allowed_callers: tuple[str, ...]
     destinations: dict[str, Destination] = field(default_factory=dict)
+    max_classify_attempts: int = constants.ROUTER_MAX_CLASSIFY_ATTEMPTS
+    decode_pool: str = constants.DECODE_POOL
+    decode_timeout_s: float = constants.DECODE_TIMEOUT_S
+    decode_memory_limit_mb: int = constants.DECODE_MEMORY_LIMIT_MB
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -162,7 +170,9 @@ def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configura
         batch_size=values["batch_size"], batch_wait_ms=values["batch_wait_ms"],
         decode_workers=values["decode_workers"], max_associations=values["max_associations"],
         retry_initial_s=values["retry_initial_s"], retry_max_s=values["retry_max_s"],
-        max_attempts=values["max_attempts"], allowed_callers=callers, destinations=destinations)
+        max_attempts=values["max_attempts"], allowed_callers=callers, destinations=destinations,
+        max_classify_attempts=values["max_classify_attempts"], decode_pool=values["decode_pool"],
+        decode_timeout_s=values["decode_timeout_s"], decode_memory_limit_mb=values["decode_memory_limit_mb"])
 
 
 def _refuse_unknown(raw: dict, known, where: str) -> None:
@@ -187,11 +197,16 @@ def _check_ranges(v: dict[str, Any], where: str) -> None:
     checks = [("port", 1 <= v["port"] <= 65535, "between 1 and 65535"),
               ("threshold", 0.0 <= v["threshold"] <= 1.0, "in [0, 1]"),
               ("batch_size", v["batch_size"] >= 1, ">= 1"), ("batch_wait_ms", v["batch_wait_ms"] >= 0, ">= 0"),
+              ("decode_pool", v["decode_pool"] in constants.DECODE_POOL_CHOICES,
+               f"one of {constants.DECODE_POOL_CHOICES}"),
               ("decode_workers", v["decode_workers"] >= 0, ">= 0"),
+              ("decode_timeout_s", v["decode_timeout_s"] > 0, "> 0"),
+              ("decode_memory_limit_mb", v["decode_memory_limit_mb"] >= 0, ">= 0 (0: no cap)"),
               ("max_associations", v["max_associations"] >= 1, ">= 1"),
               ("retry_initial_s", v["retry_initial_s"] > 0, "> 0"),
               ("retry_max_s", v["retry_max_s"] >= v["retry_initial_s"], ">= retry_initial_s"),
-              ("max_attempts", v["max_attempts"] >= 1, ">= 1")]
+              ("max_attempts", v["max_attempts"] >= 1, ">= 1"),
+              ("max_classify_attempts", v["max_classify_attempts"] >= 1, ">= 1")]
     for key, ok, rule in checks:
         if not ok:
             raise ConfigError(f"{where}: {key} must be {rule}, got {v[key]!r}")

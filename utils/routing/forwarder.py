@@ -24,12 +24,12 @@ import time
 import uuid
 from pathlib import Path
 
-from utils.batch_predict import UNREADABLE
+from utils.decisions import UNREADABLE
 from utils.routing.audit import AuditLog
 from utils.routing.config import Destination, RouterConfig
 from utils.routing.queue import FORWARDED, QUARANTINED, Item, SpoolQueue, fsync_dir
 from utils.routing.scp import set_tcp_nodelay
-from utils.routing.worker import WakeableThread
+from utils.routing.worker import FATAL, WakeableThread
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,9 @@ class _Worker(WakeableThread):
                     self._wake.clear()
                     continue
                 problem = self.deliver(items)
-            except Exception as error:
+            except FATAL:
+                raise
+            except BaseException as error:  # not only Exception: a thread that lets one out dies
                 log.exception("forwarding to %s failed", self.destination.node)
                 problem = f"{type(error).__name__}: {error}"
             if problem:

@@ -4,12 +4,19 @@ Layout of the spool folder::
 
     spool/incoming/<name>.part   being written; never acknowledged, deleted at start-up
     spool/files/<name>.dcm       received exactly as sent (preamble, file meta, dataset bytes)
-    spool/queue.sqlite3          one row per object: state, label, route, attempts, reason
+    spool/queue.sqlite3          one row per object: state, label, route, attempts, reason, classification attempts
     spool/router.lock            held by the running router (a second one on the same spool fails)
 
 States: ``received`` -> ``classified`` (label and route set) -> ``forwarded`` or ``quarantined``
 (the destination confirmed; the spool file is deleted), or ``failed`` (a destination kept
 refusing it; the file stays, ``router.py --requeue-failed`` tries again).
+
+Classification attempts are counted durably: :meth:`SpoolQueue.start_classification` commits
+``classify_attempts + 1`` before anything is decoded, so an attempt the process does not survive
+(a decoder crash, a hang ended by a restart, kill -9) is counted too, and an object that keeps
+killing the classifier can be given up (route ``unreadable``) instead of being first in the queue
+after every restart. Attempts lost to a failure of the whole router (the model, the database) are
+given back with :meth:`SpoolQueue.return_classification_attempts`.
 
 Durability, in order: the file is written to ``incoming/``, fsynced, renamed into ``files/`` and
 the folder fsynced; then the row is committed (WAL, ``synchronous=FULL``); only then does the SCP
@@ -33,7 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -62,11 +69,15 @@ CREATE TABLE IF NOT EXISTS items (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL DEFAULT 0,
     received_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    classify_attempts INTEGER NOT NULL DEFAULT 0,
+    classify_reason TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS items_state ON items (state, route, next_attempt);
 CREATE INDEX IF NOT EXISTS items_sop ON items (sop_instance_uid);
 """
+# Columns added after the first release: (name, definition); added in place to older spool databases.
+_ADDED_COLUMNS = (("classify_attempts", "INTEGER NOT NULL DEFAULT 0"), ("classify_reason", "TEXT NOT NULL DEFAULT ''"))
 
 
 class SpoolLockedError(RuntimeError):
@@ -93,6 +104,8 @@ class Item:
     next_attempt: float
     received_at: float
     updated_at: float
+    classify_attempts: int = 0  # classifications started (committed before decoding); see start_classification
+    classify_reason: str = ""  # why the classifier routed it "unreadable"; kept when delivery problems fill ``reason``
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,7 @@ class SpoolQueue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the SCP answers
         self._db.executescript(_SCHEMA)
+        migrate(self._db)
 
     # --- receiving ------------------------------------------------------------------------
 
@@ -208,6 +222,15 @@ class SpoolQueue:
                                    (CLASSIFIED, *routes)).fetchone()
         return row[0]
 
+    def still_received(self, items: Iterable[Item]) -> list[Item]:
+        """Fresh rows of those ``items`` that are still waiting to be classified."""
+        ids = [i.id for i in items]
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM items WHERE id IN ({marks}) AND state = ? ORDER BY id",
+                                    (*ids, RECEIVED)).fetchall()
+        return [_item(r) for r in rows]
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall()
@@ -227,9 +250,40 @@ class SpoolQueue:
         with self._lock, self._transaction():
             self._db.executemany(
                 "UPDATE items SET state = ?, label = ?, confidence = ?, model_id = ?, route = ?, reason = ?,"
-                " next_attempt = 0, updated_at = ? WHERE id = ? AND state = ?",
-                [(CLASSIFIED, d.label, d.confidence, d.model_id, d.route, d.reason, now, d.item_id, RECEIVED)
+                " classify_reason = ?, next_attempt = 0, updated_at = ? WHERE id = ? AND state = ?",
+                [(CLASSIFIED, d.label, d.confidence, d.model_id, d.route, d.reason, d.reason, now, d.item_id, RECEIVED)
                  for d in decisions])
+
+    def start_classification(self, items: Iterable[Item]) -> list[Item]:
+        """Count one classification attempt for each item still received; committed before returning.
+
+        Called before decoding starts, so that an attempt the process does not survive is counted.
+        Returns the updated rows (items classified meanwhile are left out).
+        """
+        ids = [i.id for i in items]
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        with self._lock, self._transaction():
+            self._db.execute(f"UPDATE items SET classify_attempts = classify_attempts + 1, updated_at = ?"
+                             f" WHERE id IN ({marks}) AND state = ?", (time.time(), *ids, RECEIVED))
+        return self.still_received(items)
+
+    def return_classification_attempts(self, items: Iterable[Item]) -> None:
+        """Take back the attempts counted for items still received (their failure was not their own)."""
+        ids = [i.id for i in items]
+        if not ids:
+            return
+        marks = ",".join("?" * len(ids))
+        with self._lock, self._transaction():
+            self._db.execute(f"UPDATE items SET classify_attempts = MAX(0, classify_attempts - 1)"
+                             f" WHERE id IN ({marks}) AND state = ?", (*ids, RECEIVED))
+
+    def note_classification_failure(self, item: Item, reason: str) -> None:
+        """Keep why an attempt failed (shown by ``--status``, used as the reason if it is given up)."""
+        with self._lock:
+            self._db.execute("UPDATE items SET reason = ?, updated_at = ? WHERE id = ? AND state = ?",
+                             (reason, time.time(), item.id, RECEIVED))
 
     def mark_done(self, item: Item, state: str, detail: str = "") -> None:
         """The destination confirmed: record it, then delete the spool file."""
@@ -254,7 +308,7 @@ class SpoolQueue:
     def recover(self) -> dict[str, int]:
         """Bring files and rows back in line after any stop, clean or not; counts of what was done."""
         report = {"partial_deleted": 0, "orphans_registered": 0, "done_files_deleted": 0, "missing_files": 0,
-                  "pending": 0, "pruned": 0}
+                  "pending": 0, "classify_retries": 0, "pruned": 0}
         for partial in self.incoming.glob("*.part"):
             partial.unlink(missing_ok=True)
             report["partial_deleted"] += 1
@@ -278,6 +332,9 @@ class SpoolQueue:
             self._db.execute("UPDATE items SET next_attempt = 0 WHERE state = ?", (CLASSIFIED,))
             report["pending"] = self._db.execute("SELECT COUNT(*) FROM items WHERE state IN (?, ?)",
                                                  PENDING).fetchone()[0]
+            # Objects whose classification started and never finished (or failed): retried one at a time.
+            report["classify_retries"] = self._db.execute(
+                "SELECT COUNT(*) FROM items WHERE state = ? AND classify_attempts > 0", (RECEIVED,)).fetchone()[0]
             report["pruned"] = self._db.execute(
                 "DELETE FROM items WHERE state IN (?, ?) AND updated_at < ?",
                 (*DONE, time.time() - HISTORY_DAYS * 86400)).rowcount
@@ -320,6 +377,18 @@ def _item(row: sqlite3.Row) -> Item:
     return Item(**{k: row[k] for k in row.keys()})  # noqa: SIM118 - iterating a Row yields values
 
 
+def migrate(db: sqlite3.Connection) -> list[str]:
+    """Add the columns an older spool database lacks, in place (existing rows get the default); their names."""
+    present = {r[1] for r in db.execute("PRAGMA table_info(items)")}
+    added = []
+    for name, definition in _ADDED_COLUMNS:
+        if name not in present:
+            db.execute(f"ALTER TABLE items ADD COLUMN {name} {definition}")
+            log.info("spool database: added column %s", name)
+            added.append(name)
+    return added
+
+
 # --- Access from another process (router.py --status / --requeue-failed, while the router runs) ---
 
 
@@ -341,6 +410,49 @@ def read_status(root: str | os.PathLike) -> tuple[dict[str, int], list[Item]]:
     finally:
         db.close()
     return counts, failed
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What ``router.py --status`` shows besides the counts per state."""
+
+    routes: dict[str, int]  # objects per route (classified ones, pending or done, within HISTORY_DAYS)
+    unreadable_by_reason: dict[str, int]  # objects routed "unreadable", by reason code (the text before ':')
+    latest_unreadable: list[Item]  # newest first
+    classify_retries: list[Item]  # waiting objects whose classification failed or did not finish before
+
+
+def reason_code(reason: str) -> str:
+    """``"no_pixel_data: the object has no Pixel Data"`` -> ``"no_pixel_data"``."""
+    return reason.split(":", 1)[0].strip() or "unknown"
+
+
+def read_summary(root: str | os.PathLike, unreadable: str, latest: int = 5) -> Summary:
+    """Routes, unreadable objects and classification retries, without taking the router's lock.
+
+    ``unreadable`` is the label of objects the model cannot look at. Works on a spool database
+    that predates the classification attempt counter (no retries are shown then).
+    """
+    db = _connect(root)
+    try:
+        routes = {r[0]: r[1] for r in db.execute(
+            "SELECT route, COUNT(*) FROM items WHERE route != '' GROUP BY route ORDER BY route")}
+        columns = {r[1] for r in db.execute("PRAGMA table_info(items)")}
+        why = "classify_reason" if "classify_reason" in columns else "reason"  # a database from before the column
+        by_reason: dict[str, int] = {}
+        for (reason,) in db.execute(f"SELECT {why} FROM items WHERE label = ?", (unreadable,)):
+            code = reason_code(reason)
+            by_reason[code] = by_reason.get(code, 0) + 1
+        newest = [_item(r) for r in db.execute("SELECT * FROM items WHERE label = ? ORDER BY updated_at DESC, id DESC"
+                                               " LIMIT ?", (unreadable, latest))]
+        if why == "reason":
+            newest = [replace(i, classify_reason=i.reason) for i in newest]
+        retries = ([_item(r) for r in db.execute("SELECT * FROM items WHERE state = ? AND classify_attempts > 0"
+                                                 " ORDER BY id", (RECEIVED,))]
+                   if "classify_attempts" in columns else [])
+    finally:
+        db.close()
+    return Summary(routes, dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))), newest, retries)
 
 
 def requeue_failed(root: str | os.PathLike) -> int:

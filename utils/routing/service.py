@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from utils.routing import queue as _queue
 from utils.routing.config import RouterConfig, load_config  # noqa: F401 (router.py uses them from here)
-from utils.routing.node import RouterNode  # noqa: F401
+from utils.routing.node import EXIT_WORKER_FAILED, RouterNode  # noqa: F401
 from utils.routing.queue import SpoolLockedError  # noqa: F401
 
 log = logging.getLogger(__name__)
+
+STATUS_LATEST = 5  # unreadable objects listed by --status
 
 # pynetdicom logs every failed connection attempt as an error; the forwarder reports a down
 # destination once (log and audit), so these repeats are dropped.
@@ -70,12 +73,36 @@ def check(config: RouterConfig) -> int:
     return 1 if problems else 0
 
 
-def print_status(config: RouterConfig) -> int:
+def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
+    """Counts per state and per route; unreadable objects by reason and the latest ones; retries; failures."""
+    from utils.decisions import UNREADABLE
+
     counts, failed = _queue.read_status(config.spool_dir)
+    summary = _queue.read_summary(config.spool_dir, UNREADABLE, latest)
     print(f"spool {config.spool_dir}: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "empty"))
+    if summary.routes:
+        print("  by route: " + ", ".join(f"{k} {v}" for k, v in summary.routes.items()))
+    if summary.unreadable_by_reason:
+        total = sum(summary.unreadable_by_reason.values())
+        print(f"  unreadable {total} by reason: " + ", ".join(f"{k} {v}" for k, v in summary.unreadable_by_reason.items()))
+        print("  latest unreadable (newest first):")
+        for item in summary.latest_unreadable:
+            print(f"    {_utc(item.updated_at)} {item.sop_instance_uid or item.file} ({item.state}): "
+                  f"{_cut(item.classify_reason)}")
+    for item in summary.classify_retries:  # (also the objects being classified right now)
+        print(f"  classification tried {item.classify_attempts} of {config.max_classify_attempts} times:"
+              f" {item.sop_instance_uid or item.file}" + (f", last error {_cut(item.reason)}" if item.reason else ""))
     for item in failed:
         print(f"  failed {item.sop_instance_uid} -> {item.route}: {item.reason} (file {item.file})")
     return 0
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def requeue_failed(config: RouterConfig) -> int:
