@@ -143,10 +143,15 @@ def failure_reason(failure: Failure, timeout_s: float) -> tuple[str, str]:
 
 def init_decoder_process() -> None:
     """Start of each decoding process: one OpenCV thread (the processes already fill the cores),
-    and the readers imported now, under the memory cap, rather than in the first file's time."""
+    pydicom's per-file warnings silenced (a broken file's row already says what was wrong; a batch
+    of damaged files would otherwise flood the terminal), and the readers imported now, under the
+    memory cap, rather than in the first file's time."""
+    import warnings
+
     import cv2
 
     cv2.setNumThreads(1)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     import utils.dicom  # noqa: F401
     import utils.preprocessing  # noqa: F401
 
