@@ -221,11 +221,9 @@ def _check_in_child(job: tuple[str, float, float, str]) -> dict:
 def _child(path: str, memory_gb: float, probe: str, write_end: int) -> None:
     status = 0
     try:
-        if memory_gb > 0:
-            import resource
+        from utils.isolation import cap_address_space
 
-            limit = int(memory_gb * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        cap_address_space(int(memory_gb * 2**30))
         answer = json.dumps(_classify(path, load_probe(probe))).encode()
         view = memoryview(answer)
         while view:

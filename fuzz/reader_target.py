@@ -190,14 +190,6 @@ def _register_exit_hook(findings: _Findings) -> None:
         pass
 
 
-def _cap_address_space(gigabytes: float) -> None:
-    if gigabytes > 0:
-        import resource
-
-        limit = int(gigabytes * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-
-
 def _with_defaults(libfuzzer_args: list[str]) -> list[str]:
     given = {arg.split("=", 1)[0] for arg in libfuzzer_args if arg.startswith("-")}
     return [arg for arg in DEFAULT_LIBFUZZER_ARGS if arg.split("=", 1)[0] not in given] + libfuzzer_args
@@ -267,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     warm_up = sorted(p for d in inputs if d.is_dir() for p in d.iterdir() if p.is_file())[:40]
     warm_up += [p for p in inputs if p.is_file()]
     exercise = _instrumented_setup(warm_up, args.probe)
-    _cap_address_space(args.address_space_gb)
+    from utils.isolation import cap_address_space  # after _instrumented_setup, which imports utils first
+
+    cap_address_space(int(args.address_space_gb * 2**30))
 
     import warnings
 

@@ -164,11 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", default=DEFAULT_PROBE, help="module:function that reads one file")
     args = parser.parse_args(argv)
 
-    if args.memory_gb > 0:
-        import resource
+    from utils.isolation import cap_address_space
 
-        limit = int(args.memory_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    cap_address_space(int(args.memory_gb * 2**30))
     warnings.simplefilter("ignore")  # malformed files make pydicom warn on almost every file
     exercise = load_probe(args.probe)
     kept = 0

@@ -394,6 +394,18 @@ def _die_with_parent() -> None:
         pass
 
 
+def cap_address_space(limit_bytes: int) -> None:
+    """Cap this process's address space (RLIMIT_AS) at ``limit_bytes`` (0: leave it), never above
+    a hard limit already set: an allocation past it then fails as a MemoryError in this process."""
+    if limit_bytes <= 0:
+        return
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = limit_bytes if hard == resource.RLIM_INFINITY else min(limit_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def _worker_main(conn, memory_limit_mb: int, initializer) -> None:
     """A worker process: cap memory, initialise, then run (function, item) messages until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
@@ -401,13 +413,7 @@ def _worker_main(conn, memory_limit_mb: int, initializer) -> None:
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = "1"  # one thread per worker: the processes fill the cores
     try:
-        if memory_limit_mb > 0:
-            import resource
-
-            limit = memory_limit_mb * 1024 * 1024
-            _, hard = resource.getrlimit(resource.RLIMIT_AS)
-            soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
-            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        cap_address_space(memory_limit_mb * 1024 * 1024)
         if isinstance(initializer, str):
             module, _, name = initializer.partition(":")
             getattr(importlib.import_module(module), name)()
