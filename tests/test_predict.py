@@ -15,7 +15,8 @@ import pytest
 
 import predict
 from utils import batch_predict
-from utils.batch_predict import collect_inputs, place, tag_disagrees
+from utils.batch_predict import collect_inputs, place
+from utils.decisions import tag_disagrees
 
 from .routing.conftest import CLASSES, ROWS_BY_CLASS, THRESHOLD, brightness_model, expected_labels, make_samples
 

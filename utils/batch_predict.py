@@ -21,13 +21,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.decisions import BODY_PART_TAGS, OTHER_CLASSES, UNCERTAIN, UNREADABLE, decide, tag_disagrees
-from utils.engine import Decoded, Engine, Prediction, decode_file
+from utils.decisions import UNREADABLE, tag_disagrees
+from utils.engine import Engine, Prediction
 from utils.isolation import PoolSettings
 from utils.preprocessing import PreprocessSpec, is_raster
-
-__all__ = ["BODY_PART_TAGS", "OTHER_CLASSES", "UNCERTAIN", "UNREADABLE", "Decoded", "Summary", "collect_inputs",
-           "csv_columns", "decide", "decode_file", "place", "run", "tag_disagrees"]
 
 log = logging.getLogger(__name__)
 

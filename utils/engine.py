@@ -33,12 +33,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from utils.decisions import BODY_PART_TAGS, OTHER_CLASSES, UNCERTAIN, UNREADABLE, decide, tag_disagrees
-from utils.isolation import Failure, IsolatedPool, PoolSettings, WorkersDied
+from utils.decisions import UNREADABLE, decide
+from utils.isolation import Failure, IsolatedPool, PoolSettings
 from utils.preprocessing import PreprocessSpec, is_raster, preprocess_file, to_model_input
-
-__all__ = ["BODY_PART_TAGS", "OTHER_CLASSES", "UNCERTAIN", "UNREADABLE", "Decoded", "Engine", "PoolSettings",
-           "Prediction", "WorkersDied", "decide", "decode_file", "failure_reason", "prefetch", "tag_disagrees"]
 
 FILE_NOT_FOUND = "file_not_found"
 OS_ERROR = "os_error"

@@ -151,7 +151,8 @@ def make_samples(folder: Path, per_class: int = 2, *, compressed: bool = True, e
 
 def expected_labels(model_path: Path, files: list[Path]) -> dict[str, Sample]:
     """SOP Instance UID -> Sample, labels decided in-process exactly as the router decides them."""
-    from utils.batch_predict import UNREADABLE, decide, decode_file
+    from utils.decisions import UNREADABLE, decide
+    from utils.engine import decode_file
     from utils.predictor import load_predictor
     from utils.preprocessing import to_model_input
 

@@ -14,8 +14,9 @@ import pytest
 
 from fuzz.hostile import write_panicking_rle
 from utils.config import ConfigError
+from utils.decisions import UNCERTAIN, UNREADABLE
 from utils.dicom_writer import write_dicom
-from utils.engine import UNCERTAIN, UNREADABLE, Decoded, Engine, decode_file, error_reason, failure_reason
+from utils.engine import Decoded, Engine, decode_file, error_reason, failure_reason
 from utils.isolation import Failure, PoolSettings
 from utils.preprocessing import PreprocessSpec
 

@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from utils import constants
-from utils.engine import UNREADABLE, Engine, tag_disagrees
+from utils.decisions import UNREADABLE, tag_disagrees
+from utils.engine import Engine
 from utils.isolation import PoolSettings
 from utils.routing.audit import AuditLog
 from utils.routing.queue import Classification, Item, SpoolQueue

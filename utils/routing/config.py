@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from utils import constants
-from utils.decisions import UNCERTAIN, UNREADABLE
 from utils.config import ConfigError
+from utils.decisions import UNCERTAIN, UNREADABLE
 
 # YAML key -> (type, default). Defaults come from constants.py so both stay one source of truth.
 _SETTINGS: dict[str, tuple[type, Any]] = {
