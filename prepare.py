@@ -3,7 +3,9 @@
     python prepare.py --input ../shared/radiographs --output data/radiographs --image-size 256
     python prepare.py --demo          # writes a synthetic DICOM set, then prepares it
 
-Supported source layouts are described in data/README.md. Re-running skips finished images.
+Supported source layouts are described in data/README.md. Re-running reuses an image only when
+its source file (path, size, modification time), the pixel settings and the reader/decoder
+versions are unchanged; anything else is redone, and stale cache images are removed.
 Files are read in --workers processes (--decode-pool): a source file that hangs a decoder past
 --decode-timeout-s, crashes it or needs more than --decode-memory-limit-mb becomes a row of
 rejects.csv with its reason (e.g. decode_timeout, decoder_crashed) instead of stopping the run.
@@ -14,8 +16,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from utils import config
+from utils import config, constants
 from utils.constants import DEMO_DIR
+from utils.data import files
 from utils.isolation import PoolSettings
 
 FLAGS = ("CLASS_NAMES", "IMAGE_SIZE", "CHANNELS", "ASPECT", "WINDOW_PERCENTILES", "SPLIT_RATIOS", "SEED",
@@ -29,7 +32,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--demo", action="store_true",
                         help=f"generate the synthetic demo DICOMs in {DEMO_DIR}/dicom and prepare them")
     parser.add_argument("--overwrite", action="store_true",
-                        help="redo every image when the output was prepared with other settings")
+                        help="redo every image (needed when the output was prepared with other pixel settings; "
+                             "a changed source file, reader or decoder is redone without it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     config.add_flags(parser, FLAGS)
     args = parser.parse_args(argv)
@@ -47,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.demo:
         result = demo.prepare_demo(progress=not args.quiet, image_size=args.image_size
-                                   if "--image-size" in config.given_flags(argv) else None)
+                                   if "--image-size" in config.given_flags(argv) else None,
+                                   images_per_class=constants.DEMO_IMAGES_PER_CLASS)
         output = Path(DEMO_DIR) / "prepared"
     else:
         spec = PreprocessSpec(class_names=settings["class_names"], image_size=settings["image_size"],
@@ -62,11 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         except prepare.SourceError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-    config.save_config(settings, output / "prepare_config.json")
+    spec = result.spec
+    # What this dataset was really made with (--demo has its own size, classes, split and seed).
+    recorded = {**settings, "class_names": spec.class_names, "image_size": spec.image_size,
+                "channels": spec.channels, "aspect": spec.aspect, "window_percentiles": spec.window_percentiles}
+    if args.demo:
+        recorded.update(split_ratios=constants.SPLIT_RATIOS, seed=constants.SEED)
+    config.save_config(recorded, output / files.CONFIG, spec=spec.to_dict())
     summary = result.summary()
-    (output / "summary.txt").write_text(summary + "\n")
+    (output / files.SUMMARY).write_text(summary + "\n")
     print(summary)
-    print(f"\nwrote {output / 'labels.csv'}, {output / 'rejects.csv'}, {output / 'summary.txt'}")
+    print(f"\nwrote {output / files.LABELS}, {output / files.REJECTS}, {output / files.SUMMARY}")
     return 0
 
 

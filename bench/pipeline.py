@@ -43,7 +43,7 @@ def _synthetic_cache(folder: Path, count: int, size: int) -> list[str]:
 
 def _cache_paths(data: str | None, count: int, size: int, tmp: Path) -> tuple[list[str], str]:
     if data:
-        from utils.prepare import read_labels
+        from utils.data.files import read_labels
 
         frame = read_labels(data)
         paths = [str(Path(data) / p) for p in frame["path"]][:count]

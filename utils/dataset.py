@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from utils import constants
 from utils.preprocessing import PreprocessSpec
-from utils.prepare import read_labels
+from utils.data.files import read_labels
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,7 @@ def generate_demo_dicoms(folder: str | os.PathLike, *, images_per_class: int = c
 def prepare_demo(*, progress: bool = True, image_size: int | None = None, root: str | os.PathLike | None = None,
                  images_per_class: int = constants.DEMO_IMAGES_PER_CLASS):
     """Generate the synthetic DICOMs (once) and prepare them into ``<root>/prepared``."""
+    from utils.data import files
     from utils.prepare import prepare_dataset
     from utils.preprocessing import PreprocessSpec
 
@@ -212,5 +213,8 @@ def prepare_demo(*, progress: bool = True, image_size: int | None = None, root: 
     spec = PreprocessSpec(class_names=DEMO_CLASSES, image_size=image_size or constants.DEMO_IMAGE_SIZE,
                           channels=constants.CHANNELS, aspect=constants.ASPECT,
                           window_percentiles=constants.WINDOW_PERCENTILES)
-    return prepare_dataset(source, root / "prepared", spec, ratios=constants.SPLIT_RATIOS,
-                           seed=constants.SEED, workers=0, progress=progress, overwrite=True)
+    output = root / "prepared"
+    # The demo folder is ours: prepared at another size before, it is redone rather than refused.
+    stale = files.is_prepared(output) and not files.read_spec(output).same_pixels(spec)
+    return prepare_dataset(source, output, spec, ratios=constants.SPLIT_RATIOS,
+                           seed=constants.SEED, workers=0, progress=progress, overwrite=stale)

@@ -50,7 +50,8 @@ def _label_ids(labels: Sequence[str], class_names: Sequence[str], where: str) ->
 
 def eval_set(data: str | os.PathLike, split: str, spec: PreprocessSpec) -> EvalSet:
     """Resolve ``--data`` (prepared dir, CSV, or folder per class) into an :class:`EvalSet`."""
-    from utils.prepare import list_source, read_labels
+    from utils.data.files import read_labels
+    from utils.prepare import list_source
 
     data = Path(data)
     if data.is_dir() and (data / "labels.csv").is_file():

@@ -11,6 +11,13 @@ Three source layouts are recognised (see data/README.md):
 
 Every row of labels.csv says where its image came from; every file that could not be used is in
 rejects.csv with a reason code and message. One bad file never stops the run.
+
+The cache is keyed on what decides its pixels: a PNG's name carries a hash of the source's path,
+size and modification time, the spec's pixel fields and ``pixel_provenance()`` (pipeline,
+reader and decoder versions). A re-run reuses a PNG only when all of these are unchanged; a
+source edited in place, a new decoder or another spec gives a new name, and PNGs no longer
+listed in labels.csv are removed at the end of the run. ``overwrite`` redoes every image.
+The folder's file names and columns belong to ``utils.data.files``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -30,18 +38,13 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from utils.data import files
+from utils.data.files import LABEL_COLUMNS, REJECT_COLUMNS, SPLITS
 from utils.isolation import Failure, IsolatedPool, PoolSettings
-from utils.preprocessing import PreprocessSpec, is_raster, preprocess_file
+from utils.preprocessing import PreprocessSpec, is_raster, pixel_provenance, preprocess_file
 
 log = logging.getLogger(__name__)
 
-LABELS_FILENAME = "labels.csv"
-REJECTS_FILENAME = "rejects.csv"
-SPLITS = ("train", "val", "test")
-LABEL_COLUMNS = ("path", "label", "split", "group", "source_file", "SOPInstanceUID", "PatientID",
-                 "Modality", "BodyPartExamined", "PatientAge", "PhotometricInterpretation",
-                 "original_rows", "original_columns")
-REJECT_COLUMNS = ("source_file", "reason", "message")
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # PatientID values that identify nobody: grouping on them would lump unrelated images together.
 PLACEHOLDER_IDS = {"", "ANONYMOUS", "ANON", "ANONYMIZED", "UNKNOWN", "NONE", "NULL", "0", "NA", "N/A"}
@@ -63,6 +66,7 @@ class Item:
     label: str
     group: str = ""
     split: str = ""
+    target: str = ""  # the cache PNG, relative to the output folder (set by prepare_dataset)
 
 
 @dataclass
@@ -307,16 +311,25 @@ def assign_splits(labels: Sequence[str], groups: Sequence[str], preset: Sequence
 
 # --- Processing one file ----------------------------------------------------------------------
 
-def output_name(source: str, label: str) -> str:
-    """images/<label>/<stem>_<hash of the source path>.png: unique, readable, stable across runs."""
-    digest = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:10]
+def cache_key(source: str, spec: PreprocessSpec) -> str:
+    """What decides a cached image's pixels, hashed: the source's absolute path, size and
+    modification time (ns), the spec's pixel fields and pixel_provenance(). Raises OSError when
+    the source cannot be stat'ed."""
+    stat = os.stat(source)
+    parts = {"source": os.path.abspath(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+             "spec": spec.pixel_fields(), "provenance": pixel_provenance()}
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def output_name(source: str, label: str, key: str) -> str:
+    """images/<label>/<stem>_<key>.png: readable, and a new name whenever the key changes."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).stem)[:80]
-    return f"images/{label}/{stem}_{digest}.png"
+    return f"{files.IMAGES}/{label}/{stem}_{key}.png"
 
 
 def process_item(item: Item, output_dir: str, spec: PreprocessSpec) -> dict:
     """Decode, preprocess and write one image; returns a labels.csv row or a reject."""
-    relative = output_name(item.source, item.label)
+    relative = item.target or output_name(item.source, item.label, cache_key(item.source, spec))
     target = Path(output_dir) / relative
     row = {"path": relative, "label": item.label, "source_file": item.source,
            "_group": item.group, "_split": item.split, "_study": ""}
@@ -375,12 +388,14 @@ class PrepareResult:
     labels: pd.DataFrame
     rejects: pd.DataFrame
     layout: str
-    skipped: int
+    skipped: int  # images whose cached PNG was reused
+    spec: PreprocessSpec | None = None  # the spec the images were made with
+    removed: int = 0  # stale PNGs removed (their source, spec or decoders changed)
 
     def summary(self) -> str:
         lines = [f"source layout: {self.layout}",
-                 f"images: {len(self.labels)} ({self.skipped} already prepared, reused); "
-                 f"rejected: {len(self.rejects)}"]
+                 f"images: {len(self.labels)} ({self.skipped} already prepared, reused; "
+                 f"{self.removed} stale removed); rejected: {len(self.rejects)}"]
         if len(self.labels):
             table = pd.crosstab(self.labels["label"], self.labels["split"], margins=True, margins_name="total")
             table = table.reindex(columns=[c for c in (*SPLITS, "total") if c in table.columns])
@@ -396,20 +411,33 @@ def prepare_dataset(source: str | os.PathLike, output_dir: str | os.PathLike, sp
                     ratios: Sequence[float], seed: int, workers: int = 0, progress: bool = True,
                     overwrite: bool = False, pool: PoolSettings | None = None) -> PrepareResult:
     """Prepare ``source`` into ``output_dir``; see the module docstring. Files are read as
-    ``pool`` says (default: isolated worker processes), with ``workers`` of them unless 0."""
+    ``pool`` says (default: isolated worker processes), with ``workers`` of them unless 0.
+    ``overwrite`` redoes every image; without it, a folder prepared with other pixel settings
+    is refused."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_existing_spec(output_dir, spec, overwrite)
+    if overwrite:
+        _remove_pngs(output_dir, keep=set())
     listing = list_source(source, spec.class_names)
     if not listing.items and not listing.rejects:
         raise SourceError(f"{source}: no image files found")
     log.info("%s: %d files (%s)", source, len(listing.items), listing.layout)
 
     rows, rejects = [], [dict(zip(REJECT_COLUMNS, r)) for r in listing.rejects]
+    items = []
+    for item in listing.items:
+        try:
+            key = cache_key(item.source, spec)
+        except OSError as error:
+            rejects.append({"source_file": item.source, "reason": "file_not_found" if isinstance(
+                error, FileNotFoundError) else "os_error", "message": f"cannot stat the file ({error})"})
+            continue
+        items.append(dataclasses.replace(item, target=output_name(item.source, item.label, key)))
     pool = pool or PoolSettings()
     if workers:
         pool = dataclasses.replace(pool, workers=workers)
-    for result in _map(listing.items, str(output_dir), spec, pool, progress):
+    for result in _map(items, str(output_dir), spec, pool, progress):
         if result.pop("_reject", False):
             rejects.append(result)
         else:
@@ -417,28 +445,37 @@ def prepare_dataset(source: str | os.PathLike, output_dir: str | os.PathLike, sp
 
     labels = _finish_labels(rows, ratios, seed)
     rejects_frame = pd.DataFrame(rejects, columns=list(REJECT_COLUMNS))
-    spec.save(output_dir)
-    _write_csv(labels, output_dir / LABELS_FILENAME)
-    _write_csv(rejects_frame, output_dir / REJECTS_FILENAME)
+    spec.save(output_dir / files.SPEC)
+    files.write_csv(labels, output_dir / files.LABELS)
+    files.write_csv(rejects_frame, output_dir / files.REJECTS)
+    files.write_json(pixel_provenance(), output_dir / files.PROVENANCE)
+    removed = _remove_pngs(output_dir, keep=set(labels["path"]))
     skipped = int(sum(1 for r in rows if r.get("_skipped")))
-    return PrepareResult(labels, rejects_frame, listing.layout, skipped)
+    return PrepareResult(labels, rejects_frame, listing.layout, skipped, spec, removed)
+
+
+def _remove_pngs(output_dir: Path, keep: set[str]) -> int:
+    """Delete the cache PNGs (and leftover temporary files) whose relative path is not in ``keep``."""
+    removed = 0
+    for png in (output_dir / files.IMAGES).rglob("*.png"):
+        if png.relative_to(output_dir).as_posix() not in keep:
+            png.unlink(missing_ok=True)
+            removed += not png.name.endswith(".tmp.png")
+    return removed
 
 
 def _check_existing_spec(output_dir: Path, spec: PreprocessSpec, overwrite: bool) -> None:
-    existing = output_dir / "preprocess.json"
-    if not existing.is_file():
+    """Refuse to turn a dataset prepared with other pixel settings into another one by accident."""
+    existing = output_dir / files.SPEC
+    if overwrite or not existing.is_file():
         return
     previous = PreprocessSpec.load(existing)
-    if previous.same_pixels(spec):
-        return
-    if not overwrite:
+    if not previous.same_pixels(spec):
         raise SourceError(
             f"{output_dir} was prepared with image_size={previous.image_size}, aspect={previous.aspect}, "
             f"window_percentiles={previous.window_percentiles}; this run asks for image_size="
             f"{spec.image_size}, aspect={spec.aspect}, window_percentiles={spec.window_percentiles}. "
             "Use another --output, or --overwrite to redo every image.")
-    for png in (output_dir / "images").rglob("*.png"):
-        png.unlink()
 
 
 def _map(items: list[Item], output_dir: str, spec: PreprocessSpec, pool: PoolSettings,
@@ -487,19 +524,3 @@ def _warn_dominant_groups(frame: pd.DataFrame) -> None:
         log.warning("group %s holds %d of %d images: if that PatientID is a placeholder, the split will be "
                     "lopsided (placeholders ignored: %s)", counts.index[0], counts.iloc[0], len(frame),
                     sorted(PLACEHOLDER_IDS - {""}))
-
-
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    temporary = path.with_suffix(".tmp")
-    frame.to_csv(temporary, index=False)
-    os.replace(temporary, path)
-
-
-def read_labels(data_dir: str | os.PathLike) -> pd.DataFrame:
-    """labels.csv of a prepared dataset, with a clear error when the folder is not one."""
-    path = Path(data_dir) / LABELS_FILENAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: prepare a dataset first "
-                                f"(python prepare.py --input SRC --output {data_dir})")
-    return pd.read_csv(path, dtype={"label": str, "split": str, "group": str, "path": str},
-                       keep_default_na=False)

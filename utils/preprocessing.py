@@ -35,7 +35,10 @@ import numpy as np
 
 from utils import constants
 
-SPEC_VERSION = 1
+SPEC_VERSION = 1  # the format of a spec file; what its pixels look like is PIPELINE_VERSION's business
+# Bump when steps 2-3 below produce other 8-bit images for the same decoded image and spec.
+# Prepared caches are keyed on it together with the reader's version (see pixel_provenance).
+PIPELINE_VERSION = 1
 SPEC_FILENAME = "preprocess.json"
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -82,6 +85,11 @@ class PreprocessSpec:
         return (self.image_size, self.aspect, tuple(self.window_percentiles)) == (
             other.image_size, other.aspect, tuple(other.window_percentiles))
 
+    def pixel_fields(self) -> dict[str, Any]:
+        """The fields that decide the cached 8-bit images (what same_pixels compares)."""
+        return {"image_size": self.image_size, "aspect": self.aspect,
+                "window_percentiles": [float(v) for v in self.window_percentiles]}
+
     def replace(self, **changes: Any) -> "PreprocessSpec":
         return dataclasses.replace(self, **changes)
 
@@ -117,6 +125,15 @@ class PreprocessSpec:
         if path.is_dir():
             path = path / SPEC_FILENAME
         return cls.from_dict(json.loads(path.read_text()))
+
+
+@functools.cache
+def pixel_provenance() -> dict[str, str]:
+    """What, beside the spec and the file, decides the pixels of a prepared image: this pipeline's
+    version, OpenCV's (resizing, raster reading) and the DICOM reader's and its decoders'."""
+    from utils import dicom
+
+    return {"pipeline": str(PIPELINE_VERSION), "opencv": cv2.__version__, **dicom.decoder_versions()}
 
 
 def is_raster(path: str | os.PathLike) -> bool:

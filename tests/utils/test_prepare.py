@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import time
@@ -104,6 +105,69 @@ def test_other_settings_need_overwrite(class_folders, tmp_path):
     assert result.skipped == 0
     image = cv2.imread(str(tmp_path / "out" / result.labels["path"].iloc[0]), cv2.IMREAD_UNCHANGED)
     assert image.shape == (48, 48)
+
+
+def _cached(out, result, source_name):
+    row = result.labels[result.labels["source_file"].str.endswith(source_name)].iloc[0]
+    return row["path"], cv2.imread(str(out / row["path"]), cv2.IMREAD_UNCHANGED)
+
+
+def test_a_source_edited_in_place_is_prepared_again(class_folders, tmp_path):
+    out = tmp_path / "out"
+    first = run(class_folders, out)
+    old_path, old_pixels = _cached(out, first, "abdominal/img0.png")
+    # the same file, new content (a site re-exported it): same path, other size or mtime
+    source = class_folders / "abdominal" / "img0.png"
+    cv2.imwrite(str(source), 255 - gradient(999))
+    os.utime(source, ns=(time.time_ns(), time.time_ns() + 10**9))
+    second = run(class_folders, out)
+    new_path, new_pixels = _cached(out, second, "abdominal/img0.png")
+    assert second.skipped == 59 and second.removed == 1
+    assert new_path != old_path and not (out / old_path).exists()  # the stale PNG is gone
+    np.testing.assert_array_equal(new_pixels, prepare.preprocess_file(str(source), spec())[0])
+    assert not np.array_equal(new_pixels, old_pixels)
+    # every PNG in the folder is one labels.csv names, and no other
+    on_disk = {p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png")}
+    assert on_disk == set(second.labels["path"])
+
+
+def test_a_reader_or_decoder_change_invalidates_the_cache(class_folders, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = run(class_folders, out)
+    assert json.loads((out / "pixels.json").read_text()) == prepare.pixel_provenance()
+    changed = {**prepare.pixel_provenance(), "reader": "999"}
+    monkeypatch.setattr(prepare, "pixel_provenance", lambda: changed)
+    second = run(class_folders, out)
+    assert second.skipped == 0 and second.removed == 60
+    assert set(first.labels["path"]).isdisjoint(second.labels["path"])
+    assert json.loads((out / "pixels.json").read_text()) == changed
+
+
+def test_overwrite_redoes_every_image_even_with_the_same_settings(class_folders, tmp_path):
+    out = tmp_path / "out"
+    first = run(class_folders, out)
+    damaged = out / first.labels["path"].iloc[0]
+    good = cv2.imread(str(damaged), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(damaged), np.zeros_like(good))
+    assert run(class_folders, out).skipped == 60  # without --overwrite the cache is trusted
+    again = run(class_folders, out, overwrite=True)
+    assert again.skipped == 0
+    np.testing.assert_array_equal(cv2.imread(str(damaged), cv2.IMREAD_UNCHANGED), good)
+
+
+def test_prepare_script_records_the_settings_it_used(tmp_path, monkeypatch):
+    """prepare.py --demo prepares at DEMO_IMAGE_SIZE: prepare_config.json must say so, not 512."""
+    import prepare as prepare_script
+    from utils import constants
+
+    monkeypatch.setattr(constants, "DEMO_DIR", str(tmp_path / "demo"))
+    monkeypatch.setattr(prepare_script, "DEMO_DIR", str(tmp_path / "demo"))
+    monkeypatch.setattr(constants, "DEMO_IMAGES_PER_CLASS", 3)
+    assert prepare_script.main(["--demo", "--quiet", "--decode-pool", "threads"]) == 0
+    saved = json.loads((tmp_path / "demo" / "prepared" / "prepare_config.json").read_text())
+    assert saved["config"]["image_size"] == constants.DEMO_IMAGE_SIZE != constants.IMAGE_SIZE
+    assert saved["spec"] == json.loads((tmp_path / "demo" / "prepared" / "preprocess.json").read_text())
+    assert tuple(saved["config"]["class_names"]) == tuple(saved["spec"]["class_names"])
 
 
 def test_csv_source_with_preset_splits(tmp_path):

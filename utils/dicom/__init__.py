@@ -51,6 +51,9 @@ colour.py        step 4: Photometric Interpretation, colour and palette to lumin
 grayscale.py     steps 5-7: modality LUT, VOI, MONOCHROME1, through the stored-value table
 """
 
+import functools
+from importlib import metadata as _metadata
+
 from .errors import (
     REASONS,
     CodecPanicError,
@@ -75,7 +78,29 @@ from .reader import (
     read_dicom_header,
 )
 
+# Bump when the pixels ``read_dicom`` returns for some valid file change (a new decoding path,
+# a LUT fix...): prepared caches are keyed on it, so a change re-decodes what it affects.
+# 1: first reader; 2: JPEG 2000 decoded at a reduced resolution level when the output is smaller.
+READER_VERSION = 2
+# The distributions whose code turns bytes into pixels: their versions are part of the same key.
+DECODER_DISTRIBUTIONS = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
+                         "pillow", "numpy")  # Pillow: the reduced-resolution JPEG 2000 path
+
+
+@functools.cache
+def decoder_versions() -> dict[str, str]:
+    """READER_VERSION and the installed versions of DECODER_DISTRIBUTIONS ("" when absent)."""
+    versions = {"reader": str(READER_VERSION)}
+    for name in DECODER_DISTRIBUTIONS:
+        try:
+            versions[name] = _metadata.version(name)
+        except _metadata.PackageNotFoundError:
+            versions[name] = ""
+    return versions
+
+
 __all__ = [
+    "DECODER_DISTRIBUTIONS",
     "HEADER_FIELDS",
     "MAX_J2K_REDUCTION",
     "REASONS",
@@ -95,5 +120,7 @@ __all__ = [
     "UnsupportedTransferSyntaxError",
     "is_dicom",
     "read_dicom",
+    "READER_VERSION",
+    "decoder_versions",
     "read_dicom_header",
 ]
