@@ -42,10 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     config.add_flags(parser, FLAGS)
     args = parser.parse_args(argv)
-    if not 0.0 <= args.threshold <= 1.0:
-        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
+    try:  # the bounds of utils/constants.py (*_RANGE); --batch-size is BATCH_SIZE's
+        config.validate({config.dest_name(n): getattr(args, config.dest_name(n)) for n in (*FLAGS, "BATCH_SIZE")})
+    except config.ConfigError as error:
+        parser.error(str(error))
     PoolSettings.from_args(parser, args)
     return args
 

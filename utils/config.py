@@ -16,8 +16,10 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import platform
+import re
 import subprocess
 import sys
 import typing
@@ -108,14 +110,34 @@ def constant_types() -> dict[str, Any]:
 
 
 def check_constants() -> None:
-    """Fail loudly when someone edited constants.py with a value of the wrong type."""
-    for name, hint in constant_types().items():
+    """Fail loudly when someone edited constants.py with a value of the wrong type, a malformed
+    ``*_RANGE``, a ``*_CHOICES``/``*_RANGE`` beside no constant, or a default outside its own
+    choices or range."""
+    hints = constant_types()
+    for name, hint in hints.items():
         value = getattr(constants, name)
         if not _matches(value, hint):
             raise ConfigError(f"utils/constants.py: {name} = {value!r} is not of type {hint}")
-        choices = getattr(constants, f"{name}_CHOICES", None)
-        if choices is not None and value not in choices:
-            raise ConfigError(f"utils/constants.py: {name} = {value!r}; choose from {choices}")
+    for name in hints:
+        for suffix in ("_CHOICES", "_RANGE"):
+            if name.endswith(suffix) and name.removesuffix(suffix) not in hints:
+                raise ConfigError(f"utils/constants.py: {name} is beside no constant "
+                                  f"{name.removesuffix(suffix)}")
+        if name.endswith("_RANGE"):
+            Interval.parse(getattr(constants, name), name)
+            if not _is_numeric(hints[name.removesuffix("_RANGE")]):
+                raise ConfigError(f"utils/constants.py: {name}: a range needs a numeric constant "
+                                  f"(int, float or a tuple of them)")
+    for name in hints:
+        if not name.endswith(("_CHOICES", "_RANGE")):
+            check_value(name, getattr(constants, name), f"utils/constants.py: {name}")
+
+
+def _is_numeric(hint: Any) -> bool:
+    """int, float, or a tuple of them (bool is not a number here)."""
+    if typing.get_origin(hint) is tuple:
+        return all(a is Ellipsis or _is_numeric(a) for a in typing.get_args(hint))
+    return hint in (int, float)
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -180,44 +202,120 @@ def resolve(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
     return config
 
 
-_POSITIVE_INTS = ("image_size", "epochs", "batch_size", "bootstrap_resamples", "demo_images_per_class",
-                  "demo_image_size", "demo_epochs", "shuffle_buffer")
+_INTERVAL = re.compile(r"([\[(])([^,]+),([^,]+)([\])])")
 
 
-def validate(config: dict[str, Any]) -> None:
-    """Range and consistency checks for whichever keys are present."""
-    for key in _POSITIVE_INTS:
-        if key in config and config[key] is not None and config[key] < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
-    if "image_size" in config and config["image_size"] is not None and config["image_size"] < 32:
-        raise ConfigError(f"--image-size must be at least 32 pixels, got {config['image_size']}")
-    if config.get("channels") not in (None, 1, 3):
-        raise ConfigError(f"--channels must be 1 or 3, got {config['channels']}")
-    if "split_ratios" in config:
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A ``*_RANGE`` constant of utils/constants.py, parsed: ``"[32, 4096]"``, ``"(0, 1)"``,
+    ``"[1, inf)"`` (see that module's docstring)."""
+
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+
+    @classmethod
+    def parse(cls, text: str, name: str = "range") -> Interval:
+        match = _INTERVAL.fullmatch(text.replace(" ", "")) if isinstance(text, str) else None
+        bounds = [_number(match.group(2)), _number(match.group(3))] if match else [None, None]
+        if match is None or None in bounds:
+            raise ConfigError(f"utils/constants.py: {name} = {text!r} is not an interval such as "
+                              f"'[32, 4096]', '(0, 1]' or '[1, inf)'")
+        interval = cls(bounds[0], bounds[1], match.group(1) == "(", match.group(4) == ")")
+        if not interval.low < interval.high:
+            raise ConfigError(f"utils/constants.py: {name} = {text!r}: the low bound must be below the high one")
+        if (math.isinf(interval.low) and not interval.low_open) or (math.isinf(interval.high) and not interval.high_open):
+            raise ConfigError(f"utils/constants.py: {name} = {text!r}: an infinite bound is open, "
+                              f"'(' or ')' (e.g. '[1, inf)')")
+        return interval
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return bool(above and below)  # NaN is neither
+
+    def __str__(self) -> str:
+        return ("(" if self.low_open else "[") + f"{self.low}, {self.high}" + (")" if self.high_open else "]")
+
+    def rule(self) -> str:
+        """The interval in words: "between 32 and 4096", ">= 1", "> 0", "in [0, 1)"."""
+        if math.isinf(self.high) and not math.isinf(self.low):
+            return (">" if self.low_open else ">=") + f" {self.low}"
+        if math.isinf(self.low) and not math.isinf(self.high):
+            return ("<" if self.high_open else "<=") + f" {self.high}"
+        if not (self.low_open or self.high_open):
+            return f"between {self.low} and {self.high}"
+        return f"in {self}"
+
+
+def _number(text: str) -> float | None:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None
+
+
+def value_range(name: str) -> Interval | None:
+    """The parsed ``NAME_RANGE`` of constants.py (``name`` in any case), or None."""
+    text = getattr(constants, f"{name.upper()}_RANGE", None)
+    return None if text is None else Interval.parse(text, f"{name.upper()}_RANGE")
+
+
+def check_value(name: str, value: Any, label: str | None = None) -> None:
+    """The one check of a setting against constants.py: ``value`` must be among ``NAME_CHOICES``
+    and inside ``NAME_RANGE`` (each element, for a tuple) where those exist; None (unset) passes.
+    ``name`` is the constant's name in any case (``image_size`` -> IMAGE_SIZE); ``label`` is what
+    the message calls the setting (default: its flag, ``--image-size``), e.g. a YAML key.
+    Raises ConfigError: "--image-size must be between 32 and 4096, got 8"."""
+    name = name.upper()
+    label = label or flag_name(name)
+    if value is None:
+        return
+    choices = getattr(constants, f"{name}_CHOICES", None)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{label} must be one of {tuple(choices)}, got {value!r}")
+    interval = value_range(name)
+    if interval is None:
+        return
+    several = isinstance(value, (tuple, list))
+    bad = [v for v in (value if several else [value]) if v not in interval]
+    if bad:
+        number = any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) for v in bad)
+        raise ConfigError(f"{label} must be {'a finite number ' if number else ''}{interval.rule()}"
+                          f"{' (each value)' if several else ''}, got {tuple(value) if several else value!r}")
+
+
+def validate(config: Mapping[str, Any], where: str | None = None) -> None:
+    """Every key that names a constant is checked against its ``*_CHOICES`` and ``*_RANGE``
+    (:func:`check_value`), then the checks that relate values. Keys are lower-case constant
+    names; messages name the flag (``--image-size``), or ``where: image_size`` when ``where``
+    is given (a spec file, a YAML file)."""
+
+    def label(key: str) -> str:
+        return f"{where}: {key}" if where else flag_name(key)
+
+    for key, value in config.items():
+        check_value(key, value, label(key))
+    if config.get("split_ratios") is not None:
         ratios = config["split_ratios"]
-        if any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
-            raise ConfigError(f"--split-ratios must be 3 non-negative numbers summing to 1, got {ratios}")
-    if "window_percentiles" in config:
-        low, high = config["window_percentiles"]
-        if not 0 <= low < high <= 100:
-            raise ConfigError(f"--window-percentiles needs 0 <= low < high <= 100, got {low} {high}")
-    if "class_names" in config:
+        if len(ratios) != 3 or abs(sum(ratios) - 1.0) > 1e-6:
+            raise ConfigError(f"{label('split_ratios')} must be 3 non-negative numbers summing to 1, got {ratios}")
+    if config.get("window_percentiles") is not None:
+        percentiles = tuple(config["window_percentiles"])
+        if len(percentiles) != 2 or not percentiles[0] < percentiles[1]:
+            raise ConfigError(f"{label('window_percentiles')} needs 0 <= low < high <= 100, got {percentiles}")
+    if config.get("class_names") is not None:
         names = config["class_names"]
         if len(names) < 2 or len(set(names)) != len(names):
-            raise ConfigError(f"--class-names needs at least 2 distinct names, got {names}")
+            raise ConfigError(f"{label('class_names')} needs at least 2 distinct names, got {names}")
         bad = [n for n in names if not n.replace("_", "").replace("-", "").isalnum()]
         if bad:
             raise ConfigError(f"class names may use letters, digits, '_' and '-' only: {bad}")
-    for key in ("confidence_level",):
-        if key in config and not 0 < config[key] < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be in (0, 1), got {config[key]}")
-    for key in ("dropout", "warmup_fraction", "label_smoothing"):
-        if key in config and not 0 <= config[key] < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be in [0, 1), got {config[key]}")
-    for key in ("max_lr", "weight_decay", "clip_value", "bn_momentum", "augment_rotation_deg",
-                "augment_brightness", "augment_contrast", "bn_recalibration_steps", "freeze_epochs"):
-        if key in config and config[key] is not None and config[key] < 0:
-            raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
 
 
 def environment() -> dict[str, str]:

@@ -3,6 +3,22 @@
 Scripts build their command-line flags from the names below (``IMAGE_SIZE`` becomes
 ``--image-size``), so editing this file and passing a flag are two ways to say the same thing.
 A flag always wins over this file; the resolved values are written next to each output.
+
+What a setting may be is written beside it, under its name plus a suffix, and the same bound is
+applied everywhere the setting can come from: a flag, the router's YAML file, a saved
+preprocessing spec (``utils.config.check_value``):
+
+* ``NAME_CHOICES``: a tuple of the allowed values (also the flag's argparse choices);
+* ``NAME_RANGE``: an interval in the usual notation, a string: ``[`` and ``]`` include the bound,
+  ``(`` and ``)`` exclude it, ``inf`` is no bound (always with a parenthesis). ``"[32, 4096]"`` is
+  32 <= x <= 4096, ``"[1, inf)"`` is "at least 1", ``"(0, 1)"`` is strictly between 0 and 1. For a
+  tuple constant (``WINDOW_PERCENTILES``) it bounds each element. NaN is never inside.
+
+Every numeric constant has one of the two, or is listed in UNBOUNDED of tests/utils/test_config.py
+with its reason (that test checks it, so a new setting cannot skip validation), and ``utils.config.check_constants`` refuses defaults below that break
+them. Checks that relate two settings (split ratios summing to 1, low < high percentiles,
+ROUTER_RETRY_MAX_S >= ROUTER_RETRY_INITIAL_S) are code: ``utils.config.validate`` and
+``utils/routing/config.py``.
 """
 
 from __future__ import annotations
@@ -14,54 +30,78 @@ CLASS_NAMES: tuple[str, ...] = ("abdominal", "adult_chest", "pediatric_chest", "
 
 # --- Preprocessing spec (saved with every model; see utils/preprocessing.py) ----------------
 IMAGE_SIZE: int = 512  # the paper resized every image to 512x512
+IMAGE_SIZE_RANGE: str = "[32, 4096]"  # the backbones downsample 32x; 4096^2 is past any X-ray detail
 CHANNELS: int = 1  # gray; ImageNet-weight models replicate it to 3 inside the graph. 3 = replicate in the pipeline
+CHANNELS_CHOICES: tuple[int, ...] = (1, 3)
 ASPECT: str = "stretch"  # "stretch" as the paper did, or "letterbox" (keeps aspect, pads black)
 ASPECT_CHOICES: tuple[str, ...] = ("stretch", "letterbox")
 # Used only when a DICOM has neither a VOI LUT nor a window: the display range is the
 # [low, high] percentile range of the pixels, which ignores burned-in labels and collimation.
 WINDOW_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+WINDOW_PERCENTILES_RANGE: str = "[0, 100]"
 
 # --- Data -----------------------------------------------------------------------------------
 DATA_DIR: str = "data/prepared"  # a prepared dataset: images/ + labels.csv (prepare.py writes it)
 DEMO_DIR: str = "data/demo"  # where --demo generates and prepares the synthetic set
 RUNS_DIR: str = "runs"  # training runs are written to RUNS_DIR/<backbone>-<timestamp>
 SPLIT_RATIOS: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train, val, test
+SPLIT_RATIOS_RANGE: str = "[0, 1]"
 SEED: int = 42  # the paper's seed; seeds splits, shuffling, augmentation and weights
+SEED_RANGE: str = "[0, 4294967295]"  # what numpy (keras.utils.set_random_seed) accepts: 0 .. 2**32 - 1
 WORKERS: int = 0  # processes for prepare.py; 0 means one per CPU core
+WORKERS_RANGE: str = "[0, inf)"
 
 # --- Untrusted input -----------------------------------------------------------------------
 # Declared sizes are checked before anything is allocated or decoded: a 644-byte header can
 # declare 20000 x 20000 pixels. The largest projection X-rays (stitched long-leg/spine) are
 # about 7000 x 3500; 50 megapixels per frame leaves room and bounds one decode to ~0.4 GB.
 MAX_IMAGE_PIXELS: int = 50_000_000  # Rows x Columns x SamplesPerPixel of one frame; larger -> image_too_large
+MAX_IMAGE_PIXELS_RANGE: str = "[1, inf)"
 
 # --- Input pipeline -------------------------------------------------------------------------
 CACHE: bool = False  # cache decoded images in memory (about 0.8 MB/image at 512x512x3 uint8)
 SHUFFLE_BUFFER: int = 2048  # larger than most splits here, so shuffling is close to uniform
+SHUFFLE_BUFFER_RANGE: str = "[1, inf)"
 AUGMENT_ROTATION_DEG: float = 10.0  # rotation drawn per image in [-r, r]; the paper used 5-10
+AUGMENT_ROTATION_DEG_RANGE: str = "[0, 180]"
 AUGMENT_BRIGHTNESS: float = 0.1  # additive brightness delta, fraction of the 0-255 range
+AUGMENT_BRIGHTNESS_RANGE: str = "[0, 1]"
 AUGMENT_CONTRAST: float = 0.1  # contrast factor drawn in [1 - c, 1 + c]
+AUGMENT_CONTRAST_RANGE: str = "[0, 1]"  # above 1 the drawn factor could be negative (an inverted image)
 HORIZONTAL_FLIP: bool = False  # off: laterality matters on X-rays (the paper flipped, p=0.5)
 
 # --- Model ----------------------------------------------------------------------------------
 BACKBONE: str = "mobilenet_v1"  # the paper's best model; `python training.py --help` lists all
 WEIGHTS: str = "none"  # "none" (from scratch, as the paper), "imagenet", or a .keras/.weights.h5 path
 DROPOUT: float = 0.2  # dropout before the classification layer
+DROPOUT_RANGE: str = "[0, 1)"
 BN_MOMENTUM: float = 0.9  # Keras default 0.99 starves from-scratch BN statistics; 0.9 = PyTorch
+BN_MOMENTUM_RANGE: str = "[0, 1]"
 BN_RECALIBRATION_STEPS: int = 0  # >0: before each validation, refresh BN statistics on N un-augmented train batches
+BN_RECALIBRATION_STEPS_RANGE: str = "[0, inf)"
 
 # --- Optimisation (the paper's recipe, read from its code) ----------------------------------
 EPOCHS: int = 50  # the paper trained 50 epochs and kept the best validation epoch
+EPOCHS_RANGE: str = "[1, inf)"
 BATCH_SIZE: int = 32  # per replica; the paper used 32
+BATCH_SIZE_RANGE: str = "[1, inf)"
 MAX_LR: float = 0.01  # one-cycle peak learning rate
+MAX_LR_RANGE: str = "[0, inf)"
 WARMUP_FRACTION: float = 0.3  # one-cycle: share of steps spent rising to MAX_LR
+WARMUP_FRACTION_RANGE: str = "[0, 1)"
 LR_START_DIV: float = 25.0  # one-cycle starts at MAX_LR / 25
+LR_START_DIV_RANGE: str = "(0, inf)"
 LR_FINAL_DIV: float = 1e4  # torch's final_div_factor: the last lr is MAX_LR / LR_START_DIV / 1e4
+LR_FINAL_DIV_RANGE: str = "(0, inf)"
 WEIGHT_DECAY: float = 1e-4  # coupled L2, as torch Adam(weight_decay=...)
+WEIGHT_DECAY_RANGE: str = "[0, inf)"
 CLIP_VALUE: float = 0.1  # gradient value clipping
+CLIP_VALUE_RANGE: str = "[0, inf)"  # 0 = no clipping
 LABEL_SMOOTHING: float = 0.0  # 0 as in the paper; 0.1 can help with noisy labels
+LABEL_SMOOTHING_RANGE: str = "[0, 1)"
 CLASS_WEIGHTS: bool = False  # weight the loss by inverse class frequency
 FREEZE_EPOCHS: int = 0  # with pretrained weights: epochs with the backbone frozen before fine-tuning
+FREEZE_EPOCHS_RANGE: str = "[0, inf)"
 MIXED_PRECISION: str = "auto"  # "auto" = on when a GPU is present, else off; "on" / "off"
 MIXED_PRECISION_CHOICES: tuple[str, ...] = ("auto", "on", "off")
 XLA: bool = False  # jit_compile; slower on CPU, sometimes faster on GPU
@@ -70,33 +110,52 @@ XLA: bool = False  # jit_compile; slower on CPU, sometimes faster on GPU
 SPLIT: str = "test"  # which split test.py evaluates
 SPLIT_CHOICES: tuple[str, ...] = ("train", "val", "test")
 BOOTSTRAP_RESAMPLES: int = 1000  # percentile-bootstrap resamples for every confidence interval
+BOOTSTRAP_RESAMPLES_RANGE: str = "[1, inf)"
 CONFIDENCE_LEVEL: float = 0.95  # two-sided level of the confidence intervals
+CONFIDENCE_LEVEL_RANGE: str = "(0, 1)"
 BOOTSTRAP_UNIT: str = "auto"  # "auto" = by patient group when groups are known, else "image"
 BOOTSTRAP_UNIT_CHOICES: tuple[str, ...] = ("auto", "group", "image")
+MAX_SKIPPED_SHARE: float = 0.01  # test.py fails when more than this share of the listed images cannot be read (a missing codec must not bias the metric); 1 = never fail
+MAX_SKIPPED_SHARE_RANGE: str = "[0, 1]"
 
 # --- Demo -----------------------------------------------------------------------------------
 DEMO_IMAGES_PER_CLASS: int = 40  # synthetic DICOMs per class for --demo
+DEMO_IMAGES_PER_CLASS_RANGE: str = "[1, inf)"
 DEMO_IMAGE_SIZE: int = 128  # --demo trains at this size so it finishes in minutes on a CPU
+DEMO_IMAGE_SIZE_RANGE: str = IMAGE_SIZE_RANGE  # it is the demo spec's image_size
 DEMO_BACKBONE: str = "mobilenet_v1"  # backbone trained by --demo
 DEMO_EPOCHS: int = 8  # epochs trained by --demo (about a minute on 2 CPU cores)
+DEMO_EPOCHS_RANGE: str = "[1, inf)"
 
 # --- Predict and router ---------------------------------------------------------------------
 THRESHOLD: float = 0.5  # top probability below this -> label "uncertain" (the manual-review route)
+THRESHOLD_RANGE: str = "[0, 1]"
 SORT_MODE: str = "copy"  # how --sort-into places files: "copy", "hardlink" (same disk) or "symlink"
 SORT_MODE_CHOICES: tuple[str, ...] = ("copy", "hardlink", "symlink")
 DECODE_WORKERS: int = 0  # decoders for predict.py, test.py and the router; 0 = 1 process per core, or 2 threads per core (at most 8)
+DECODE_WORKERS_RANGE: str = "[0, inf)"
 DECODE_POOL: str = "processes"  # "processes": a file that hangs or crashes a codec costs only its row; "threads": trusted files only
 DECODE_POOL_CHOICES: tuple[str, ...] = ("processes", "threads")
 DECODE_TIMEOUT_S: float = 30.0  # a file whose decoding takes longer is given up (its worker process is killed): reason decode_timeout
+DECODE_TIMEOUT_S_RANGE: str = "(0, inf)"
 DECODE_MEMORY_LIMIT_MB: int = 4096  # address-space cap of each decoding process; a file needing more fails alone (0 = no cap)
+DECODE_MEMORY_LIMIT_MB_RANGE: str = "[0, inf)"  # 0 = no cap
 ROUTER_AE_TITLE: str = "BODYPART_ROUTER"  # the router's own AE title (16 characters at most)
 ROUTER_HOST: str = "0.0.0.0"  # address the router listens on; 127.0.0.1 keeps it local
 ROUTER_PORT: int = 11112  # the router's DICOM port (11112 is the registered non-privileged one)
+ROUTER_PORT_RANGE: str = "[1, 65535]"
 ROUTER_SPOOL_DIR: str = "router-spool"  # received files, the queue database and the audit log
 ROUTER_BATCH_SIZE: int = 16  # most images classified in one model call
+ROUTER_BATCH_SIZE_RANGE: str = "[1, inf)"
 ROUTER_BATCH_WAIT_MS: int = 200  # wait at most this long for a batch to fill before classifying
+ROUTER_BATCH_WAIT_MS_RANGE: str = "[0, inf)"
 ROUTER_MAX_ASSOCIATIONS: int = 10  # simultaneous incoming associations
+ROUTER_MAX_ASSOCIATIONS_RANGE: str = "[1, inf)"
 ROUTER_RETRY_INITIAL_S: float = 2.0  # first retry delay when a destination fails; doubles each time
+ROUTER_RETRY_INITIAL_S_RANGE: str = "(0, inf)"
 ROUTER_RETRY_MAX_S: float = 60.0  # longest delay between retries (a down destination is retried forever)
+ROUTER_RETRY_MAX_S_RANGE: str = "(0, inf)"  # and at least ROUTER_RETRY_INITIAL_S (utils/routing/config.py)
 ROUTER_MAX_ATTEMPTS: int = 10  # an object its destination refuses this often is marked failed (kept in spool)
+ROUTER_MAX_ATTEMPTS_RANGE: str = "[1, inf)"
 ROUTER_MAX_CLASSIFY_ATTEMPTS: int = 3  # an object whose classification dies this often (crash, kill) goes to "unreadable"
+ROUTER_MAX_CLASSIFY_ATTEMPTS_RANGE: str = "[1, inf)"

@@ -33,7 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from utils import constants
+from utils import config, constants
 
 SPEC_VERSION = 1  # the format of a spec file; what its pixels look like is PIPELINE_VERSION's business
 # Bump when steps 2-3 below produce other 8-bit images for the same decoded image and spec.
@@ -65,12 +65,11 @@ class PreprocessSpec:
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
-        if self.aspect not in constants.ASPECT_CHOICES:
-            raise ValueError(f"aspect must be one of {constants.ASPECT_CHOICES}, got {self.aspect!r}")
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if self.image_size < 8:
-            raise ValueError(f"image_size too small: {self.image_size}")
+        """The bounds of the flags (constants.py ``*_RANGE``/``*_CHOICES``, utils.config.validate)
+        hold for a spec read from a file too; config.ConfigError is a ValueError."""
+        config.validate({"class_names": self.class_names, "image_size": self.image_size, "channels": self.channels,
+                         "aspect": self.aspect, "window_percentiles": self.window_percentiles},
+                        where="preprocessing spec")
 
     @property
     def num_classes(self) -> int:

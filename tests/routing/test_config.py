@@ -1,14 +1,18 @@
 """The router's YAML configuration: defaults, strict checking, routes against the model's classes."""
 
+import dataclasses
+import math
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 import router
+from utils import config as flags
 from utils import constants
 from utils.config import ConfigError
-from utils.routing.config import load_config
+from utils.routing.config import _CONSTANTS, RouterConfig, _settings, load_config
 
 from .conftest import CLASSES, ROOT
 
@@ -49,7 +53,7 @@ def test_overrides_win_over_the_file(tmp_path):
     ({"prot": 104}, "did you mean 'port'"),
     ({"port": "104x"}, "expected int"),
     ({"port": 70000}, "port must be between"),
-    ({"threshold": 1.5}, "threshold must be in"),
+    ({"threshold": 1.5}, "threshold must be between 0 and 1, got 1.5"),
     ({"threshold": True}, "expected float"),
     ({"ae_title": "A_TITLE_LONGER_THAN_16"}, "AE title"),
     ({"retry_max_s": 0.1, "retry_initial_s": 1}, "retry_max_s"),
@@ -58,6 +62,9 @@ def test_overrides_win_over_the_file(tmp_path):
     ({"destinations": {"spine": {"ae_title": "X", "host": "h"}}}, "needs ae_title, host and port"),
     ({"destinations": {"spine": {"ae_title": "X", "host": "h", "port": 1, "tls": True}}}, "unknown key 'tls'"),
     ({"destinations": {"spine": "pacs"}}, "expected a mapping"),
+    ({"destinations": {"spine": {"ae_title": "X", "host": "h", "port": 0}}},
+     "destinations.spine.port must be between 1 and 65535, got 0"),
+    ({"decode_pool": "auto"}, r"decode_pool must be one of \('processes', 'threads'\)"),
     ({"model": None}, "'model' is required"),
 ])
 def test_bad_settings_are_refused_with_the_key(tmp_path, settings, message):
@@ -93,3 +100,32 @@ def test_router_flags_and_help(capsys):
 def test_router_refuses_a_bad_config_with_exit_code_2(tmp_path, capsys):
     assert router.main(["--config", str(write(tmp_path, prot=1))]) == 2
     assert "unknown key 'prot'" in capsys.readouterr().err
+
+
+RANGED = {key: name for key, name in _CONSTANTS.items() if flags.value_range(name)}
+
+
+@pytest.mark.parametrize("key", sorted(RANGED))
+def test_an_out_of_range_value_is_refused_naming_the_yaml_key(tmp_path, key):
+    """Every numeric router setting is checked against its constant's range (utils/constants.py)."""
+    interval, kind = flags.value_range(RANGED[key]), type(getattr(constants, RANGED[key]))
+    outside = [kind(interval.low if interval.low_open else interval.low - 1)]
+    if not math.isinf(interval.high):
+        outside.append(kind(interval.high if interval.high_open else interval.high + 1))
+    for value in outside:
+        with pytest.raises(ConfigError, match=rf"router.yaml: {key} must be {re.escape(interval.rule())}, "
+                                              rf"got {re.escape(repr(value))}$"):
+            load_config(write(tmp_path, **{key: value}))
+
+
+def test_router_bounds_come_from_constants_py(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "ROUTER_BATCH_SIZE_RANGE", "[1, 8]")
+    with pytest.raises(ConfigError, match=r"router.yaml: batch_size must be between 1 and 8, got 16$"):
+        load_config(write(tmp_path))  # the default (16) is now outside
+    assert load_config(write(tmp_path, batch_size=8)).batch_size == 8
+
+
+def test_every_router_setting_is_a_config_field():
+    """Each ROUTER_* constant is a YAML key (its name without the prefix) and a RouterConfig field."""
+    assert set(_settings()) == {f.name for f in dataclasses.fields(RouterConfig)}
+    assert {"port", "batch_size", "max_classify_attempts", "threshold", "decode_timeout_s"} <= set(RANGED)

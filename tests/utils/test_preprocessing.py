@@ -104,3 +104,27 @@ def test_same_pixels_compares_what_the_cache_depends_on():
     assert not spec.same_pixels(spec.replace(image_size=32))
     assert not spec.same_pixels(spec.replace(aspect="letterbox"))
     assert not spec.same_pixels(spec.replace(window_percentiles=(1.0, 99.0)))
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"image_size": 16}, "image_size must be between 32 and 4096, got 16"),
+    ({"image_size": 5000}, "image_size must be between 32 and 4096, got 5000"),
+    ({"channels": 2}, r"channels must be one of \(1, 3\), got 2"),
+    ({"aspect": "squash"}, "aspect must be one of"),
+    ({"window_percentiles": [-1, 99]}, r"window_percentiles must be between 0 and 100 \(each value\)"),
+    ({"window_percentiles": [99, 1]}, "window_percentiles needs 0 <= low < high <= 100"),
+])
+def test_a_spec_file_is_checked_with_the_bounds_of_the_flags(tmp_path, changes, needle):
+    """preprocess.json (saved with data and models) obeys constants.py's *_RANGE/*_CHOICES, as --image-size does."""
+    from utils import config
+
+    path = PreprocessSpec().save(tmp_path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    with pytest.raises(ValueError, match=f"^preprocessing spec: {needle}"):
+        PreprocessSpec.load(tmp_path)
+    key, value = next(iter(changes.items()))
+    with pytest.raises(config.ConfigError):  # the flag refuses the same value
+        config.validate({key: tuple(value) if isinstance(value, list) else value})
+    if key == "image_size":
+        assert needle.startswith(f"image_size must be {config.value_range('IMAGE_SIZE').rule()}")
+        PreprocessSpec(image_size=32)  # the lowest the flag accepts is a valid spec

@@ -27,32 +27,37 @@ from pathlib import Path
 from typing import Any
 
 from utils import constants
-from utils.config import ConfigError
+from utils.config import ConfigError, check_value, constant_types
 from utils.decisions import UNCERTAIN, UNREADABLE
 
-# YAML key -> (type, default). Defaults come from constants.py so both stay one source of truth.
-_SETTINGS: dict[str, tuple[type, Any]] = {
-    "ae_title": (str, constants.ROUTER_AE_TITLE),
-    "host": (str, constants.ROUTER_HOST),
-    "port": (int, constants.ROUTER_PORT),
+# YAML key -> the constant of utils/constants.py that gives its type, default and bounds
+# (NAME_RANGE / NAME_CHOICES, checked by utils.config.check_value): every ROUTER_* constant
+# (the key is its name without the prefix), and the settings shared with predict.py. A new
+# router setting is a ROUTER_* constant (+ its range) and a RouterConfig field.
+_CONSTANTS: dict[str, str] = {
+    **{name.removeprefix("ROUTER_").lower(): name for name in constant_types()
+       if name.startswith("ROUTER_") and not name.endswith(("_RANGE", "_CHOICES"))},
+    "threshold": "THRESHOLD",
+    "decode_pool": "DECODE_POOL",  # "processes" (isolated, time-limited) or "threads"
+    "decode_workers": "DECODE_WORKERS",
+    "decode_timeout_s": "DECODE_TIMEOUT_S",
+    "decode_memory_limit_mb": "DECODE_MEMORY_LIMIT_MB",
+}
+# Settings without a constant: YAML key -> (type, default).
+_OTHERS: dict[str, tuple[type, Any]] = {
     "model": (str, None),
-    "threshold": (float, constants.THRESHOLD),
-    "spool_dir": (str, constants.ROUTER_SPOOL_DIR),
     "audit_log": (str, None),  # default: <spool_dir>/audit.jsonl
-    "batch_size": (int, constants.ROUTER_BATCH_SIZE),
-    "batch_wait_ms": (int, constants.ROUTER_BATCH_WAIT_MS),
-    "decode_pool": (str, constants.DECODE_POOL),  # "processes" (isolated, time-limited) or "threads"
-    "decode_workers": (int, constants.DECODE_WORKERS),
-    "decode_timeout_s": (float, constants.DECODE_TIMEOUT_S),
-    "decode_memory_limit_mb": (int, constants.DECODE_MEMORY_LIMIT_MB),
-    "max_associations": (int, constants.ROUTER_MAX_ASSOCIATIONS),
-    "retry_initial_s": (float, constants.ROUTER_RETRY_INITIAL_S),
-    "retry_max_s": (float, constants.ROUTER_RETRY_MAX_S),
-    "max_attempts": (int, constants.ROUTER_MAX_ATTEMPTS),
-    "max_classify_attempts": (int, constants.ROUTER_MAX_CLASSIFY_ATTEMPTS),
     "allowed_callers": (list, []),  # calling AE titles accepted; empty = any
     "destinations": (dict, None),
 }
+
+
+def _settings() -> dict[str, tuple[type, Any]]:
+    """Every YAML key -> (type, default); read at each load, so constants.py is the one source."""
+    hints = constant_types()
+    return {**{key: (hints[name], getattr(constants, name)) for key, name in _CONSTANTS.items()}, **_OTHERS}
+
+
 _DICOM_KEYS = {"ae_title", "host", "port"}
 _FOLDER_KEYS = {"folder"}
 
@@ -145,9 +150,10 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None
 
 
 def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configuration") -> RouterConfig:
-    _refuse_unknown(raw, _SETTINGS, where)
+    settings = _settings()
+    _refuse_unknown(raw, settings, where)
     values = {}
-    for key, (kind, default) in _SETTINGS.items():
+    for key, (kind, default) in settings.items():
         value = raw.get(key, default)
         if value is not None:
             value = _typed(value, kind, f"{where}: {key}")
@@ -164,15 +170,10 @@ def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configura
     destinations.setdefault(UNREADABLE, Destination(UNREADABLE, folder=spool / "quarantine"))
     callers = tuple(_ae_title(_typed(a, str, f"{where}: allowed_callers"), f"{where}: allowed_callers")
                     for a in values["allowed_callers"])
-    return RouterConfig(
-        ae_title=_ae_title(values["ae_title"], f"{where}: ae_title"), host=values["host"], port=values["port"],
-        model=str(_path(values["model"], base)), threshold=values["threshold"], spool_dir=spool, audit_log=audit,
-        batch_size=values["batch_size"], batch_wait_ms=values["batch_wait_ms"],
-        decode_workers=values["decode_workers"], max_associations=values["max_associations"],
-        retry_initial_s=values["retry_initial_s"], retry_max_s=values["retry_max_s"],
-        max_attempts=values["max_attempts"], allowed_callers=callers, destinations=destinations,
-        max_classify_attempts=values["max_classify_attempts"], decode_pool=values["decode_pool"],
-        decode_timeout_s=values["decode_timeout_s"], decode_memory_limit_mb=values["decode_memory_limit_mb"])
+    plain = {key: values[key] for key in _CONSTANTS if key not in ("ae_title", "spool_dir")}
+    return RouterConfig(**plain, ae_title=_ae_title(values["ae_title"], f"{where}: ae_title"),
+                        model=str(_path(values["model"], base)), spool_dir=spool, audit_log=audit,
+                        allowed_callers=callers, destinations=destinations)
 
 
 def _refuse_unknown(raw: dict, known, where: str) -> None:
@@ -194,22 +195,12 @@ def _typed(value: Any, kind: type, where: str) -> Any:
 
 
 def _check_ranges(v: dict[str, Any], where: str) -> None:
-    checks = [("port", 1 <= v["port"] <= 65535, "between 1 and 65535"),
-              ("threshold", 0.0 <= v["threshold"] <= 1.0, "in [0, 1]"),
-              ("batch_size", v["batch_size"] >= 1, ">= 1"), ("batch_wait_ms", v["batch_wait_ms"] >= 0, ">= 0"),
-              ("decode_pool", v["decode_pool"] in constants.DECODE_POOL_CHOICES,
-               f"one of {constants.DECODE_POOL_CHOICES}"),
-              ("decode_workers", v["decode_workers"] >= 0, ">= 0"),
-              ("decode_timeout_s", v["decode_timeout_s"] > 0, "> 0"),
-              ("decode_memory_limit_mb", v["decode_memory_limit_mb"] >= 0, ">= 0 (0: no cap)"),
-              ("max_associations", v["max_associations"] >= 1, ">= 1"),
-              ("retry_initial_s", v["retry_initial_s"] > 0, "> 0"),
-              ("retry_max_s", v["retry_max_s"] >= v["retry_initial_s"], ">= retry_initial_s"),
-              ("max_attempts", v["max_attempts"] >= 1, ">= 1"),
-              ("max_classify_attempts", v["max_classify_attempts"] >= 1, ">= 1")]
-    for key, ok, rule in checks:
-        if not ok:
-            raise ConfigError(f"{where}: {key} must be {rule}, got {v[key]!r}")
+    """Each setting against its constant's bounds, then the one rule that relates two settings."""
+    for key, name in _CONSTANTS.items():
+        check_value(name, v[key], f"{where}: {key}")
+    if not v["retry_max_s"] >= v["retry_initial_s"]:
+        raise ConfigError(f"{where}: retry_max_s must be >= retry_initial_s ({v['retry_initial_s']!r}), "
+                          f"got {v['retry_max_s']!r}")
 
 
 def _ae_title(value: str, where: str) -> str:
@@ -237,7 +228,6 @@ def _destination(route: str, spec: Any, base: Path, where: str) -> Destination:
         raise ConfigError(f"{where}: a DICOM destination needs ae_title, host and port "
                           f"(missing {sorted(_DICOM_KEYS - keys)}), or give a folder")
     port = _typed(spec["port"], int, f"{where}.port")
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"{where}.port must be between 1 and 65535, got {port}")
+    check_value("ROUTER_PORT", port, f"{where}.port")  # a TCP port, like the router's own
     return Destination(route, ae_title=_ae_title(_typed(spec["ae_title"], str, f"{where}.ae_title"), where),
                        host=_typed(spec["host"], str, f"{where}.host"), port=port)
