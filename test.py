@@ -9,13 +9,17 @@ embedded preprocessing spec decides how images are read. --data is a prepared da
 --split is used), a CSV of path,label[,group], or a folder per class; raw files are decoded in
 worker processes (--decode-pool), so one that hangs or crashes a codec is left out with its
 reason. Outputs per model: results.json, results.md, predictions.csv, confusion_matrix.png,
-roc_curves.png (beside the model, or in --output/<model name>); with several models,
-comparison.md/.csv as well.
+roc_curves.png (beside the model, or in --output/<model name>), and skipped.csv (file, reason,
+message) when a listed file was left out; with several models, comparison.md/.csv as well. Every
+report says how many images were listed, evaluated and skipped (by reason). When more than
+--max-skipped-share of the listed files cannot be read (or none can), no result is written: only
+skipped.csv, an error naming the counts and reasons, and exit status 2.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -23,9 +27,13 @@ from utils import config, constants
 from utils.isolation import PoolSettings
 
 FLAGS = ("SPLIT", "BOOTSTRAP_RESAMPLES", "CONFIDENCE_LEVEL", "BOOTSTRAP_UNIT", "SEED", "BATCH_SIZE",
-         "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB")
+         "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB", "MAX_SKIPPED_SHARE")
 
 log = logging.getLogger("test")
+
+
+class CoverageError(Exception):
+    """Too large a share of the listed files could not be read (or none could): no result is written."""
 
 
 def parse_args(argv: list[str] | None = None):
@@ -40,6 +48,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     config.add_flags(parser, FLAGS)
     args = parser.parse_args(argv)
+    if not 0 <= args.max_skipped_share <= 1:  # also rejects nan
+        parser.error(f"--max-skipped-share must be in [0, 1] (a share of the listed images), "
+                     f"got {args.max_skipped_share}")
     PoolSettings.from_args(parser, args)
     if args.demo:
         args.models = args.models or [str(Path(constants.RUNS_DIR) / "demo")]
@@ -63,10 +74,18 @@ def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict
     probs, kept, errors = evaluation.predict(info, subset.files, cached=subset.cached,
                                              batch_size=settings["batch_size"], progress=not args.quiet,
                                              pool=PoolSettings.from_flags(settings))
-    for path, reason in errors + subset.skipped:
+    for path, reason in subset.skipped + errors:
         log.warning("left out %s: %s", path, reason)
-    if len(kept) == 0:
-        raise SystemExit(f"error: no readable image in {data}")
+    coverage = evaluation.Coverage.of(subset, len(kept), errors, settings["max_skipped_share"])
+    skipped_csv = reports.write_skipped_csv(output_dir, coverage.skipped)
+    if coverage.too_many_skipped:
+        for stale in reports.remove_evaluation_outputs(output_dir):
+            log.warning("removed %s of an earlier evaluation", stale)
+        raise CoverageError(coverage_error(coverage, data, skipped_csv))
+    if coverage.skipped:
+        log.warning("%d of %d listed images skipped (%s); the metrics cover the other %d: see %s",
+                    len(coverage.skipped), coverage.listed, reports.reasons_text(coverage.by_reason),
+                    coverage.evaluated, skipped_csv)
     timing = evaluation.time_inference(info, runs=args.timing_runs) if args.timing_runs else None
     groups = [subset.groups[i] for i in kept] if subset.groups is not None else None
     results = reports.write_evaluation(
@@ -75,9 +94,30 @@ def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict
         confidence=settings["confidence_level"], seed=settings["seed"], unit=settings["bootstrap_unit"],
         model_id=info.model_id, split=subset.split, timing=timing,
         extra={"data": str(data), "source": subset.description, "backbone": info.backbone,
-               "left_out": [{"file": f, "reason": r} for f, r in errors + subset.skipped]})
+               "left_out": [{"file": f, "reason": r} for f, r in subset.skipped + errors]},
+        coverage=coverage.to_dict())
     config.save_config({**settings, "model": model_arg, "data": str(data)}, output_dir / "test_config.json")
     return results
+
+
+def coverage_error(coverage, data, skipped_csv: Path | None) -> str:
+    """Why an evaluation is refused: counts, reasons, the threshold and how to allow it."""
+    from utils import reports
+
+    reasons = reports.reasons_text(coverage.by_reason)
+    share, limit = coverage.skipped_share, coverage.max_skipped_share
+    if coverage.evaluated == 0:
+        head = f"none of the {coverage.listed} listed images in {data} could be read ({reasons})"
+    else:
+        head = (f"{len(coverage.skipped)} of {coverage.listed} listed images in {data} ({share:.1%}) could not "
+                f"be read ({reasons}): more than the {limit:.1%} that --max-skipped-share {limit:g} allows, "
+                f"so the metrics would cover only the other {coverage.evaluated}")
+    tail = f"Each file and its reason: {skipped_csv}. " if skipped_csv else ""
+    tail += "No results written. Fix or remove those files"
+    if coverage.evaluated:
+        allow = min(1.0, math.ceil(share * 1000) / 1000)
+        tail += f", or accept metrics on part of the data with --max-skipped-share {allow:g}"
+    return f"{head}. {tail}."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             output_dir = (path if path.is_dir() else path.parent) / f"eval-{settings['split']}"
         try:
             results = evaluate_one(model_arg, args, settings, output_dir)
-        except (FileNotFoundError, ValueError) as error:
+        except (FileNotFoundError, ValueError, CoverageError) as error:
             print(f"error: {model_arg}: {error}", file=sys.stderr)
             return 2
         all_results.append(results)
         names.append(name)
-        print(f"\n{name} on {results['n_images']} images (split: {results['split']}):")
+        cov = results["coverage"]
+        print(f"\n{name} on {cov['evaluated']} of {cov['listed']} listed images, {cov['skipped']} skipped "
+              f"(split: {results['split']}):")
         print(reports.comparison_table([results], [name]))
         print(f"details: {output_dir / 'results.md'}")
     if len(all_results) > 1:

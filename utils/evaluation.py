@@ -5,7 +5,8 @@ Images come from (a) a split of a prepared dataset whose preprocessing matches t
 spec: a prepared dataset prepared differently (its ``source_file`` column), any CSV of
 path,label[,group], or a folder per class. Inference goes through utils.engine, as in predict.py
 and the router. A file that cannot be read (or hangs or crashes its decoder) is reported and
-left out, never a crash.
+left out, never a crash; :class:`Coverage` counts what was listed, evaluated and skipped (by
+reason), so that a report never quietly covers only part of the data.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -37,6 +39,7 @@ class EvalSet:
     cached: bool  # True: files are prepared PNGs already at the spec; False: raw sources
     description: str
     split: str  # the split evaluated, or "all" for sources without one
+    # listed but left out before decoding (not found, unknown label...): (file, "reason: message")
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -77,7 +80,56 @@ def eval_set(data: str | os.PathLike, split: str, spec: PreprocessSpec) -> EvalS
     labels = _label_ids([it.label for it in items], spec.class_names, str(data))
     groups = [it.group or it.source for it in items]
     return EvalSet([it.source for it in items], labels, groups, False, f"{data} ({listing.layout})",
-                   split if has_splits else "all", skipped=[(r[0], r[1]) for r in listing.rejects])
+                   split if has_splits else "all",
+                   skipped=[(source, f"{reason}: {message}") for source, reason, message in listing.rejects])
+
+
+def split_reason(reason: str) -> tuple[str, str]:
+    """``"reason_code: message"`` (or a bare code) -> (reason code, message)."""
+    code, _, message = str(reason).partition(":")
+    return code.strip(), message.strip()
+
+
+@dataclass
+class Coverage:
+    """What an evaluation covered: each listed file is either evaluated or skipped with its reason."""
+
+    listed: int
+    evaluated: int
+    skipped: list[tuple[str, str, str]]  # (file, reason code, message), listing rejects first
+    max_skipped_share: float
+
+    @classmethod
+    def of(cls, subset: EvalSet, evaluated: int, errors: Sequence[tuple[str, str]],
+           max_skipped_share: float) -> Coverage:
+        """From the eval set (its files and listing rejects) and predict()'s decode errors."""
+        skipped = [(str(path), *split_reason(reason)) for path, reason in list(subset.skipped) + list(errors)]
+        listed = len(subset.files) + len(subset.skipped)
+        if evaluated + len(skipped) != listed:  # every file is accounted for exactly once
+            raise RuntimeError(f"coverage does not add up: {evaluated} evaluated + {len(skipped)} skipped "
+                               f"!= {listed} listed")
+        return cls(listed, evaluated, skipped, float(max_skipped_share))
+
+    @property
+    def skipped_share(self) -> float:
+        return len(self.skipped) / self.listed if self.listed else 0.0
+
+    @property
+    def by_reason(self) -> dict[str, int]:
+        """Skipped files per reason code, most frequent first (then by name)."""
+        counts = Counter(reason for _, reason, _ in self.skipped)
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+    @property
+    def too_many_skipped(self) -> bool:
+        """More than ``max_skipped_share`` of the listed files could not be read, or none could."""
+        return self.evaluated == 0 or self.skipped_share > self.max_skipped_share
+
+    def to_dict(self) -> dict:
+        """results.json's ``coverage``."""
+        return {"listed": self.listed, "evaluated": self.evaluated, "skipped": len(self.skipped),
+                "skipped_share": self.skipped_share, "skipped_by_reason": self.by_reason,
+                "max_skipped_share": self.max_skipped_share}
 
 
 def decode_cached(path: str, spec: PreprocessSpec) -> Decoded:

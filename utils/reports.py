@@ -3,6 +3,10 @@
 ``write_evaluation`` turns one model's predictions into every output; ``comparison_table`` and
 ``write_comparison`` put several results side by side like the paper's table. No TensorFlow:
 everything starts from arrays already predicted.
+
+Every output says what it covers: results.json's ``coverage`` (listed, evaluated, skipped by
+reason), a line at the top of results.md, Evaluated / Skipped columns in the tables, and
+``skipped.csv`` (file, reason, message) beside results.json whenever a listed file was left out.
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ logger = logging.getLogger(__name__)
 
 # Bump when a key of results.json is renamed, removed or changes meaning (adding keys is fine).
 RESULTS_SCHEMA_VERSION: int = 1
+
+SKIPPED_FILENAME = "skipped.csv"
+# What write_evaluation writes: removed by remove_evaluation_outputs when an evaluation is refused,
+# so that no earlier headline result is left beside the new skipped.csv.
+EVALUATION_FILES: tuple[str, ...] = ("results.json", "results.md", "predictions.csv",
+                                     "confusion_matrix.png", "roc_curves.png")
 
 # results.json "metrics" key -> column title, in the paper's column order.
 PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -66,6 +76,77 @@ def ms_per_image(results: Mapping[str, Any]) -> float | None:
     return None
 
 
+# --- Coverage: listed = evaluated + skipped ---------------------------------------------------
+def full_coverage(n_images: int) -> dict[str, Any]:
+    """The coverage of an evaluation that skipped nothing (when the caller gives none)."""
+    return {"listed": int(n_images), "evaluated": int(n_images), "skipped": 0, "skipped_share": 0.0,
+            "skipped_by_reason": {}, "max_skipped_share": None}
+
+
+def check_coverage(coverage: Mapping[str, Any], n_images: int) -> dict[str, Any]:
+    """``coverage`` as a plain dict, checked against the number of images evaluated."""
+    cov = dict(coverage)
+    missing = {"listed", "evaluated", "skipped", "skipped_by_reason"} - set(cov)
+    if missing:
+        raise ValueError(f"coverage lacks {sorted(missing)}")
+    if cov["evaluated"] != n_images:
+        raise ValueError(f"coverage says {cov['evaluated']} images evaluated, but {n_images} were given")
+    if cov["listed"] != cov["evaluated"] + cov["skipped"] or sum(cov["skipped_by_reason"].values()) != cov["skipped"]:
+        raise ValueError(f"coverage does not add up: {cov}")
+    cov.setdefault("skipped_share", cov["skipped"] / cov["listed"] if cov["listed"] else 0.0)
+    cov.setdefault("max_skipped_share", None)
+    return cov
+
+
+def _share(value: float) -> str:
+    return "<0.1%" if 0 < value < 0.001 else f"{value:.1%}"
+
+
+def reasons_text(by_reason: Mapping[str, int]) -> str:
+    """``{"no_pixel_data": 1, "truncated_pixel_data": 1}`` -> "no_pixel_data 1, truncated_pixel_data 1"."""
+    return ", ".join(f"{reason} {count}" for reason, count in by_reason.items())
+
+
+def coverage_line(coverage: Mapping[str, Any]) -> str:
+    """results.md's first line: what was listed, evaluated and skipped (by reason)."""
+    listed, evaluated, skipped = coverage["listed"], coverage["evaluated"], coverage["skipped"]
+    if not skipped:
+        return f"All {listed} listed images evaluated; none skipped."
+    line = (f"Evaluated {evaluated} of {listed} listed images; {skipped} skipped "
+            f"({reasons_text(coverage['skipped_by_reason'])}): see {SKIPPED_FILENAME}. "
+            f"The metrics cover the evaluated images only ({_share(coverage['skipped_share'])} skipped")
+    limit = coverage.get("max_skipped_share")
+    return line + (f"; at most {_share(limit)} allowed by `--max-skipped-share`)." if limit is not None else ").")
+
+
+def write_skipped_csv(output_dir: str | os.PathLike, skipped: Sequence[Sequence[Any]]) -> Path | None:
+    """skipped.csv (file, reason, message) in ``output_dir`` when ``skipped`` has rows; else remove
+    an earlier run's skipped.csv there and return None."""
+    path = Path(output_dir) / SKIPPED_FILENAME
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "reason", "message"])
+        for file, reason, message in skipped:
+            writer.writerow([os.fspath(file), reason, message])
+    return path
+
+
+def remove_evaluation_outputs(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete an earlier run's results.json, results.md, predictions.csv and figures in
+    ``output_dir`` (used when an evaluation is refused); return what was removed."""
+    removed = []
+    for name in EVALUATION_FILES:
+        path = Path(output_dir) / name
+        if path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 # --- One model ------------------------------------------------------------------------------
 def compute_results(
     *,
@@ -81,8 +162,13 @@ def compute_results(
     split: str = "test",
     timing: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    coverage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The results.json dict (already JSON-safe); predictions are argmax of ``probs``."""
+    """The results.json dict (already JSON-safe); predictions are argmax of ``probs``.
+
+    ``coverage`` (listed, evaluated, skipped, skipped_share, skipped_by_reason, max_skipped_share;
+    see utils.evaluation.Coverage) says which part of the listed data the metrics cover; without
+    it every listed image is taken as evaluated."""
     names = [str(c) for c in class_names]
     k = len(names)
     t = np.asarray(y_true)
@@ -105,7 +191,9 @@ def compute_results(
         "model_id": model_id,
         "split": split,
         "class_names": names,
-        "n_images": int(t.shape[0]),
+        "n_images": int(t.shape[0]),  # evaluated; coverage has listed and skipped
+        "coverage": (full_coverage(t.shape[0]) if coverage is None
+                     else check_coverage(coverage, int(t.shape[0]))),
         "n_groups": None if groups is None else int(np.unique(np.asarray(groups)).size),
         "metrics": {name: ci[name] for name in M.METRIC_NAMES},
         "macro_average": {
@@ -159,7 +247,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     boot = results["bootstrap"]
     groups = results.get("n_groups")
     out = [f"# Evaluation of {model} on the {results.get('split', '')} split", ""]
-    out.append(f"{results['n_images']} images" +
+    out += [coverage_line(results.get("coverage") or full_coverage(results["n_images"])), ""]
+    out.append(f"{results['n_images']} images evaluated" +
                (f" from {groups} groups (patients)." if groups is not None else "."))
     out += ["", _md_table(["Model"] + [title for _, title in PAPER_COLUMNS],
                           [[model] + [_cell(results["metrics"][k]) for k, _ in PAPER_COLUMNS]])]
@@ -220,13 +309,15 @@ def write_evaluation(
     split: str = "test",
     timing: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    coverage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compute every metric and write results.json, predictions.csv, results.md,
     confusion_matrix.png and roc_curves.png into ``output_dir``; return the results dict.
 
     Predictions are ``argmax(probs)``. ``groups`` (e.g. patient ids, one per image) enables the
     patient-level bootstrap (``unit="auto"``; see ``utils.metrics.resolve_bootstrap_unit``).
-    ``timing`` and ``extra`` are stored as given (made JSON-safe).
+    ``timing`` and ``extra`` are stored as given (made JSON-safe); ``coverage`` as in
+    ``compute_results`` (skipped.csv itself is ``write_skipped_csv``'s).
     """
     if len(files) != np.asarray(y_true).shape[0]:
         raise ValueError(f"files has {len(files)} entries for {np.asarray(y_true).shape[0]} labels")
@@ -235,7 +326,7 @@ def write_evaluation(
     results = compute_results(
         y_true=y_true, probs=probs, class_names=class_names, groups=groups,
         n_resamples=n_resamples, confidence=confidence, seed=seed, unit=unit,
-        model_id=model_id, split=split, timing=timing, extra=extra)
+        model_id=model_id, split=split, timing=timing, extra=extra, coverage=coverage)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.json", "w", encoding="utf-8") as fh:
@@ -252,10 +343,22 @@ def write_evaluation(
 
 
 # --- Several models -------------------------------------------------------------------------
+def _coverage_cells(res: Mapping[str, Any]) -> list[str]:
+    """Evaluated ("40 of 42") and Skipped ("2 (4.8%: no_pixel_data 1, ...)") cells."""
+    cov = res.get("coverage")
+    if not cov:  # a results.json written before coverage was recorded
+        return ["n/a" if res.get("n_images") is None else str(res["n_images"]), "n/a"]
+    skipped = cov["skipped"]
+    detail = f"{skipped} ({_share(cov['skipped_share'])}: {reasons_text(cov['skipped_by_reason'])})"
+    return [f"{cov['evaluated']} of {cov['listed']}", detail if skipped else "0"]
+
+
 def comparison_table(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> str:
-    """Markdown table, one row per model: Model | Precision | Recall | F1 | Accuracy | ms/image.
+    """Markdown table, one row per model:
+    Model | Precision | Recall | F1 | Accuracy | ms/image | Evaluated | Skipped.
 
     ms/image is ``timing.batch1_ms_median`` (else 1000 / throughput), n/a if not timed.
+    Evaluated is "evaluated of listed"; Skipped the count, share and reasons.
     """
     if len(results) != len(names):
         raise ValueError(f"{len(results)} results for {len(names)} names")
@@ -263,8 +366,9 @@ def comparison_table(results: Sequence[Mapping[str, Any]], names: Sequence[str])
     for name, res in zip(names, results):
         ms = ms_per_image(res)
         rows.append([name] + [_cell(res["metrics"].get(k)) for k, _ in PAPER_COLUMNS]
-                    + ["n/a" if ms is None else f"{ms:.2f}"])
-    return _md_table(["Model"] + [t for _, t in PAPER_COLUMNS] + ["ms/image"], rows) + "\n"
+                    + ["n/a" if ms is None else f"{ms:.2f}"] + _coverage_cells(res))
+    header = ["Model"] + [t for _, t in PAPER_COLUMNS] + ["ms/image", "Evaluated", "Skipped"]
+    return _md_table(header, rows) + "\n"
 
 
 def write_comparison(
@@ -279,7 +383,8 @@ def write_comparison(
     header = ["model"]
     for key, _ in PAPER_COLUMNS:
         header += [key, f"{key}_ci_low", f"{key}_ci_high"]
-    header += ["ms_per_image", "n_images", "split", "model_id"]
+    header += ["ms_per_image", "n_images", "split", "model_id",
+               "listed", "evaluated", "skipped", "skipped_share", "skipped_by_reason"]
     with open(md_path.with_suffix(".csv"), "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
@@ -289,5 +394,9 @@ def write_comparison(
                 m = res["metrics"].get(key) or {}
                 row += [m.get("value"), m.get("ci_low"), m.get("ci_high")]
             row += [ms_per_image(res), res.get("n_images"), res.get("split"), res.get("model_id")]
+            cov = res.get("coverage") or {}
+            by_reason = cov.get("skipped_by_reason")
+            row += [cov.get("listed"), cov.get("evaluated"), cov.get("skipped"), cov.get("skipped_share"),
+                    None if by_reason is None else ";".join(f"{r}={n}" for r, n in by_reason.items())]
             writer.writerow(["" if v is None else v for v in row])
     logger.info("wrote %s and %s", md_path, md_path.with_suffix(".csv"))

@@ -3,6 +3,7 @@ with the engine's reason codes."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import cv2
@@ -67,3 +68,58 @@ def test_spec_mismatch_is_reported_per_file(tmp_path):
     cv2.imwrite(str(png), np.zeros((64, 64), np.uint8))
     decoded = evaluation.decode_cached(str(png), PreprocessSpec(image_size=32))
     assert decoded.image is None and decoded.reason == "wrong_image_size" and "64" in decoded.message
+
+
+# --- Coverage: every listed file is evaluated or skipped with its reason ----------------------
+
+
+def test_split_reason():
+    assert evaluation.split_reason("unreadable_image: /a/b.png: unreadable PNG") == (
+        "unreadable_image", "/a/b.png: unreadable PNG")
+    assert evaluation.split_reason("not_an_image") == ("not_an_image", "")
+
+
+def test_coverage_of_raw_folders_counts_listing_rejects_and_decode_errors(tmp_path, predictor):
+    dark = tmp_path / "data" / "dark"
+    dicoms(dark, count=3)
+    (dark / "notes.txt").write_text("not an image")  # rejected by the listing: not_an_image
+    (dark / "x.dcm").write_text("not DICOM")  # listed, then fails to decode: not_dicom
+    subset = evaluation.eval_set(tmp_path / "data", "test", SPEC)
+    assert [(p, r.split(":")[0]) for p, r in subset.skipped] == [(str(dark / "notes.txt"), "not_an_image")]
+    _, kept, errors = evaluation.predict(predictor, subset.files, cached=False, progress=False,
+                                         pool=PoolSettings(mode="threads"))
+    cov = evaluation.Coverage.of(subset, len(kept), errors, 0.5)
+    assert (cov.listed, cov.evaluated, len(cov.skipped)) == (5, 3, 2)
+    assert cov.by_reason == {"not_an_image": 1, "not_dicom": 1}
+    assert cov.skipped[0] == (str(dark / "notes.txt"), "not_an_image", "unrecognised file type")
+    assert cov.skipped[1][:2] == (str(dark / "x.dcm"), "not_dicom") and cov.skipped[1][2]
+    assert cov.skipped_share == pytest.approx(0.4) and not cov.too_many_skipped
+    assert cov.to_dict() == {"listed": 5, "evaluated": 3, "skipped": 2, "skipped_share": 0.4,
+                             "skipped_by_reason": {"not_an_image": 1, "not_dicom": 1}, "max_skipped_share": 0.5}
+    assert dataclasses.replace(cov, max_skipped_share=0.39).too_many_skipped
+
+
+def test_coverage_of_a_prepared_dataset_with_missing_and_broken_pngs(tmp_path, predictor):
+    data = tmp_path / "prepared"
+    (data / "images").mkdir(parents=True)
+    rows = []
+    for i in range(6):
+        cv2.imwrite(str(data / "images" / f"{i}.png"), np.full((32, 32), 40 * i, np.uint8))
+        rows.append(f"images/{i}.png,{('dark', 'bright')[i % 2]},test,p{i}")
+    (data / "images" / "4.png").write_bytes(b"\x89PNG no")
+    (data / "images" / "5.png").unlink()
+    rows.append("images/6.png,dark,train,p6")  # another split: not listed for test
+    (data / "labels.csv").write_text("path,label,split,group\n" + "\n".join(rows) + "\n")
+    SPEC.save(data)
+    subset = evaluation.eval_set(data, "test", SPEC)
+    assert subset.cached and len(subset.files) == 6 and subset.skipped == []
+    _, kept, errors = evaluation.predict(predictor, subset.files, cached=True, batch_size=4, progress=False)
+    cov = evaluation.Coverage.of(subset, len(kept), errors, 0.01)
+    assert (cov.listed, cov.evaluated) == (6, 4)
+    assert cov.by_reason == {"file_not_found": 1, "unreadable_image": 1}
+    assert cov.too_many_skipped and cov.skipped_share == pytest.approx(1 / 3)
+    assert dataclasses.replace(cov, max_skipped_share=1 / 3).too_many_skipped is False
+    # none readable fails whatever the threshold; counts that do not add up are a bug
+    assert evaluation.Coverage.of(subset, 0, [(f, "file_not_found: x") for f in subset.files], 1.0).too_many_skipped
+    with pytest.raises(RuntimeError, match="add up"):
+        evaluation.Coverage.of(subset, len(kept), errors[:1], 0.5)

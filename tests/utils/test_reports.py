@@ -53,10 +53,13 @@ def test_results_json_schema(evaluation):
     data = _load_json(out / "results.json")  # raises on NaN / Infinity
     assert data == results
     assert data["schema_version"] == reports.RESULTS_SCHEMA_VERSION
-    for key in ("model_id", "split", "class_names", "n_images", "n_groups", "metrics",
+    for key in ("model_id", "split", "class_names", "n_images", "coverage", "n_groups", "metrics",
                 "macro_average", "per_class", "confusion_matrix", "roc_auc", "bootstrap",
                 "timing", "extra"):
         assert key in data, key
+    # no coverage given: every listed image counts as evaluated
+    assert data["coverage"] == {"listed": len(t), "evaluated": len(t), "skipped": 0, "skipped_share": 0.0,
+                                "skipped_by_reason": {}, "max_skipped_share": None}
     assert data["class_names"] == CLASSES and data["split"] == "test"
     assert data["n_images"] == len(t) and data["n_groups"] == len(set(groups))
     assert data["bootstrap"] == {"method": "percentile", "resamples": 300, "confidence": 0.95,
@@ -109,6 +112,46 @@ def test_results_markdown(evaluation):
                     "## Timing"):
         assert section in md
     assert "300 resamples of patients" in md and "batch1_ms_median" in md
+    assert "All 200 listed images evaluated; none skipped." in md.splitlines()[:4]
+    assert "skipped.csv" not in md
+
+
+COVERAGE = {"listed": 33, "evaluated": 30, "skipped": 3, "skipped_share": 3 / 33,
+            "skipped_by_reason": {"no_pixel_data": 2, "file_not_found": 1}, "max_skipped_share": 0.1}
+
+
+def test_coverage_in_results_json_and_markdown(tmp_path):
+    t, probs, _, files = _data(n=30, seed=2)
+    res = reports.write_evaluation(tmp_path, y_true=t, probs=probs, class_names=CLASSES, files=files,
+                                   n_resamples=0, coverage=COVERAGE)
+    data = _load_json(tmp_path / "results.json")
+    assert data["coverage"] == res["coverage"] == COVERAGE
+    assert data["n_images"] == 30  # still the number evaluated
+    md = (tmp_path / "results.md").read_text().splitlines()
+    line = next(x for x in md[:4] if x.startswith("Evaluated"))
+    assert line.startswith("Evaluated 30 of 33 listed images; 3 skipped (no_pixel_data 2, file_not_found 1): "
+                           "see skipped.csv.")
+    assert "9.1% skipped" in line and "10.0% allowed by `--max-skipped-share`" in line
+    # coverage that does not match what was evaluated is refused
+    for bad in ({**COVERAGE, "evaluated": 29}, {**COVERAGE, "listed": 34},
+                {**COVERAGE, "skipped_by_reason": {"no_pixel_data": 2}}):
+        with pytest.raises(ValueError, match="coverage"):
+            reports.compute_results(y_true=t, probs=probs, class_names=CLASSES, n_resamples=0, coverage=bad)
+
+
+def test_skipped_csv(tmp_path):
+    rows = [("a/1.dcm", "no_pixel_data", "no Pixel Data element"), ("b/2.png", "file_not_found", "b/2.png: gone")]
+    path = reports.write_skipped_csv(tmp_path / "out", rows)
+    assert path == tmp_path / "out" / "skipped.csv"
+    with open(path, newline="") as fh:
+        assert list(csv.reader(fh)) == [["file", "reason", "message"], *map(list, rows)]
+    # nothing skipped: no skipped.csv, and an earlier run's is not left behind
+    assert reports.write_skipped_csv(tmp_path / "out", []) is None and not path.exists()
+    # a refused evaluation removes an earlier run's headline results
+    (tmp_path / "out" / "results.json").write_text("{}")
+    (tmp_path / "out" / "results.md").write_text("#")
+    assert {p.name for p in reports.remove_evaluation_outputs(tmp_path / "out")} == {"results.json", "results.md"}
+    assert not any((tmp_path / "out").iterdir())
 
 
 def test_figures_written(evaluation):
@@ -156,16 +199,23 @@ def test_comparison_table_and_files(tmp_path):
         metric = {"value": value, "ci_low": value - 0.01, "ci_high": value + 0.005}
         timing = None if ms is None else {"batch1_ms_median": ms}
         return {"metrics": {k: metric for k in M.METRIC_NAMES}, "timing": timing,
-                "n_images": 10, "split": "test", "model_id": "m"}
+                "n_images": 10, "split": "test", "model_id": "m",
+                "coverage": {**reports.full_coverage(10), "max_skipped_share": 0.01}}
 
-    results = [result(0.982, 3.456), result(0.9, None),
+    skipping = {"listed": 12, "evaluated": 10, "skipped": 2, "skipped_share": 2 / 12,
+                "skipped_by_reason": {"no_pixel_data": 1, "truncated_pixel_data": 1}, "max_skipped_share": 0.2}
+    results = [result(0.982, 3.456), {**result(0.9, None), "coverage": skipping},
                {**result(0.8, None), "timing": {"throughput_images_per_s": 500.0}}]
     names = ["MobileNet", "ResNet50", "VGG16"]
     table = reports.comparison_table(results, names)
     lines = table.strip().splitlines()
-    assert lines[0] == "| Model | Precision | Recall | F1 | Accuracy | ms/image |"
-    assert lines[2] == ("| MobileNet | " + " | ".join(["0.982 (0.972-0.987)"] * 4) + " | 3.46 |")
-    assert lines[3].endswith("| n/a |") and lines[4].endswith("| 2.00 |")
+    assert lines[0] == "| Model | Precision | Recall | F1 | Accuracy | ms/image | Evaluated | Skipped |"
+    assert lines[2] == ("| MobileNet | " + " | ".join(["0.982 (0.972-0.987)"] * 4) + " | 3.46 | 10 of 10 | 0 |")
+    assert lines[3].endswith("| n/a | 10 of 12 | 2 (16.7%: no_pixel_data 1, truncated_pixel_data 1) |")
+    assert lines[4].endswith("| 2.00 | 10 of 10 | 0 |")
+    # a results.json from before coverage was recorded
+    old = {k: v for k, v in result(0.7, None).items() if k != "coverage"}
+    assert reports.comparison_table([old], ["old"]).strip().splitlines()[2].endswith("| n/a | 10 | n/a |")
     with pytest.raises(ValueError):
         reports.comparison_table(results, names[:2])
 
@@ -176,3 +226,8 @@ def test_comparison_table_and_files(tmp_path):
     assert [r["model"] for r in rows] == names
     assert float(rows[0]["macro_f1_ci_low"]) == pytest.approx(0.972)
     assert rows[1]["ms_per_image"] == ""
+    assert [(r["listed"], r["evaluated"], r["skipped"]) for r in rows] == [("10", "10", "0"), ("12", "10", "2"),
+                                                                            ("10", "10", "0")]
+    assert float(rows[1]["skipped_share"]) == pytest.approx(2 / 12)
+    assert rows[1]["skipped_by_reason"] == "no_pixel_data=1;truncated_pixel_data=1"
+    assert rows[0]["skipped_by_reason"] == ""
