@@ -3,22 +3,27 @@
     python training.py --data data/radiographs --backbone mobilenet_v1 --epochs 30
     python training.py --demo                       # synthetic DICOMs, small model, a few minutes on CPU
     python training.py --resume runs/mobilenet_v1-20261125-120000
+    python training.py --resume runs/mobilenet_v1-20261125-120000 --epochs 80   # train longer
 
 Defaults come from utils/constants.py: Adam with coupled L2 1e-4, one-cycle lr (max 0.01, 30%
 warm-up), gradient value clipping 0.1, batch 32, 50 epochs, seed 42, from scratch. The run
 directory holds config.json, log.csv, TensorBoard logs, best.keras (by validation macro-F1),
 last.keras (for --resume), training_curves.png.
+
+--resume continues a run with the settings it was started with; only --epochs (to train longer:
+the added epochs get a one-cycle schedule of their own), --cache, --xla and --quiet may change,
+and any other flag with another value than the run's is refused.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
 from pathlib import Path
 
 from utils import config, constants
+from utils import run_dir as run_dir_files
 
 FLAGS = ("BACKBONE", "WEIGHTS", "EPOCHS", "BATCH_SIZE", "MAX_LR", "WARMUP_FRACTION", "LR_START_DIV",
          "LR_FINAL_DIV", "WEIGHT_DECAY", "CLIP_VALUE", "LABEL_SMOOTHING", "CLASS_WEIGHTS", "FREEZE_EPOCHS",
@@ -38,7 +43,9 @@ def parse_args(argv: list[str] | None = None):
                         help="must equal the prepared dataset's size (default: taken from the dataset)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
                         help="1 or 3 input channels (default: the dataset's spec)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last.keras")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue a stopped run from its last.keras with its saved settings; --epochs N "
+                             "(more than planned) trains longer; other flags may not change")
     parser.add_argument("--demo", action="store_true",
                         help=f"generate + prepare the synthetic demo set, train {constants.DEMO_BACKBONE} for "
                              f"{constants.DEMO_EPOCHS} epochs at {constants.DEMO_IMAGE_SIZE}px")
@@ -46,6 +53,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--quiet", action="store_true", help="no per-batch progress bar")
     config.add_flags(parser, FLAGS, choices={"BACKBONE": list_models()})
     args = parser.parse_args(argv)
+    args.given_flags = config.given_flags(argv)  # --resume compares them with the run's settings
     if args.demo:
         explicit = config.given_flags(argv)
         if "--backbone" not in explicit:
@@ -79,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"\nrun directory: {run_dir}")
-    best = run_dir / "best.json"
-    if best.is_file():
-        info = json.loads(best.read_text())
+    info = run_dir_files.read_best(run_dir)
+    if info is not None:
         print(f"best epoch {info['epoch']}: val_macro_f1 {info.get('val_macro_f1', float('nan')):.4f}, "
               f"val_accuracy {info.get('val_accuracy', float('nan')):.4f}")
     print(f"evaluate it with: python test.py {run_dir}" + (" --demo" if args.demo else f" --data {args.data}"))

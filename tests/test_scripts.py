@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
                     "--decode-timeout-s", "--decode-memory-limit-mb"]),
     ("training.py", ["--backbone", "--epochs", "--weights", "--resume", "--demo", "resnet18", "--bn-momentum"]),
     ("test.py", ["--data", "--split", "--bootstrap-resamples", "--bootstrap-unit", "--demo", "--decode-pool",
-                 "--decode-workers", "--decode-timeout-s", "--decode-memory-limit-mb"]),
+                 "--decode-workers", "--decode-timeout-s", "--decode-memory-limit-mb", "--max-skipped-share"]),
 ])
 def test_help_explains_the_flags(script, flags):
     out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -59,15 +59,15 @@ def test_train_resume_and_evaluate(small_demo, tmp_path):
     assert info.spec.image_size == 64 and info.spec.class_names == demo.DEMO_CLASSES and info.backbone == "mobilenet_v1"
     # a second run into the same directory without --resume is refused
     assert training.main(common + ["--epochs", "1"]) == 2
-    # --resume continues where it stopped, with the saved settings and optimizer state
-    config = json.loads((run / "config.json").read_text())["config"]
-    config["epochs"] = 2
-    payload = json.loads((run / "config.json").read_text())
-    payload["config"] = config
-    (run / "config.json").write_text(json.dumps(payload))
-    assert training.main(["--resume", str(run), "--quiet"]) == 0
+    # --resume continues where it stopped, with the saved settings and optimizer state; --epochs trains longer
+    assert training.main(["--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     log = pd.read_csv(run / "log.csv")
     assert log["epoch"].tolist() == [0, 1]
+    payload = json.loads((run / "config.json").read_text())
+    assert payload["config"]["epochs"] == 2 and payload["config"]["phases"] == [[0, 1, False], [1, 2, False]]
+    assert payload["resumes"][0]["after_epoch"] == 1 and payload["resumes"][0]["epochs"] == 2
+    assert read_model_info(run / "last.keras").extra["epoch"] == 2
+    assert (log["learning_rate"] < 1e-6).all()  # the added epoch has a one-cycle of its own
     assert {"loss", "accuracy", "macro_f1", "val_macro_f1", "val_accuracy", "learning_rate"} <= set(log.columns)
 
     out = tmp_path / "eval"
@@ -75,19 +75,27 @@ def test_train_resume_and_evaluate(small_demo, tmp_path):
                              "--bootstrap-resamples", "200", "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["n_images"] == len(pd.read_csv(small_demo / "labels.csv").query("split == 'test'"))
+    assert results["coverage"]["listed"] == results["n_images"] and results["coverage"]["skipped"] == 0
+    assert not (out / "skipped.csv").exists()
     assert results["bootstrap"]["unit"] == "group"  # two images per synthetic patient
     assert results["timing"]["batch1_ms_median"] > 0
     for name in ("predictions.csv", "results.md", "confusion_matrix.png", "roc_curves.png"):
         assert (out / name).is_file()
 
-    # the raw DICOM folder goes through the model's own preprocessing; broken files are left out
+    # the raw DICOM folder goes through the model's own preprocessing; broken files are left out,
+    # and counted: 2 of 42 is more than the default --max-skipped-share allows
     raw = tmp_path / "raw"
     assert test_script.main([str(run / "best.keras"), "--data", str(small_demo.parent / "dicom"), "--output",
-                             str(raw), "--timing-runs", "0", "--bootstrap-resamples", "100", "--quiet"]) == 0
+                             str(raw), "--timing-runs", "0", "--bootstrap-resamples", "100",
+                             "--max-skipped-share", "0.05", "--quiet"]) == 0
     raw_results = json.loads((raw / "results.json").read_text())
     assert raw_results["n_images"] == 40
     reasons = sorted(x["reason"].split(":")[0] for x in raw_results["extra"]["left_out"])
     assert reasons == ["no_pixel_data", "truncated_pixel_data"]
+    assert raw_results["coverage"] == {"listed": 42, "evaluated": 40, "skipped": 2, "skipped_share": 2 / 42,
+                                       "skipped_by_reason": {"no_pixel_data": 1, "truncated_pixel_data": 1},
+                                       "max_skipped_share": 0.05}
+    assert sorted(pd.read_csv(raw / "skipped.csv")["reason"]) == reasons
 
     # several models -> one comparison table
     both = tmp_path / "both"
@@ -96,6 +104,7 @@ def test_train_resume_and_evaluate(small_demo, tmp_path):
                              "--quiet"]) == 0
     table = (both / "comparison.md").read_text()
     assert "| best |" in table and "| last |" in table
+    assert "| Evaluated | Skipped |" in table
 
 
 def test_pretrained_weights_file_with_frozen_warmup(small_demo, tmp_path):
@@ -137,9 +146,11 @@ def test_test_py_leaves_out_hostile_raw_files_with_their_reason(tmp_path, monkey
     monkeypatch.setattr(engine, "decode_file", hostile_decode)  # hang* sleeps, die* kills its worker
     out = tmp_path / "eval"
     assert test_script.main([str(model), "--data", str(data), "--output", str(out), "--timing-runs", "0",
-                             "--bootstrap-resamples", "50", "--decode-timeout-s", "2", "--quiet"]) == 0
+                             "--bootstrap-resamples", "50", "--decode-timeout-s", "2", "--max-skipped-share", "0.3",
+                             "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["n_images"] == 10
+    assert results["coverage"]["listed"] == 14 and results["coverage"]["skipped"] == 4
     reasons = {Path(x["file"]).name: x["reason"].split(":")[0] for x in results["extra"]["left_out"]}
     assert reasons == {"panic.dcm": "codec_panic", "hang.dcm": "decode_timeout", "die.dcm": "decoder_crashed", "x.dcm": "not_dicom"}
     assert json.loads((out / "test_config.json").read_text())["config"]["decode_pool"] == "processes"

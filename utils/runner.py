@@ -1,11 +1,22 @@
-"""The training run behind training.py: data, model, phases, callbacks, resume."""
+"""The training run behind training.py: data, model, phases, callbacks, resume.
+
+Resume rules. A run is continued with the settings it was started with (config.json). On the
+command line of ``--resume`` only these may differ: ``--epochs``, to train longer (the added
+epochs are a new phase with a one-cycle schedule of their own, since a finished cycle has
+annealed its learning rate to the floor), and what changes nothing in the result
+(``RESUME_MAY_CHANGE``). Any other flag given with a value other than the run's is refused with
+the list of differences. The number of finished epochs comes from one place: the epoch recorded
+inside last.keras (the best score so far: inside best.keras), never from log.csv; rows of
+log.csv past that epoch (a kill between the two writes) are dropped before training again.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,15 +25,18 @@ import keras
 import pandas as pd
 import tensorflow as tf
 
-from utils import config, constants
-from utils.artifacts import LAST_MODEL, load_model
+from utils import config, constants, run_dir as R
+from utils.artifacts import load_model, read_model_info
+from utils.data import files as dataset_files
 from utils.dataset import Augmentation, load_split
 from models.weights import SCRATCH, parse_weights
 from utils.preprocessing import PreprocessSpec
 from utils import training as T
 
 log = logging.getLogger(__name__)
-LOG_CSV = "log.csv"
+LOG_CSV = R.LOG
+# Settings a --resume may change: they change how fast or how verbosely, not what is learnt.
+RESUME_MAY_CHANGE = ("epochs", "cache", "xla", "quiet")
 
 
 class TrainingSetupError(ValueError):
@@ -44,11 +58,19 @@ def plan_phases(epochs: int, freeze_epochs: int, pretrained: bool) -> list[Phase
     return [Phase(0, epochs, False)]
 
 
+def phases_to_json(phases: list[Phase]) -> list[list]:
+    return [[p.start, p.end, p.frozen] for p in phases]
+
+
+def phases_from_json(value: list[list]) -> list[Phase]:
+    return [Phase(int(start), int(end), bool(frozen)) for start, end, frozen in value]
+
+
 def dataset_spec(data_dir: str, args, settings: dict[str, Any]) -> PreprocessSpec:
-    spec_path = Path(data_dir) / "preprocess.json"
-    if not spec_path.is_file():
-        raise TrainingSetupError(f"{data_dir} is not a prepared dataset (no preprocess.json): run prepare.py first")
-    spec = PreprocessSpec.load(spec_path)
+    if not dataset_files.is_prepared(data_dir):
+        raise TrainingSetupError(f"{data_dir} is not a prepared dataset (no {dataset_files.LABELS} or "
+                                 f"{dataset_files.SPEC}): run prepare.py first")
+    spec = dataset_files.read_spec(data_dir)
     if args.image_size is not None and args.image_size != spec.image_size:
         raise TrainingSetupError(
             f"--image-size {args.image_size} but {data_dir} was prepared at {spec.image_size}px. Prepare it "
@@ -61,7 +83,7 @@ def dataset_spec(data_dir: str, args, settings: dict[str, Any]) -> PreprocessSpe
 def new_run_dir(args) -> Path:
     if args.output:
         run_dir = Path(args.output)
-        if (run_dir / LAST_MODEL).exists() and not args.resume:
+        if (run_dir / R.LAST_MODEL).exists() and not args.resume:
             raise TrainingSetupError(f"{run_dir} already holds a run; use --resume {run_dir} or another --output")
     else:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -71,32 +93,125 @@ def new_run_dir(args) -> Path:
 
 
 def _resume_state(run_dir: Path) -> tuple[int, float]:
-    """(epochs completed, best val_macro_f1 so far) from the run's CSV log."""
+    """(epochs finished, best val_macro_f1 so far) as the checkpoints themselves record them."""
+    extra = read_model_info(run_dir / R.LAST_MODEL).extra
+    if "epoch" not in extra:
+        raise TrainingSetupError(f"{run_dir / R.LAST_MODEL} does not record its epoch: it was not written "
+                                 "by training.py, and the run cannot be resumed")
+    best = -math.inf
+    if (run_dir / R.BEST_MODEL).is_file():
+        best = float(read_model_info(run_dir / R.BEST_MODEL).extra.get(R.MONITOR, -math.inf))
+    return int(extra["epoch"]), best
+
+
+def _trim_log(run_dir: Path, done: int) -> None:
+    """Drop log.csv rows of epochs past ``done`` (they are trained again); warn about missing ones."""
     csv = run_dir / LOG_CSV
     if not csv.is_file():
-        return 0, -math.inf
+        return
     frame = pd.read_csv(csv)
-    if frame.empty:
-        return 0, -math.inf
-    best = float(frame["val_macro_f1"].max()) if "val_macro_f1" in frame else -math.inf
-    return int(frame["epoch"].max()) + 1, best
+    if "epoch" not in frame:
+        return
+    kept = frame[frame["epoch"] < done]
+    if len(kept) < len(frame):
+        log.info("%s: dropping %d row(s) of epochs after %d, which are trained again", csv, len(frame) - len(kept),
+                 done)
+        temporary = csv.with_suffix(".tmp")
+        kept.to_csv(temporary, index=False)
+        os.replace(temporary, csv)
+    missing = sorted(set(range(done)) - set(kept["epoch"].astype(int)))
+    if missing:
+        log.warning("%s has no row for epoch(s) %s (stopped between the checkpoint and the log)", csv,
+                    [m + 1 for m in missing])
 
 
-def _load_resume(args) -> tuple[Path, dict[str, Any], Any]:
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def _asked(args, settings: dict[str, Any]) -> dict[str, Any]:
+    """What this command line asks for, by config key, for the flags actually written on it."""
+    asked = {}
+    for flag in getattr(args, "given_flags", set()):
+        key = flag[2:].replace("-", "_")
+        if key in ("resume", "demo", "output"):
+            continue
+        if key.startswith("no_") and key[3:] in settings:  # --no-cache
+            key = key[3:]
+        value = getattr(args, key) if hasattr(args, key) else settings.get(key)
+        if key == "data" and value is not None:
+            value = os.path.abspath(value)
+        asked[key] = value
+    return asked
+
+
+def check_resume_flags(args, settings: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Refuse a --resume whose flags would change what the run learns (see the module docstring)."""
+    if args.output and Path(args.output).resolve() != Path(args.resume).resolve():
+        raise TrainingSetupError(f"--output {args.output} differs from --resume {args.resume}: a resumed run "
+                                 "stays in its own directory")
+    recorded = {**saved, "data": os.path.abspath(saved["data"])}
+    differences = []
+    for key, value in _asked(args, settings).items():
+        if key in RESUME_MAY_CHANGE or key not in recorded or value is None:
+            continue
+        if not _same(value, recorded[key]):
+            differences.append(f"--{key.replace('_', '-')} {value} (the run has {recorded[key]})")
+    if differences:
+        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_MAY_CHANGE)
+        raise TrainingSetupError(
+            f"--resume continues {args.resume} with the settings it was started with; these flags ask for "
+            f"others: {'; '.join(differences)}. Only {allowed} may change on resume (--epochs to train longer). "
+            "Start a new run (another --output) for other settings.")
+    epochs = _asked(args, settings).get("epochs", saved["epochs"])
+    if epochs < saved["epochs"]:
+        raise TrainingSetupError(
+            f"--epochs {epochs} is fewer than the {saved['epochs']} epochs {args.resume} was planned for: its "
+            "one-cycle schedule cannot be cut short. Evaluate its best.keras or last.keras as it is.")
+
+
+def _load_resume(args, settings: dict[str, Any]) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(run directory, the settings to continue with, config.json payload); refuses what cannot be."""
     run_dir = Path(args.resume)
-    saved = run_dir / "config.json"
-    if not (run_dir / LAST_MODEL).is_file() or not saved.is_file():
-        raise TrainingSetupError(f"{run_dir}: nothing to resume (needs {LAST_MODEL} and config.json)")
-    payload = json.loads(saved.read_text())
-    return run_dir, payload["config"], payload
+    if not (run_dir / R.LAST_MODEL).is_file() or not (run_dir / R.CONFIG).is_file():
+        raise TrainingSetupError(f"{run_dir}: nothing to resume (needs {R.LAST_MODEL} and {R.CONFIG})")
+    payload = R.read_config(run_dir)
+    saved = payload["config"]
+    saved.setdefault("max_steps_per_epoch", None)
+    if "phases" not in saved:  # a run started before phases were recorded
+        pretrained = parse_weights(saved["weights"])[0] != SCRATCH
+        saved["phases"] = phases_to_json(plan_phases(saved["epochs"], saved["freeze_epochs"], pretrained))
+    check_resume_flags(args, settings, saved)
+    resumed = dict(saved)
+    asked = _asked(args, settings)
+    resumed.update({key: asked[key] for key in RESUME_MAY_CHANGE if key in asked and key in resumed})
+    if resumed["epochs"] > saved["epochs"]:  # train longer: the added epochs are a phase of their own
+        resumed["phases"] = saved["phases"] + [[saved["epochs"], resumed["epochs"], False]]
+    return run_dir, resumed, payload
+
+
+def _record_resume(run_dir: Path, payload: dict[str, Any], settings: dict[str, Any], done: int) -> None:
+    payload = {**payload, "config": config.to_jsonable(settings)}
+    payload.setdefault("resumes", []).append({
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": list(sys.argv),
+        "after_epoch": done, "epochs": settings["epochs"]})
+    R.write_config(run_dir, payload)
 
 
 def train(args, settings: dict[str, Any]) -> Path:
     resume_payload = None
     if args.resume:
-        run_dir, settings, resume_payload = _load_resume(args)
+        run_dir, settings, resume_payload = _load_resume(args, settings)
         data_dir = settings["data"]
         args.backbone = settings["backbone"]
+        args.max_steps_per_epoch = settings["max_steps_per_epoch"]
     else:
         data_dir = args.data
     spec = dataset_spec(data_dir, args, settings) if resume_payload is None else \
@@ -108,8 +223,10 @@ def train(args, settings: dict[str, Any]) -> Path:
         raise TrainingSetupError(str(error)) from error
     if resume_payload is None:
         run_dir = new_run_dir(args)
-        settings = {**settings, "data": str(data_dir), "image_size": spec.image_size, "channels": spec.channels}
-        config.save_config(settings, run_dir / "config.json", spec=spec.to_dict())
+        phases = plan_phases(settings["epochs"], settings["freeze_epochs"], pretrained)
+        settings = {**settings, "data": str(data_dir), "image_size": spec.image_size, "channels": spec.channels,
+                    "max_steps_per_epoch": args.max_steps_per_epoch, "phases": phases_to_json(phases)}
+        config.save_config(settings, run_dir / R.CONFIG, spec=spec.to_dict())
     T.seed_everything(settings["seed"])
     mixed = T.configure_precision(settings["mixed_precision"])
     log.info("device: %s; mixed precision %s; %d replica(s)", T.device_name(), "on" if mixed else "off",
@@ -129,17 +246,21 @@ def train(args, settings: dict[str, Any]) -> Path:
              len(val_rows), steps, *spec.input_shape)
     weights = T.class_weights(train_rows["y"], spec.num_classes) if settings["class_weights"] else None
 
-    phases = plan_phases(settings["epochs"], settings["freeze_epochs"], pretrained)
+    phases = phases_from_json(settings["phases"])
     done, best = _resume_state(run_dir) if resume_payload is not None else (0, -math.inf)
     if done >= settings["epochs"]:
-        log.info("%s already finished %d epochs", run_dir, done)
+        log.info("%s already finished %d epochs (train longer with --resume %s --epochs N)", run_dir, done,
+                 run_dir)
         return run_dir
 
     model = None
     with strategy.scope():
         if resume_payload is not None:
-            model, _ = load_model(run_dir / LAST_MODEL, compile=True)
-            log.info("resuming %s after epoch %d (best val_macro_f1 %.4f)", run_dir, done, best)
+            _trim_log(run_dir, done)
+            _record_resume(run_dir, resume_payload, settings, done)
+            model, _ = load_model(run_dir / R.LAST_MODEL, compile=True)
+            log.info("resuming %s after epoch %d of %d (best %s %.4f)", run_dir, done, settings["epochs"],
+                     R.MONITOR, best)
     for phase in phases:
         if phase.end <= done:
             continue
