@@ -7,10 +7,10 @@ builds nothing.
 # Registration order is list_models() order (the paper's table), hence not sorted.
 from models import mobilenet, resnet, efficientnet  # noqa: F401, I001
 from models.registry import (
-    MODEL_INFO,
-    ModelInfo,
+    BACKBONE_INFO,
+    BackboneInfo,
     build_model,
-    get_model_info,
+    get_backbone_info,
     list_models,
     register_model,
     set_bn_momentum,
@@ -18,12 +18,12 @@ from models.registry import (
 from models.weights import WeightsMismatchError, WeightsUnavailableError
 
 __all__ = [
-    "MODEL_INFO",
-    "ModelInfo",
+    "BACKBONE_INFO",
+    "BackboneInfo",
     "WeightsMismatchError",
     "WeightsUnavailableError",
     "build_model",
-    "get_model_info",
+    "get_backbone_info",
     "list_models",
     "register_model",
     "set_bn_momentum",

@@ -41,7 +41,7 @@ BackboneBuilder = Callable[[tuple[int, int, int], "str | None"], keras.Model]
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class BackboneInfo:
     """What the rest of the project may want to know about a backbone without building it."""
 
     name: str
@@ -57,8 +57,8 @@ class ModelInfo:
         return self.imagenet_file is not None
 
 
-_REGISTRY: dict[str, ModelInfo] = {}
-MODEL_INFO = types.MappingProxyType(_REGISTRY)  # read-only view, filled as families register
+_REGISTRY: dict[str, BackboneInfo] = {}
+BACKBONE_INFO = types.MappingProxyType(_REGISTRY)  # read-only view, filled as families register
 
 
 def register_model(
@@ -74,7 +74,7 @@ def register_model(
     def decorator(builder: BackboneBuilder) -> BackboneBuilder:
         if name in _REGISTRY:
             raise ValueError(f"Backbone {name!r} is registered twice")
-        _REGISTRY[name] = ModelInfo(name, family, builder, preprocess, normalization, imagenet_file)
+        _REGISTRY[name] = BackboneInfo(name, family, builder, preprocess, normalization, imagenet_file)
         return builder
 
     return decorator
@@ -85,8 +85,8 @@ def list_models() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_model_info(name: str) -> ModelInfo:
-    """The ModelInfo of ``name``; an unknown name raises ValueError listing the valid ones."""
+def get_backbone_info(name: str) -> BackboneInfo:
+    """The BackboneInfo of ``name``; an unknown name raises ValueError listing the valid ones."""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -116,7 +116,7 @@ def set_bn_momentum(model: keras.Model, momentum: float) -> int:
 
 
 def _assemble(
-    info: ModelInfo,
+    info: BackboneInfo,
     num_classes: int,
     input_shape: tuple[int, int, int],
     gray_to_rgb: bool,
@@ -164,7 +164,7 @@ def build_model(
             it exactly when C = 1 and weights = "imagenet"; for a weights file with C = 1 it
             takes whichever of the two layouts the file fits.
     """
-    info = get_model_info(name)
+    info = get_backbone_info(name)
     mode, path = parse_weights(weights)
     input_shape = tuple(int(d) for d in input_shape)
     if len(input_shape) != 3 or input_shape[-1] not in (1, 3):
@@ -211,11 +211,11 @@ def build_model(
 
 
 __all__ = [
-    "MODEL_INFO",
-    "ModelInfo",
+    "BACKBONE_INFO",
+    "BackboneInfo",
     "WeightsMismatchError",
     "build_model",
-    "get_model_info",
+    "get_backbone_info",
     "iter_layers",
     "list_models",
     "register_model",

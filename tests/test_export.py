@@ -71,7 +71,7 @@ def run(tmp_path_factory):
 
     run_dir = root / "run"
     run_dir.mkdir()
-    save_model(model, run_dir / "best.keras", SPEC, model_id="t", backbone="small_cnn")
+    save_model(model, run_dir / "best.keras", SPEC, model_id="t", backbone="small_cnn", extra={"epoch": 6})
     (run_dir / "config.json").write_text(json.dumps({"config": {"data": str(data)}}))
     return run_dir
 
@@ -90,6 +90,7 @@ def val_images(run):
 
 
 def test_tflite_fp32_matches_keras_and_carries_its_spec(run, tmp_path):
+    from utils.artifacts import read_metadata
     from utils.export import export_model
     from utils.predictor import TFLitePredictor, load_predictor
 
@@ -101,10 +102,21 @@ def test_tflite_fp32_matches_keras_and_carries_its_spec(run, tmp_path):
     assert sidecar["model_id"] == "t" and sidecar["backbone"] == "small_cnn"
     assert sidecar["quantization"] == "none" and sidecar["check"] == result.check
     assert json.loads((tmp_path / "m.tflite.check.json").read_text()) == result.check
+    # the one schema: the .keras metadata (training facts included) plus the export's fields
+    assert sidecar == result.metadata.to_dict()
+    assert sidecar["schema_version"] == 1 and sidecar["format"] == "tflite" and sidecar["extra"] == {"epoch": 6}
+    assert sidecar["source"] == str(run / "best.keras") and sidecar["spec"] == SPEC.to_dict()
 
     predictor = load_predictor(tmp_path / "m.tflite")
     assert isinstance(predictor, TFLitePredictor)
     assert predictor.spec == SPEC and predictor.model_id == "t"
+    assert predictor.metadata == read_metadata(tmp_path / "m.tflite") == result.metadata
+
+    # a sidecar in the layout export.py wrote before the one schema (no schema_version, no extra) still loads
+    legacy = {key: sidecar[key] for key in ("spec", "model_id", "backbone", "source", "format", "quantization",
+                                            "io", "check")}
+    (tmp_path / "m.tflite.json").write_text(json.dumps(legacy, indent=2) + "\n")
+    assert load_predictor(tmp_path / "m.tflite").metadata == result.metadata.replace(extra={})
     images = val_images(run)
     reference = keras_probs(run, images)
     for batch in (images, images[:3], images[:1]):  # the batch size may change between calls
@@ -152,6 +164,7 @@ def test_saved_model_export_loads_and_matches(run, tmp_path):
     assert (tmp_path / "sm" / "artifact.json").is_file() and (tmp_path / "sm" / "check.json").is_file()
     predictor = load_predictor(tmp_path / "sm")
     assert isinstance(predictor, SavedModelPredictor) and predictor.spec == SPEC
+    assert predictor.metadata == result.metadata and predictor.metadata.format == "saved_model"
     images = val_images(run)
     assert np.abs(predictor.predict(images) - keras_probs(run, images)).max() < 1e-5
 
@@ -170,6 +183,7 @@ def test_onnx_matches_keras_and_describes_itself(run, tmp_path):
     (tmp_path / "m.onnx.json").unlink()  # the spec is embedded in the file as well
     predictor = load_predictor(tmp_path / "m.onnx")
     assert isinstance(predictor, ONNXPredictor) and predictor.spec == SPEC and predictor.model_id == "t"
+    assert predictor.metadata == result.metadata.replace(check=None)  # embedded before the check ran
     assert np.abs(predictor.predict(images) - reference).max() < 1e-4
     assert np.abs(predictor.predict(images[:2]) - reference[:2]).max() < 1e-4
     (tmp_path / "broken.onnx").write_bytes(b"not a model")

@@ -3,11 +3,14 @@
     result = export_model("runs/demo", "tflite", quantize="int8")
 
 Every artifact gets its metadata beside it (``model.tflite.json``, ``model.onnx.json``;
-``<saved_model>/artifact.json``; an ONNX file also embeds it in its ``metadata_props``):
-the preprocessing spec (class names in order, input size, channels, aspect policy, window
-percentiles, input range 0..255 float; the normalisation is a layer inside the graph), the model
-id, the backbone, the source model, the quantization and the check. ``utils.predictor.load_predictor``
-reads it, so predict.py, router.py and test.py accept the artifact with the same preprocessing.
+``<saved_model>/artifact.json``; an ONNX file also embeds it in its ``metadata_props``), in the one
+schema of every model file (``utils.artifacts.ModelMetadata``): the source model's metadata (the
+preprocessing spec: class names in order, input size, channels, aspect policy, window percentiles,
+input range 0..255 float, the normalisation being a layer inside the graph; the model id, the
+backbone, the training facts in ``extra``) with the format, the source model, the quantization, the
+input/output contract and the check. ``utils.artifacts.read_metadata`` reads it (through
+``utils.predictor.load_predictor``), so predict.py, router.py and test.py accept the artifact with
+the same preprocessing.
 
 Quantization (TFLite only): ``fp16`` stores float16 weights (computed in float32); ``int8`` stores
 int8 weights and activations, calibrated on a representative set drawn from the training split
@@ -28,14 +31,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from utils.artifacts import training_data
-from utils.predictor import ARTIFACT_KEY, KerasPredictor, load_predictor, sidecar_path
+from utils.artifacts import ARTIFACT_KEY, ModelMetadata, training_data, write_sidecar
+from utils.predictor import KerasPredictor, load_predictor
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ FORMATS = ("saved_model", "tflite", "onnx")
 ONNX_OPSET = 17
 QUANTIZATIONS = ("none", "fp16", "int8")
 CHECK_SPLITS = ("val", "test", "train")
+IO_CONTRACT = "input float32 (B, S, S, C) 0..255; output logits float32 (B, K), softmax applied by the predictor"
 
 
 @dataclass
@@ -51,7 +55,7 @@ class ExportResult:
     format: str
     quantization: str
     check: dict[str, Any]
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: ModelMetadata  # as written beside the artifact, check included
 
     def summary(self) -> str:
         c = self.check
@@ -154,7 +158,7 @@ def quantize_int8(converter, representative: Callable[[], Iterator[list[np.ndarr
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
 
 
-def convert_onnx(model, spec, metadata: dict[str, Any], out: Path) -> None:
+def convert_onnx(model, spec, metadata: ModelMetadata, out: Path) -> None:
     """tf2onnx from a tf.function around the Keras model; the metadata is embedded too
     (``metadata_props["artifact"]``), so the .onnx file describes itself even without its sidecar."""
     import onnx
@@ -165,7 +169,7 @@ def convert_onnx(model, spec, metadata: dict[str, Any], out: Path) -> None:
     signature = [tf.TensorSpec((None,) + tuple(spec.input_shape), tf.float32, name="image")]
     proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=ONNX_OPSET)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = ARTIFACT_KEY, json.dumps(metadata)
+    entry.key, entry.value = ARTIFACT_KEY, json.dumps(metadata.to_dict())
     temporary = out.with_name(out.name + ".tmp")
     onnx.save(proto, str(temporary))
     os.replace(temporary, out)
@@ -193,10 +197,7 @@ def export_model(model_path: str | os.PathLike, fmt: str, *, quantize: str = "no
     out = Path(output) if output else default_output(source, fmt, quantize)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    metadata = {"spec": spec.to_dict(), "model_id": info.model_id, "backbone": info.backbone,
-                "source": str(source), "format": fmt, "quantization": quantize,
-                "io": "input float32 (B, S, S, C) 0..255; output logits float32 (B, K), softmax applied by "
-                      "the predictor"}
+    metadata = info.replace(source=str(source), format=fmt, quantization=quantize, check=None, io=IO_CONTRACT)
     if fmt == "saved_model":
         write_saved_model(model, out)
     elif fmt == "onnx":
@@ -206,15 +207,14 @@ def export_model(model_path: str | os.PathLike, fmt: str, *, quantize: str = "no
         temporary = out.with_name(out.name + ".tmp")
         temporary.write_bytes(content)
         os.replace(temporary, out)
-    sidecar = sidecar_path(out)
-    sidecar.write_text(json.dumps(metadata, indent=2) + "\n")
+    write_sidecar(out, metadata)  # load_predictor reads it for the check below
 
     images, where = check_batch(data_dir, spec, check_images)
-    reference = predict_in_batches(KerasPredictor(model, spec, info.model_id, info.backbone), images)
+    reference = predict_in_batches(KerasPredictor.from_metadata(model, info), images)
     candidate = predict_in_batches(load_predictor(out), images)
     check = compare(reference, candidate, where)
-    metadata["check"] = check
-    sidecar.write_text(json.dumps(metadata, indent=2) + "\n")
+    metadata = metadata.replace(check=check)
+    write_sidecar(out, metadata)
     check_file = out / "check.json" if out.is_dir() else out.with_name(out.name + ".check.json")
     check_file.write_text(json.dumps(check, indent=2) + "\n")
     return ExportResult(out, fmt, quantize, check, metadata)

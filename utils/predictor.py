@@ -5,19 +5,31 @@
 
 Entry points (test.py, predict.py, router.py) use this rather than Keras directly, so further
 artifact formats plug in here with the same preprocessing spec: export.py writes .tflite, .onnx
-and SavedModel artifacts with their spec beside them (``sidecar_path``), and ``load_predictor``
-picks the runtime by suffix (TFLite interpreter, ONNX Runtime, TensorFlow).
+and SavedModel artifacts with their metadata beside them, and ``load_predictor`` picks the runtime
+by suffix (TFLite interpreter, ONNX Runtime, TensorFlow). Every predictor takes its spec, model id and
+backbone from ``utils.artifacts.read_metadata`` (one schema, one reader for every format) and keeps the
+whole ``ModelMetadata`` as ``.metadata``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from utils.artifacts import (  # noqa: F401 (ARTIFACT_INFO, SAVED_MODEL_FILE, sidecar_path: still importable here)
+    ARTIFACT_INFO,
+    ARTIFACT_KEY,
+    SAVED_MODEL_FILE,
+    ModelMetadata,
+    artifact_format,
+    load_model,
+    read_metadata,
+    sidecar_path,
+)
 from utils.preprocessing import PreprocessSpec
 
 
@@ -38,6 +50,11 @@ class KerasPredictor:
     spec: PreprocessSpec
     model_id: str
     backbone: str
+    metadata: ModelMetadata | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_metadata(cls, model, metadata: ModelMetadata) -> KerasPredictor:
+        return cls(model, metadata.spec, metadata.model_id, metadata.backbone, metadata)
 
     def __post_init__(self) -> None:
         import tensorflow as tf
@@ -50,42 +67,6 @@ class KerasPredictor:
         if batch.shape[1:] != self.spec.input_shape:
             raise ValueError(f"batch shape {batch.shape[1:]} differs from the model's {self.spec.input_shape}")
         return self._infer(np.asarray(batch, dtype=np.float32)).numpy()
-
-
-ARTIFACT_INFO = "artifact.json"  # inside an exported SavedModel directory
-SAVED_MODEL_FILE = "saved_model.pb"
-ARTIFACT_KEY = "artifact"  # the ONNX metadata_props key that holds the same JSON
-
-
-def sidecar_path(artifact: str | os.PathLike) -> Path:
-    """Where an exported file's metadata lives: ``model.tflite`` -> ``model.tflite.json``;
-    a SavedModel directory -> ``<dir>/artifact.json``."""
-    artifact = Path(artifact)
-    if artifact.is_dir():
-        return artifact / ARTIFACT_INFO
-    return artifact.with_name(artifact.name + ".json")
-
-
-def read_artifact_info(artifact: str | os.PathLike, embedded: str | None = None) -> dict:
-    """The metadata written by export.py beside an artifact ({spec, model_id, backbone, ...});
-    ``embedded`` is the same JSON carried inside the artifact (ONNX), used without a sidecar."""
-    import json
-
-    path = sidecar_path(artifact)
-    if not path.is_file() and embedded:
-        payload = json.loads(embedded)
-        payload["spec"] = PreprocessSpec.from_dict(payload["spec"])
-        return payload
-    if not path.is_file():
-        raise ValueError(f"{artifact} has no preprocessing spec: expected {path} (written by export.py). "
-                         "Without it the class names, input size and preprocessing are unknown; re-export "
-                         "the model with export.py or put its metadata file beside it.")
-    try:
-        payload = json.loads(path.read_text())
-        payload["spec"] = PreprocessSpec.from_dict(payload["spec"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: unreadable artifact metadata ({error})") from error
-    return payload
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -121,15 +102,16 @@ class TFLitePredictor:
     """A ``.tflite`` file exported by export.py (fp32, fp16 or int8; input and output stay float32,
     an integer input/output would be (de)quantised here). Thread-safe (one interpreter, a lock)."""
 
-    def __init__(self, path: str | os.PathLike, info: dict | None = None, num_threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, metadata: ModelMetadata | None = None,
+                 num_threads: int | None = None) -> None:
         import threading
 
-        info = info if info is not None else read_artifact_info(path)
         self.path = Path(path)
-        self.spec: PreprocessSpec = info["spec"]
-        self.model_id: str = info.get("model_id", self.path.stem)
-        self.backbone: str = info.get("backbone", "")
-        self.quantization: str = info.get("quantization", "")
+        self.metadata = metadata if metadata is not None else read_metadata(path)
+        self.spec: PreprocessSpec = self.metadata.spec
+        self.model_id: str = self.metadata.model_id
+        self.backbone: str = self.metadata.backbone
+        self.quantization: str = self.metadata.quantization or ""
         self._interpreter = tflite_interpreter(path, num_threads)
         self._input = self._interpreter.get_input_details()[0]
         self._output_index = self._interpreter.get_output_details()[0]["index"]
@@ -169,14 +151,14 @@ class TFLitePredictor:
 class SavedModelPredictor:
     """A SavedModel directory exported by export.py (its ``serve`` endpoint returns logits)."""
 
-    def __init__(self, path: str | os.PathLike, info: dict | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, metadata: ModelMetadata | None = None) -> None:
         import tensorflow as tf
 
-        info = info if info is not None else read_artifact_info(path)
         self.path = Path(path)
-        self.spec: PreprocessSpec = info["spec"]
-        self.model_id: str = info.get("model_id", self.path.name)
-        self.backbone: str = info.get("backbone", "")
+        self.metadata = metadata if metadata is not None else read_metadata(path)
+        self.spec: PreprocessSpec = self.metadata.spec
+        self.model_id: str = self.metadata.model_id
+        self.backbone: str = self.metadata.backbone
         self._module = tf.saved_model.load(str(path))
         endpoint = getattr(self._module, "serve", None) or self._module.signatures["serving_default"]
         self._infer = endpoint
@@ -204,11 +186,11 @@ class ONNXPredictor:
         except Exception as error:  # onnxruntime's own exception types: report as an unusable file
             raise ValueError(f"{path}: not a loadable ONNX model ({error})") from error
         embedded = self._session.get_modelmeta().custom_metadata_map.get(ARTIFACT_KEY)
-        info = read_artifact_info(path, embedded)
         self.path = Path(path)
-        self.spec: PreprocessSpec = info["spec"]
-        self.model_id: str = info.get("model_id", self.path.stem)
-        self.backbone: str = info.get("backbone", "")
+        self.metadata = read_metadata(path, embedded=embedded or "")
+        self.spec: PreprocessSpec = self.metadata.spec
+        self.model_id: str = self.metadata.model_id
+        self.backbone: str = self.metadata.backbone
         self._input = self._session.get_inputs()[0].name
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -220,21 +202,14 @@ class ONNXPredictor:
 
 def load_predictor(path: str | os.PathLike) -> Predictor:
     """A predictor for a run directory, a .keras file, or an artifact of export.py: a .tflite or .onnx
-    file, or a SavedModel directory."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if path.is_dir() and (path / SAVED_MODEL_FILE).is_file():
+    file, or a SavedModel directory. FileNotFoundError for a missing path, ValueError for another
+    kind of file or one without readable metadata."""
+    fmt = artifact_format(path)
+    if fmt == "saved_model":
         return SavedModelPredictor(path)
-    if suffix in (".tflite", ".onnx") and not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    if suffix == ".tflite":
+    if fmt == "tflite":
         return TFLitePredictor(path)
-    if suffix == ".onnx":
+    if fmt == "onnx":
         return ONNXPredictor(path)
-    if path.is_dir() or suffix == ".keras":
-        from utils.artifacts import load_model
-
-        model, info = load_model(path)
-        return KerasPredictor(model, info.spec, info.model_id, info.backbone)
-    raise ValueError(f"{path}: unsupported model format {suffix!r} "
-                     "(expected a run directory, .keras, .tflite, .onnx or an exported SavedModel directory)")
+    model, metadata = load_model(path)  # imports keras, the backbones and the registered objects, only now
+    return KerasPredictor.from_metadata(model, metadata)

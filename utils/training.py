@@ -1,127 +1,30 @@
-"""Training pieces: the paper's one-cycle schedule and coupled-L2 Adam, a macro-F1 metric,
-checkpoint / plotting callbacks, device strategy. Used by training.py; nothing runs at import.
+"""Training pieces: checkpoint / plotting callbacks, class weights, device strategy, precision
+policy. Used by training.py (through utils.runner); nothing runs at import.
+
+The paper's one-cycle schedule, coupled-L2 Adam and the macro-F1 metric live in
+utils.keras_objects (loading a model needs them, training code it does not) and are re-exported
+here: ``training.OneCycle``, ``training.AdamL2``, ``training.MacroF1``, ``training.make_optimizer``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from utils.artifacts import BEST_MODEL, LAST_MODEL, save_model
+from utils.keras_objects import AdamL2, MacroF1, OneCycle, current_lr, make_optimizer  # noqa: F401 (re-exported)
 from utils.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
-
-
-@keras.saving.register_keras_serializable(package="router")
-class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
-    """torch.optim.lr_scheduler.OneCycleLR (anneal_strategy="cos", three_phase=False), per step.
-
-    Starts at ``max_lr / start_div``, rises by cosine to ``max_lr`` over ``warmup_fraction`` of
-    ``total_steps``, then anneals by cosine to ``max_lr / start_div / final_div``.
-    """
-
-    def __init__(self, max_lr: float, total_steps: int, warmup_fraction: float = 0.3,
-                 start_div: float = 25.0, final_div: float = 1e4) -> None:
-        self.max_lr, self.total_steps = float(max_lr), int(total_steps)
-        self.warmup_fraction, self.start_div, self.final_div = float(warmup_fraction), float(start_div), float(final_div)
-
-    def __call__(self, step):
-        initial = self.max_lr / self.start_div
-        final = initial / self.final_div
-        step = tf.cast(step, tf.float32)
-        # torch's phase ends: (pct_start * total - 1) and (total - 1)
-        warm_end = tf.maximum(self.warmup_fraction * self.total_steps - 1.0, 1.0)
-        end = tf.maximum(float(self.total_steps - 1), warm_end + 1.0)
-
-        def cosine(start, stop, pct):
-            return stop + (start - stop) / 2.0 * (tf.cos(math.pi * pct) + 1.0)
-
-        rising = cosine(initial, self.max_lr, tf.clip_by_value(step / warm_end, 0.0, 1.0))
-        falling = cosine(self.max_lr, final, tf.clip_by_value((step - warm_end) / (end - warm_end), 0.0, 1.0))
-        return tf.where(step <= warm_end, rising, falling)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"max_lr": self.max_lr, "total_steps": self.total_steps, "warmup_fraction": self.warmup_fraction,
-                "start_div": self.start_div, "final_div": self.final_div}
-
-
-@keras.saving.register_keras_serializable(package="router")
-class AdamL2(keras.optimizers.Adam):
-    """Adam with coupled L2 weight decay, as torch.optim.Adam(weight_decay=wd): grad += wd * w.
-
-    Applied to every trainable variable (as torch does), after gradient clipping (Keras clips in
-    apply_gradients, before update_step; torch clips before optimizer.step()).
-    """
-
-    def __init__(self, *args: Any, l2: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.l2 = float(l2)
-
-    def update_step(self, gradient, variable, learning_rate):
-        if self.l2:
-            gradient = gradient + tf.cast(self.l2, gradient.dtype) * tf.cast(variable, gradient.dtype)
-        return super().update_step(gradient, variable, learning_rate)
-
-    def get_config(self) -> dict[str, Any]:
-        config = super().get_config()
-        config["l2"] = self.l2
-        return config
-
-
-@keras.saving.register_keras_serializable(package="router")
-class MacroF1(keras.metrics.Metric):
-    """Macro F1 from integer labels and logits, accumulated as a confusion matrix.
-
-    Same semantics as utils.metrics / scikit-learn's default: the macro average runs over the
-    classes present in the labels or the predictions seen so far.
-    """
-
-    def __init__(self, num_classes: int, name: str = "macro_f1", **kwargs: Any) -> None:
-        super().__init__(name=name, **kwargs)
-        self.num_classes = int(num_classes)
-        self.matrix = self.add_variable(shape=(self.num_classes, self.num_classes), initializer="zeros",
-                                        name="confusion", dtype="float32")
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        y_true = tf.reshape(tf.cast(y_true, tf.int32), [-1])
-        y_hat = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
-        batch = tf.math.confusion_matrix(y_true, y_hat, num_classes=self.num_classes, dtype=tf.float32)
-        self.matrix.assign_add(batch)
-
-    def result(self):
-        tp = tf.linalg.diag_part(self.matrix)
-        actual, predicted = tf.reduce_sum(self.matrix, 1), tf.reduce_sum(self.matrix, 0)
-        precision = tf.math.divide_no_nan(tp, predicted)
-        recall = tf.math.divide_no_nan(tp, actual)
-        f1 = tf.math.divide_no_nan(2 * precision * recall, precision + recall)
-        present = tf.cast((actual + predicted) > 0, tf.float32)
-        return tf.math.divide_no_nan(tf.reduce_sum(f1 * present), tf.reduce_sum(present))
-
-    def reset_state(self):
-        self.matrix.assign(tf.zeros_like(self.matrix))
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "num_classes": self.num_classes}
-
-
-def make_optimizer(*, max_lr: float, total_steps: int, warmup_fraction: float, start_div: float,
-                   final_div: float, weight_decay: float, clip_value: float) -> AdamL2:
-    schedule = OneCycle(max_lr, total_steps, warmup_fraction, start_div, final_div)
-    return AdamL2(learning_rate=schedule, l2=weight_decay, clipvalue=clip_value or None)
-
-
-def current_lr(optimizer) -> float:
-    lr = optimizer.learning_rate
-    return float(lr(optimizer.iterations) if callable(lr) else lr)
 
 
 class RecalibrateBatchNorm(keras.callbacks.Callback):
@@ -228,9 +131,40 @@ def select_strategy() -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+PRECISION_MODES = ("auto", "on", "off")
+
+
+def wants_mixed_precision(mode: str) -> bool:
+    """"on", or "auto" with a GPU visible; anything else (normally "off") is float32."""
+    return mode == "on" or (mode == "auto" and bool(tf.config.list_physical_devices("GPU")))
+
+
+@contextlib.contextmanager
+def precision_policy(mode: str) -> Iterator[bool]:
+    """Keras' global dtype policy set for ``mode`` ("auto", "on", "off") inside the block, the previous
+    policy restored on exit (also on an exception); yields whether mixed precision is on.
+
+        with precision_policy("auto") as mixed:
+            model = build_model(...)   # layers take the policy when they are created
+
+    Keras reads the global policy when a layer is created, so the models built inside the block keep
+    their dtype after it; code run after it (another test, another model in the same process) sees the
+    policy that was in force before.
+    """
+    previous = keras.mixed_precision.global_policy()
+    on = wants_mixed_precision(mode)
+    keras.mixed_precision.set_global_policy("mixed_float16" if on else "float32")
+    try:
+        yield on
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def configure_precision(mode: str) -> bool:
-    """Set the global mixed-precision policy; returns whether mixed precision is on."""
-    on = mode == "on" or (mode == "auto" and bool(tf.config.list_physical_devices("GPU")))
+    """Set the global mixed-precision policy for the rest of the process (not restored); returns
+    whether mixed precision is on. For a training process that builds one model; anything that must
+    leave the process as it found it uses ``precision_policy`` instead."""
+    on = wants_mixed_precision(mode)
     keras.mixed_precision.set_global_policy("mixed_float16" if on else "float32")
     return on
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import models
 from models import (
-    MODEL_INFO,
+    BACKBONE_INFO,
     WeightsMismatchError,
     WeightsUnavailableError,
     build_model,
@@ -60,7 +60,7 @@ def test_list_models_in_paper_order():
 
 
 def test_imagenet_availability():
-    assert [n for n in ALL if MODEL_INFO[n].imagenet] == WITH_IMAGENET
+    assert [n for n in ALL if BACKBONE_INFO[n].imagenet] == WITH_IMAGENET
 
 
 def test_unknown_name_lists_valid_names():
@@ -119,7 +119,7 @@ EXPECTED_RANGE = {
 @pytest.mark.parametrize("name", ALL)
 def test_preprocess_maps_0_255_to_backbone_range(name, channels):
     model = _built(name, channels)
-    low, high = EXPECTED_RANGE[MODEL_INFO[name].family](channels)
+    low, high = EXPECTED_RANGE[BACKBONE_INFO[name].family](channels)
     x = np.stack([np.zeros((SIZE, SIZE, channels)), np.full((SIZE, SIZE, channels), 255.0)])
     out = _layer_output(model, "preprocess", x.astype("float32"))
     np.testing.assert_allclose(out[0], np.broadcast_to(low, out[0].shape), rtol=1e-5, atol=1e-5)
@@ -247,7 +247,7 @@ def test_imagenet_for_resnet_is_a_clear_error():
 
 @pytest.mark.parametrize("name", WITH_IMAGENET)
 def test_imagenet_offline_says_what_to_do(name, monkeypatch, tmp_path):
-    fname = MODEL_INFO[name].imagenet_file((512, 512, 3)).fname
+    fname = BACKBONE_INFO[name].imagenet_file((512, 512, 3)).fname
 
     def offline(fname, origin, **kwargs):
         # exactly what keras.utils.get_file raises offline
@@ -286,7 +286,7 @@ def test_imagenet_file_is_the_one_keras_applications_uses(name, size, monkeypatc
     application = KERAS_APPS[name][0]
     with pytest.raises(_Requested):
         application(include_top=False, weights="imagenet", input_shape=(size, size, 3))
-    ours = MODEL_INFO[name].imagenet_file((size, size, 3))
+    ours = BACKBONE_INFO[name].imagenet_file((size, size, 3))
     assert (ours.fname, ours.origin, ours.file_hash) == (
         requested["fname"], requested["origin"], requested["file_hash"])
 
@@ -320,7 +320,7 @@ def _fake_imagenet_file(name, path):
 def test_imagenet_gray_input_matches_keras_applications(name, monkeypatch, tmp_path):
     """C=1 + "imagenet": the model repeats the gray channel, normalizes as keras.applications'
     own ImageNet model does (after its documented preprocess_input), and loads the file."""
-    fake = _fake_imagenet_file(name, tmp_path / MODEL_INFO[name].imagenet_file((SIZE,) * 3).fname)
+    fake = _fake_imagenet_file(name, tmp_path / BACKBONE_INFO[name].imagenet_file((SIZE,) * 3).fname)
     calls = []
 
     def cached(fname, origin, **kwargs):
@@ -329,7 +329,7 @@ def test_imagenet_gray_input_matches_keras_applications(name, monkeypatch, tmp_p
 
     monkeypatch.setattr(models.weights, "get_file", cached)
     model = build_model(name, NUM_CLASSES, (SIZE, SIZE, 1), weights="imagenet")
-    assert calls == [MODEL_INFO[name].imagenet_file((SIZE, SIZE, 1)).fname]
+    assert calls == [BACKBONE_INFO[name].imagenet_file((SIZE, SIZE, 1)).fname]
     assert model.get_layer("gray_to_rgb") is not None
     assert model.get_layer("backbone").input.shape[-1] == 3
 

@@ -118,3 +118,56 @@ def test_batchnorm_recalibration_brings_moving_statistics_to_the_data():
     np.testing.assert_allclose(bn.moving_mean.numpy(), [100, 101, 102, 103], rtol=0.01)
     for before, after in zip(weights_before, model.trainable_weights):  # statistics only, no gradient step
         np.testing.assert_array_equal(before, after.numpy())
+
+
+def test_training_reexports_the_registered_keras_objects():
+    """utils.training keeps the names its callers use; the objects live (and register) in the leaf
+    utils.keras_objects, under the names older checkpoints were saved with."""
+    from utils import keras_objects, training
+
+    for name, registered in (("OneCycle", "router>OneCycle"), ("AdamL2", "router>AdamL2"),
+                             ("MacroF1", "router>MacroF1")):
+        cls = getattr(keras_objects, name)
+        assert getattr(training, name) is cls and cls.__module__ == "utils.keras_objects"
+        assert keras.saving.get_registered_name(cls) == registered
+        assert keras.saving.get_registered_object(registered) is cls
+    assert training.make_optimizer is keras_objects.make_optimizer
+    optimizer = training.make_optimizer(max_lr=0.01, total_steps=10, warmup_fraction=0.3, start_div=25.0,
+                                        final_div=1e4, weight_decay=1e-4, clip_value=0.0)
+    assert isinstance(optimizer, AdamL2) and optimizer.clipvalue is None and optimizer.l2 == pytest.approx(1e-4)
+
+
+@pytest.fixture
+def restore_policy():
+    before = keras.mixed_precision.global_policy()
+    yield before
+    keras.mixed_precision.set_global_policy(before)
+
+
+def test_precision_policy_is_scoped_and_restores_the_previous_policy(restore_policy):
+    from utils.training import precision_policy
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # something other than the default
+    with precision_policy("on") as mixed:
+        assert mixed is True and keras.mixed_precision.global_policy().name == "mixed_float16"
+        dense = keras.layers.Dense(2)
+        with precision_policy("off") as inner:  # nests
+            assert inner is False and keras.mixed_precision.global_policy().name == "float32"
+        assert keras.mixed_precision.global_policy().name == "mixed_float16"
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    assert dense.compute_dtype == "float16"  # a layer made inside keeps the policy it was made with
+
+    with pytest.raises(RuntimeError), precision_policy("off"):  # restored on an exception too
+        raise RuntimeError("boom")
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+
+    with precision_policy("auto") as auto:
+        assert auto == bool(tf.config.list_physical_devices("GPU"))
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+
+
+def test_configure_precision_still_sets_the_policy_for_the_process(restore_policy):
+    from utils.training import configure_precision
+
+    assert configure_precision("on") is True and keras.mixed_precision.global_policy().name == "mixed_float16"
+    assert configure_precision("off") is False and keras.mixed_precision.global_policy().name == "float32"

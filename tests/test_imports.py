@@ -1,0 +1,234 @@
+"""The import graph of the project's packages (utils/, models/): no cycles, and the code that serves a
+model never imports the training code.
+
+The graph is read with ``ast`` (nothing is imported), and every import counts: module level, inside
+functions (lazy imports), and ``importlib.import_module("...")`` with a literal name; only imports
+under ``if TYPE_CHECKING:`` are left out, as they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("utils", "models")
+TRAINING = ("utils.training", "utils.runner")
+SERVING = ("utils.artifacts", "utils.predictor", "utils.export", "utils.engine", "utils.batch_predict",
+           "utils.keras_objects")  # + every module of utils.routing
+
+
+def project_modules(root: Path, packages=PACKAGES) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file of ``packages`` under ``root``."""
+    modules = {}
+    for package in packages:
+        for file in sorted((root / package).rglob("*.py")):
+            parts = list(file.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join(parts)] = file
+    return modules
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imported_names(tree: ast.AST, module: str, is_package: bool):
+    """Every dotted name an import statement (or importlib.import_module call) in ``tree`` may load."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                package = package[:len(package) - (node.level - 1)]
+                base = ".".join(package + ([base] if base else []))
+            # `from pkg import sub`: pkg.sub when it is a module, else (an attribute) pkg; see resolve()
+            yield from (f"{base}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("import_module", "__import__"):
+                yield node.args[0].value
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def import_graph(root: Path = ROOT, packages=PACKAGES, *, with_parents: bool = False) -> dict[str, set[str]]:
+    """Module -> the project modules it imports. ``with_parents`` adds the packages Python runs first
+    (``import utils.x.y`` runs utils/__init__ and utils/x/__init__): right for "what does importing
+    this run", left out for cycles (a package importing its own submodules is not a cycle)."""
+    modules = project_modules(root, packages)
+
+    def resolve(name: str) -> str | None:
+        """The module itself, else its nearest enclosing project module (a.b.attr -> a.b), else None."""
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, file in modules.items():
+        edges = set()
+        tree = ast.parse(file.read_text(), str(file))
+        for name in _imported_names(tree, module, file.name == "__init__.py"):
+            target = resolve(name)
+            if target is None:
+                continue
+            edges.add(target)
+            if with_parents:
+                parts = target.split(".")
+                edges.update(p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in modules)
+        edges.discard(module)
+        graph[module] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index, low, on_stack, stack, found = {}, {}, set(), [], []
+    counter = 0
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def path_to(graph: dict[str, set[str]], start: str, targets) -> list[str] | None:
+    """A shortest import chain from ``start`` to one of ``targets`` (breadth first), else None."""
+    previous = {start: None}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            if node in targets:
+                chain = [node]
+                while previous[chain[-1]] is not None:
+                    chain.append(previous[chain[-1]])
+                return chain[::-1]
+            for child in sorted(graph.get(node, ())):
+                if child not in previous:
+                    previous[child] = node
+                    following.append(child)
+        frontier = following
+    return None
+
+
+def serving_modules(graph) -> list[str]:
+    return [*SERVING, *sorted(m for m in graph if m.startswith("utils.routing."))]
+
+
+def test_the_import_walker_sees_lazy_relative_and_dynamic_imports(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg import b\n")
+    (package / "b.py").write_text(textwrap.dedent("""
+        from typing import TYPE_CHECKING
+        if TYPE_CHECKING:
+            from pkg import d  # never runs: no edge
+        def later():
+            from .sub import c  # lazy and relative
+            return c
+    """))
+    (package / "sub" / "c.py").write_text("import importlib\nimportlib.import_module('pkg.a')\n")
+    (package / "d.py").write_text("")
+    graph = import_graph(tmp_path, ("pkg",))
+    assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.sub.c"} and graph["pkg.sub.c"] == {"pkg.a"}
+    assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.sub.c"]]
+    assert path_to(graph, "pkg.a", {"pkg.a"}) == ["pkg.a"] and path_to(graph, "pkg.b", {"pkg.d"}) is None
+
+
+def test_the_real_graph_has_the_expected_edges():
+    """The walker reads this project: known module-level and lazy edges are there."""
+    graph = import_graph()
+    assert {"utils.keras_objects", "utils.artifacts"} <= graph["utils.training"]
+    assert {"utils.keras_objects", "models", "utils.preprocessing"} <= graph["utils.artifacts"]  # lazy ones too
+    assert "utils.artifacts" in graph["utils.predictor"] and "utils.predictor" in graph["utils.routing.node"]
+
+
+def test_no_import_cycles_in_utils_and_models():
+    found = cycles(import_graph())
+    assert not found, f"import cycles (lazy imports count): {found}"
+
+
+def test_keras_objects_is_a_leaf():
+    """The registered Keras objects import nothing of the project: loading a model needs them, and
+    whatever they imported would be loaded with every model."""
+    assert import_graph()["utils.keras_objects"] == set()
+
+
+@pytest.mark.parametrize("module", serving_modules(import_graph()))
+def test_serving_modules_do_not_reach_the_training_code(module):
+    chain = path_to(import_graph(with_parents=True), module, set(TRAINING))
+    assert chain is None, f"{module} imports the training code: {' -> '.join(chain)}"
+
+
+def test_loading_and_serving_a_model_imports_no_training_code():
+    """At run time, in a fresh interpreter: load a compiled checkpoint (optimizer, schedule and metric
+    included) and predict through every serving module; utils.training and utils.runner stay out."""
+    script = textwrap.dedent("""
+        import json, sys
+        import numpy as np
+        from utils.artifacts import load_model
+        from utils.predictor import load_predictor
+        import utils.export, utils.batch_predict, utils.engine
+        import utils.routing.service, utils.routing.node, utils.routing.classifier, utils.routing.forwarder
+        path = sys.argv[1]
+        model, metadata = load_model(path, compile=True)
+        predictor = load_predictor(path)
+        probs = predictor.predict(np.zeros((2, *predictor.spec.input_shape), np.float32))
+        print(json.dumps({"optimizer": type(model.optimizer).__name__, "shape": list(probs.shape),
+                          "loaded": sorted(m for m in sys.modules if m in ("utils.training", "utils.runner"))}))
+    """)
+    fixture = ROOT / "tests" / "data" / "checkpoint_before_keras_objects.keras"
+    result = subprocess.run([sys.executable, "-c", script, str(fixture)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"optimizer": "AdamL2", "shape": [2, 3], "loaded": []}
