@@ -24,7 +24,7 @@ import numpy as np
 
 from utils.engine import Decoded, Engine
 from utils.isolation import PoolSettings
-from utils.preprocessing import SPEC_FILENAME, PreprocessSpec, to_model_input
+from utils.preprocessing import PreprocessSpec, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +53,32 @@ def _label_ids(labels: Sequence[str], class_names: Sequence[str], where: str) ->
 
 def eval_set(data: str | os.PathLike, split: str, spec: PreprocessSpec) -> EvalSet:
     """Resolve ``--data`` (prepared dir, CSV, or folder per class) into an :class:`EvalSet`."""
-    from utils.data.files import read_labels
+    from utils.data import files
     from utils.prepare import list_source
+    from utils.preprocessing import pixel_provenance
 
     data = Path(data)
-    if data.is_dir() and (data / "labels.csv").is_file():
-        frame = read_labels(data)
+    if data.is_dir() and (data / files.LABELS).is_file():
+        files.require_prepared(data)
+        frame = files.read_labels(data)
         frame = frame[frame["split"] == split]
         if frame.empty:
             raise ValueError(f"{data}: split {split!r} is empty")
         labels = _label_ids(frame["label"].tolist(), spec.class_names, str(data))
         groups = frame["group"].tolist() if "group" in frame else None
-        dataset_spec = PreprocessSpec.load(data / SPEC_FILENAME) if (data / SPEC_FILENAME).is_file() else None
-        if dataset_spec is not None and dataset_spec.same_pixels(spec):
+        if files.read_spec(data).same_pixels(spec):
+            made_with = files.read_provenance(data)
+            note = ""
+            if made_with != pixel_provenance():
+                changed = "unknown (no pixels.json)" if made_with is None else ", ".join(
+                    f"{k} {made_with.get(k, '?')} -> {v}" for k, v in pixel_provenance().items()
+                    if made_with.get(k) != v)
+                log.warning("%s was prepared with another reader or decoders than this machine serves with "
+                            "(%s): its cached images may differ slightly from what predict.py and the router "
+                            "feed the model. Re-run prepare.py on it to bring the cache up to date.", data, changed)
+                note = "; cache made with other decoders: " + changed
             return EvalSet([str(data / p) for p in frame["path"]], labels, groups, True,
-                           f"{data} split={split} (prepared cache)", split)
+                           f"{data} split={split} (prepared cache{note})", split)
         log.warning("%s was prepared with other settings than the model's spec: reading its source files "
                     "with the model's preprocessing instead", data)
         return EvalSet(frame["source_file"].tolist(), labels, groups, False,
