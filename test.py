@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None):
 
 def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict:
     from utils import evaluation, reports
-    from utils.artifacts import training_data
     from utils.predictor import load_predictor
+    from utils.run_dir import training_data
 
     info = load_predictor(model_arg)
     data = args.data or training_data(model_arg) or constants.DATA_DIR

@@ -189,6 +189,7 @@ def main() -> None:
     from models import build_model
     from utils.artifacts import save_model
     from utils.config import environment
+    from utils.data import files
     from utils.export import export_model
     from utils.predictor import load_predictor
     from utils.preprocessing import PreprocessSpec
@@ -196,7 +197,7 @@ def main() -> None:
     env = environment()
     load_before = os.getloadavg()[0]
     fp32_peak, int8_peak = matmul_gflops(), int8_conv_gops()
-    data = args.data if args.data and (Path(args.data) / "labels.csv").is_file() else None
+    data = args.data if args.data and files.is_prepared(args.data) else None
     rows, e2e = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.backbones:

@@ -47,9 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.preprocessing import SPEC_FILENAME, PreprocessSpec
-
-BEST_MODEL = "best.keras"
-LAST_MODEL = "last.keras"
+from utils.run_dir import BEST_MODEL, LAST_MODEL, is_run_dir  # noqa: F401  (the run directory's names)
 
 METADATA_VERSION = 1
 KERAS_PAYLOAD = SPEC_FILENAME  # the metadata's name inside a .keras archive (and of a spec beside a plain one)
@@ -157,7 +155,8 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     if path.is_dir():
         candidate = path / BEST_MODEL
         if not candidate.is_file():
-            raise FileNotFoundError(f"{path} has no {BEST_MODEL}: is it a finished training run?")
+            what = "a training run that has not finished an epoch yet" if is_run_dir(path) else "not a training run"
+            raise FileNotFoundError(f"{path} has no {BEST_MODEL}: {what}")
         return candidate
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
@@ -277,17 +276,6 @@ def save_model(model, path: str | os.PathLike, spec: PreprocessSpec, *, model_id
     embed_in_keras(temporary, ModelMetadata(spec, model_id, backbone, dict(extra or {}), format="keras"))
     os.replace(temporary, path)
     return path
-
-
-def training_data(path: str | os.PathLike) -> Path | None:
-    """The prepared dataset a run directory (or a model file inside one) was trained on, as its
-    config.json records it; None when there is no readable record. The folder may no longer exist."""
-    path = Path(path)
-    config_file = (path if path.is_dir() else path.parent) / "config.json"
-    try:
-        return Path(json.loads(config_file.read_text())["config"]["data"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def load_model(path: str | os.PathLike, *, compile: bool = False):

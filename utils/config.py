@@ -332,6 +332,20 @@ def environment() -> dict[str, str]:
     return info
 
 
+def device_name() -> str:
+    """The accelerator TensorFlow would use, in words (saved beside training runs and timings)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        try:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            return f"{len(gpus)} x {details.get('device_name', 'GPU')}"
+        except (ValueError, RuntimeError):
+            return f"{len(gpus)} GPU(s)"
+    return f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -212,7 +212,7 @@ def predict(predictor, files: Sequence[str], *, cached: bool, batch_size: int = 
 
 def time_inference(predictor, *, runs: int = 50, warmup: int = 5, throughput_batch: int = 32) -> dict:
     """Model-only latency at batch 1 (median and p95 over ``runs``, after warm-up) and throughput."""
-    from utils.training import device_name
+    from utils.config import device_name
 
     rng = np.random.default_rng(0)
     one = rng.uniform(0, 255, (1, *predictor.spec.input_shape)).astype(np.float32)

@@ -37,8 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from utils.artifacts import ARTIFACT_KEY, ModelMetadata, training_data, write_sidecar
+from utils.artifacts import ARTIFACT_KEY, ModelMetadata, write_sidecar
+from utils.data import files
 from utils.predictor import KerasPredictor, load_predictor
+from utils.run_dir import training_data
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def default_output(model_path: Path, fmt: str, quantization: str) -> Path:
 def data_dir_of(model_path: Path) -> Path | None:
     """The prepared dataset a run was trained on, if it still exists."""
     data = training_data(model_path)
-    return data if data is not None and (data / "labels.csv").is_file() else None
+    return data if data is not None and files.is_prepared(data) else None
 
 
 def images_from_split(data_dir: str | os.PathLike, split: str, spec, limit: int, seed: int = 0) -> np.ndarray:
@@ -190,8 +192,8 @@ def export_model(model_path: str | os.PathLike, fmt: str, *, quantize: str = "no
         raise ValueError(f"--quantize applies to tflite only, not {fmt}")
     source = resolve_model_path(model_path)
     data_dir = Path(data) if data else data_dir_of(source)
-    if data_dir is not None and not (data_dir / "labels.csv").is_file():
-        raise FileNotFoundError(f"{data_dir} is not a prepared dataset (no labels.csv)")
+    if data_dir is not None:
+        files.require_prepared(data_dir)
     model, info = load_model(source)
     spec = info.spec
     out = Path(output) if output else default_output(source, fmt, quantize)

@@ -59,7 +59,7 @@ class SourceError(ValueError):
 
 
 @dataclass(frozen=True)
-class Item:
+class SourceFile:
     """One image to prepare, as the source describes it."""
 
     source: str
@@ -71,7 +71,7 @@ class Item:
 
 @dataclass
 class SourceListing:
-    items: list[Item]
+    items: list[SourceFile]
     rejects: list[tuple[str, str, str]] = field(default_factory=list)
     layout: str = ""
 
@@ -145,7 +145,7 @@ def _rows_to_items(frame: pd.DataFrame, resolve_path, class_names: Sequence[str]
             continue
         group = "" if group_col is None or pd.isna(row[group_col]) else str(row[group_col])
         split = _normalise_split(row[split_col]) if split_col else default_split
-        listing.items.append(Item(str(path), label, group, split))
+        listing.items.append(SourceFile(str(path), label, group, split))
     return listing
 
 
@@ -191,7 +191,7 @@ def _list_class_folders(root: Path, class_names: Sequence[str]) -> SourceListing
                 log.warning("%s: manifest label %r differs from its folder %r; using the folder",
                             path, row["label"], label)
             split = _normalise_split(row.get("split", ""))
-            listing.items.append(Item(str(path), label, str(row.get("group", "") or ""), split))
+            listing.items.append(SourceFile(str(path), label, str(row.get("group", "") or ""), split))
     return listing
 
 
@@ -327,7 +327,7 @@ def output_name(source: str, label: str, key: str) -> str:
     return f"{files.IMAGES}/{label}/{stem}_{key}.png"
 
 
-def process_item(item: Item, output_dir: str, spec: PreprocessSpec) -> dict:
+def process_item(item: SourceFile, output_dir: str, spec: PreprocessSpec) -> dict:
     """Decode, preprocess and write one image; returns a labels.csv row or a reject."""
     relative = item.target or output_name(item.source, item.label, cache_key(item.source, spec))
     target = Path(output_dir) / relative
@@ -478,7 +478,7 @@ def _check_existing_spec(output_dir: Path, spec: PreprocessSpec, overwrite: bool
             "Use another --output, or --overwrite to redo every image.")
 
 
-def _map(items: list[Item], output_dir: str, spec: PreprocessSpec, pool: PoolSettings,
+def _map(items: list[SourceFile], output_dir: str, spec: PreprocessSpec, pool: PoolSettings,
          progress: bool) -> Iterator[dict]:
     """process_item over ``items`` in the isolated pool (utils.isolation), in order: a source
     file that hangs or crashes its decoder, or needs more memory than the cap, becomes a reject

@@ -25,13 +25,14 @@ import keras
 import pandas as pd
 import tensorflow as tf
 
-from utils import config, constants, run_dir as R
+from models.weights import SCRATCH, parse_weights
+from utils import config, constants
+from utils import run_dir as R
+from utils import training as T
 from utils.artifacts import load_model, read_model_info
 from utils.data import files as dataset_files
 from utils.dataset import Augmentation, load_split
-from models.weights import SCRATCH, parse_weights
 from utils.preprocessing import PreprocessSpec
-from utils import training as T
 
 log = logging.getLogger(__name__)
 LOG_CSV = R.LOG
@@ -228,61 +229,62 @@ def train(args, settings: dict[str, Any]) -> Path:
                     "max_steps_per_epoch": args.max_steps_per_epoch, "phases": phases_to_json(phases)}
         config.save_config(settings, run_dir / R.CONFIG, spec=spec.to_dict())
     T.seed_everything(settings["seed"])
-    mixed = T.configure_precision(settings["mixed_precision"])
-    log.info("device: %s; mixed precision %s; %d replica(s)", T.device_name(), "on" if mixed else "off",
-             strategy.num_replicas_in_sync)
+    # The mixed-precision policy is process-wide in Keras: set for this run only, restored after it.
+    with T.precision_policy(settings["mixed_precision"]) as mixed:
+        log.info("device: %s; mixed precision %s; %d replica(s)", config.device_name(), "on" if mixed else "off",
+                 strategy.num_replicas_in_sync)
 
-    batch = settings["batch_size"] * strategy.num_replicas_in_sync
-    aug = Augmentation(settings["augment_rotation_deg"], settings["augment_brightness"],
-                       settings["augment_contrast"], settings["horizontal_flip"])
-    train_ds, train_rows = load_split(data_dir, "train", spec, training=True, batch_size=batch, augmentation=aug,
-                                      cache=settings["cache"], seed=settings["seed"])
-    val_ds, val_rows = load_split(data_dir, "val", spec, training=False, batch_size=batch, cache=settings["cache"])
-    steps = math.ceil(len(train_rows) / batch)
-    if args.max_steps_per_epoch:
-        steps = min(steps, args.max_steps_per_epoch)
-        train_ds = train_ds.repeat()
-    log.info("data %s: %d train / %d val images, %d steps per epoch, %dx%dx%d input", data_dir, len(train_rows),
-             len(val_rows), steps, *spec.input_shape)
-    weights = T.class_weights(train_rows["y"], spec.num_classes) if settings["class_weights"] else None
+        batch = settings["batch_size"] * strategy.num_replicas_in_sync
+        aug = Augmentation(settings["augment_rotation_deg"], settings["augment_brightness"],
+                           settings["augment_contrast"], settings["horizontal_flip"])
+        train_ds, train_rows = load_split(data_dir, "train", spec, training=True, batch_size=batch, augmentation=aug,
+                                          cache=settings["cache"], seed=settings["seed"])
+        val_ds, val_rows = load_split(data_dir, "val", spec, training=False, batch_size=batch, cache=settings["cache"])
+        steps = math.ceil(len(train_rows) / batch)
+        if args.max_steps_per_epoch:
+            steps = min(steps, args.max_steps_per_epoch)
+            train_ds = train_ds.repeat()
+        log.info("data %s: %d train / %d val images, %d steps per epoch, %dx%dx%d input", data_dir, len(train_rows),
+                 len(val_rows), steps, *spec.input_shape)
+        weights = T.class_weights(train_rows["y"], spec.num_classes) if settings["class_weights"] else None
 
-    phases = phases_from_json(settings["phases"])
-    done, best = _resume_state(run_dir) if resume_payload is not None else (0, -math.inf)
-    if done >= settings["epochs"]:
-        log.info("%s already finished %d epochs (train longer with --resume %s --epochs N)", run_dir, done,
-                 run_dir)
-        return run_dir
+        phases = phases_from_json(settings["phases"])
+        done, best = _resume_state(run_dir) if resume_payload is not None else (0, -math.inf)
+        if done >= settings["epochs"]:
+            log.info("%s already finished %d epochs (train longer with --resume %s --epochs N)", run_dir, done,
+                     run_dir)
+            return run_dir
 
-    model = None
-    with strategy.scope():
-        if resume_payload is not None:
-            _trim_log(run_dir, done)
-            _record_resume(run_dir, resume_payload, settings, done)
-            model, _ = load_model(run_dir / R.LAST_MODEL, compile=True)
-            log.info("resuming %s after epoch %d of %d (best %s %.4f)", run_dir, done, settings["epochs"],
-                     R.MONITOR, best)
-    for phase in phases:
-        if phase.end <= done:
-            continue
+        model = None
         with strategy.scope():
-            if model is None:
-                model = _build(settings, spec)
-            resumed_here = resume_payload is not None and phase.start < done
-            if not resumed_here:
-                _set_frozen(model, phase.frozen)
-                _compile(model, settings, spec, steps * (phase.end - phase.start))
-        callbacks = _callbacks(run_dir, spec, settings["backbone"], best)
-        if settings.get("bn_recalibration_steps"):
-            stats_ds, _ = load_split(data_dir, "train", spec, training=False, batch_size=batch, cache=settings["cache"])
-            callbacks.insert(0, T.RecalibrateBatchNorm(stats_ds.repeat(), settings["bn_recalibration_steps"]))
-        start = max(done, phase.start)
-        log.info("epochs %d-%d%s", start + 1, phase.end, " (backbone frozen)" if phase.frozen else "")
-        model.fit(train_ds, validation_data=val_ds, epochs=phase.end, initial_epoch=start, steps_per_epoch=steps,
-                  class_weight=weights, callbacks=callbacks, verbose=2 if args.quiet else 1,
-                  shuffle=False)  # the tf.data pipeline shuffles
-        best = next(c for c in callbacks if isinstance(c, T.Checkpoints)).best
-        done = phase.end
-    return run_dir
+            if resume_payload is not None:
+                _trim_log(run_dir, done)
+                _record_resume(run_dir, resume_payload, settings, done)
+                model, _ = load_model(run_dir / R.LAST_MODEL, compile=True)
+                log.info("resuming %s after epoch %d of %d (best %s %.4f)", run_dir, done, settings["epochs"],
+                         R.MONITOR, best)
+        for phase in phases:
+            if phase.end <= done:
+                continue
+            with strategy.scope():
+                if model is None:
+                    model = _build(settings, spec)
+                resumed_here = resume_payload is not None and phase.start < done
+                if not resumed_here:
+                    _set_frozen(model, phase.frozen)
+                    _compile(model, settings, spec, steps * (phase.end - phase.start))
+            callbacks = _callbacks(run_dir, spec, settings["backbone"], best)
+            if settings.get("bn_recalibration_steps"):
+                stats_ds, _ = load_split(data_dir, "train", spec, training=False, batch_size=batch, cache=settings["cache"])
+                callbacks.insert(0, T.RecalibrateBatchNorm(stats_ds.repeat(), settings["bn_recalibration_steps"]))
+            start = max(done, phase.start)
+            log.info("epochs %d-%d%s", start + 1, phase.end, " (backbone frozen)" if phase.frozen else "")
+            model.fit(train_ds, validation_data=val_ds, epochs=phase.end, initial_epoch=start, steps_per_epoch=steps,
+                      class_weight=weights, callbacks=callbacks, verbose=2 if args.quiet else 1,
+                      shuffle=False)  # the tf.data pipeline shuffles
+            best = next(c for c in callbacks if isinstance(c, T.Checkpoints)).best
+            done = phase.end
+        return run_dir
 
 
 def _build(settings: dict[str, Any], spec: PreprocessSpec):

@@ -20,7 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from utils.artifacts import BEST_MODEL, LAST_MODEL, save_model
+from utils import run_dir as R
+from utils.artifacts import save_model
 from utils.keras_objects import AdamL2, MacroF1, OneCycle, current_lr, make_optimizer  # noqa: F401 (re-exported)
 from utils.preprocessing import PreprocessSpec
 
@@ -61,7 +62,7 @@ class Checkpoints(keras.callbacks.Callback):
     Both carry the preprocessing spec. ``best.json`` records which epoch is in best.keras.
     """
 
-    def __init__(self, run_dir: Path, spec: PreprocessSpec, backbone: str, monitor: str = "val_macro_f1",
+    def __init__(self, run_dir: Path, spec: PreprocessSpec, backbone: str, monitor: str = R.MONITOR,
                  best: float = -math.inf) -> None:
         super().__init__()
         self.run_dir, self.spec, self.backbone, self.monitor, self.best = run_dir, spec, backbone, monitor, best
@@ -69,17 +70,17 @@ class Checkpoints(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
         model_id = f"{self.run_dir.name}/epoch-{epoch + 1}"
-        save_model(self.model, self.run_dir / LAST_MODEL, self.spec, model_id=model_id, backbone=self.backbone,
+        save_model(self.model, self.run_dir / R.LAST_MODEL, self.spec, model_id=model_id, backbone=self.backbone,
                    extra={"epoch": epoch + 1})
         value = logs.get(self.monitor)
         if value is not None and float(value) > self.best:
             self.best = float(value)
-            save_model(self.model, self.run_dir / BEST_MODEL, self.spec, model_id=model_id,
+            save_model(self.model, self.run_dir / R.BEST_MODEL, self.spec, model_id=model_id,
                        backbone=self.backbone, extra={"epoch": epoch + 1, self.monitor: self.best})
-            (self.run_dir / "best.json").write_text(json.dumps(
+            (self.run_dir / R.BEST_INFO).write_text(json.dumps(
                 {"epoch": epoch + 1, "model_id": model_id,
                  **{k: float(v) for k, v in logs.items() if np.isscalar(v)}}, indent=2) + "\n")
-            log.info("epoch %d: %s improved to %.4f, saved %s", epoch + 1, self.monitor, self.best, BEST_MODEL)
+            log.info("epoch %d: %s improved to %.4f, saved %s", epoch + 1, self.monitor, self.best, R.BEST_MODEL)
 
 
 class PlotCurves(keras.callbacks.Callback):
@@ -158,28 +159,6 @@ def precision_policy(mode: str) -> Iterator[bool]:
         yield on
     finally:
         keras.mixed_precision.set_global_policy(previous)
-
-
-def configure_precision(mode: str) -> bool:
-    """Set the global mixed-precision policy for the rest of the process (not restored); returns
-    whether mixed precision is on. For a training process that builds one model; anything that must
-    leave the process as it found it uses ``precision_policy`` instead."""
-    on = wants_mixed_precision(mode)
-    keras.mixed_precision.set_global_policy("mixed_float16" if on else "float32")
-    return on
-
-
-def device_name() -> str:
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        try:
-            details = tf.config.experimental.get_device_details(gpus[0])
-            return f"{len(gpus)} x {details.get('device_name', 'GPU')}"
-        except (ValueError, RuntimeError):
-            return f"{len(gpus)} GPU(s)"
-    from utils.config import cpu_name
-
-    return f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
 
 
 def seed_everything(seed: int) -> None:

@@ -164,10 +164,3 @@ def test_precision_policy_is_scoped_and_restores_the_previous_policy(restore_pol
     with precision_policy("auto") as auto:
         assert auto == bool(tf.config.list_physical_devices("GPU"))
     assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
-
-
-def test_configure_precision_still_sets_the_policy_for_the_process(restore_policy):
-    from utils.training import configure_precision
-
-    assert configure_precision("on") is True and keras.mixed_precision.global_policy().name == "mixed_float16"
-    assert configure_precision("off") is False and keras.mixed_precision.global_policy().name == "float32"

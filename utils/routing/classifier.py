@@ -35,7 +35,7 @@ from utils.decisions import UNREADABLE, tag_disagrees
 from utils.engine import Engine
 from utils.isolation import PoolSettings
 from utils.routing.audit import AuditLog
-from utils.routing.queue import Classification, Item, SpoolQueue
+from utils.routing.queue import Classification, QueueItem, SpoolQueue
 from utils.routing.worker import FATAL, WakeableThread
 
 log = logging.getLogger(__name__)
@@ -117,13 +117,13 @@ class Classifier(WakeableThread):
         with self.engine:
             yield
 
-    def _classify_batch(self, items: list[Item]) -> None:
+    def _classify_batch(self, items: list[QueueItem]) -> None:
         """Decode, predict and record the decisions of ``items`` (their attempt already counted)."""
         self.classify(items)
 
     # --- poison objects: counted attempts, isolation, giving up -----------------------------
 
-    def _classify_isolating(self, items: list[Item]) -> None:
+    def _classify_isolating(self, items: list[QueueItem]) -> None:
         """Give up objects out of attempts; classify those tried before one by one, the rest as a batch."""
         limit = self.max_classify_attempts
         exhausted = [i for i in items if i.classify_attempts >= limit]
@@ -141,7 +141,7 @@ class Classifier(WakeableThread):
         if failures:
             self._settle(failures, classified)
 
-    def _attempt(self, items: list[Item]) -> tuple[int, list[tuple[Item, BaseException]]]:
+    def _attempt(self, items: list[QueueItem]) -> tuple[int, list[tuple[QueueItem, BaseException]]]:
         """Count an attempt for each item, then classify them: (objects classified, [(item, error)]).
 
         A failing batch is split in halves (its attempts given back first) until each failure
@@ -174,7 +174,7 @@ class Classifier(WakeableThread):
         finally:
             self.busy_since = None
 
-    def _settle(self, failures: list[tuple[Item, BaseException]], classified: int) -> None:
+    def _settle(self, failures: list[tuple[QueueItem, BaseException]], classified: int) -> None:
         """Keep the attempts of objects that failed on their own; give them back after a systemic failure.
 
         A failure is the object's own when other objects were classified meanwhile, when it is
@@ -198,7 +198,7 @@ class Classifier(WakeableThread):
             self.queue.return_classification_attempts(systemic)
             self._pause_after(failures[0][1], objects=len(systemic))
 
-    def _give_up(self, items: list[Item]) -> None:
+    def _give_up(self, items: list[QueueItem]) -> None:
         """Route objects out of attempts to ``unreadable`` with the reason, without decoding them again."""
         decisions = [Classification(i.id, UNREADABLE, None, "", UNREADABLE, poison_reason(i)) for i in items]
         self.queue.set_classified(decisions)
@@ -224,7 +224,7 @@ class Classifier(WakeableThread):
         self._report_error(error, f"(retrying in {ERROR_PAUSE_S:.0f} s)", objects=objects, pause_s=ERROR_PAUSE_S)
         self._halt.wait(ERROR_PAUSE_S)
 
-    def _next_batch(self) -> list[Item]:
+    def _next_batch(self) -> list[QueueItem]:
         """Received items once the batch is full or the oldest has waited ``batch_wait``; else []."""
         items = self.queue.received(self.batch_size)
         if not items:
@@ -239,7 +239,7 @@ class Classifier(WakeableThread):
                 return []  # look again: more may have arrived
         return items
 
-    def classify(self, items: list[Item]) -> list[Classification]:
+    def classify(self, items: list[QueueItem]) -> list[Classification]:
         """Decode, predict and decide ``items`` as one batch (utils.engine); record the decisions."""
         spec = self.predictor.spec
         predictions = self.engine.classify([self.queue.path(item) for item in items])
@@ -265,7 +265,7 @@ def describe(error: BaseException, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def poison_reason(item: Item) -> str:
+def poison_reason(item: QueueItem) -> str:
     """The reason recorded for an object given up after its attempts (the last error, if one was caught)."""
     cause = (f"last error: {item.reason}" if item.reason else
              "the router crashed, hung or was killed while classifying it")

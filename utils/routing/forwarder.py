@@ -27,7 +27,7 @@ from pathlib import Path
 from utils.decisions import UNREADABLE
 from utils.routing.audit import AuditLog
 from utils.routing.config import Destination, RouterConfig
-from utils.routing.queue import FORWARDED, QUARANTINED, Item, SpoolQueue, fsync_dir
+from utils.routing.queue import FORWARDED, QUARANTINED, QueueItem, SpoolQueue, fsync_dir
 from utils.routing.scp import set_tcp_nodelay
 from utils.routing.worker import FATAL, WakeableThread
 
@@ -122,18 +122,18 @@ class _Worker(WakeableThread):
                          down_s=round(time.time() - (self.down_since or time.time()), 3))
         self.failures, self.down_since = 0, None
 
-    def deliver(self, items: list[Item]) -> str | None:
+    def deliver(self, items: list[QueueItem]) -> str | None:
         """Send ``items``; return why the destination is unreachable, or None."""
         raise NotImplementedError
 
-    def _done(self, item: Item, status: str, detail: str = "") -> None:
+    def _done(self, item: QueueItem, status: str, detail: str = "") -> None:
         state = QUARANTINED if item.route == UNREADABLE else FORWARDED
         self.queue.mark_done(item, state, detail)
         self.audit.write("quarantined" if state == QUARANTINED else "forwarded", sop_instance_uid=item.sop_instance_uid,
                          item=item.id, label=item.label, destination=self.destination.node, status=status,
                          detail=detail or None, reason=item.reason or None)
 
-    def _refused(self, item: Item, reason: str) -> None:
+    def _refused(self, item: QueueItem, reason: str) -> None:
         attempts = item.attempts + 1
         give_up = attempts >= self.config.max_attempts
         delay = backoff(attempts, self.config.retry_initial_s, self.config.retry_max_s)
@@ -148,7 +148,7 @@ class _Worker(WakeableThread):
 class DicomForwarder(_Worker):
     """C-STORE SCU towards one DICOM node (AE title, host, port)."""
 
-    def deliver(self, items: list[Item]) -> str | None:
+    def deliver(self, items: list[QueueItem]) -> str | None:
         from pynetdicom import AE, build_context, evt
         from pynetdicom.status import code_to_category
 
@@ -205,7 +205,7 @@ class DicomForwarder(_Worker):
 class FolderForwarder(_Worker):
     """Copies objects into a folder (the quarantine by default), with a ``.json`` reason beside each."""
 
-    def deliver(self, items: list[Item]) -> str | None:
+    def deliver(self, items: list[QueueItem]) -> str | None:
         import json
 
         folder = Path(self.destination.folder)

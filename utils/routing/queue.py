@@ -85,7 +85,7 @@ class SpoolLockedError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Item:
+class QueueItem:
     id: int
     file: str
     sop_instance_uid: str
@@ -155,7 +155,7 @@ class SpoolQueue:
     # --- receiving ------------------------------------------------------------------------
 
     def store(self, data: bytes, *, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str,
-              calling_ae: str = "") -> tuple[Item, bool]:
+              calling_ae: str = "") -> tuple[QueueItem, bool]:
         """Make a received object durable; (item, duplicate). Returns only once file and row are on disk.
 
         An identical object (same SOP Instance UID and bytes) that is still waiting in the queue
@@ -179,7 +179,7 @@ class SpoolQueue:
         return item, False
 
     def _insert(self, name: str, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, calling_ae: str,
-                digest: str, size: int) -> Item:
+                digest: str, size: int) -> QueueItem:
         now = time.time()
         with self._lock:
             cursor = self._db.execute(
@@ -190,20 +190,20 @@ class SpoolQueue:
 
     # --- reading --------------------------------------------------------------------------
 
-    def path(self, item: Item) -> Path:
+    def path(self, item: QueueItem) -> Path:
         return self.files / item.file
 
-    def get(self, item_id: int) -> Item:
+    def get(self, item_id: int) -> QueueItem:
         with self._lock:
             return _item(self._db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone())
 
-    def received(self, limit: int) -> list[Item]:
+    def received(self, limit: int) -> list[QueueItem]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM items WHERE state = ? ORDER BY id LIMIT ?",
                                     (RECEIVED, limit)).fetchall()
         return [_item(r) for r in rows]
 
-    def due(self, routes: Iterable[str], limit: int, now: float | None = None) -> list[Item]:
+    def due(self, routes: Iterable[str], limit: int, now: float | None = None) -> list[QueueItem]:
         """Classified items of these routes whose next attempt is due, oldest first."""
         routes = list(routes)
         now = time.time() if now is None else now
@@ -222,7 +222,7 @@ class SpoolQueue:
                                    (CLASSIFIED, *routes)).fetchone()
         return row[0]
 
-    def still_received(self, items: Iterable[Item]) -> list[Item]:
+    def still_received(self, items: Iterable[QueueItem]) -> list[QueueItem]:
         """Fresh rows of those ``items`` that are still waiting to be classified."""
         ids = [i.id for i in items]
         marks = ",".join("?" * len(ids))
@@ -236,7 +236,7 @@ class SpoolQueue:
             rows = self._db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall()
         return {r[0]: r[1] for r in rows}
 
-    def items(self, state: str | None = None) -> list[Item]:
+    def items(self, state: str | None = None) -> list[QueueItem]:
         with self._lock:
             rows = (self._db.execute("SELECT * FROM items ORDER BY id") if state is None else
                     self._db.execute("SELECT * FROM items WHERE state = ? ORDER BY id", (state,))).fetchall()
@@ -254,7 +254,7 @@ class SpoolQueue:
                 [(CLASSIFIED, d.label, d.confidence, d.model_id, d.route, d.reason, d.reason, now, d.item_id, RECEIVED)
                  for d in decisions])
 
-    def start_classification(self, items: Iterable[Item]) -> list[Item]:
+    def start_classification(self, items: Iterable[QueueItem]) -> list[QueueItem]:
         """Count one classification attempt for each item still received; committed before returning.
 
         Called before decoding starts, so that an attempt the process does not survive is counted.
@@ -269,7 +269,7 @@ class SpoolQueue:
                              f" WHERE id IN ({marks}) AND state = ?", (time.time(), *ids, RECEIVED))
         return self.still_received(items)
 
-    def return_classification_attempts(self, items: Iterable[Item]) -> None:
+    def return_classification_attempts(self, items: Iterable[QueueItem]) -> None:
         """Take back the attempts counted for items still received (their failure was not their own)."""
         ids = [i.id for i in items]
         if not ids:
@@ -279,13 +279,13 @@ class SpoolQueue:
             self._db.execute(f"UPDATE items SET classify_attempts = MAX(0, classify_attempts - 1)"
                              f" WHERE id IN ({marks}) AND state = ?", (*ids, RECEIVED))
 
-    def note_classification_failure(self, item: Item, reason: str) -> None:
+    def note_classification_failure(self, item: QueueItem, reason: str) -> None:
         """Keep why an attempt failed (shown by ``--status``, used as the reason if it is given up)."""
         with self._lock:
             self._db.execute("UPDATE items SET reason = ?, updated_at = ? WHERE id = ? AND state = ?",
                              (reason, time.time(), item.id, RECEIVED))
 
-    def mark_done(self, item: Item, state: str, detail: str = "") -> None:
+    def mark_done(self, item: QueueItem, state: str, detail: str = "") -> None:
         """The destination confirmed: record it, then delete the spool file."""
         if state not in DONE:
             raise ValueError(f"not a final state: {state}")
@@ -295,7 +295,7 @@ class SpoolQueue:
                              (state, detail, detail, time.time(), item.id))
         self.path(item).unlink(missing_ok=True)
 
-    def defer(self, item: Item, reason: str, *, delay: float, give_up: bool = False) -> Item:
+    def defer(self, item: QueueItem, reason: str, *, delay: float, give_up: bool = False) -> QueueItem:
         """A failed attempt for this item: try again after ``delay`` seconds, or mark it failed."""
         with self._lock:
             self._db.execute("UPDATE items SET state = ?, reason = ?, attempts = attempts + 1, next_attempt = ?,"
@@ -373,8 +373,8 @@ class SpoolQueue:
         return _Tx()
 
 
-def _item(row: sqlite3.Row) -> Item:
-    return Item(**{k: row[k] for k in row.keys()})  # noqa: SIM118 - iterating a Row yields values
+def _item(row: sqlite3.Row) -> QueueItem:
+    return QueueItem(**{k: row[k] for k in row.keys()})  # noqa: SIM118 - iterating a Row yields values
 
 
 def migrate(db: sqlite3.Connection) -> list[str]:
@@ -401,7 +401,7 @@ def _connect(root: str | os.PathLike) -> sqlite3.Connection:
     return db
 
 
-def read_status(root: str | os.PathLike) -> tuple[dict[str, int], list[Item]]:
+def read_status(root: str | os.PathLike) -> tuple[dict[str, int], list[QueueItem]]:
     """(count per state, failed items) without taking the router's lock."""
     db = _connect(root)
     try:
@@ -418,8 +418,8 @@ class Summary:
 
     routes: dict[str, int]  # objects per route (classified ones, pending or done, within HISTORY_DAYS)
     unreadable_by_reason: dict[str, int]  # objects routed "unreadable", by reason code (the text before ':')
-    latest_unreadable: list[Item]  # newest first
-    classify_retries: list[Item]  # waiting objects whose classification failed or did not finish before
+    latest_unreadable: list[QueueItem]  # newest first
+    classify_retries: list[QueueItem]  # waiting objects whose classification failed or did not finish before
 
 
 def reason_code(reason: str) -> str:
