@@ -26,7 +26,7 @@ log = logging.getLogger("export")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from utils.export import FORMATS, QUANTIZATIONS
+    from utils.artifacts.export import FORMATS, QUANTIZATIONS
 
     parser = config.ArgumentParser(description=__doc__)
     parser.add_argument("model", metavar="RUN_OR_MODEL", help="training run directory (its best.keras) or a .keras file")
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args, _ = config.start(parse_args, argv, ())
-    from utils.export import export_model
+    from utils.artifacts.export import export_model
 
     try:
         result = export_model(args.model, args.format, quantize=args.quantize, output=args.output, data=args.data,

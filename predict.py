@@ -22,7 +22,7 @@ import logging
 import sys
 
 from utils import config, constants
-from utils.isolation import PoolSettings
+from utils.io.isolation import PoolSettings
 
 FLAGS = ("THRESHOLD", "SORT_MODE", "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB")
 
@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args, settings = config.start(parse_args, argv, FLAGS)
-    from utils import batch_predict
-    from utils.predictor import load_predictor
+    from utils.infer import batch_predict
+    from utils.infer.predictor import load_predictor
 
     try:
         files, skipped = batch_predict.collect_inputs(args.inputs)

@@ -19,7 +19,7 @@ from pathlib import Path
 from utils import config, constants
 from utils.constants import DEMO_DIR
 from utils.data import files
-from utils.isolation import PoolSettings
+from utils.io.isolation import PoolSettings
 
 FLAGS = ("CLASS_NAMES", "IMAGE_SIZE", "CHANNELS", "ASPECT", "WINDOW_PERCENTILES", "SPLIT_RATIOS", "SEED",
          "WORKERS", "DECODE_POOL", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB")
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     args, settings = config.start(parse_args, argv, FLAGS)
 
-    from utils import demo, prepare
+    from utils.data import demo, prepare
     from utils.preprocessing import PreprocessSpec
 
     if args.demo:

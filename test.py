@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from utils import config, constants
-from utils.isolation import PoolSettings
+from utils.io.isolation import PoolSettings
 
 FLAGS = ("SPLIT", "BOOTSTRAP_RESAMPLES", "CONFIDENCE_LEVEL", "BOOTSTRAP_UNIT", "SEED", "BATCH_SIZE",
          "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB", "MAX_SKIPPED_SHARE")
@@ -63,9 +63,9 @@ def parse_args(argv: list[str] | None = None):
 
 
 def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict:
-    from utils import evaluation, reports
-    from utils.predictor import load_predictor
-    from utils.run_dir import training_data
+    from utils.artifacts.run_dir import training_data
+    from utils.evaluate import evaluation, reports
+    from utils.infer.predictor import load_predictor
 
     info = load_predictor(model_arg)
     data = args.data or training_data(model_arg) or constants.DATA_DIR
@@ -102,7 +102,7 @@ def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict
 
 def coverage_error(coverage, data, skipped_csv: Path | None) -> str:
     """Why an evaluation is refused: counts, reasons, the threshold and how to allow it."""
-    from utils import reports
+    from utils.evaluate import reports
 
     reasons = reports.reasons_text(coverage.by_reason)
     share, limit = coverage.skipped_share, coverage.max_skipped_share
@@ -122,7 +122,7 @@ def coverage_error(coverage, data, skipped_csv: Path | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, settings = config.start(parse_args, argv, FLAGS)
-    from utils import reports
+    from utils.evaluate import reports
 
     all_results, names = [], []
     for model_arg in args.models:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from utils import config, constants
-from utils import run_dir as run_dir_files
+from utils.artifacts import run_dir as run_dir_files
 
 FLAGS = ("BACKBONE", "WEIGHTS", "EPOCHS", "BATCH_SIZE", "MAX_LR", "WARMUP_FRACTION", "LR_START_DIV",
          "LR_FINAL_DIV", "WEIGHT_DECAY", "CLIP_VALUE", "LABEL_SMOOTHING", "CLASS_WEIGHTS", "FREEZE_EPOCHS",
@@ -70,10 +70,10 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     args, settings = config.start(parse_args, argv, FLAGS)
 
-    from utils import runner
+    from utils.train import runner
 
     if args.demo:
-        from utils.demo import prepare_demo
+        from utils.data.demo import prepare_demo
 
         print(prepare_demo(progress=not args.quiet).summary())
         args.data = str(Path(constants.DEMO_DIR) / "prepared")

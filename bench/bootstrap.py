@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from utils import metrics as M
+from utils.evaluate import metrics as M
 
 
 def reference_bootstrap(y_true, y_pred, num_classes, weights):

@@ -14,7 +14,7 @@ artifact's time over the model's operations / that peak.
 
 Part 2 (--e2e-files N > 0). End-to-end DICOM -> label with the fastest artifact (int8 if it
 was made): N synthetic 2000x2500 12-bit X-rays per transfer syntax (uncompressed, JPEG 2000
-lossless) go through ``utils.batch_predict.run``, the code behind predict.py (decoding in the
+lossless) go through ``utils.infer.batch_predict.run``, the code behind predict.py (decoding in the
 engine's pool overlapped with the model, CSV written), once per decoding pool (processes and
 threads, --e2e-workers each); files/s, median of --runs runs, next to decoding alone (the same
 pool, no model) to show which one limits.
@@ -54,8 +54,8 @@ def int8_conv_gops(size: int = 64, channels: int = 512, runs: int = 9) -> float:
     import keras
     import tensorflow as tf
 
-    from utils.export import quantize_int8, write_saved_model
-    from utils.predictor import tflite_interpreter
+    from utils.artifacts.export import quantize_int8, write_saved_model
+    from utils.infer.predictor import tflite_interpreter
 
     shape = (size, size, channels)
     model = keras.Sequential([keras.Input(shape), keras.layers.Conv2D(channels, 1)])
@@ -113,7 +113,7 @@ def write_xrays(folder: Path, syntax, count: int, unique: int = 8) -> list[str]:
     import shutil
 
     from bench.pipeline import _xray
-    from utils.dicom_writer import write_dicom
+    from utils.io.dicom_writer import write_dicom
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -133,15 +133,15 @@ def end_to_end(artifact: Path, tmp: Path, count: int, runs: int,
     """(case, pool, MB per file, decode-only files/s, DICOM -> label files/s) per transfer syntax
     and decoding pool, medians of ``runs``; the pools take turns within each run, so the machine's
     drift hits them alike. Decoding only: an engine whose workers are already started (steady
-    state). DICOM -> label: ``utils.batch_predict.run`` as predict.py calls it, worker start-up
+    state). DICOM -> label: ``utils.infer.batch_predict.run`` as predict.py calls it, worker start-up
     included."""
     import pydicom.uid
 
-    from utils.batch_predict import run
     from utils.constants import THRESHOLD
-    from utils.engine import Engine
-    from utils.isolation import PoolSettings
-    from utils.predictor import load_predictor
+    from utils.infer.batch_predict import run
+    from utils.infer.engine import Engine
+    from utils.infer.predictor import load_predictor
+    from utils.io.isolation import PoolSettings
 
     predictor = load_predictor(artifact)
     pools = [PoolSettings(mode, workers=w) for mode in ("processes", "threads") for w in workers]
@@ -187,11 +187,11 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from models import build_model
-    from utils.artifacts import save_model
+    from utils.artifacts.export import export_model
+    from utils.artifacts.model_file import save_model
     from utils.config import environment
     from utils.data import files
-    from utils.export import export_model
-    from utils.predictor import load_predictor
+    from utils.infer.predictor import load_predictor
     from utils.preprocessing import PreprocessSpec
 
     env = environment()

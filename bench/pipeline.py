@@ -4,7 +4,7 @@
     python -m bench.pipeline --data data/radiographs512 --runs 5
     python -m bench.pipeline --skip-pipeline --size 256   # DICOM decoding only
 
-Part 1: images/s that utils.dataset delivers from a prepared PNG cache (eval mode, training mode
+Part 1: images/s that utils.data.dataset delivers from a prepared PNG cache (eval mode, training mode
 with augmentation, and training from the in-memory cache), batch 32. Part 2: ms per file for
 preprocess_file (read_dicom + resize to the cache size + 8 bits) on realistic X-ray sizes (about
 2000x2500, 12 and 16 bit), uncompressed, RLE and JPEG 2000 lossless and lossy, each file also the
@@ -29,7 +29,7 @@ import numpy as np
 
 
 def _synthetic_cache(folder: Path, count: int, size: int) -> list[str]:
-    from utils.demo import DEMO_CLASSES, draw
+    from utils.data.demo import DEMO_CLASSES, draw
 
     paths = []
     for i in range(count):
@@ -54,7 +54,7 @@ def _cache_paths(data: str | None, count: int, size: int, tmp: Path) -> tuple[li
 def pipeline_throughput(paths: list[str], size: int, batch: int, runs: int) -> list[tuple[str, float]]:
     import tensorflow as tf  # noqa: F401
 
-    from utils.dataset import Augmentation, NO_AUGMENTATION, build_dataset
+    from utils.data.dataset import NO_AUGMENTATION, Augmentation, build_dataset
     from utils.preprocessing import PreprocessSpec
 
     spec = PreprocessSpec(image_size=size)
@@ -79,7 +79,7 @@ def pipeline_throughput(paths: list[str], size: int, batch: int, runs: int) -> l
 
 
 def _xray(shape: tuple[int, int], bits: int, seed: int) -> np.ndarray:
-    from utils.demo import draw
+    from utils.data.demo import draw
 
     base = cv2.resize(draw("adult_chest", np.random.default_rng(seed)), (shape[1], shape[0]),
                       interpolation=cv2.INTER_CUBIC)
@@ -90,7 +90,7 @@ def _xray(shape: tuple[int, int], bits: int, seed: int) -> np.ndarray:
 @contextlib.contextmanager
 def _decode_as_before():
     """read_dicom without its stored-value table: modality LUT and VOI run per pixel again."""
-    from utils.dicom import grayscale
+    from utils.io.dicom import grayscale
 
     saved = grayscale._MIN_PIXELS_PER_TABLE_ENTRY
     grayscale._MIN_PIXELS_PER_TABLE_ENTRY = math.inf
@@ -114,8 +114,8 @@ def dicom_decoding(tmp: Path, size: int, runs: int) -> list[tuple[str, str, floa
     """(file, path, ms/file, files/s) for preprocess_file now and for the decode as it was before."""
     import pydicom.uid
 
-    from utils import dicom
-    from utils.dicom_writer import write_dicom
+    from utils.io import dicom
+    from utils.io.dicom_writer import write_dicom
     from utils.preprocessing import PreprocessSpec, display_to_cache, preprocess_file, resized_shape
 
     spec = PreprocessSpec(image_size=size)

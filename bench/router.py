@@ -4,7 +4,7 @@
     python -m bench.router --count 300 --size 2048 --batch-sizes 1 8 32
     python -m bench.router --model runs/demo                # a trained model instead of an untrained one
 
-Synthetic X-rays (utils.demo drawings, mixed classes) are written as uncompressed DICOM (or
+Synthetic X-rays (utils.data.demo drawings, mixed classes) are written as uncompressed DICOM (or
 --syntax rle / j2k). A router process is started per batch size with a model at the paper's
 512 px (an untrained MobileNet-V1 unless --model: speed does not depend on the weights); one
 storescu association sends every file; the router forwards each to one of two storescp
@@ -59,8 +59,8 @@ def make_files(folder: Path, count: int, size: int, syntax: str, seed: int) -> l
     import cv2
     import pydicom
 
-    from utils.demo import draw
-    from utils.dicom_writer import write_dicom
+    from utils.data.demo import draw
+    from utils.io.dicom_writer import write_dicom
 
     uid = {"explicit": pydicom.uid.ExplicitVRLittleEndian, "rle": pydicom.uid.RLELossless,
            "j2k": pydicom.uid.JPEG2000Lossless}[syntax]
@@ -77,7 +77,7 @@ def make_files(folder: Path, count: int, size: int, syntax: str, seed: int) -> l
 def untrained_model(path: Path, backbone: str, image_size: int) -> Path:
     from models import build_model
     from utils import constants
-    from utils.artifacts import save_model
+    from utils.artifacts.model_file import save_model
     from utils.preprocessing import PreprocessSpec
 
     spec = PreprocessSpec(class_names=CLASSES, image_size=image_size, channels=constants.CHANNELS)

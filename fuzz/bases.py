@@ -1,6 +1,6 @@
 """The small valid DICOM files the corpus mutations start from.
 
-- synthetic 32-64 px images from ``utils.dicom_writer.write_dicom`` in every transfer syntax it
+- synthetic 32-64 px images from ``utils.io.dicom_writer.write_dicom`` in every transfer syntax it
   encodes (explicit, implicit and deflated VR little endian, RLE, JPEG 2000 lossless and
   lossy), MONOCHROME1/2, rescale, window, sigmoid, VOI LUT, Modality LUT, palette, RGB and
   multi-frame, and one without preamble;
@@ -92,7 +92,7 @@ def _synthetic_bases(tmp: Path, seed: int) -> dict[str, Base]:
     import numpy as np
     from pydicom import dcmread
 
-    from utils.dicom_writer import write_dicom
+    from utils.io.dicom_writer import write_dicom
 
     rng = np.random.default_rng(seed)
     u12 = _phantom(64, 64, 4095, rng).astype(np.uint16)

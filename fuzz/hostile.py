@@ -19,7 +19,7 @@ def write_panicking_rle(path: str | os.PathLike, *, rows: int = 200, columns: in
     from pydicom.encaps import encapsulate, generate_fragmented_frames
     from pydicom.uid import RLELossless
 
-    from utils.dicom_writer import write_dicom
+    from utils.io.dicom_writer import write_dicom
 
     image = np.random.default_rng(seed).integers(0, 4096, (rows, columns)).astype(np.uint16)
     path = Path(path)
@@ -44,7 +44,7 @@ def write_jp2_zero_length_box(path: str | os.PathLike, *, rows: int = 64, column
     from pydicom.encaps import encapsulate, generate_fragmented_frames
     from pydicom.uid import JPEG2000Lossless
 
-    from utils.dicom_writer import write_dicom
+    from utils.io.dicom_writer import write_dicom
 
     image = np.random.default_rng(seed).integers(0, 4096, (rows, columns)).astype(np.uint16)
     path = Path(path)
@@ -98,7 +98,7 @@ def write_segmented_palette_bomb(path: str | os.PathLike, *, segments: int = 100
     from pydicom.datadict import tag_for_keyword
     from pydicom.dataelem import DataElement
 
-    from utils.dicom_writer import write_dicom
+    from utils.io.dicom_writer import write_dicom
 
     path = Path(path)
     write_dicom(path, (np.arange(64 * 64) % 256).astype(np.uint8).reshape(64, 64))

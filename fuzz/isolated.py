@@ -221,7 +221,7 @@ def _check_in_child(job: tuple[str, float, float, str]) -> dict:
 def _child(path: str, memory_gb: float, probe: str, write_end: int) -> None:
     status = 0
     try:
-        from utils.isolation import cap_address_space
+        from utils.io.isolation import cap_address_space
 
         cap_address_space(int(memory_gb * 2**30))
         answer = json.dumps(_classify(path, load_probe(probe))).encode()

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from utils.dicom import DicomReadError, read_dicom, read_dicom_header
+from utils.io.dicom import DicomReadError, read_dicom, read_dicom_header
 
 TARGET_SHAPE = (32, 32)  # small, so the 64-256 px JPEG 2000 files in the corpus get reduced
 STAGES = ("read_dicom(target_shape)", "read_dicom", "read_dicom_header")

@@ -222,7 +222,7 @@ def _instrumented_setup(warm_up: list[Path], probe: str):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
-        description="Fuzz utils.dicom.read_dicom / read_dicom_header with atheris; "
+        description="Fuzz utils.io.dicom.read_dicom / read_dicom_header with atheris; "
         "arguments not listed here go to libFuzzer (e.g. -runs=N -max_total_time=S CORPUS_DIR...).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_up = sorted(p for d in inputs if d.is_dir() for p in d.iterdir() if p.is_file())[:40]
     warm_up += [p for p in inputs if p.is_file()]
     exercise = _instrumented_setup(warm_up, args.probe)
-    from utils.isolation import cap_address_space  # after _instrumented_setup, which imports utils first
+    from utils.io.isolation import cap_address_space  # after _instrumented_setup, which imports utils first
 
     cap_address_space(int(args.address_space_gb * 2**30))
 

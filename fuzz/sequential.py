@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", default=DEFAULT_PROBE, help="module:function that reads one file")
     args = parser.parse_args(argv)
 
-    from utils.isolation import cap_address_space
+    from utils.io.isolation import cap_address_space
 
     cap_address_space(int(args.memory_gb * 2**30))
     warnings.simplefilter("ignore")  # malformed files make pydicom warn on almost every file

@@ -5,10 +5,10 @@ import numpy as np
 import pydicom.uid
 import pytest
 
-from utils import evaluation
-from utils.dataset import build_dataset
-from utils.dicom_writer import write_dicom
-from utils.prepare import prepare_dataset
+from utils.data.dataset import build_dataset
+from utils.data.prepare import prepare_dataset
+from utils.evaluate import evaluation
+from utils.io.dicom_writer import write_dicom
 from utils.preprocessing import PreprocessSpec, preprocess_file, to_model_input
 
 CLASSES = ("a", "b")

@@ -44,7 +44,7 @@ def run(tmp_path_factory):
     """A prepared dataset (train/val) and a run directory whose model learnt it a little."""
     import keras
 
-    from utils.artifacts import save_model
+    from utils.artifacts.model_file import save_model
 
     root = tmp_path_factory.mktemp("export")
     data = root / "data"
@@ -77,22 +77,22 @@ def run(tmp_path_factory):
 
 
 def keras_probs(run, images):
-    from utils.predictor import load_predictor
+    from utils.infer.predictor import load_predictor
 
     return load_predictor(run).predict(images)
 
 
 def val_images(run):
-    from utils.export import images_from_split
+    from utils.artifacts.export import images_from_split
 
     data = json.loads((run / "config.json").read_text())["config"]["data"]
     return images_from_split(data, "val", SPEC, 20)
 
 
 def test_tflite_fp32_matches_keras_and_carries_its_spec(run, tmp_path):
-    from utils.artifacts import read_metadata
-    from utils.export import export_model
-    from utils.predictor import TFLitePredictor, load_predictor
+    from utils.artifacts.export import export_model
+    from utils.artifacts.model_file import read_metadata
+    from utils.infer.predictor import TFLitePredictor, load_predictor
 
     result = export_model(run, "tflite", output=tmp_path / "m.tflite", check_images=20)
     assert result.path == tmp_path / "m.tflite" and result.path.is_file()
@@ -135,8 +135,8 @@ def tensor_types(predictor):
 
 
 def test_tflite_fp16_and_int8_stay_close(run, tmp_path):
-    from utils.export import export_model
-    from utils.predictor import load_predictor
+    from utils.artifacts.export import export_model
+    from utils.infer.predictor import load_predictor
 
     images = val_images(run)
     reference = keras_probs(run, images)
@@ -156,8 +156,8 @@ def test_tflite_fp16_and_int8_stay_close(run, tmp_path):
 
 
 def test_saved_model_export_loads_and_matches(run, tmp_path):
-    from utils.export import export_model
-    from utils.predictor import SavedModelPredictor, load_predictor
+    from utils.artifacts.export import export_model
+    from utils.infer.predictor import SavedModelPredictor, load_predictor
 
     result = export_model(run, "saved_model", output=tmp_path / "sm", check_images=10)
     assert result.check["max_abs_prob_diff"] < 1e-5 and result.check["top1_agreement"] == 1.0
@@ -172,8 +172,8 @@ def test_saved_model_export_loads_and_matches(run, tmp_path):
 def test_onnx_matches_keras_and_describes_itself(run, tmp_path):
     pytest.importorskip("tf2onnx")
     pytest.importorskip("onnxruntime")
-    from utils.export import export_model
-    from utils.predictor import ONNXPredictor, load_predictor
+    from utils.artifacts.export import export_model
+    from utils.infer.predictor import ONNXPredictor, load_predictor
 
     result = export_model(run, "onnx", output=tmp_path / "m.onnx", check_images=20)
     assert result.check["max_abs_prob_diff"] < 1e-4 and result.check["top1_agreement"] == 1.0
@@ -203,7 +203,7 @@ def test_cli_exports_beside_the_run_and_refuses_bad_flags(run, capsys):
 
 
 def test_unsupported_suffix_is_refused(tmp_path):
-    from utils.predictor import load_predictor
+    from utils.infer.predictor import load_predictor
 
     (tmp_path / "m.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported model format"):

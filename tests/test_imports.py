@@ -19,9 +19,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("utils", "models")
-TRAINING = ("utils.training", "utils.runner")
-SERVING = ("utils.artifacts", "utils.predictor", "utils.export", "utils.engine", "utils.batch_predict",
-           "utils.keras_objects")  # + every module of utils.routing
+TRAINING = ("utils.train.components", "utils.train.runner")
+SERVING = ("utils.artifacts.model_file", "utils.artifacts.run_dir", "utils.artifacts.keras_objects",
+           "utils.artifacts.export", "utils.infer.predictor", "utils.infer.engine", "utils.infer.decisions",
+           "utils.infer.batch_predict")  # + every module of utils.routing
 
 
 def project_modules(root: Path, packages=PACKAGES) -> dict[str, Path]:
@@ -187,9 +188,9 @@ def test_the_import_walker_sees_lazy_relative_and_dynamic_imports(tmp_path):
 def test_the_real_graph_has_the_expected_edges():
     """The walker reads this project: known module-level and lazy edges are there."""
     graph = import_graph()
-    assert {"utils.keras_objects", "utils.artifacts"} <= graph["utils.training"]
-    assert {"utils.keras_objects", "models", "utils.preprocessing"} <= graph["utils.artifacts"]  # lazy ones too
-    assert "utils.artifacts" in graph["utils.predictor"] and "utils.predictor" in graph["utils.routing.node"]
+    assert {"utils.artifacts.keras_objects", "utils.artifacts.model_file"} <= graph["utils.train.components"]
+    assert {"utils.artifacts.keras_objects", "models", "utils.preprocessing"} <= graph["utils.artifacts.model_file"]  # lazy ones too
+    assert "utils.artifacts.model_file" in graph["utils.infer.predictor"] and "utils.infer.predictor" in graph["utils.routing.node"]
 
 
 def test_no_import_cycles_in_utils_and_models():
@@ -200,7 +201,7 @@ def test_no_import_cycles_in_utils_and_models():
 def test_keras_objects_is_a_leaf():
     """The registered Keras objects import nothing of the project: loading a model needs them, and
     whatever they imported would be loaded with every model."""
-    assert import_graph()["utils.keras_objects"] == set()
+    assert import_graph()["utils.artifacts.keras_objects"] == set()
 
 
 @pytest.mark.parametrize("module", serving_modules(import_graph()))
@@ -211,20 +212,20 @@ def test_serving_modules_do_not_reach_the_training_code(module):
 
 def test_loading_and_serving_a_model_imports_no_training_code():
     """At run time, in a fresh interpreter: load a compiled checkpoint (optimizer, schedule and metric
-    included) and predict through every serving module; utils.training and utils.runner stay out."""
+    included) and predict through every serving module; utils.train.components and utils.train.runner stay out."""
     script = textwrap.dedent("""
         import json, sys
         import numpy as np
-        from utils.artifacts import load_model
-        from utils.predictor import load_predictor
-        import utils.export, utils.batch_predict, utils.engine
+        from utils.artifacts.model_file import load_model
+        from utils.infer.predictor import load_predictor
+        import utils.artifacts.export, utils.infer.batch_predict, utils.infer.engine
         import utils.routing.service, utils.routing.node, utils.routing.classifier, utils.routing.forwarder
         path = sys.argv[1]
         model, metadata = load_model(path, compile=True)
         predictor = load_predictor(path)
         probs = predictor.predict(np.zeros((2, *predictor.spec.input_shape), np.float32))
         print(json.dumps({"optimizer": type(model.optimizer).__name__, "shape": list(probs.shape),
-                          "loaded": sorted(m for m in sys.modules if m in ("utils.training", "utils.runner"))}))
+                          "loaded": sorted(m for m in sys.modules if m in ("utils.train.components", "utils.train.runner"))}))
     """)
     fixture = ROOT / "tests" / "data" / "checkpoint_before_keras_objects.keras"
     result = subprocess.run([sys.executable, "-c", script, str(fixture)], cwd=ROOT, capture_output=True,

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 import predict
-from utils import batch_predict
-from utils.batch_predict import collect_inputs, place
-from utils.decisions import tag_disagrees
+from utils.infer import batch_predict
+from utils.infer.batch_predict import collect_inputs, place
+from utils.infer.decisions import tag_disagrees
 
 from .routing.conftest import CLASSES, ROWS_BY_CLASS, THRESHOLD, brightness_model, expected_labels, make_samples
 
@@ -142,9 +142,9 @@ def test_every_dicom_named_file_gets_exactly_one_row(tmp_path, model, monkeypatc
     """A folder of malformed files: a codec panic, text and empty files named .dcm, a truncated file,
     a file whose decoder hangs and one whose decoder dies; the run finishes with one row each."""
     from fuzz.hostile import write_panicking_rle
-    from utils import engine
+    from utils.infer import engine
 
-    from .utils.test_engine import hostile_decode
+    from .utils.infer.test_engine import hostile_decode
 
     folder = tmp_path / "hostile"
     good = make_samples(folder, per_class=1, uncertain=0, extra_bad=False)
@@ -198,7 +198,7 @@ def test_tag_disagreement_for_other_label_sets():
 def test_a_real_backbone_end_to_end(tmp_path, scans):
     """Plumbing with an (untrained) MobileNet-V1 saved by this project: every file gets a row."""
     from models import build_model
-    from utils.artifacts import save_model
+    from utils.artifacts.model_file import save_model
     from utils.preprocessing import PreprocessSpec
 
     folder, _ = scans

@@ -11,8 +11,8 @@ import pytest
 
 import test as test_script
 import training
-from utils import demo
-from utils.artifacts import read_model_info
+from utils.artifacts.model_file import read_model_info
+from utils.data import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,11 +127,11 @@ def test_test_py_leaves_out_hostile_raw_files_with_their_reason(tmp_path, monkey
     """Raw files through the isolated engine: a hang, a crash, a codec panic and a text file named .dcm
     are left out with their reasons; the evaluation goes on with the rest."""
     from fuzz.hostile import write_panicking_rle
-    from utils import engine
-    from utils.dicom_writer import write_dicom
+    from utils.infer import engine
+    from utils.io.dicom_writer import write_dicom
 
     from .routing.conftest import ROWS_BY_CLASS, bright_rows_image, brightness_model
-    from .utils.test_engine import hostile_decode
+    from .utils.infer.test_engine import hostile_decode
 
     model = brightness_model(tmp_path / "brightness.keras")
     data = tmp_path / "data"

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import test as test_script
-from utils.artifacts import read_model_info
-from utils.dicom_writer import write_dicom
+from utils.artifacts.model_file import read_model_info
+from utils.io.dicom_writer import write_dicom
 
 from .routing.conftest import ROWS_BY_CLASS, bright_rows_image, brightness_model, write_short_pixels
 

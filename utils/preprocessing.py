@@ -7,9 +7,9 @@ training:
 1. decode to a 2-D float image in [0, 1] in display orientation (DICOM: modality LUT, VOI LUT or
    window or percentile range, MONOCHROME1 inverted; PNG/JPEG: taken as already displayed). A
    JPEG 2000 DICOM at least twice the output size is decoded at a reduced resolution level that
-   still covers the output (``utils.dicom.read_dicom``'s ``target_shape``), so step 2 starts
+   still covers the output (``utils.io.dicom.read_dicom``'s ``target_shape``), so step 2 starts
    from an image 2**k times smaller: close to, not identical with, a full-resolution decode
-   (tests/utils/test_decode_fast.py measures and bounds the difference);
+   (tests/utils/io/dicom/test_decode_fast.py measures and bounds the difference);
 2. resize to ``image_size`` with the aspect policy (``stretch`` or ``letterbox``), area
    interpolation when shrinking, linear when enlarging, in float;
 3. round to 8 bits (this is what the cache stores as PNG);
@@ -130,7 +130,7 @@ class PreprocessSpec:
 def pixel_provenance() -> dict[str, str]:
     """What, beside the spec and the file, decides the pixels of a prepared image: this pipeline's
     version, OpenCV's (resizing, raster reading) and the DICOM reader's and its decoders'."""
-    from utils import dicom
+    from utils.io import dicom
 
     return {"pipeline": str(PIPELINE_VERSION), "opencv": cv2.__version__, **dicom.decoder_versions()}
 
@@ -167,9 +167,9 @@ def read_raster(path: str | os.PathLike) -> np.ndarray:
 def load_display_image(path: str | os.PathLike, spec: PreprocessSpec) -> tuple[np.ndarray, dict[str, str]]:
     """Step 1: any supported file -> (2-D float32 [0, 1] display image, DICOM header fields).
 
-    Raises utils.dicom.DicomReadError or ImageReadError with a ``reason``.
+    Raises utils.io.dicom.DicomReadError or ImageReadError with a ``reason``.
     """
-    from utils import dicom  # pydicom is only needed for DICOM inputs
+    from utils.io import dicom  # pydicom is only needed for DICOM inputs
 
     if is_raster(path):
         return read_raster(path), {}

@@ -6,7 +6,7 @@ moved from utils/training.py to utils/keras_objects.py (they were registered as
 model compiled the way utils/runner.py compiles (``make_optimizer`` -> AdamL2 with a OneCycle
 schedule, SparseCategoricalCrossentropy, accuracy and MacroF1), trained for one step so the
 optimizer has state, and saved by ``utils.artifacts.save_model`` (optimizer included, embedded
-preprocess.json). The .json beside it records what tests/utils/test_artifacts.py checks after
+preprocess.json). The .json beside it records what tests/utils/artifacts/test_model_file.py checks after
 loading it with ``load_model(path, compile=True)``: the inputs' seed, the predictions, the
 optimizer iterations and the schedule config.
 
@@ -17,8 +17,9 @@ How it was made: from a copy of commit f1ae1045c8cc (the code before the move; `
 because Keras finds registered objects by their registered name.
 
 Do not regenerate it casually: its point is to be a file written by the old code. If it must be
-regenerated (an intentional format break), run the same from the repository root; the script works
-with the current code too (utils.training re-exports ``make_optimizer`` and ``MacroF1``).
+regenerated (an intentional format break), run it from a checkout of that commit as above: it
+imports the modules by their names of then (since the move of utils/ into packages, the objects
+are in utils.artifacts.keras_objects and the training pieces in utils.train.components).
 """
 
 from __future__ import annotations
@@ -68,10 +69,10 @@ def optimizer_abs_sum(optimizer) -> float:
 def main() -> None:
     import keras
     import numpy as np
+    from utils.training import MacroF1, make_optimizer
 
     from utils.artifacts import save_model
     from utils.preprocessing import PreprocessSpec
-    from utils.training import MacroF1, make_optimizer
 
     keras.utils.set_random_seed(SEED)
     model = tiny_model()

@@ -28,7 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from utils.dicom_writer import write_dicom, write_non_image
+from utils.io.dicom_writer import write_dicom, write_non_image
 from utils.routing.config import load_config
 from utils.routing.dcmtk import dicom_files, find_tool, storescp_command, storescu_command, storescu_profile
 from utils.routing.dcmtk import environment as dcmtk_environment
@@ -80,7 +80,7 @@ def brightness_model(path: Path, *, channels: int = 1, scale: float = 0.002) -> 
     """A .keras file whose class is the nearest of 5 brightness centres (mean pixel 25.5, 76.5, ...)."""
     import keras
 
-    from utils.artifacts import save_model
+    from utils.artifacts.model_file import save_model
     from utils.preprocessing import PreprocessSpec
 
     centres = 255.0 * (np.arange(5) + 0.5) / 5
@@ -151,9 +151,9 @@ def make_samples(folder: Path, per_class: int = 2, *, compressed: bool = True, e
 
 def expected_labels(model_path: Path, files: list[Path]) -> dict[str, Sample]:
     """SOP Instance UID -> Sample, labels decided in-process exactly as the router decides them."""
-    from utils.decisions import UNREADABLE, decide
-    from utils.engine import decode_file
-    from utils.predictor import load_predictor
+    from utils.infer.decisions import UNREADABLE, decide
+    from utils.infer.engine import decode_file
+    from utils.infer.predictor import load_predictor
     from utils.preprocessing import to_model_input
 
     predictor = load_predictor(model_path)

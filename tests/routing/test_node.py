@@ -13,7 +13,7 @@ from pydicom.uid import EncapsulatedPDFStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from utils.dicom_writer import write_non_image
+from utils.io.dicom_writer import write_non_image
 from utils.routing import queue as q
 from utils.routing.audit import read_audit
 from utils.routing.node import RouterNode

@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 import router as router_script
 from fuzz.hostile import write_panicking_rle
-from utils.dicom_writer import write_dicom
+from utils.io.dicom_writer import write_dicom
 from utils.routing import classifier as classifier_module
 from utils.routing import queue as q
 from utils.routing.audit import read_audit

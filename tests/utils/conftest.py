@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from utils.dicom_writer import write_dicom
+from utils.io.dicom_writer import write_dicom
 
 
 @pytest.fixture

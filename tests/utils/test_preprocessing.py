@@ -4,8 +4,16 @@ import cv2
 import numpy as np
 import pytest
 
-from utils.preprocessing import (ImageReadError, PreprocessSpec, display_to_cache, read_raster, resize_display,
-                                 resized_shape, to_model_input, to_uint8)
+from utils.preprocessing import (
+    ImageReadError,
+    PreprocessSpec,
+    display_to_cache,
+    read_raster,
+    resize_display,
+    resized_shape,
+    to_model_input,
+    to_uint8,
+)
 
 
 def test_spec_round_trip_and_validation(tmp_path):

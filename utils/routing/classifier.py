@@ -2,7 +2,7 @@
 
 It takes whatever has arrived, up to ``batch_size`` objects, waiting at most ``batch_wait_ms``
 after the oldest one arrived for the batch to fill; decodes and classifies them with
-utils.engine, as predict.py and test.py do (the model's own preprocessing spec; isolated worker
+utils.infer.engine, as predict.py and test.py do (the model's own preprocessing spec; isolated worker
 processes started once, so an object that hangs a codec past ``decode_timeout_s``, crashes it or
 needs more than ``decode_memory_limit_mb`` gets reason ``decode_timeout`` / ``decoder_crashed``
 instead of taking the router down); runs the model in power-of-two chunks (shapes warmed up at
@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from utils import constants
-from utils.decisions import UNREADABLE, tag_disagrees
-from utils.engine import Engine
-from utils.isolation import PoolSettings
+from utils.infer.decisions import UNREADABLE, tag_disagrees
+from utils.infer.engine import Engine
+from utils.io.isolation import PoolSettings
 from utils.routing.audit import AuditLog
 from utils.routing.queue import Classification, QueueItem, SpoolQueue
 from utils.routing.worker import FATAL, WakeableThread
@@ -240,7 +240,7 @@ class Classifier(WakeableThread):
         return items
 
     def classify(self, items: list[QueueItem]) -> list[Classification]:
-        """Decode, predict and decide ``items`` as one batch (utils.engine); record the decisions."""
+        """Decode, predict and decide ``items`` as one batch (utils.infer.engine); record the decisions."""
         spec = self.predictor.spec
         predictions = self.engine.classify([self.queue.path(item) for item in items])
         self.batches += any(p.readable for p in predictions)

@@ -28,7 +28,7 @@ from typing import Any
 
 from utils import constants
 from utils.config import ConfigError, check_value, constant_types
-from utils.decisions import UNCERTAIN, UNREADABLE
+from utils.infer.decisions import UNCERTAIN, UNREADABLE
 
 # YAML key -> the constant of utils/constants.py that gives its type, default and bounds
 # (NAME_RANGE / NAME_CHOICES, checked by utils.config.check_value): every ROUTER_* constant

@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from utils.decisions import UNREADABLE
+from utils.infer.decisions import UNREADABLE
 from utils.routing.audit import AuditLog
 from utils.routing.config import Destination, RouterConfig
 from utils.routing.queue import FORWARDED, QUARANTINED, QueueItem, SpoolQueue, fsync_dir

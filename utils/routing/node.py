@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 
-from utils.isolation import PoolSettings
+from utils.io.isolation import PoolSettings
 from utils.routing.audit import AuditLog
 from utils.routing.classifier import Classifier, warm_up
 from utils.routing.config import RouterConfig
@@ -93,7 +93,7 @@ class RouterNode:
         self.audit.write("recovered", **report)
         log.info("spool %s: %s", config.spool_dir, report)
         if self.predictor is None:
-            from utils.predictor import load_predictor
+            from utils.infer.predictor import load_predictor
 
             self.predictor = load_predictor(config.model)
         spec = self.predictor.spec

@@ -54,7 +54,7 @@ def echo(ae_title: str, host: str, port: int, called: str, timeout: float = 10) 
 
 def check(config: RouterConfig) -> int:
     """Load the model, check every label has a destination, C-ECHO each DICOM destination."""
-    from utils.predictor import load_predictor
+    from utils.infer.predictor import load_predictor
 
     predictor = load_predictor(config.model)
     config.check_routes(predictor.spec.class_names)
@@ -75,7 +75,7 @@ def check(config: RouterConfig) -> int:
 
 def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
     """Counts per state and per route; unreadable objects by reason and the latest ones; retries; failures."""
-    from utils.decisions import UNREADABLE
+    from utils.infer.decisions import UNREADABLE
 
     counts, failed = _queue.read_status(config.spool_dir)
     summary = _queue.read_summary(config.spool_dir, UNREADABLE, latest)

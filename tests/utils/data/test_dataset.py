@@ -1,0 +1,107 @@
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from utils.data.dataset import Augmentation, augment_batch, build_dataset, load_split, random_rotate, rotate_uint8
+from utils.preprocessing import PreprocessSpec
+
+SIZE = 32
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """A tiny prepared dataset: 3 classes x 4 images, the pixel value encodes the image index."""
+    rows = []
+    for i in range(12):
+        label = ("a", "b", "c")[i % 3]
+        path = f"images/{label}/{i}.png"
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / path), np.full((SIZE, SIZE), 10 * i, np.uint8))
+        rows.append({"path": path, "label": label, "split": "train" if i < 9 else "test", "group": str(i)})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    return tmp_path
+
+
+def spec(channels=3):
+    return PreprocessSpec(class_names=("a", "b", "c"), image_size=SIZE, channels=channels)
+
+
+def test_eval_pipeline_keeps_order_values_and_labels(prepared):
+    ds, frame = load_split(prepared, "train", spec(), training=False, batch_size=4)
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    assert images.shape == (9, SIZE, SIZE, 3) and images.dtype == np.float32
+    assert labels.tolist() == frame["y"].tolist()
+    # the value written into each PNG comes back unchanged, in the order of labels.csv
+    assert images[:, 0, 0, 0].tolist() == [10.0 * int(p.split("/")[-1][:-4]) for p in frame["path"]]
+
+
+def test_single_channel_and_images_only(prepared):
+    ds = build_dataset([str(prepared / "images/a/0.png")], None, spec(channels=1), training=False, batch_size=2)
+    (batch,) = list(ds)
+    assert batch.shape == (1, SIZE, SIZE, 1)
+
+
+def test_training_shuffles_and_augments_per_image_and_epoch(prepared):
+    aug = Augmentation(rotation_deg=10, brightness=0.1, contrast=0.1, horizontal_flip=False)
+    ds, frame = load_split(prepared, "train", spec(), training=True, batch_size=9, augmentation=aug, seed=3)
+    first, second = [next(iter(ds)) for _ in range(2)]
+    x1, y1 = first[0].numpy(), first[1].numpy()
+    assert sorted(y1.tolist()) == sorted(frame["y"].tolist())
+    assert 0.0 <= x1.min() and x1.max() <= 255.0
+    means = x1.mean(axis=(1, 2, 3))
+    originals = np.sort(10.0 * np.arange(9))
+    assert not np.allclose(np.sort(means), originals, atol=0.5)  # brightness/contrast were applied
+    assert not np.array_equal(first[0].numpy(), second[0].numpy())  # new draws (and order) each epoch
+
+
+def test_cached_image_of_wrong_size_fails_loudly(prepared):
+    bad = prepared / "images/a/bad.png"
+    cv2.imwrite(str(bad), np.zeros((SIZE + 1, SIZE), np.uint8))
+    ds = build_dataset([str(bad)], [0], spec(), training=False, batch_size=1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="expected shape"):
+        list(ds)
+
+
+def test_rotation_geometry():
+    image = np.zeros((21, 21, 1), np.uint8)
+    image[2, 10, 0] = 200  # a dot straight above the centre
+    assert np.array_equal(rotate_uint8(image, 0.0), image)
+    assert np.argwhere(rotate_uint8(image, 180.0)[..., 0] > 100).tolist() == [[18, 10]]  # about the centre
+    assert np.argwhere(rotate_uint8(image, 90.0)[..., 0] > 100).tolist() in ([[10, 2]], [[10, 18]])
+
+
+def test_random_rotate_draws_an_angle_per_image_within_range_and_is_seeded():
+    square = np.pad(np.full((8, 8, 1), 255, np.uint8), ((12, 12), (12, 12), (0, 0)))
+    images = tf.constant(np.stack([square] * 6))
+    out = random_rotate(images, 10.0, tf.constant([0, 7])).numpy()
+    assert out.shape == (6, 32, 32, 1) and out.dtype == np.uint8
+    assert len({o.tobytes() for o in out}) == 6  # a different angle for every image
+    assert np.array_equal(out, random_rotate(images, 10.0, tf.constant([0, 7])).numpy())
+    assert not np.array_equal(out, random_rotate(images, 10.0, tf.constant([1, 7])).numpy())
+    # at most 10 degrees: a centred square keeps most of its mass inside its own footprint
+    assert all(o[12:20, 12:20].mean() > 0.7 * 255 for o in out)
+
+
+def test_augment_batch_without_any_transform_is_identity():
+    images = tf.random.uniform((2, SIZE, SIZE, 3), 0, 255)
+    out = augment_batch(images, Augmentation(0.0, 0.0, 0.0, False), tf.constant([1, 2]))
+    assert np.allclose(out.numpy(), images.numpy())
+
+
+def test_photometric_draws_differ_per_image_and_stay_in_range():
+    images = tf.fill((16, SIZE, SIZE, 1), 100.0)
+    images = tf.concat([images[:, :16], images[:, 16:] + 50.0], axis=1)
+    out = augment_batch(images, Augmentation(0.0, 0.2, 0.2, False), tf.constant([3, 4])).numpy()
+    assert len(np.unique(out[:, 0, 0, 0].round(3))) == 16 and 0 <= out.min() and out.max() <= 255
+
+
+def test_flip_only_when_asked():
+    image = tf.reshape(tf.range(SIZE * SIZE, dtype=tf.float32) % 255, (1, SIZE, SIZE, 1))
+    images = tf.repeat(image, 40, axis=0)
+    out = augment_batch(images, Augmentation(0, 0, 0, True), tf.constant([5, 0])).numpy()
+    flipped = [not np.allclose(o, image[0].numpy()) for o in out]
+    assert 8 < sum(flipped) < 32
+    assert all(np.allclose(o, image[0, :, ::-1].numpy()) for o, f in zip(out, flipped) if f)

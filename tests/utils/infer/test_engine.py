@@ -1,0 +1,162 @@
+"""The inference engine: one reason code per kind of failure, the same pixels and probabilities
+in threads and processes, a codec's panic as a row, decisions, and the router's decode settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom.uid
+import pytest
+
+from fuzz.hostile import write_panicking_rle
+from utils.config import ConfigError
+from utils.infer.decisions import UNCERTAIN, UNREADABLE
+from utils.infer.engine import Decoded, Engine, decode_file, error_reason, failure_reason
+from utils.io.dicom_writer import write_dicom
+from utils.io.isolation import Failure, PoolSettings
+from utils.preprocessing import PreprocessSpec
+
+SPEC = PreprocessSpec(class_names=("dark", "bright"), image_size=32)
+
+
+def hostile_decode(path: str, spec: PreprocessSpec) -> Decoded:
+    """decode_file, except that files named hang* hang and die* kill their process (as a codec
+    stuck in a loop or segfaulting would). Module-level: worker processes import it."""
+    name = Path(path).name
+    if name.startswith("hang"):
+        time.sleep(120)
+    elif name.startswith("die"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return decode_file(path, spec)
+
+
+def brightness(batch: np.ndarray) -> np.ndarray:
+    """A stand-in model: P(bright) = the mean pixel / 255."""
+    p = batch.reshape(len(batch), -1).mean(axis=1) / 255.0
+    return np.stack([1 - p, p], axis=1).astype(np.float32)
+
+
+def settings(mode: str = "processes", **changes) -> PoolSettings:
+    return PoolSettings(mode=mode, **{"workers": 2, "timeout_s": 30.0, **changes})
+
+
+def dicoms(folder: Path, syntax=pydicom.uid.ExplicitVRLittleEndian, count: int = 3) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        image = (np.arange(64 * 64).reshape(64, 64) * (i + 1) % 4096).astype(np.uint16)
+        paths.append(str(write_dicom(folder / f"{i}.dcm", image, bits_stored=12, transfer_syntax=syntax,
+                                     photometric="MONOCHROME2")))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> dict[str, str]:
+    """One file per kind of failure, and a good one; name -> path."""
+    folder = tmp_path_factory.mktemp("hostile")
+    good = dicoms(folder / "good", count=1)[0]
+    data = Path(good).read_bytes()
+    files = {"good": good, "missing": str(folder / "missing.dcm"),
+             "panic": str(write_panicking_rle(folder / "panic.dcm"))}
+    for name, content in {"text": b"not a DICOM file\n", "empty": b"", "truncated": data[: len(data) - 4000],
+                          "hang": data, "die": data}.items():
+        files[name] = str(folder / f"{name}.dcm")
+        Path(files[name]).write_bytes(content)
+    (folder / "directory.dcm").mkdir()
+    files["directory"] = str(folder / "directory.dcm")
+    return files
+
+
+def test_one_reason_code_per_kind_of_failure(hostile):
+    names = list(hostile)
+    with Engine(SPEC, pool=settings(timeout_s=1.5), decode=hostile_decode) as engine:
+        decoded = dict(zip(names, engine.decode([hostile[n] for n in names])))
+    reasons = {name: d.reason for name, d in decoded.items()}
+    assert reasons.pop("good") == "" and decoded["good"].image.shape == (32, 32)
+    assert reasons == {"panic": "codec_panic", "missing": "file_not_found", "text": "not_dicom", "empty": "not_dicom",
+                       "truncated": "truncated_pixel_data", "hang": "decode_timeout", "die": "decoder_crashed",
+                       "directory": "os_error"}
+    assert "1.5 s" in decoded["hang"].message and "SIGKILL" in decoded["die"].message
+    assert decoded["die"].header["SOPInstanceUID"]  # read again, in a worker, for the row
+    assert decoded["truncated"].header["SOPInstanceUID"]
+
+
+def test_a_panic_in_threads_mode_is_a_row_not_a_dead_thread(hostile):
+    with Engine(SPEC, brightness, pool=settings("threads")) as engine:
+        first, again = (engine.classify([hostile["panic"], hostile["good"]]) for _ in range(2))
+    for predictions in (first, again):
+        assert predictions[0].label == UNREADABLE and predictions[0].reason == "codec_panic"
+        assert predictions[1].readable and predictions[1].label in SPEC.class_names
+
+
+def test_reason_codes_of_exceptions(tmp_path):
+    existing = tmp_path / "a.dcm"
+    existing.write_bytes(b"x")
+
+    class Coded(ValueError):
+        reason = "no_pixel_data"
+
+    assert error_reason(str(tmp_path / "gone.dcm"), ValueError("wrapped"))[0] == "file_not_found"
+    assert error_reason(str(existing), MemoryError())[0] == "out_of_memory"
+    assert error_reason(str(existing), Coded("sr"))[0] == "no_pixel_data"
+    assert error_reason(str(existing), PermissionError("no"))[0] == "os_error"
+    wrapped = Coded("could not read")
+    wrapped.__cause__ = IsADirectoryError(21, "a folder")
+    assert error_reason(str(existing), wrapped)[0] == "os_error"
+    wrapped.__cause__ = OSError("a parser's complaint, no errno")
+    assert error_reason(str(existing), wrapped)[0] == "no_pixel_data"
+    assert error_reason(str(existing), KeyError("k")) == ("unexpected_error", "KeyError: 'k'")
+    assert failure_reason(Failure("timeout", ""), 30)[0] == "decode_timeout"
+    assert failure_reason(Failure("crashed", "killed by SIGSEGV"), 30)[0] == "decoder_crashed"
+    assert failure_reason(Failure("error", "PanicException: boom"), 30) == ("unexpected_error", "PanicException: boom")
+
+
+def test_threads_and_processes_give_identical_images_and_probabilities(tmp_path):
+    files = (dicoms(tmp_path / "j2k", pydicom.uid.JPEG2000Lossless, 2) + dicoms(tmp_path / "plain")
+             + [str(tmp_path / "missing.dcm")])
+    results = {}
+    for mode in ("threads", "processes"):
+        with Engine(SPEC, brightness, threshold=0.0, pool=settings(mode)) as engine:
+            results[mode] = (sum(engine.decode_batches(files, 2), []), sum(engine.classify_batches(files, 2), []))
+    (decoded_t, predicted_t), (decoded_p, predicted_p) = results["threads"], results["processes"]
+    assert [d.path for d in decoded_p] == [p.path for p in predicted_p] == files
+    for a, b in zip(decoded_t, decoded_p):
+        assert a.reason == b.reason and a.header == b.header
+        assert (a.image is None and b.image is None) or np.array_equal(a.image, b.image)
+    for a, b in zip(predicted_t, predicted_p):
+        assert a.label == b.label and a.error == b.error
+        assert (a.probs is None and b.probs is None) or np.array_equal(a.probs, b.probs)
+    assert predicted_p[-1].reason == "file_not_found" and predicted_p[-1].label == UNREADABLE
+
+
+def test_decisions_threshold_and_the_same_workers_call_after_call(tmp_path):
+    files = dicoms(tmp_path, count=2)
+    with Engine(SPEC, brightness, threshold=0.99, pool=settings(workers=1)) as engine:
+        first = engine.classify(files)
+        pids = {w.process.pid for w in engine._pool._procs}
+        second = engine.classify(files[:1])
+        assert {w.process.pid for w in engine._pool._procs} == pids  # started once, reused
+    assert [p.label for p in first] == [UNCERTAIN, UNCERTAIN] and second[0].top_label in SPEC.class_names
+    assert first[0].confidence == pytest.approx(float(first[0].probs.max()))
+    assert first[0].header["SOPInstanceUID"] and first[0].error == ""
+    with pytest.raises(ValueError, match="predict"):
+        Engine(SPEC, pool=settings("threads")).classify(files)
+
+
+def test_router_decode_settings_are_validated(tmp_path):
+    from utils.routing.config import from_dict
+
+    base = {"model": "m.keras", "destinations": {c: {"folder": "out"} for c in (*SPEC.class_names, UNCERTAIN)}}
+    config = from_dict(base, base=tmp_path)
+    assert (config.decode_pool, config.decode_timeout_s, config.decode_memory_limit_mb) == ("processes", 30.0, 4096)
+    config = from_dict({**base, "decode_pool": "threads", "decode_timeout_s": 5, "decode_memory_limit_mb": 0},
+                       base=tmp_path)
+    assert (config.decode_pool, config.decode_timeout_s, config.decode_memory_limit_mb) == ("threads", 5.0, 0)
+    for bad in ({"decode_pool": "auto"}, {"decode_timeout_s": 0}, {"decode_memory_limit_mb": -1},
+                {"decode_workers": -1}, {"decode_pool": 3}):
+        with pytest.raises(ConfigError, match="decode_"):
+            from_dict({**base, **bad}, base=tmp_path)

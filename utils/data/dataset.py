@@ -1,0 +1,169 @@
+"""labels.csv of a prepared dataset -> tf.data pipelines. Knows nothing of DICOM.
+
+Small pure steps chained in :func:`build_dataset`: ``decode`` (PNG -> uint8), then for training
+``random_rotate`` (an angle per image) and ``augment_batch`` (contrast, brightness, flip drawn per image),
+``to_input`` (float32 0..255, gray replicated to the spec's channels), cache / shuffle / batch /
+prefetch. Normalisation for the backbone is a layer inside
+the model, so this pipeline and every serving path feed the same 0..255 values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from utils import constants
+from utils.data.files import read_labels
+from utils.preprocessing import PreprocessSpec
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time augmentation; every value is drawn per image."""
+
+    rotation_deg: float = constants.AUGMENT_ROTATION_DEG
+    brightness: float = constants.AUGMENT_BRIGHTNESS
+    contrast: float = constants.AUGMENT_CONTRAST
+    horizontal_flip: bool = constants.HORIZONTAL_FLIP
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rotation_deg or self.brightness or self.contrast or self.horizontal_flip)
+
+
+NO_AUGMENTATION = Augmentation(0.0, 0.0, 0.0, False)
+
+
+def split_frame(data_dir: str | os.PathLike, split: str, class_names: Sequence[str]) -> pd.DataFrame:
+    """Rows of one split with absolute paths and integer labels (``y``) in class_names order."""
+    frame = read_labels(data_dir)
+    frame = frame[frame["split"] == split].copy()
+    unknown = sorted(set(frame["label"]) - set(class_names))
+    if unknown:
+        raise ValueError(f"{data_dir}: labels {unknown} are not among the class names {list(class_names)}")
+    frame["abs_path"] = [str(Path(data_dir) / p) for p in frame["path"]]
+    frame["y"] = frame["label"].map({c: i for i, c in enumerate(class_names)}).astype(np.int32)
+    return frame.reset_index(drop=True)
+
+
+def decode(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """PNG file -> uint8 (image_size, image_size, 1)."""
+    image = tf.io.decode_png(tf.io.read_file(path), channels=1)
+    # A cached PNG of another size fails here ("not compatible with expected shape"): the cache
+    # must be prepared at the spec's size, never silently resized (train/serve skew).
+    return tf.ensure_shape(image, [image_size, image_size, 1])
+
+
+def replicate(image: tf.Tensor, channels: int) -> tf.Tensor:
+    """(..., 1) -> (..., channels) by repeating the gray channel."""
+    return tf.repeat(image, channels, axis=-1) if channels > 1 else image
+
+
+def to_input(image: tf.Tensor, channels: int) -> tf.Tensor:
+    """uint8 (..., H, W, 1) -> float32 (..., H, W, channels) with values 0..255."""
+    return replicate(tf.cast(image, tf.float32), channels)
+
+
+def rotate_uint8(image: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate an 8-bit (H, W, 1) image about its centre, bilinear, black outside (OpenCV, ~0.5 ms at 512px)."""
+    rows, cols = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D(((cols - 1) / 2.0, (rows - 1) / 2.0), float(degrees), 1.0)
+    out = cv2.warpAffine(image[:, :, 0], matrix, (cols, rows), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out[:, :, np.newaxis]
+
+
+def _rotate_batch(images: np.ndarray, degrees: np.ndarray) -> np.ndarray:
+    return np.stack([rotate_uint8(image, angle) for image, angle in zip(images, degrees)]) if len(images) else images
+
+
+def random_rotate(images: tf.Tensor, max_degrees: float, seed: tf.Tensor) -> tf.Tensor:
+    """Rotate each uint8 image of a batch (B, H, W, 1) by its own angle drawn in [-max, max]
+    from a stateless ``seed`` (one OpenCV call per image, one Python call per batch)."""
+    angles = tf.random.stateless_uniform([tf.shape(images)[0]], seed, -max_degrees, max_degrees)
+    rotated = tf.numpy_function(_rotate_batch, [images, angles], tf.uint8, stateful=False)
+    return tf.ensure_shape(rotated, images.shape)
+
+
+def augment_batch(images: tf.Tensor, aug: Augmentation, seed: tf.Tensor) -> tf.Tensor:
+    """Contrast, brightness (and optional horizontal flip) drawn per image of a float batch (B, H, W, C).
+
+    Contrast and brightness are fused into one multiply-add per pixel: x * f + (mean * (1 - f) + b).
+    """
+    seeds = tf.random.experimental.stateless_split(seed, num=3)
+    batch = tf.shape(images)[0]
+    if aug.contrast or aug.brightness:
+        factor = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[0], 1.0 - aug.contrast, 1.0 + aug.contrast)
+        shift = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[1], -aug.brightness, aug.brightness) * 255.0
+        mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+        images = images * factor + (mean * (1.0 - factor) + shift)
+    if aug.horizontal_flip:
+        flip = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[2]) < 0.5
+        images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+    return tf.clip_by_value(images, 0.0, 255.0)
+
+
+def _seeds(seed: int) -> tf.data.Dataset:
+    """An endless stream of stateless seeds (shape (2,)): reproducible, different every draw."""
+    return tf.data.Dataset.random(seed=seed).batch(2).map(lambda s: tf.cast(s % (2 ** 31 - 1), tf.int32))
+
+
+def build_dataset(paths: Sequence[str], labels: Sequence[int] | None, spec: PreprocessSpec, *,
+                  training: bool, batch_size: int, augmentation: Augmentation = NO_AUGMENTATION,
+                  cache: bool = False, shuffle_buffer: int = constants.SHUFFLE_BUFFER,
+                  seed: int = constants.SEED, drop_remainder: bool = False) -> tf.data.Dataset:
+    """(image float32 (B, S, S, C) 0..255, label int32 (B,)) batches; labels=None yields images only.
+
+    Training shuffles every epoch and augments each image with its own random draw (rotation on
+    the 8-bit image with OpenCV, then contrast/brightness/flip on the float batch); evaluation
+    keeps the order of ``paths``. Decoded images are cached (before augmentation) when asked.
+    """
+    size, channels = spec.image_size, spec.channels
+    autotune = tf.data.AUTOTUNE
+    paths_ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
+    ys = np.asarray(labels if labels is not None else [-1] * len(paths), dtype=np.int32)
+    ds = tf.data.Dataset.zip((paths_ds, tf.data.Dataset.from_tensor_slices(ys)))
+    ds = ds.map(lambda p, y: (decode(p, size), y), num_parallel_calls=autotune, deterministic=not training)
+    if cache:
+        ds = ds.cache()
+    augmenting = training and augmentation.active
+    if training:
+        ds = ds.shuffle(min(shuffle_buffer, max(len(paths), 1)), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune,
+                  deterministic=not training)
+    if augmenting and augmentation.rotation_deg:
+        ds = tf.data.Dataset.zip((ds, _seeds(seed))).map(
+            lambda xy, s: (random_rotate(xy[0], augmentation.rotation_deg, s), xy[1]),
+            num_parallel_calls=autotune, deterministic=False)
+    if augmenting:
+        # Photometric augmentation on the single gray channel, then replication (3x less work).
+        ds = tf.data.Dataset.zip((ds, _seeds(seed + 1))).map(
+            lambda xy, s: (replicate(augment_batch(tf.cast(xy[0], tf.float32), augmentation, s), channels), xy[1]),
+            num_parallel_calls=autotune, deterministic=False)
+    else:
+        ds = ds.map(lambda x, y: (to_input(x, channels), y), num_parallel_calls=autotune,
+                    deterministic=not training)
+    if labels is None:
+        ds = ds.map(lambda x, y: x)
+    options = tf.data.Options()
+    options.deterministic = not training
+    return ds.with_options(options).prefetch(autotune)
+
+
+def load_split(data_dir: str | os.PathLike, split: str, spec: PreprocessSpec, *, training: bool,
+               batch_size: int, augmentation: Augmentation = NO_AUGMENTATION, cache: bool = False,
+               seed: int = constants.SEED) -> tuple[tf.data.Dataset, pd.DataFrame]:
+    """The tf.data pipeline and the rows (in evaluation order) of one split of a prepared dataset."""
+    frame = split_frame(data_dir, split, spec.class_names)
+    if frame.empty:
+        raise ValueError(f"{data_dir}: split {split!r} is empty")
+    dataset = build_dataset(frame["abs_path"].tolist(), frame["y"].tolist(), spec, training=training,
+                            batch_size=batch_size, augmentation=augmentation, cache=cache, seed=seed)
+    return dataset, frame

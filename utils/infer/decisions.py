@@ -1,0 +1,55 @@
+"""What a prediction means: the label (or ``uncertain``), and whether the DICOM tag agrees.
+
+Shared by predict.py, test.py and the router through utils.infer.engine; small and free of model and
+codec imports, so configuration code can name the routes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+UNCERTAIN = "uncertain"  # top probability below the threshold: route to manual review
+UNREADABLE = "unreadable"  # not an image the model can see (broken, non-image object, not DICOM)
+
+# Body Part Examined values (DICOM PS3.16 CID 4031 defined terms and common variants, compared
+# upper-case without separators) that agree with each default class. Classes not listed here
+# agree with a tag equal to their own name (e.g. a "knee" class with KNEE).
+BODY_PART_TAGS: dict[str, frozenset[str]] = {
+    "abdominal": frozenset({"ABDOMEN", "ABDOMENPELVIS", "ABD", "KUB", "BOWEL", "STOMACH"}),
+    "adult_chest": frozenset({"CHEST", "THORAX", "LUNG", "CHESTPA", "CHESTAP", "CHESTLAT"}),
+    "pediatric_chest": frozenset({"CHEST", "THORAX", "LUNG", "CHESTPA", "CHESTAP", "CHESTLAT"}),
+    "spine": frozenset({"SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "CTSPINE", "TLSPINE", "LSSPINE",
+                        "WHOLESPINE", "COCCYX", "SACRUM", "CERVICALSPINE", "THORACICSPINE", "LUMBARSPINE"}),
+}
+OTHER_CLASSES = ("others", "other")  # a catch-all class agrees with any tag no specific class claims
+
+
+def decide(probs: np.ndarray, class_names: Sequence[str], threshold: float) -> tuple[list[str], list[str], np.ndarray]:
+    """(labels with ``uncertain`` below the threshold, top labels, confidences) for probs (N, K)."""
+    top = np.argmax(probs, axis=1)
+    confidence = probs[np.arange(len(probs)), top].astype(np.float64)
+    top_labels = [class_names[i] for i in top]
+    labels = [name if c >= threshold else UNCERTAIN for name, c in zip(top_labels, confidence)]
+    return labels, top_labels, confidence
+
+
+def _normalise_tag(value: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "", (value or "").upper())
+
+
+def tag_disagrees(label: str, tag: str, class_names: Sequence[str]) -> bool | None:
+    """Does the BodyPartExamined tag contradict the predicted class? None when there is no tag.
+
+    CHEST agrees with both chest classes; a catch-all class ("others") disagrees only with tags
+    that another class claims; a tag no class claims contradicts every specific class.
+    """
+    tag = _normalise_tag(tag)
+    if not tag or label not in class_names:
+        return None
+    claimed = {c for c in class_names if tag in BODY_PART_TAGS.get(c, frozenset({_normalise_tag(c)}))}
+    if label in OTHER_CLASSES:
+        return bool(claimed - {label})
+    return label not in claimed

@@ -1,0 +1,215 @@
+"""One interface over every model artifact: load it, read its spec, get probabilities.
+
+    predictor = load_predictor("runs/mobilenet_v1-2026.../")      # or best.keras
+    probs = predictor.predict(batch)                                # float32 (B, S, S, C) 0..255 -> (B, K)
+
+Entry points (test.py, predict.py, router.py) use this rather than Keras directly, so further
+artifact formats plug in here with the same preprocessing spec: export.py writes .tflite, .onnx
+and SavedModel artifacts with their metadata beside them, and ``load_predictor`` picks the runtime
+by suffix (TFLite interpreter, ONNX Runtime, TensorFlow). Every predictor takes its spec, model id and
+backbone from ``utils.artifacts.model_file.read_metadata`` (one schema, one reader for every format) and keeps the
+whole ``ModelMetadata`` as ``.metadata``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from utils.artifacts.model_file import (  # noqa: F401 (ARTIFACT_INFO, SAVED_MODEL_FILE, sidecar_path: still importable here)
+    ARTIFACT_INFO,
+    ARTIFACT_KEY,
+    SAVED_MODEL_FILE,
+    ModelMetadata,
+    artifact_format,
+    load_model,
+    read_metadata,
+    sidecar_path,
+)
+from utils.preprocessing import PreprocessSpec
+
+
+class Predictor(Protocol):
+    spec: PreprocessSpec
+    model_id: str
+    backbone: str
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (B, S, S, C) with values 0..255 -> softmax probabilities float32 (B, K)."""
+
+
+@dataclass
+class KerasPredictor:
+    """A .keras file saved by this project (or a run directory's best.keras)."""
+
+    model: object
+    spec: PreprocessSpec
+    model_id: str
+    backbone: str
+    metadata: ModelMetadata | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_metadata(cls, model, metadata: ModelMetadata) -> KerasPredictor:
+        return cls(model, metadata.spec, metadata.model_id, metadata.backbone, metadata)
+
+    def __post_init__(self) -> None:
+        import tensorflow as tf
+
+        model = self.model
+        self._infer = tf.function(lambda x: tf.nn.softmax(tf.cast(model(x, training=False), tf.float32)),
+                                  reduce_retracing=True)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if batch.shape[1:] != self.spec.input_shape:
+            raise ValueError(f"batch shape {batch.shape[1:]} differs from the model's {self.spec.input_shape}")
+        return self._infer(np.asarray(batch, dtype=np.float32)).numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float32)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _check_batch(batch: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    if batch.shape[1:] != spec.input_shape:
+        raise ValueError(f"batch shape {batch.shape[1:]} differs from the model's {spec.input_shape}")
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def tflite_interpreter(path: str | os.PathLike, num_threads: int | None = None):
+    """A TFLite interpreter: LiteRT (``ai_edge_litert``) when installed, else ``tf.lite.Interpreter``
+    (deprecated in favour of LiteRT but still shipped with TensorFlow 2.21)."""
+    num_threads = num_threads or os.cpu_count() or 1
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import warnings
+
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tf.lite.Interpreter(model_path=str(path), num_threads=num_threads)
+    return Interpreter(model_path=str(path), num_threads=num_threads)
+
+
+class TFLitePredictor:
+    """A ``.tflite`` file exported by export.py (fp32, fp16 or int8; input and output stay float32,
+    an integer input/output would be (de)quantised here). Thread-safe (one interpreter, a lock)."""
+
+    def __init__(self, path: str | os.PathLike, metadata: ModelMetadata | None = None,
+                 num_threads: int | None = None) -> None:
+        import threading
+
+        self.path = Path(path)
+        self.metadata = metadata if metadata is not None else read_metadata(path)
+        self.spec: PreprocessSpec = self.metadata.spec
+        self.model_id: str = self.metadata.model_id
+        self.backbone: str = self.metadata.backbone
+        self.quantization: str = self.metadata.quantization or ""
+        self._interpreter = tflite_interpreter(path, num_threads)
+        self._input = self._interpreter.get_input_details()[0]
+        self._output_index = self._interpreter.get_output_details()[0]["index"]
+        self._batch = None
+        self._lock = threading.Lock()
+        shape = tuple(int(d) for d in self._input["shape_signature"][1:])
+        if shape != self.spec.input_shape:
+            raise ValueError(f"{path}: input shape {shape} differs from its spec's {self.spec.input_shape}")
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        interpreter, detail = self._interpreter, self._input
+        if self._batch != len(batch):
+            interpreter.resize_tensor_input(detail["index"], batch.shape)
+            interpreter.allocate_tensors()
+            self._batch = len(batch)
+        if detail["dtype"] != np.float32:  # an integer-input model: quantise 0..255 floats
+            scale, zero = detail["quantization"]
+            info = np.iinfo(detail["dtype"])
+            batch = np.clip(np.round(batch / scale + zero), info.min, info.max).astype(detail["dtype"])
+        interpreter.set_tensor(detail["index"], batch)
+        interpreter.invoke()
+        out = interpreter.get_output_details()[0]
+        logits = interpreter.get_tensor(self._output_index)
+        if out["dtype"] != np.float32:
+            scale, zero = out["quantization"]
+            logits = (logits.astype(np.float32) - zero) * scale
+        return softmax(logits)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        batch = _check_batch(batch, self.spec)
+        if len(batch) == 0:
+            return np.zeros((0, self.spec.num_classes), np.float32)
+        with self._lock:
+            return self._run(batch)
+
+
+class SavedModelPredictor:
+    """A SavedModel directory exported by export.py (its ``serve`` endpoint returns logits)."""
+
+    def __init__(self, path: str | os.PathLike, metadata: ModelMetadata | None = None) -> None:
+        import tensorflow as tf
+
+        self.path = Path(path)
+        self.metadata = metadata if metadata is not None else read_metadata(path)
+        self.spec: PreprocessSpec = self.metadata.spec
+        self.model_id: str = self.metadata.model_id
+        self.backbone: str = self.metadata.backbone
+        self._module = tf.saved_model.load(str(path))
+        endpoint = getattr(self._module, "serve", None) or self._module.signatures["serving_default"]
+        self._infer = endpoint
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        batch = _check_batch(batch, self.spec)
+        out = self._infer(tf.constant(batch))
+        if isinstance(out, dict):
+            out = next(iter(out.values()))
+        return softmax(np.asarray(out))
+
+
+class ONNXPredictor:
+    """A ``.onnx`` file exported by export.py, run by ONNX Runtime on the CPU (all cores)."""
+
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = num_threads or os.cpu_count() or 1
+        try:
+            self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime's own exception types: report as an unusable file
+            raise ValueError(f"{path}: not a loadable ONNX model ({error})") from error
+        embedded = self._session.get_modelmeta().custom_metadata_map.get(ARTIFACT_KEY)
+        self.path = Path(path)
+        self.metadata = read_metadata(path, embedded=embedded or "")
+        self.spec: PreprocessSpec = self.metadata.spec
+        self.model_id: str = self.metadata.model_id
+        self.backbone: str = self.metadata.backbone
+        self._input = self._session.get_inputs()[0].name
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        batch = _check_batch(batch, self.spec)
+        if len(batch) == 0:
+            return np.zeros((0, self.spec.num_classes), np.float32)
+        return softmax(self._session.run(None, {self._input: batch})[0])
+
+
+def load_predictor(path: str | os.PathLike) -> Predictor:
+    """A predictor for a run directory, a .keras file, or an artifact of export.py: a .tflite or .onnx
+    file, or a SavedModel directory. FileNotFoundError for a missing path, ValueError for another
+    kind of file or one without readable metadata."""
+    fmt = artifact_format(path)
+    if fmt == "saved_model":
+        return SavedModelPredictor(path)
+    if fmt == "tflite":
+        return TFLitePredictor(path)
+    if fmt == "onnx":
+        return ONNXPredictor(path)
+    model, metadata = load_model(path)  # imports keras, the backbones and the registered objects, only now
+    return KerasPredictor.from_metadata(model, metadata)
