@@ -96,7 +96,7 @@ def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict
         extra={"data": str(data), "source": subset.description, "backbone": info.backbone,
                "left_out": [{"file": f, "reason": r} for f, r in subset.skipped + errors]},
         coverage=coverage.to_dict())
-    config.save_config({**settings, "model": model_arg, "data": str(data)}, output_dir / "test_config.json")
+    config.save_config({**settings, "model": model_arg, "data": str(data)}, output_dir / reports.CONFIG_FILENAME)
     return results
 
 
@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{name} on {cov['evaluated']} of {cov['listed']} listed images, {cov['skipped']} skipped "
               f"(split: {results['split']}):")
         print(reports.comparison_table([results], [name]))
-        print(f"details: {output_dir / 'results.md'}")
+        print(f"details: {output_dir / reports.RESULTS_MD}")
     if len(all_results) > 1:
-        target = Path(args.output or ".") / "comparison.md"
+        target = Path(args.output or ".") / reports.COMPARISON_MD
         reports.write_comparison(target, all_results, names)
         print("\n" + reports.comparison_table(all_results, names))
         print(f"wrote {target} and {target.with_suffix('.csv')}")

@@ -30,10 +30,16 @@ logger = logging.getLogger(__name__)
 # Bump when a key of results.json is renamed, removed or changes meaning (adding keys is fine).
 RESULTS_SCHEMA_VERSION: int = 1
 
+# An evaluation folder (test.py writes one per model): these names, and no others, are its layout.
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PREDICTIONS_CSV = "predictions.csv"
 SKIPPED_FILENAME = "skipped.csv"
+CONFIG_FILENAME = "test_config.json"  # the resolved settings of the evaluation (utils.config.save_config)
+COMPARISON_MD = "comparison.md"  # several models side by side (+ comparison.csv)
 # What write_evaluation writes: removed by remove_evaluation_outputs when an evaluation is refused,
 # so that no earlier headline result is left beside the new skipped.csv.
-EVALUATION_FILES: tuple[str, ...] = ("results.json", "results.md", "predictions.csv",
+EVALUATION_FILES: tuple[str, ...] = (RESULTS_JSON, RESULTS_MD, PREDICTIONS_CSV,
                                      "confusion_matrix.png", "roc_curves.png")
 
 # results.json "metrics" key -> column title, in the paper's column order.
@@ -329,12 +335,12 @@ def write_evaluation(
         model_id=model_id, split=split, timing=timing, extra=extra, coverage=coverage)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.json", "w", encoding="utf-8") as fh:
+    with open(out / RESULTS_JSON, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2, allow_nan=False)
         fh.write("\n")
-    write_predictions_csv(out / "predictions.csv", files=files, y_true=y_true, probs=probs,
+    write_predictions_csv(out / PREDICTIONS_CSV, files=files, y_true=y_true, probs=probs,
                           class_names=class_names, groups=groups)
-    (out / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    (out / RESULTS_MD).write_text(results_markdown(results), encoding="utf-8")
     plots.plot_confusion_matrix(np.asarray(results["confusion_matrix"]["counts"]),
                                 results["class_names"], out / "confusion_matrix.png")
     plots.plot_roc_curves(y_true, probs, results["class_names"], out / "roc_curves.png")
