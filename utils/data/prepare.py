@@ -32,7 +32,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -69,10 +69,19 @@ class SourceFile:
     target: str = ""  # the cache PNG, relative to the output folder (set by prepare_dataset)
 
 
+class Reject(NamedTuple):
+    """A listed file that cannot be used, with the split the source gave it ("" when none)."""
+
+    source: str
+    reason: str
+    message: str
+    split: str = ""
+
+
 @dataclass
 class SourceListing:
     items: list[SourceFile]
-    rejects: list[tuple[str, str, str]] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
     layout: str = ""
 
 
@@ -134,17 +143,18 @@ def _rows_to_items(frame: pd.DataFrame, resolve_path, class_names: Sequence[str]
     listing = SourceListing(items=[])
     for row in frame.to_dict("records"):
         raw_label = row[label_column]
+        split = _normalise_split(row[split_col]) if split_col else default_split
         path = resolve_path(str(row[id_column]))
         label = _normalise_label(raw_label, class_names)
         if path is None:
-            listing.rejects.append((str(row[id_column]), "file_not_found", "listed but not found on disk"))
+            listing.rejects.append(Reject(str(row[id_column]), "file_not_found", "listed but not found on disk", split))
             continue
         if label is None:
-            listing.rejects.append((str(path), "unknown_label",
-                                    f"label {raw_label!r} is not one of {list(class_names)} (or an index)"))
+            listing.rejects.append(Reject(str(path), "unknown_label",
+                                          f"label {raw_label!r} is not one of {list(class_names)} (or an index)",
+                                          split))
             continue
         group = "" if group_col is None or pd.isna(row[group_col]) else str(row[group_col])
-        split = _normalise_split(row[split_col]) if split_col else default_split
         listing.items.append(SourceFile(str(path), label, group, split))
     return listing
 
@@ -183,7 +193,7 @@ def _list_class_folders(root: Path, class_names: Sequence[str]) -> SourceListing
             if not path.is_file() or path.name.startswith("."):
                 continue
             if path.suffix.lower() not in IMAGE_SUFFIXES and not _looks_like_dicom(path):
-                listing.rejects.append((str(path), "not_an_image", "unrecognised file type"))
+                listing.rejects.append(Reject(str(path), "not_an_image", "unrecognised file type"))
                 continue
             row = listed.get(str(path.resolve()), {})
             label = folder.name
@@ -208,7 +218,8 @@ def _list_vindr(root: Path, class_names: Sequence[str]) -> SourceListing:
                               f"column ({_LABEL_COLUMNS_IN}); found {list(frame.columns)}")
         multi = frame[label_column].str.strip().str.contains(r"\s")
         for value in frame.loc[multi, id_column]:
-            listing.rejects.append((str(value), "multiple_labels", "more than one label for one image"))
+            listing.rejects.append(Reject(str(value), "multiple_labels", "more than one label for one image",
+                                          "test" if split == "test" else ""))
         frame = frame.loc[~multi]
         folder = root / split
 
@@ -424,7 +435,7 @@ def prepare_dataset(source: str | os.PathLike, output_dir: str | os.PathLike, sp
         raise SourceError(f"{source}: no image files found")
     log.info("%s: %d files (%s)", source, len(listing.items), listing.layout)
 
-    rows, rejects = [], [dict(zip(REJECT_COLUMNS, r)) for r in listing.rejects]
+    rows, rejects = [], [dict(zip(REJECT_COLUMNS, r[:len(REJECT_COLUMNS)])) for r in listing.rejects]
     items = []
     for item in listing.items:
         try:

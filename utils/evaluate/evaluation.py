@@ -90,9 +90,10 @@ def eval_set(data: str | os.PathLike, split: str, spec: PreprocessSpec) -> EvalS
         raise ValueError(f"{data}: no image in split {split!r}")
     labels = _label_ids([it.label for it in items], spec.class_names, str(data))
     groups = [it.group or it.source for it in items]
+    # A reject the source placed in another split is not this evaluation's; one of no known split counts.
+    rejects = [r for r in listing.rejects if not has_splits or r.split in (split, "")]
     return EvalSet([it.source for it in items], labels, groups, False, f"{data} ({listing.layout})",
-                   split if has_splits else "all",
-                   skipped=[(source, f"{reason}: {message}") for source, reason, message in listing.rejects])
+                   split if has_splits else "all", skipped=[(r.source, f"{r.reason}: {r.message}") for r in rejects])
 
 
 def split_reason(reason: str) -> tuple[str, str]:

@@ -123,3 +123,16 @@ def test_coverage_of_a_prepared_dataset_with_missing_and_broken_pngs(tmp_path, p
     assert evaluation.Coverage.of(subset, 0, [(f, "file_not_found: x") for f in subset.files], 1.0).too_many_skipped
     with pytest.raises(RuntimeError, match="add up"):
         evaluation.Coverage.of(subset, len(kept), errors[:1], 0.5)
+
+
+def test_a_csv_source_counts_only_the_rejects_of_the_evaluated_split(tmp_path):
+    """A file the CSV puts in train and that is missing is not skipped from the test split."""
+    dicoms(tmp_path / "img", count=2)
+    names = sorted(p.name for p in (tmp_path / "img").iterdir())
+    (tmp_path / "list.csv").write_text(
+        "path,label,split\n"
+        f"img/{names[0]},dark,test\nimg/{names[1]},dark,train\n"
+        "img/gone_train.dcm,dark,train\nimg/gone_test.dcm,dark,test\nimg/gone_nosplit.dcm,dark,\n")
+    subset = evaluation.eval_set(tmp_path / "list.csv", "test", SPEC)
+    assert subset.files == [str(tmp_path / "img" / names[0])]
+    assert sorted(p for p, _ in subset.skipped) == ["img/gone_nosplit.dcm", "img/gone_test.dcm"]
