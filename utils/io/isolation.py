@@ -83,17 +83,16 @@ class PoolSettings:
     memory_limit_mb: int = constants.DECODE_MEMORY_LIMIT_MB  # address space per worker process; 0: none
 
     def __post_init__(self) -> None:
-        """Named like the flags and router keys (decode_pool...) so a refusal says what to change."""
-        if self.mode not in MODES:
-            raise ValueError(f"decode_pool must be one of {MODES}, got {self.mode!r}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ValueError(f"decode_workers must be an integer >= 0 (0: automatic), got {self.workers!r}")
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
-            raise ValueError(f"decode_timeout_s must be > 0 seconds, got {self.timeout_s!r}")
-        if isinstance(self.memory_limit_mb, bool) or not isinstance(self.memory_limit_mb, int) \
-                or self.memory_limit_mb < 0:
-            raise ValueError(f"decode_memory_limit_mb must be an integer >= 0 (0: no cap), "
-                             f"got {self.memory_limit_mb!r}")
+        """Named like the flags and router keys (decode_pool...) so a refusal says what to change;
+        the bounds are constants.py's (DECODE_*_RANGE), checked by the one checker, utils.config."""
+        from utils.config import check_value
+
+        for key, value, integer in (("decode_pool", self.mode, False), ("decode_workers", self.workers, True),
+                                    ("decode_timeout_s", self.timeout_s, False),
+                                    ("decode_memory_limit_mb", self.memory_limit_mb, True)):
+            if integer and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
+            check_value(key, value, label=key)
 
     @classmethod
     def from_flags(cls, values: Mapping[str, Any]) -> PoolSettings:

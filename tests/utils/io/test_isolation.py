@@ -195,3 +195,15 @@ def _alive(pid: int) -> bool:
             return handle.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"timeout_s": 0}, "decode_timeout_s must be > 0, got 0"),
+    ({"workers": -1}, "decode_workers must be >= 0, got -1"),
+    ({"mode": "fork"}, "decode_pool must be one of ('processes', 'threads')"),
+    ({"memory_limit_mb": 1.5}, "decode_memory_limit_mb must be an integer"),
+])
+def test_pool_settings_are_checked_against_the_ranges_in_constants(settings, message):
+    with pytest.raises(ValueError) as error:
+        PoolSettings(**settings)
+    assert message in str(error.value)
