@@ -428,8 +428,7 @@ def prepare_dataset(source: str | os.PathLike, output_dir: str | os.PathLike, sp
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_existing_spec(output_dir, spec, overwrite)
-    if overwrite:
-        _remove_pngs(output_dir, keep=set())
+    removed = _remove_pngs(output_dir, keep=set()) if overwrite else 0
     listing = list_source(source, spec.class_names)
     if not listing.items and not listing.rejects:
         raise SourceError(f"{source}: no image files found")
@@ -460,7 +459,7 @@ def prepare_dataset(source: str | os.PathLike, output_dir: str | os.PathLike, sp
     files.write_csv(labels, output_dir / files.LABELS)
     files.write_csv(rejects_frame, output_dir / files.REJECTS)
     files.write_json(pixel_provenance(), output_dir / files.PROVENANCE)
-    removed = _remove_pngs(output_dir, keep=set(labels["path"]))
+    removed += _remove_pngs(output_dir, keep=set(labels["path"]))
     skipped = int(sum(1 for r in rows if r.get("_skipped")))
     return PrepareResult(labels, rejects_frame, listing.layout, skipped, spec, removed)
 
