@@ -3,12 +3,18 @@
     python predict.py --model runs/demo data/demo/dicom
     python predict.py --model best.keras scans/ one.dcm list.txt --output out.csv --threshold 0.7
     python predict.py --model runs/demo scans/ --sort-into sorted/ --sort-mode hardlink
+    python predict.py --model runs/demo scans/ --threshold auto  # the threshold calibrate.py recommended
 
 INPUT is a file, a folder (searched recursively for images and DICOM files) or a text file
 (*.txt, *.lst, *.list) listing paths. One CSV row per file: path, SOPInstanceUID,
 StudyInstanceUID, label, confidence, top_label, prob_<class> for each class, BodyPartExamined,
 tag_disagrees (true/false, empty without a tag), error, sorted_to. A file that cannot be read gets
 label "unreadable" and its reason; a prediction below --threshold gets label "uncertain".
+--threshold auto uses the threshold recommended when the model was calibrated (calibrate.py, or
+the end of training: the lowest confidence whose automatically routed share reached the target
+accuracy, calibrate.py --target-accuracy, on the validation split); a model without one is refused
+(run calibrate.py MODEL).
+Confidences are the model's calibrated probabilities, softmax(logits / T), T stored with the model.
 Files are decoded in worker processes (--decode-pool): a file that hangs its decoder past
 --decode-timeout-s, crashes it or needs more than --decode-memory-limit-mb costs only its row.
 --sort-into copies (or links, --sort-mode) each file into DIR/<label>/; it never overwrites and
@@ -22,9 +28,12 @@ import logging
 import sys
 
 from utils import config, constants
+from utils.infer.decisions import threshold_value
 from utils.io.isolation import PoolSettings
 
 FLAGS = ("THRESHOLD", "SORT_MODE", "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB")
+# --threshold also takes "auto", so it is checked by its own type (threshold_value), not by config.resolve
+CHECKED_FLAGS = tuple(name for name in FLAGS if name != "THRESHOLD")
 
 log = logging.getLogger("predict")
 
@@ -40,10 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=constants.BATCH_SIZE,
                         help=f"images per model call (default: {constants.BATCH_SIZE})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    config.add_flags(parser, FLAGS)
+    parser.add_argument("--threshold", dest="threshold", type=threshold_value, default=constants.THRESHOLD,
+                        metavar="{0..1,auto}",
+                        help=config.constant_comments()["THRESHOLD"] + "; 'auto': the threshold recommended by the "
+                        "model's calibration (calibrate.py), refused for a model without one")
+    config.add_flags(parser, CHECKED_FLAGS)
     args = parser.parse_args(argv)
-    try:  # the bounds of utils/constants.py (*_RANGE); --batch-size is BATCH_SIZE's
-        config.validate({config.dest_name(n): getattr(args, config.dest_name(n)) for n in (*FLAGS, "BATCH_SIZE")})
+    try:  # the bounds of utils/constants.py (*_RANGE); --batch-size is BATCH_SIZE's; --threshold: threshold_value
+        config.validate({config.dest_name(n): getattr(args, config.dest_name(n))
+                         for n in (*CHECKED_FLAGS, "BATCH_SIZE")})
     except config.ConfigError as error:
         parser.error(str(error))
     PoolSettings.from_args(parser, args)
@@ -51,9 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, settings = config.start(parse_args, argv, FLAGS)
+    args, settings = config.start(parse_args, argv, CHECKED_FLAGS)
     from utils.infer import batch_predict
-    from utils.infer.predictor import load_predictor
+    from utils.infer.predictor import load_predictor, resolve_threshold
 
     try:
         files, skipped = batch_predict.collect_inputs(args.inputs)
@@ -70,9 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: cannot load model {args.model}: {error}", file=sys.stderr)
         return 2
-    log.info("model %s (%s), %d classes, %d px; %d files", predictor.model_id, predictor.backbone,
-             predictor.spec.num_classes, predictor.spec.image_size, len(files))
-    summary = batch_predict.run(predictor, files, output=args.output, threshold=args.threshold,
+    try:
+        threshold = resolve_threshold(args.threshold, predictor, args.model)
+    except ValueError as error:
+        print(f"error: --threshold {args.threshold}: {error}", file=sys.stderr)
+        return 2
+    log.info("model %s (%s), %d classes, %d px, temperature %.3g, threshold %.4g; %d files", predictor.model_id,
+             predictor.backbone, predictor.spec.num_classes, predictor.spec.image_size,
+             predictor.metadata.temperature if getattr(predictor, "metadata", None) else 1.0, threshold, len(files))
+    summary = batch_predict.run(predictor, files, output=args.output, threshold=threshold,
                                 batch_size=args.batch_size, pool=PoolSettings.from_flags(settings),
                                 sort_into=args.sort_into, sort_mode=args.sort_mode, progress=not args.quiet)
     for line in summary.lines():

@@ -26,9 +26,10 @@ import signal
 import sys
 
 from utils import config
+from utils.infer.decisions import threshold_value
 
 # Settings that flags may override (YAML keys without the ROUTER_ prefix; see utils/routing/config.py).
-FLAGS = ("ROUTER_AE_TITLE", "ROUTER_HOST", "ROUTER_PORT", "ROUTER_SPOOL_DIR", "THRESHOLD")
+FLAGS = ("ROUTER_AE_TITLE", "ROUTER_HOST", "ROUTER_PORT", "ROUTER_SPOOL_DIR")  # and --threshold (number or auto)
 
 log = logging.getLogger("router")
 
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     # Overrides default to None: unset flags leave the YAML (then constants.py) value in place.
     config.add_flags(parser, FLAGS, **{config.dest_name(n): None for n in FLAGS})
+    parser.add_argument("--threshold", type=threshold_value, default=None, metavar="{0..1,auto}",
+                        help=config.constant_comments()["THRESHOLD"] + "; 'auto': the threshold the model's "
+                        "calibration recommends (calibrate.py). Overrides the configuration's threshold")
     return parser.parse_args(argv)
 
 

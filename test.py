@@ -3,17 +3,23 @@
     python test.py runs/mobilenet_v1-20261125-120000 --data data/radiographs
     python test.py runs/a runs/b runs/c --data data/radiographs --output results/compare
     python test.py --demo                      # after: python training.py --demo
+    python test.py runs/mobilenet_v1-cv5-20261201-120000   # a cross-validation (training.py --folds 5)
 
 MODEL is a training run directory (its best.keras) or a .keras file saved by this project; its
 embedded preprocessing spec decides how images are read. --data is a prepared dataset (its
 --split is used), a CSV of path,label[,group], or a folder per class; raw files are decoded in
 worker processes (--decode-pool), so one that hangs or crashes a codec is left out with its
 reason. Outputs per model: results.json, results.md, predictions.csv, confusion_matrix.png,
-roc_curves.png (beside the model, or in --output/<model name>), and skipped.csv (file, reason,
+roc_curves.png, error_gallery.png/.csv (the most confident errors, with Grad-CAM for Keras
+models; beside the model, or in --output/<model name>), and skipped.csv (file, reason,
 message) when a listed file was left out; with several models, comparison.md/.csv as well. Every
 report says how many images were listed, evaluated and skipped (by reason). When more than
 --max-skipped-share of the listed files cannot be read (or none can), no result is written: only
 skipped.csv, an error naming the counts and reasons, and exit status 2.
+
+A cross-validation directory (training.py --folds K) is evaluated on its pooled out-of-fold
+predictions (every labelled image once, by the model that never saw it), with patient-level
+bootstrap CIs and the per-fold spread; results go to CV_DIR/eval-cv (--data and --split do not apply).
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from utils import config, constants
 from utils.io.isolation import PoolSettings
 
 FLAGS = ("SPLIT", "BOOTSTRAP_RESAMPLES", "CONFIDENCE_LEVEL", "BOOTSTRAP_UNIT", "SEED", "BATCH_SIZE",
-         "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB", "MAX_SKIPPED_SHARE")
+         "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB",
+         "TARGET_ACCURACY", "CALIBRATION_BINS", "MAX_SKIPPED_SHARE")
 
 log = logging.getLogger("test")
+GALLERY_LIMIT = 24  # most confident errors drawn in error_gallery.png
 
 
 class CoverageError(Exception):
@@ -95,8 +103,70 @@ def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict
         model_id=info.model_id, split=subset.split, timing=timing,
         extra={"data": str(data), "source": subset.description, "backbone": info.backbone,
                "left_out": [{"file": f, "reason": r} for f, r in subset.skipped + errors]},
-        coverage=coverage.to_dict())
+        coverage=coverage.to_dict(), stored_calibration=getattr(getattr(info, "metadata", None), "calibration", None),
+        target_accuracy=settings["target_accuracy"], calibration_bins=settings["calibration_bins"])
+    write_gallery(info, [subset.files[i] for i in kept], subset.cached, subset.labels[kept], probs, output_dir)
     config.save_config({**settings, "model": model_arg, "data": str(data)}, output_dir / reports.CONFIG_FILENAME)
+    return results
+
+
+def write_gallery(predictor, files: list[str], cached: bool, y_true, probs, output_dir: Path) -> None:
+    """error_gallery.png/.csv: the most confident errors with Grad-CAM (Keras models); the images are
+    read again through the model's own preprocessing, only for the errors shown."""
+    import cv2
+    import numpy as np
+
+    from utils.evaluate import gallery
+    from utils.preprocessing import preprocess_file, to_model_input
+
+    shown = gallery.select_errors(y_true, probs, GALLERY_LIMIT)
+    if not len(shown):  # no error: no gallery, and none left from an earlier evaluation
+        for name in (gallery.GALLERY_PNG, gallery.GALLERY_CSV):
+            (output_dir / name).unlink(missing_ok=True)
+        return
+    spec = predictor.spec
+    images = [cv2.imread(files[i], cv2.IMREAD_GRAYSCALE) if cached else preprocess_file(files[i], spec)[0]
+              for i in shown]
+    path = gallery.error_gallery(predictor, [files[i] for i in shown], to_model_input(np.stack(images), spec.channels),
+                                 np.asarray(y_true)[shown], np.asarray(probs)[shown], spec.class_names, output_dir,
+                                 limit=GALLERY_LIMIT)
+    if path is not None:
+        log.info("wrote %s (%d errors shown)", path, len(shown))
+
+
+def evaluate_cv(cv_dir: str, args, settings: dict, output_dir: Path) -> dict:
+    """The pooled out-of-fold predictions of a cross-validation (training.py --folds K)."""
+    from utils.artifacts import run_dir
+    from utils.artifacts.model_file import read_metadata
+    from utils.evaluate import evaluation, reports
+    from utils.train.cross_validation import fold_spread, read_out_of_fold
+
+    oof, skipped, cv = read_out_of_fold(cv_dir)
+    names = list(read_metadata(run_dir.fold_dir(cv_dir, 0)).spec.class_names)
+    y_true = oof["true_label"].map({c: i for i, c in enumerate(names)}).to_numpy()
+    probs = oof[[f"prob_{c}" for c in names]].to_numpy(dtype=float)
+    coverage = evaluation.Coverage(len(oof) + len(skipped), len(oof),
+                                   [(str(f), *evaluation.split_reason(str(r))) for f, r in
+                                    zip(skipped["file"], skipped["reason"])], settings["max_skipped_share"])
+    skipped_csv = reports.write_skipped_csv(output_dir, coverage.skipped)
+    if coverage.too_many_skipped:
+        reports.remove_evaluation_outputs(output_dir)
+        raise CoverageError(coverage_error(coverage, cv["config"]["data"], skipped_csv))
+    folds = cv["folds"]
+    log.info("%s: %d out-of-fold predictions from %d folds", cv_dir, len(oof), len(folds))
+    results = reports.write_evaluation(
+        output_dir, y_true=y_true, probs=probs, class_names=names, files=oof["file"].tolist(),
+        groups=oof["group"].tolist(), n_resamples=settings["bootstrap_resamples"],
+        confidence=settings["confidence_level"], seed=settings["seed"], unit=settings["bootstrap_unit"],
+        model_id=f"{Path(cv_dir).name} ({len(folds)}-fold CV)", split="out-of-fold", timing=None,
+        extra={"data": cv["config"]["data"], "source": f"{cv_dir} (pooled out-of-fold predictions)",
+               "backbone": cv["config"]["backbone"],
+               "cross_validation": {"folds": len(folds), "per_fold": folds,
+                                    "macro_f1_spread": fold_spread(folds, "macro_f1"),
+                                    "accuracy_spread": fold_spread(folds, "accuracy")}},
+        coverage=coverage.to_dict(), target_accuracy=settings["target_accuracy"],
+        calibration_bins=settings["calibration_bins"])
+    config.save_config({**settings, "model": cv_dir}, output_dir / reports.CONFIG_FILENAME)
     return results
 
 
@@ -122,6 +192,7 @@ def coverage_error(coverage, data, skipped_csv: Path | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, settings = config.start(parse_args, argv, FLAGS)
+    from utils.artifacts import run_dir
     from utils.evaluate import reports
 
     all_results, names = [], []
@@ -132,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             output_dir = Path(args.output) / name if len(args.models) > 1 else Path(args.output)
         else:
             output_dir = (path if path.is_dir() else path.parent) / f"eval-{settings['split']}"
+        cross_validation = run_dir.is_cv_dir(path)
+        if cross_validation and not args.output:
+            output_dir = path / "eval-cv"
         try:
-            results = evaluate_one(model_arg, args, settings, output_dir)
+            evaluate = evaluate_cv if cross_validation else evaluate_one
+            results = evaluate(model_arg, args, settings, output_dir)
         except (FileNotFoundError, ValueError, CoverageError) as error:
             print(f"error: {model_arg}: {error}", file=sys.stderr)
             return 2

@@ -4,6 +4,7 @@
     python training.py --demo                       # synthetic DICOMs, small model, a few minutes on CPU
     python training.py --resume runs/mobilenet_v1-20261125-120000
     python training.py --resume runs/mobilenet_v1-20261125-120000 --epochs 80   # train longer
+    python training.py --data data/radiographs --folds 5           # grouped 5-fold cross-validation
 
 Defaults come from utils/constants.py: Adam with coupled L2 1e-4, one-cycle lr (max 0.01, 30%
 warm-up), gradient value clipping 0.1, batch 32, 50 epochs, seed 42, from scratch. The run
@@ -13,6 +14,11 @@ last.keras (for --resume), training_curves.png.
 --resume continues a run with the settings it was started with; only --epochs (to train longer:
 the added epochs get a one-cycle schedule of their own), --cache, --xla and --quiet may change,
 and any other flag with another value than the run's is refused.
+
+--folds K trains one run per fold of a K-fold cross-validation grouped by patient and stratified by
+label (over every labelled image of the dataset), into CV_DIR/fold-1..K, then pools each fold's
+predictions of its held-out images into CV_DIR/oof_predictions.csv; test.py CV_DIR evaluates them.
+--resume CV_DIR continues a stopped cross-validation.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from utils.artifacts import run_dir as run_dir_files
 FLAGS = ("BACKBONE", "WEIGHTS", "EPOCHS", "BATCH_SIZE", "MAX_LR", "WARMUP_FRACTION", "LR_START_DIV",
          "LR_FINAL_DIV", "WEIGHT_DECAY", "CLIP_VALUE", "LABEL_SMOOTHING", "CLASS_WEIGHTS", "FREEZE_EPOCHS",
          "DROPOUT", "BN_MOMENTUM", "BN_RECALIBRATION_STEPS", "AUGMENT_ROTATION_DEG", "AUGMENT_BRIGHTNESS", "AUGMENT_CONTRAST",
-         "HORIZONTAL_FLIP", "CACHE", "SEED", "MIXED_PRECISION", "XLA")
+         "HORIZONTAL_FLIP", "CACHE", "SEED", "MIXED_PRECISION", "XLA", "FOLDS")
 
 log = logging.getLogger("training")
 
@@ -54,6 +60,8 @@ def parse_args(argv: list[str] | None = None):
     config.add_flags(parser, FLAGS, choices={"BACKBONE": list_models()})
     args = parser.parse_args(argv)
     args.given_flags = config.given_flags(argv)  # --resume compares them with the run's settings
+    if args.folds == 1:
+        parser.error("--folds 1 leaves nothing to train on: use 0 (the prepared splits) or at least 2")
     if args.demo:
         explicit = config.given_flags(argv)
         if "--backbone" not in explicit:
@@ -81,9 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             args.output = str(Path(constants.RUNS_DIR) / "demo")
             if not args.resume:
                 shutil.rmtree(args.output, ignore_errors=True)  # the demo run is rebuilt every time
+    cross_validating = settings["folds"] >= 2 or bool(args.resume and run_dir_files.is_cv_dir(args.resume))
     try:
+        if cross_validating:
+            from utils.train import cross_validation
+
+            return _report_cv(cross_validation.run(args, settings, runner.train))
         run_dir = runner.train(args, settings)
-    except (runner.TrainingSetupError, FileNotFoundError) as error:
+    except (runner.TrainingSetupError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"\nrun directory: {run_dir}")
@@ -92,6 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best epoch {info['epoch']}: val_macro_f1 {info.get('val_macro_f1', float('nan')):.4f}, "
               f"val_accuracy {info.get('val_accuracy', float('nan')):.4f}")
     print(f"evaluate it with: python test.py {run_dir}" + (" --demo" if args.demo else f" --data {args.data}"))
+    return 0
+
+
+def _report_cv(parent: Path) -> int:
+    folds = run_dir_files.read_cv(parent)["folds"]
+    print(f"\ncross-validation directory: {parent}")
+    for fold in folds:
+        f1 = "n/a" if fold["macro_f1"] is None else f"{fold['macro_f1']:.4f}"
+        print(f"fold {fold['fold']}: {fold['evaluated']} of {fold['listed']} test images, macro F1 {f1}")
+    print(f"pooled out-of-fold predictions: {parent / run_dir_files.OOF_PREDICTIONS}")
+    print(f"evaluate them (pooled metrics, patient-level CIs, spread between folds) with: python test.py {parent}")
     return 0
 
 

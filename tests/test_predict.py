@@ -244,3 +244,56 @@ def test_summary_counts(tmp_path, scans, model, capsys):
     text = capsys.readouterr().out
     assert "15 files in" in text and "unreadable: no_pixel_data 1, truncated_pixel_data 1, unreadable_image 1" in text
     assert batch_predict.Summary().lines()[0].startswith("0 files")
+
+
+def calibrated_copy(model: Path, folder: Path, **calibration) -> Path:
+    """``model`` with a calibration entry in its metadata (as calibrate.py stores it)."""
+    import shutil
+
+    from utils.artifacts.model_file import read_metadata, write_metadata
+
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = Path(shutil.copy(model, folder / model.name))
+    write_metadata(copy, read_metadata(copy).replace(calibration=calibration))
+    return copy
+
+
+def test_threshold_auto_uses_the_threshold_stored_with_the_model(tmp_path, scans, model):
+    folder, _ = scans
+    stored = {"target_accuracy": 0.995, "value": 1.0, "coverage": 0.0, "accuracy": None, "reachable": True}
+    calibrated = calibrated_copy(model, tmp_path / "m", temperature=1.0, threshold=stored)
+    labels = {}
+    for name, args in {"auto": ["--model", calibrated, "--threshold", "auto"],
+                       "same number": ["--model", calibrated, "--threshold", 1.0],
+                       "default": ["--model", calibrated]}.items():
+        out = tmp_path / f"{name}.csv"
+        assert run([*args, folder / "dicom", "--output", out]) == 0
+        labels[name] = pd.read_csv(out)["label"].tolist()
+    assert labels["auto"] == labels["same number"] and labels["auto"].count("uncertain") == 11
+    assert labels["default"].count("uncertain") < 11  # the default 0.5 was not used
+
+
+def test_threshold_auto_is_refused_for_a_model_without_a_recommendation(tmp_path, scans, model, capsys):
+    folder, _ = scans
+    assert run(["--model", model, folder / "dicom", "--output", tmp_path / "p.csv", "--threshold", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "--threshold auto" in err and f"python calibrate.py {model}" in err
+    assert not (tmp_path / "p.csv").exists()
+    # a temperature alone (no threshold recommendation) is not enough either
+    only_t = calibrated_copy(model, tmp_path / "t", temperature=2.0)
+    assert run(["--model", only_t, folder / "dicom", "--output", tmp_path / "p.csv", "--threshold", "auto"]) == 2
+
+
+def test_threshold_flag_takes_a_number_or_auto(capsys):
+    assert predict.parse_args(["--model", "m", "x", "--threshold", "auto"]).threshold == "auto"
+    assert predict.parse_args(["--model", "m", "x", "--threshold", "AUTO"]).threshold == "auto"
+    assert predict.parse_args(["--model", "m", "x", "--threshold", "0.75"]).threshold == 0.75
+    assert predict.parse_args(["--model", "m", "x"]).threshold == 0.5
+    for bad, message in (("high", "expected a number or 'auto'"), ("1.5", "--threshold must be between 0 and 1"),
+                         ("nan", "--threshold must be a finite number between 0 and 1")):
+        with pytest.raises(SystemExit):
+            predict.parse_args(["--model", "m", "x", "--threshold", bad])
+        assert message in capsys.readouterr().err
+    out = subprocess.run([sys.executable, "predict.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=False, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert "--threshold auto" in out.stdout and "calibrate.py" in out.stdout

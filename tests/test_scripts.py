@@ -81,6 +81,16 @@ def test_train_resume_and_evaluate(small_demo, tmp_path):
     assert results["timing"]["batch1_ms_median"] > 0
     for name in ("predictions.csv", "results.md", "confusion_matrix.png", "roc_curves.png"):
         assert (out / name).is_file()
+    # how far the confidence can be trusted: calibration fitted after training, judged on the test split
+    assert results["confidence"]["temperature"] > 0 and results["confidence"]["ece"] >= 0
+    assert results["confidence"]["at_stored_threshold"]["coverage"] is not None
+    assert "## Confidence and review" in (out / "results.md").read_text()
+    assert (out / "reliability_diagram.png").is_file() and (out / "risk_coverage.png").is_file()
+    # the most confident errors, with Grad-CAM, when there are any
+    wrong = ~pd.read_csv(out / "predictions.csv")["correct"]
+    assert (out / "error_gallery.png").is_file() == bool(wrong.any())
+    if wrong.any():
+        assert len(pd.read_csv(out / "error_gallery.csv")) == min(int(wrong.sum()), 24)
 
     # the raw DICOM folder goes through the model's own preprocessing; broken files are left out,
     # and counted: 2 of 42 is more than the default --max-skipped-share allows

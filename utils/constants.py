@@ -105,6 +105,8 @@ FREEZE_EPOCHS_RANGE: str = "[0, inf)"
 MIXED_PRECISION: str = "auto"  # "auto" = on when a GPU is present, else off; "on" / "off"
 MIXED_PRECISION_CHOICES: tuple[str, ...] = ("auto", "on", "off")
 XLA: bool = False  # jit_compile; slower on CPU, sometimes faster on GPU
+FOLDS: int = 0  # >= 2: K-fold cross-validation grouped by patient and stratified by label (one run per fold, pooled out-of-fold predictions); 0: train once on the prepared splits
+FOLDS_RANGE: str = "[0, 20]"  # 1 is refused: one fold leaves nothing to train on
 
 # --- Evaluation -----------------------------------------------------------------------------
 SPLIT: str = "test"  # which split test.py evaluates
@@ -117,6 +119,10 @@ BOOTSTRAP_UNIT: str = "auto"  # "auto" = by patient group when groups are known,
 BOOTSTRAP_UNIT_CHOICES: tuple[str, ...] = ("auto", "group", "image")
 MAX_SKIPPED_SHARE: float = 0.01  # test.py fails when more than this share of the listed images cannot be read (a missing codec must not bias the metric); 1 = never fail
 MAX_SKIPPED_SHARE_RANGE: str = "[0, 1]"
+TARGET_ACCURACY: float = 0.995  # calibration recommends the lowest confidence threshold whose auto-routed images reach this accuracy on the validation split (predict.py / router --threshold auto)
+TARGET_ACCURACY_RANGE: str = "(0, 1]"
+CALIBRATION_BINS: int = 15  # equal-width confidence bins of the expected calibration error and the reliability diagram
+CALIBRATION_BINS_RANGE: str = "[1, 1000]"
 
 # --- Demo -----------------------------------------------------------------------------------
 DEMO_IMAGES_PER_CLASS: int = 40  # synthetic DICOMs per class for --demo

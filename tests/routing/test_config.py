@@ -129,3 +129,65 @@ def test_every_router_setting_is_a_config_field():
     """Each ROUTER_* constant is a YAML key (its name without the prefix) and a RouterConfig field."""
     assert set(_settings()) == {f.name for f in dataclasses.fields(RouterConfig)}
     assert {"port", "batch_size", "max_classify_attempts", "threshold", "decode_timeout_s"} <= set(RANGED)
+
+
+@pytest.mark.parametrize("value", ["auto", "AUTO", " auto "])
+def test_threshold_auto_is_accepted_and_resolved_with_the_model(tmp_path, value):
+    from types import SimpleNamespace
+
+    from utils.artifacts.model_file import ModelMetadata
+    from utils.preprocessing import PreprocessSpec
+
+    config = load_config(write(tmp_path, threshold=value))
+    assert config.threshold == "auto"
+    spec = PreprocessSpec(class_names=CLASSES, image_size=32, channels=1)
+    calibrated = SimpleNamespace(spec=spec, metadata=ModelMetadata(spec, calibration={
+        "temperature": 1.3, "threshold": {"value": 0.91, "target_accuracy": 0.995, "coverage": 0.8, "accuracy": 0.996,
+                                          "reachable": True}}))
+    assert config.resolve_threshold(calibrated) == 0.91
+    with pytest.raises(ValueError, match=r"has none.*python calibrate.py .*model.keras"):
+        config.resolve_threshold(SimpleNamespace(spec=spec, metadata=ModelMetadata(spec)))
+    numeric = load_config(write(tmp_path, threshold=0.7))
+    assert numeric.resolve_threshold(calibrated) == 0.7  # a number is used as it is
+
+
+def test_a_threshold_that_is_neither_a_number_nor_auto_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"router.yaml: threshold: expected a number or 'auto', got 'high'"):
+        load_config(write(tmp_path, threshold="high"))
+
+
+def test_the_router_refuses_to_start_with_auto_and_an_uncalibrated_model(tmp_path):
+    """The node resolves ``auto`` as soon as the model is loaded, before it accepts anything."""
+    from types import SimpleNamespace
+
+    from utils.artifacts.model_file import ModelMetadata
+    from utils.preprocessing import PreprocessSpec
+    from utils.routing.node import RouterNode
+
+    spec = PreprocessSpec(class_names=CLASSES, image_size=32, channels=1)
+    predictor = SimpleNamespace(spec=spec, model_id="m", backbone="", metadata=ModelMetadata(spec),
+                                predict=lambda x: pytest.fail("the model must not run"))
+    config = load_config(write(tmp_path, threshold="auto", spool_dir=str(tmp_path / "spool")))
+    node = RouterNode(config, predictor=predictor)
+    with pytest.raises(ValueError, match="calibrate.py"):
+        node.start()
+    assert node.server is None and node.classifier is None
+
+
+def test_router_threshold_flag_takes_auto_and_check_refuses_an_uncalibrated_model(tmp_path, capsys):
+    from .conftest import brightness_model
+
+    args = router.parse_args(["--config", "x.yaml", "--threshold", "AUTO"])
+    assert router.overrides(args)["threshold"] == "auto"
+    with pytest.raises(SystemExit):
+        router.parse_args(["--config", "x.yaml", "--threshold", "1.5"])
+    assert "--threshold" in capsys.readouterr().err
+    model = brightness_model(tmp_path / "model.keras")
+    folders = {c: {"folder": str(tmp_path / c)} for c in (*CLASSES, "uncertain")}
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump({"model": str(model), "destinations": folders, "threshold": "auto",
+                                    "spool_dir": str(tmp_path / "spool")}))
+    assert router.main(["--config", str(path), "--check"]) == 2
+    assert "calibrate.py" in capsys.readouterr().err
+    assert router.main(["--config", str(path), "--check", "--threshold", "0.6"]) == 0
+    assert "threshold 0.6 (0.6)" in capsys.readouterr().out

@@ -7,8 +7,12 @@ Every artifact gets its metadata beside it (``model.tflite.json``, ``model.onnx.
 schema of every model file (``utils.artifacts.model_file.ModelMetadata``): the source model's metadata (the
 preprocessing spec: class names in order, input size, channels, aspect policy, window percentiles,
 input range 0..255 float, the normalisation being a layer inside the graph; the model id, the
-backbone, the training facts in ``extra``) with the format, the source model, the quantization, the
-input/output contract and the check. ``utils.artifacts.model_file.read_metadata`` reads it (through
+backbone, the training facts in ``extra``, the calibration: temperature and recommended threshold)
+with the format, the source model, the quantization, the input/output contract and the check.
+Every predictor turns an artifact's logits into ``softmax(logits / T)`` with the T of that
+metadata (utils.infer.predictor.probabilities), so an export gives the calibrated confidences of
+its source model; a model calibrated after its export must be exported again (or calibrated as
+an artifact: calibrate.py accepts one). ``utils.artifacts.model_file.read_metadata`` reads it (through
 ``utils.infer.predictor.load_predictor``), so predict.py, router.py and test.py accept the artifact with
 the same preprocessing.
 
@@ -48,7 +52,8 @@ FORMATS = ("saved_model", "tflite", "onnx")
 ONNX_OPSET = 17
 QUANTIZATIONS = ("none", "fp16", "int8")
 CHECK_SPLITS = ("val", "test", "train")
-IO_CONTRACT = "input float32 (B, S, S, C) 0..255; output logits float32 (B, K), softmax applied by the predictor"
+IO_CONTRACT = ("input float32 (B, S, S, C) 0..255; output logits float32 (B, K), softmax(logits / "
+               "calibration.temperature) applied by the predictor")
 
 
 @dataclass

@@ -13,13 +13,25 @@ Every model artifact of this project describes itself with the same JSON object,
       "quantization": "int8",         # exports only: none | fp16 | int8
       "source": "runs/x/best.keras",  # exports only: the .keras file it was exported from
       "io": "input float32 ...",      # exports only: the input/output contract, in words
-      "check": {...}                  # exports only: the comparison with the Keras model (utils.artifacts.export)
+      "check": {...},                 # exports only: the comparison with the Keras model (utils.artifacts.export)
+      "calibration": {                # optional (utils.evaluate.calibration; calibrate.py, end of training)
+        "temperature": 1.7,           # predictors return softmax(logits / temperature); 1.0 when absent
+        "fitted_on": "data/x split=val", "n_images": 812,
+        "nll_before": 0.31, "nll_after": 0.12, "ece_before": 0.06, "ece_after": 0.01, "bins": 15,
+        "threshold": {"target_accuracy": 0.995, "value": 0.93, "coverage": 0.88, "accuracy": 0.996,
+                      "reachable": true, ...}       # the recommendation --threshold auto uses
+      }
     }
 
 Keys a reader does not know are kept (``ModelMetadata.other``) and written back. Files written
 before the version field (the .keras payload {spec, model_id, backbone, extra}; export sidecars
 {spec, model_id, backbone, source, format, quantization, io, check}) are this schema without
 ``schema_version`` and read as version 1; and readers older than the field ignore the new keys.
+Optional keys added later without a version bump, since older files simply lack them and older
+readers keep them as unknown keys (and write them back): ``calibration`` (a file without it reads
+as temperature 1.0, no recommended threshold; code older than it serves a calibrated model as it
+always did, uncalibrated, and has no ``--threshold auto`` to misuse). A change that an older reader
+would misread (a key whose meaning changes, a new required key) bumps METADATA_VERSION.
 
 Where the metadata lives, per format (``read_metadata`` handles all of them):
 
@@ -31,6 +43,9 @@ Where the metadata lives, per format (``read_metadata`` handles all of them):
                      ``metadata_props["artifact"]``
     SavedModel dir   ``<dir>/artifact.json``
 
+``write_metadata`` replaces it in place for any of them (a .keras archive is rewritten atomically,
+never given a second entry); calibrate.py uses it to add a calibration to an existing model.
+
 This module only needs the standard library and utils.preprocessing; loading a .keras model
 (``load_model``) imports keras, the backbones and utils.artifacts.keras_objects (the registered optimizer,
 schedule and metric), never the training code.
@@ -38,9 +53,12 @@ schedule and metric), never the training code.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import os
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,16 +89,29 @@ class ModelMetadata:
     source: str | None = None
     io: str | None = None
     check: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None  # utils.evaluate.calibration; None: uncalibrated (temperature 1)
     other: dict[str, Any] = field(default_factory=dict)  # keys this code does not know, kept as they were
 
     def replace(self, **changes: Any) -> ModelMetadata:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def temperature(self) -> float:
+        """The temperature predictors divide the logits by before the softmax; 1.0 without calibration."""
+        return float((self.calibration or {}).get("temperature", 1.0))
+
+    @property
+    def recommended_threshold(self) -> dict[str, Any] | None:
+        """The calibration's threshold recommendation (``value``, ``target_accuracy``, ``coverage``,
+        ``accuracy``, ``reachable``), or None when the model has none."""
+        threshold = (self.calibration or {}).get("threshold")
+        return threshold if isinstance(threshold, dict) and "value" in threshold else None
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON object; optional fields that are None are left out."""
         data: dict[str, Any] = {**self.other, "schema_version": METADATA_VERSION, "spec": self.spec.to_dict(),
                                 "model_id": self.model_id, "backbone": self.backbone, "extra": dict(self.extra)}
-        for name in ("format", "quantization", "source", "io", "check"):
+        for name in ("format", "quantization", "source", "io", "check", "calibration"):
             value = getattr(self, name)
             if value is not None:
                 data[name] = value
@@ -109,9 +140,11 @@ class ModelMetadata:
         for name in ("model_id", "backbone", "format", "quantization", "source", "io"):
             if name in values and not isinstance(values[name], str):
                 raise ValueError(f"model metadata: {name!r} must be a string, not {values[name]!r}")
-        for name in ("extra", "check"):
+        for name in ("extra", "check", "calibration"):
             if name in values and not isinstance(values[name], dict):
                 raise ValueError(f"model metadata: {name!r} must be an object, not {values[name]!r}")
+        if "calibration" in values:
+            _check_calibration(values["calibration"])
         try:
             spec = PreprocessSpec.from_dict(data["spec"])
         except (KeyError, TypeError) as error:
@@ -122,6 +155,22 @@ class ModelMetadata:
     @classmethod
     def from_json(cls, text: str | bytes) -> ModelMetadata:
         return cls.from_dict(json.loads(text))
+
+
+def _check_calibration(calibration: dict[str, Any]) -> None:
+    """ValueError for a calibration entry predictors could not use (a temperature that is not a
+    positive finite number, a threshold value outside [0, 1])."""
+    temperature = calibration.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature <= 0:
+        raise ValueError(f"model metadata: calibration.temperature must be a positive number, not {temperature!r}")
+    threshold = calibration.get("threshold")
+    if threshold is None:
+        return
+    value = threshold.get("value") if isinstance(threshold, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"model metadata: calibration.threshold must be an object whose 'value' is in [0, 1], "
+                         f"not {threshold!r}")
 
 
 def sidecar_path(artifact: str | os.PathLike) -> Path:
@@ -262,9 +311,66 @@ def write_sidecar(artifact: str | os.PathLike, metadata: ModelMetadata) -> Path:
 
 
 def embed_in_keras(archive: str | os.PathLike, metadata: ModelMetadata) -> None:
-    """Add ``metadata`` to a .keras zip archive (once: a second call would add a duplicate entry)."""
-    with zipfile.ZipFile(archive, "a") as zipped:
-        zipped.writestr(KERAS_PAYLOAD, metadata.to_json())
+    """Put ``metadata`` into a .keras zip archive: appended when the archive has none, else the
+    archive is rewritten with the new entry in place of the old one (a copy beside it, then an
+    atomic rename: a reader never sees a half-written file, and there is never a second entry)."""
+    archive = Path(archive)
+    with zipfile.ZipFile(archive) as zipped:
+        present = KERAS_PAYLOAD in zipped.namelist()
+    if not present:
+        with zipfile.ZipFile(archive, "a") as zipped:
+            zipped.writestr(KERAS_PAYLOAD, metadata.to_json())
+        return
+    temporary = archive.with_name(archive.name + ".tmp")
+    try:
+        with zipfile.ZipFile(archive) as source, zipfile.ZipFile(temporary, "w") as target:
+            for info in source.infolist():
+                if info.filename == KERAS_PAYLOAD:
+                    continue
+                with source.open(info) as read, target.open(copy.copy(info), "w") as write:
+                    shutil.copyfileobj(read, write, 1 << 20)
+            target.writestr(KERAS_PAYLOAD, metadata.to_json())
+        shutil.copymode(archive, temporary)
+        os.replace(temporary, archive)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def embed_in_onnx(path: str | os.PathLike, metadata: ModelMetadata) -> None:
+    """Replace the metadata JSON an .onnx file embeds (``metadata_props[ARTIFACT_KEY]``); atomic."""
+    import onnx
+
+    path = Path(path)
+    proto = onnx.load(str(path))
+    kept = [p for p in proto.metadata_props if p.key != ARTIFACT_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ARTIFACT_KEY, json.dumps(metadata.to_dict())
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        onnx.save(proto, str(temporary))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_metadata(path: str | os.PathLike, metadata: ModelMetadata) -> Path:
+    """Store ``metadata`` where ``read_metadata`` finds it for this artifact, replacing what was there:
+    inside a .keras archive (a run directory: its best.keras), an export's sidecar, and an .onnx
+    file's embedded copy as well. Returns the file written. Used to add a calibration afterwards."""
+    fmt = artifact_format(path)
+    if fmt == "keras":
+        target = resolve_model_path(path)
+        embed_in_keras(target, metadata)
+        return target
+    written = write_sidecar(path, metadata)
+    if fmt == "onnx":
+        try:
+            embed_in_onnx(path, metadata)
+        except ImportError:  # the sidecar (read first) has it; the embedded copy stays as it was
+            pass
+    return written
 
 
 def save_model(model, path: str | os.PathLike, spec: PreprocessSpec, *, model_id: str, backbone: str,

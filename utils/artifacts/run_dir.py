@@ -12,6 +12,16 @@ training.py writes, into ``runs/<backbone>-<time>/`` (or --output)::
 
 ``is_run_dir`` is the one test of "is this a run directory?"; ``read_config``, ``read_best`` and
 ``training_data`` the readers. Nothing here imports TensorFlow: serving code may ask it.
+
+A cross-validation (``training.py --folds K``) is a directory of K such runs plus the pooled
+out-of-fold predictions::
+
+    cv.json              folds, seed, data, settings, command; per-fold counts once finished
+    fold-1/ ... fold-K/  one run directory each (the layout above)
+    oof_predictions.csv  every image predicted once, by the model that never saw it
+    oof_skipped.csv      images of a fold's test part that could not be read (file, reason)
+
+``is_cv_dir`` tells one apart.
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ BEST_INFO = "best.json"
 CURVES = "training_curves.png"
 TENSORBOARD = "tensorboard"
 MONITOR = "val_macro_f1"  # what best.keras is chosen by
+CV_INFO = "cv.json"
+OOF_PREDICTIONS = "oof_predictions.csv"
+OOF_SKIPPED = "oof_skipped.csv"
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -36,6 +49,29 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     path = Path(path)
     return path.is_dir() and (path / CONFIG).is_file() and (
         (path / LAST_MODEL).is_file() or (path / BEST_MODEL).is_file())
+
+
+def is_cv_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a cross-validation directory (training.py --folds K)."""
+    return Path(path).is_dir() and (Path(path) / CV_INFO).is_file()
+
+
+def fold_dir(path: str | os.PathLike, index: int) -> Path:
+    """The run directory of fold ``index`` (0-based) of a cross-validation directory."""
+    return Path(path) / f"fold-{index + 1}"
+
+
+def read_cv(path: str | os.PathLike) -> dict[str, Any]:
+    """cv.json of a cross-validation directory."""
+    return json.loads((Path(path) / CV_INFO).read_text())
+
+
+def write_cv(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Replace a cross-validation directory's cv.json atomically."""
+    target = Path(path) / CV_INFO
+    temporary = target.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(temporary, target)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

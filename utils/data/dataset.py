@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from utils import constants
 from utils.data.files import read_labels
+from utils.data.split import Fold
 from utils.preprocessing import PreprocessSpec
 
 
@@ -41,9 +42,15 @@ class Augmentation:
 NO_AUGMENTATION = Augmentation(0.0, 0.0, 0.0, False)
 
 
-def split_frame(data_dir: str | os.PathLike, split: str, class_names: Sequence[str]) -> pd.DataFrame:
-    """Rows of one split with absolute paths and integer labels (``y``) in class_names order."""
+def split_frame(data_dir: str | os.PathLike, split: str, class_names: Sequence[str],
+                fold: Fold | None = None) -> pd.DataFrame:
+    """Rows of one split with absolute paths and integer labels (``y``) in class_names order.
+
+    With ``fold``, the prepared splits are ignored: every labelled image is pooled and the split
+    is the image's role in that cross-validation fold's run (utils.data.split)."""
     frame = read_labels(data_dir)
+    if fold is not None:
+        frame = frame.assign(split=fold.splits(frame["label"].tolist(), frame["group"].tolist()))
     frame = frame[frame["split"] == split].copy()
     unknown = sorted(set(frame["label"]) - set(class_names))
     if unknown:
@@ -159,9 +166,10 @@ def build_dataset(paths: Sequence[str], labels: Sequence[int] | None, spec: Prep
 
 def load_split(data_dir: str | os.PathLike, split: str, spec: PreprocessSpec, *, training: bool,
                batch_size: int, augmentation: Augmentation = NO_AUGMENTATION, cache: bool = False,
-               seed: int = constants.SEED) -> tuple[tf.data.Dataset, pd.DataFrame]:
-    """The tf.data pipeline and the rows (in evaluation order) of one split of a prepared dataset."""
-    frame = split_frame(data_dir, split, spec.class_names)
+               seed: int = constants.SEED, fold: Fold | None = None) -> tuple[tf.data.Dataset, pd.DataFrame]:
+    """The tf.data pipeline and the rows (in evaluation order) of one split of a prepared dataset
+    (of one cross-validation fold's run, with ``fold``)."""
+    frame = split_frame(data_dir, split, spec.class_names, fold)
     if frame.empty:
         raise ValueError(f"{data_dir}: split {split!r} is empty")
     dataset = build_dataset(frame["abs_path"].tolist(), frame["y"].tolist(), spec, training=training,

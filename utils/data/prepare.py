@@ -22,7 +22,6 @@ The folder's file names and columns belong to ``utils.data.files``.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import hashlib
@@ -40,14 +39,13 @@ import pandas as pd
 
 from utils.data import files
 from utils.data.files import LABEL_COLUMNS, REJECT_COLUMNS, SPLITS
+from utils.data.split import PLACEHOLDER_IDS, assign_splits, group_key
 from utils.io.isolation import Failure, IsolatedPool, PoolSettings
 from utils.preprocessing import PreprocessSpec, is_raster, pixel_provenance, preprocess_file
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-# PatientID values that identify nobody: grouping on them would lump unrelated images together.
-PLACEHOLDER_IDS = {"", "ANONYMOUS", "ANON", "ANONYMIZED", "UNKNOWN", "NONE", "NULL", "0", "NA", "N/A"}
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "test": "test", "testing": "test"}
 _ID_COLUMNS = ("image_id", "imageid", "sopinstanceuid", "id", "file", "filename", "path")
@@ -245,79 +243,6 @@ def _looks_like_dicom(path: Path) -> bool:
             return handle.read(4) == b"DICM"
     except OSError:
         return False
-
-
-# --- Splitting --------------------------------------------------------------------------------
-
-def group_key(patient_id: str, study_uid: str, group: str, source: str) -> str:
-    """Who an image belongs to: PatientID, else StudyInstanceUID, else the group column, else itself."""
-    if patient_id and patient_id.strip().upper() not in PLACEHOLDER_IDS:
-        return f"patient:{patient_id.strip()}"
-    if study_uid:
-        return f"study:{study_uid}"
-    if group:
-        return f"group:{group}"
-    return f"file:{source}"
-
-
-def assign_splits(labels: Sequence[str], groups: Sequence[str], preset: Sequence[str],
-                  ratios: Sequence[float], seed: int) -> list[str]:
-    """Stratified, grouped, seeded split into train/val/test.
-
-    Groups never straddle two splits. Preset splits are kept; a group with any preset member goes
-    whole to that split (the first one seen). The remaining groups are placed one at a time
-    (shuffled with ``seed``, larger groups first) into the split whose per-class target (``ratios``)
-    is least filled, relative to its size, which keeps every class close to the ratios and puts
-    even small classes into every split. When the preset holds
-    only train/test (the VinDr release), val is drawn from the unassigned pool, i.e. from train,
-    with ratio val / (train + val).
-    """
-    labels, groups = list(labels), list(groups)
-    classes = sorted(set(labels))
-    cls_index = {c: i for i, c in enumerate(classes)}
-    members: dict[str, list[int]] = collections.defaultdict(list)
-    for i, g in enumerate(groups):
-        members[g].append(i)
-
-    result = [""] * len(labels)
-    free_groups = []
-    for g, idx in members.items():
-        fixed = next((preset[i] for i in idx if preset[i]), "")
-        if fixed:
-            for i in idx:
-                result[i] = fixed
-        else:
-            free_groups.append(g)
-
-    preset_used = {s for s in result if s}
-    ratios = np.asarray(ratios, dtype=float)
-    if preset_used and "val" not in preset_used:
-        # e.g. official train/test: the unassigned images share train and val only
-        ratios = np.array([ratios[0], ratios[1], 0.0]) / max(ratios[0] + ratios[1], 1e-12)
-    free_idx = [i for g in free_groups for i in members[g]]
-    totals = np.zeros(len(classes))
-    for i in free_idx:
-        totals[cls_index[labels[i]]] += 1
-    targets = ratios[:, None] * totals[None, :]
-    current = np.zeros_like(targets)
-
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(free_groups))
-    free_groups = [free_groups[k] for k in order]
-    free_groups.sort(key=lambda g: -len(members[g]))  # stable: ties keep the seeded order
-    for g in free_groups:
-        counts = np.zeros(len(classes))
-        for i in members[g]:
-            counts[cls_index[labels[i]]] += 1
-        # Unfilled share of each split's per-class target: small classes still reach every split.
-        unfilled = (targets - current) / np.maximum(targets, 1e-9)
-        deficit = (unfilled * counts[None, :]).sum(axis=1)
-        deficit[ratios <= 0] = -np.inf
-        choice = int(np.argmax(deficit))
-        current[choice] += counts
-        for i in members[g]:
-            result[i] = SPLITS[choice]
-    return result
 
 
 # --- Processing one file ----------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from utils import constants
+
 logger = logging.getLogger(__name__)
 
 # (panel title, train column, val column); the first present alias of each name is used.
@@ -137,4 +139,84 @@ def plot_training_curves(history: Any, path: str | os.PathLike) -> None:
         ax.grid(alpha=0.3)
         if len(lines) > 1:
             ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _named(probs: Any) -> list[tuple[str, np.ndarray]]:
+    """An array -> [("", probs)]; a mapping name -> probs -> its items, in order."""
+    if isinstance(probs, dict):
+        return [(str(name), np.asarray(p, dtype=np.float64)) for name, p in probs.items()]
+    return [("", np.asarray(probs, dtype=np.float64))]
+
+
+def plot_reliability_diagram(y_true: Any, probs: Any, path: str | os.PathLike, *,
+                             bins: int = constants.CALIBRATION_BINS) -> None:
+    """Reliability diagram: per equal-width confidence bin, the accuracy (bars) against the mean
+    confidence (the diagonal is perfect calibration), with the share of images per bin below.
+
+    ``probs`` is (N, K) probabilities, or a mapping name -> probabilities (e.g. ``{"T = 1": before,
+    "T = 1.8": after}``): one panel each, its ECE in the title (utils.evaluate.calibration).
+    """
+    from matplotlib.figure import Figure
+
+    from utils.evaluate.calibration import expected_calibration_error
+
+    named = _named(probs)
+    fig = Figure(figsize=(4.6 * len(named), 5.2), layout="constrained")
+    grid = fig.subplots(2, len(named), squeeze=False, sharex="col", gridspec_kw={"height_ratios": (3, 1)})
+    for column, (name, p) in enumerate(named):
+        ece, table = expected_calibration_error(p, y_true, bins)
+        ax, ax_count = grid[0, column], grid[1, column]
+        lows = np.array([row["low"] for row in table])
+        width = 1.0 / bins
+        counts = np.array([row["count"] for row in table], dtype=np.float64)
+        filled = counts > 0
+        accuracy = np.array([row["accuracy"] if row["count"] else 0.0 for row in table])
+        confidence = np.array([row["confidence"] if row["count"] else 0.0 for row in table])
+        ax.bar(lows[filled], accuracy[filled], width=width, align="edge", color="tab:blue", alpha=0.8,
+               edgecolor="white", label="accuracy")
+        ax.bar(lows[filled], (confidence - accuracy)[filled], bottom=accuracy[filled], width=width, align="edge",
+               color="tab:red", alpha=0.25, edgecolor="tab:red", hatch="//", label="gap to confidence")
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey", label="perfect calibration")
+        title = f"ECE {ece:.4f}" if np.isfinite(ece) else "ECE n/a"
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), ylabel="accuracy", title=f"{name}: {title}" if name else title)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+        total = counts.sum()
+        ax_count.bar(lows, counts / total if total else counts, width=width, align="edge", color="grey",
+                     edgecolor="white")
+        ax_count.set(xlim=(0, 1), xlabel="confidence (top probability)", ylabel="share of images")
+        ax_count.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_risk_coverage(y_true: Any, probs: Any, path: str | os.PathLike, *, target_accuracy: float | None = None,
+                       threshold: float | None = None) -> None:
+    """Accuracy of the automatically routed images against their share (coverage), as the
+    confidence threshold goes down from 1: one curve per entry of ``probs`` (an (N, K) array, or a
+    mapping name -> probabilities). ``target_accuracy`` draws the target as a horizontal line;
+    ``threshold`` marks where that threshold lands on each curve (e.g. the recommended one).
+    """
+    from utils.evaluate.calibration import risk_coverage
+
+    fig, (ax,) = _figure(1, width_per_panel=6.0, height=4.8)
+    for name, p in _named(probs):
+        curve = risk_coverage(p, y_true)
+        if not len(curve.coverage):
+            continue
+        line = ax.plot(np.r_[0.0, curve.coverage], np.r_[curve.accuracy[0], curve.accuracy], lw=1.5,
+                       drawstyle="steps-pre", label=name or "accuracy of the routed share")[0]
+        if threshold is not None:
+            routed = np.flatnonzero(curve.threshold >= threshold)
+            if len(routed):
+                i = int(routed[-1])
+                ax.plot(curve.coverage[i], curve.accuracy[i], "o", color=line.get_color(),
+                        label=f"threshold {threshold:.3f}: coverage {curve.coverage[i]:.1%}, "
+                              f"accuracy {curve.accuracy[i]:.2%}")
+    if target_accuracy is not None:
+        ax.axhline(target_accuracy, ls="--", lw=0.9, color="tab:red", label=f"target accuracy {target_accuracy:g}")
+    ax.set(xlim=(0, 1.01), xlabel="coverage (share routed automatically)",
+           ylabel="accuracy of the routed share", title="risk-coverage (lower threshold -> more coverage)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
     _save(fig, path)

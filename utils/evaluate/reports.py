@@ -37,10 +37,14 @@ PREDICTIONS_CSV = "predictions.csv"
 SKIPPED_FILENAME = "skipped.csv"
 CONFIG_FILENAME = "test_config.json"  # the resolved settings of the evaluation (utils.config.save_config)
 COMPARISON_MD = "comparison.md"  # several models side by side (+ comparison.csv)
+RELIABILITY_PNG = "reliability_diagram.png"
+RISK_COVERAGE_PNG = "risk_coverage.png"
 # What write_evaluation writes: removed by remove_evaluation_outputs when an evaluation is refused,
 # so that no earlier headline result is left beside the new skipped.csv.
 EVALUATION_FILES: tuple[str, ...] = (RESULTS_JSON, RESULTS_MD, PREDICTIONS_CSV,
-                                     "confusion_matrix.png", "roc_curves.png")
+                                     "confusion_matrix.png", "roc_curves.png", RELIABILITY_PNG, RISK_COVERAGE_PNG,
+                                     "error_gallery.png",
+                                     "error_gallery.csv")
 
 # results.json "metrics" key -> column title, in the paper's column order.
 PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -280,6 +284,22 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                          + [["macro (defined classes)", _num(auc["macro"])]]))
     out += ["", "n/a: the class is absent from the true labels or is the only one."]
 
+    if results.get("confidence"):
+        out += _confidence_markdown(results["confidence"])
+    cv = (results.get("extra") or {}).get("cross_validation")
+    if cv:
+        out += ["", "## Cross-validation", "",
+                f"Pooled out-of-fold predictions of a {cv['folds']}-fold cross-validation grouped by patient and "
+                "stratified by label: each image was predicted once, by the fold's model that never saw it "
+                "(its best epoch chosen on another fold). The table above pools them; per fold:", ""]
+        out.append(_md_table(["Fold", "Test images", "Skipped", "Patients", "Macro F1", "Accuracy", "Model"],
+                             [[f["fold"], f["evaluated"], f["skipped"], f["groups"], _num(f["macro_f1"]),
+                               _num(f["accuracy"]), f["model_id"]] for f in cv["per_fold"]]))
+        spread = cv["macro_f1_spread"]
+        if spread["mean"] is not None:
+            out += ["", f"Macro F1 over the folds: mean {spread['mean']:.3f}, SD {spread['sd']:.3f}, "
+                    f"range {spread['min']:.3f}-{spread['max']:.3f}."]
+
     out += ["", "## Bootstrap", ""]
     if boot["resamples"] > 0:
         unit = ("patients (groups: each drawn group brings all its images)"
@@ -316,6 +336,9 @@ def write_evaluation(
     timing: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     coverage: Mapping[str, Any] | None = None,
+    stored_calibration: Mapping[str, Any] | None = None,
+    target_accuracy: float = 0.995,
+    calibration_bins: int = 15,
 ) -> dict[str, Any]:
     """Compute every metric and write results.json, predictions.csv, results.md,
     confusion_matrix.png and roc_curves.png into ``output_dir``; return the results dict.
@@ -323,7 +346,9 @@ def write_evaluation(
     Predictions are ``argmax(probs)``. ``groups`` (e.g. patient ids, one per image) enables the
     patient-level bootstrap (``unit="auto"``; see ``utils.evaluate.metrics.resolve_bootstrap_unit``).
     ``timing`` and ``extra`` are stored as given (made JSON-safe); ``coverage`` as in
-    ``compute_results`` (skipped.csv itself is ``write_skipped_csv``'s).
+    ``compute_results`` (skipped.csv itself is ``write_skipped_csv``'s). ``confidence`` in
+    results.json, a "Confidence and review" section, reliability_diagram.png and risk_coverage.png
+    come from ``confidence_summary`` (``stored_calibration``: the model's calibration entry).
     """
     if len(files) != np.asarray(y_true).shape[0]:
         raise ValueError(f"files has {len(files)} entries for {np.asarray(y_true).shape[0]} labels")
@@ -333,6 +358,8 @@ def write_evaluation(
         y_true=y_true, probs=probs, class_names=class_names, groups=groups,
         n_resamples=n_resamples, confidence=confidence, seed=seed, unit=unit,
         model_id=model_id, split=split, timing=timing, extra=extra, coverage=coverage)
+    results["confidence"] = to_jsonable(confidence_summary(y_true, probs, stored=stored_calibration,
+                                                           target_accuracy=target_accuracy, bins=calibration_bins))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / RESULTS_JSON, "w", encoding="utf-8") as fh:
@@ -344,8 +371,68 @@ def write_evaluation(
     plots.plot_confusion_matrix(np.asarray(results["confusion_matrix"]["counts"]),
                                 results["class_names"], out / "confusion_matrix.png")
     plots.plot_roc_curves(y_true, probs, results["class_names"], out / "roc_curves.png")
+    plots.plot_reliability_diagram(y_true, probs, out / RELIABILITY_PNG, bins=calibration_bins)
+    plots.plot_risk_coverage(y_true, probs, out / RISK_COVERAGE_PNG, target_accuracy=target_accuracy,
+                             threshold=results["confidence"].get("stored_threshold"))
     logger.info("wrote results.json, predictions.csv, results.md and figures to %s", out)
     return results
+
+
+def confidence_summary(y_true: Any, probs: Any, *, stored: Mapping[str, Any] | None = None,
+                       target_accuracy: float = 0.995, bins: int = 15) -> dict[str, Any]:
+    """How far the probabilities can be trusted for routing, on these (held-out) images.
+
+    ``ece`` / ``nll`` of the probabilities as served (with the model's temperature, if any);
+    ``stored``: the model's calibration entry (temperature and the threshold recommended on its
+    validation split), and what that threshold gives here: the share routed automatically and
+    its accuracy; ``recommended_here``: the threshold these images would recommend (optimistic:
+    chosen on the data it is scored on; for comparison only)."""
+    from utils.evaluate import calibration as C
+
+    labels = np.asarray(y_true)
+    p = np.asarray(probs, dtype=float)
+    ece, table = C.expected_calibration_error(p, labels, bins)
+    confidence, correct = p.max(axis=1), p.argmax(axis=1) == labels
+    summary: dict[str, Any] = {"ece": ece, "nll": C.nll(p, labels), "bins": int(bins), "reliability": table,
+                               "target_accuracy": float(target_accuracy),
+                               "recommended_here": C.recommend_threshold(p, labels, target_accuracy)}
+    if stored:
+        threshold = (stored.get("threshold") or {}).get("value")
+        summary["temperature"] = stored.get("temperature")
+        summary["stored_threshold"] = threshold
+        if threshold is not None:
+            routed = confidence >= threshold
+            summary["at_stored_threshold"] = {
+                "coverage": float(routed.mean()) if len(routed) else None,
+                "accuracy": float(correct[routed].mean()) if routed.any() else None,
+                "to_review": int((~routed).sum())}
+    return summary
+
+
+def _confidence_markdown(cal: Mapping[str, Any]) -> list[str]:
+    out = ["", "## Confidence and review", ""]
+    temperature = cal.get("temperature")
+    out.append(f"Expected calibration error {cal['ece']:.3f} ({cal['bins']} bins), negative log-likelihood "
+               f"{cal['nll']:.3f}" + (f", with the model's temperature {temperature:.3g}." if temperature else
+                                      " (the model carries no temperature: calibrate.py fits one)."))
+    at = cal.get("at_stored_threshold")
+    if at and at["coverage"] is not None:
+        accuracy = "n/a" if at["accuracy"] is None else f"{at['accuracy']:.3f}"
+        out += ["", f"At the threshold recommended on the validation split ({cal['stored_threshold']:.4g}, for "
+                f"{cal['target_accuracy']:.1%} accuracy): {at['coverage']:.1%} of these images are routed "
+                f"automatically, with accuracy {accuracy}; {at['to_review']} go to review."]
+    here = cal["recommended_here"]
+    if here.get("reachable"):
+        out += ["", f"On these images, {here['target_accuracy']:.1%} accuracy is reached by routing "
+                f"{here['coverage']:.1%} automatically (confidence >= {here['value']:.4g}; chosen on the data it "
+                "is scored on, so optimistic)."]
+    else:
+        best = here["best"]
+        out += ["", f"On these images no threshold reaches {here['target_accuracy']:.1%}: the best is "
+                f"{best['accuracy']:.3f} at {best['coverage']:.1%} routed (confidence >= {best['value']:.4g})."]
+    out += ["", "Figures: reliability_diagram.png (accuracy against confidence), risk_coverage.png (accuracy "
+            "of the routed share against its size)."]
+    return out
 
 
 # --- Several models -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 
 UNCERTAIN = "uncertain"  # top probability below the threshold: route to manual review
 UNREADABLE = "unreadable"  # not an image the model can see (broken, non-image object, not DICOM)
+AUTO_THRESHOLD = "auto"  # --threshold auto / threshold: auto: the model's calibrated recommendation
 
 # Body Part Examined values (DICOM PS3.16 CID 4031 defined terms and common variants, compared
 # upper-case without separators) that agree with each default class. Classes not listed here
@@ -53,3 +54,23 @@ def tag_disagrees(label: str, tag: str, class_names: Sequence[str]) -> bool | No
     if label in OTHER_CLASSES:
         return bool(claimed - {label})
     return label not in claimed
+
+
+def threshold_value(text: str) -> float | str:
+    """The argparse type of predict.py's and router.py's --threshold: a number in THRESHOLD_RANGE, or
+    "auto" (the threshold the model's calibration recommends; utils.infer.predictor.resolve_threshold)."""
+    import argparse
+
+    from utils import config
+
+    if text.strip().lower() == AUTO_THRESHOLD:
+        return AUTO_THRESHOLD
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or '{AUTO_THRESHOLD}', got {text!r}") from None
+    try:
+        config.check_value("THRESHOLD", value)
+    except config.ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value

@@ -2,6 +2,7 @@
 
     predictor = load_predictor("runs/mobilenet_v1-2026.../")      # or best.keras
     probs = predictor.predict(batch)                                # float32 (B, S, S, C) 0..255 -> (B, K)
+    logits = predictor.logits(batch)                                # the model's raw output (B, K)
 
 Entry points (test.py, predict.py, router.py) use this rather than Keras directly, so further
 artifact formats plug in here with the same preprocessing spec: export.py writes .tflite, .onnx
@@ -9,10 +10,18 @@ and SavedModel artifacts with their metadata beside them, and ``load_predictor``
 by suffix (TFLite interpreter, ONNX Runtime, TensorFlow). Every predictor takes its spec, model id and
 backbone from ``utils.artifacts.model_file.read_metadata`` (one schema, one reader for every format) and keeps the
 whole ``ModelMetadata`` as ``.metadata``.
+
+Every artifact returns logits; every predictor turns them into probabilities with the same
+function, :func:`probabilities`: ``softmax(logits / T)``, T the temperature stored with the model
+(``metadata.calibration["temperature"]``, fitted by utils.evaluate.calibration; 1.0 when absent).
+So a .keras model and its TFLite, ONNX and SavedModel exports (which carry the same metadata)
+give the same calibrated confidences. :func:`resolve_threshold` turns ``--threshold auto`` into the
+threshold recommended by that calibration.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +39,78 @@ from utils.artifacts.model_file import (  # noqa: F401 (ARTIFACT_INFO, SAVED_MOD
     read_metadata,
     sidecar_path,
 )
+from utils.infer.decisions import AUTO_THRESHOLD
 from utils.preprocessing import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
 
 
 class Predictor(Protocol):
     spec: PreprocessSpec
     model_id: str
     backbone: str
+    metadata: ModelMetadata | None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (B, S, S, C) with values 0..255 -> softmax probabilities float32 (B, K)."""
+        """float32 (B, S, S, C) with values 0..255 -> probabilities float32 (B, K): probabilities(logits, metadata)."""
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (B, S, S, C) with values 0..255 -> the model's logits float32 (B, K)."""
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / temperature) over the last axis, float32."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if temperature != 1.0:
+        logits = logits / np.float32(temperature)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def temperature_of(metadata: ModelMetadata | float | None) -> float:
+    """The temperature a model's metadata stores (1.0 when it has none); a number is taken as it is."""
+    if metadata is None:
+        return 1.0
+    if isinstance(metadata, (int, float)):
+        return float(metadata)
+    return metadata.temperature
+
+
+def probabilities(logits: np.ndarray, metadata: ModelMetadata | float | None) -> np.ndarray:
+    """The one place logits become probabilities, for every artifact format: softmax(logits / T),
+    T the calibration temperature in ``metadata`` (or a number; 1.0 for None / no calibration)."""
+    return softmax(logits, temperature_of(metadata))
+
+
+def resolve_threshold(threshold: float | str, predictor_or_metadata, model: str | os.PathLike = "MODEL") -> float:
+    """A numeric threshold as it is; ``"auto"``: the threshold the model's calibration recommends
+    (``calibration.threshold.value``). ValueError when the model has none (run calibrate.py).
+
+    A recommendation whose target accuracy was unreachable on the calibration data is 1.0 (every
+    image to review but those of confidence exactly 1); it is used, with a warning."""
+    if not (isinstance(threshold, str) and threshold.strip().lower() == AUTO_THRESHOLD):
+        return float(threshold)
+    metadata = getattr(predictor_or_metadata, "metadata", predictor_or_metadata)
+    recommended = metadata.recommended_threshold if isinstance(metadata, ModelMetadata) else None
+    if recommended is None:
+        raise ValueError(f"threshold 'auto' uses the confidence threshold recommended by the model's calibration, "
+                         f"and {model} has none (trained before calibration existed, or its calibration was skipped). "
+                         f"Run: python calibrate.py {model}   (or give a number)")
+    value = float(recommended["value"])
+    target, where = recommended.get("target_accuracy"), metadata.calibration.get("fitted_on", "the calibration data")
+    if recommended.get("reachable", True):
+        log.info("threshold auto -> %.4f: on %s it routed %s of the images automatically at accuracy %s (target %s)",
+                 value, where, _share(recommended.get("coverage")), _share(recommended.get("accuracy")), target)
+    else:
+        log.warning("threshold auto -> %.4f: the target accuracy %s was unreachable on %s, so (nearly) every "
+                    "image goes to review ('uncertain'). Give a numeric threshold, or recalibrate with a lower "
+                    "--target-accuracy.", value, target, where)
+    return value
+
+
+def _share(value) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
 @dataclass
@@ -60,19 +131,15 @@ class KerasPredictor:
         import tensorflow as tf
 
         model = self.model
-        self._infer = tf.function(lambda x: tf.nn.softmax(tf.cast(model(x, training=False), tf.float32)),
-                                  reduce_retracing=True)
+        self._infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def logits(self, batch: np.ndarray) -> np.ndarray:
         if batch.shape[1:] != self.spec.input_shape:
             raise ValueError(f"batch shape {batch.shape[1:]} differs from the model's {self.spec.input_shape}")
         return self._infer(np.asarray(batch, dtype=np.float32)).numpy()
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    logits = np.asarray(logits, dtype=np.float32)
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return probabilities(self.logits(batch), self.metadata)
 
 
 def _check_batch(batch: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -138,14 +205,17 @@ class TFLitePredictor:
         if out["dtype"] != np.float32:
             scale, zero = out["quantization"]
             logits = (logits.astype(np.float32) - zero) * scale
-        return softmax(logits)
+        return np.array(logits, dtype=np.float32)  # a copy: the interpreter reuses its output buffer
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def logits(self, batch: np.ndarray) -> np.ndarray:
         batch = _check_batch(batch, self.spec)
         if len(batch) == 0:
             return np.zeros((0, self.spec.num_classes), np.float32)
         with self._lock:
             return self._run(batch)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return probabilities(self.logits(batch), self.metadata)
 
 
 class SavedModelPredictor:
@@ -163,14 +233,17 @@ class SavedModelPredictor:
         endpoint = getattr(self._module, "serve", None) or self._module.signatures["serving_default"]
         self._infer = endpoint
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def logits(self, batch: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
         batch = _check_batch(batch, self.spec)
         out = self._infer(tf.constant(batch))
         if isinstance(out, dict):
             out = next(iter(out.values()))
-        return softmax(np.asarray(out))
+        return np.asarray(out, dtype=np.float32)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return probabilities(self.logits(batch), self.metadata)
 
 
 class ONNXPredictor:
@@ -193,11 +266,14 @@ class ONNXPredictor:
         self.backbone: str = self.metadata.backbone
         self._input = self._session.get_inputs()[0].name
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def logits(self, batch: np.ndarray) -> np.ndarray:
         batch = _check_batch(batch, self.spec)
         if len(batch) == 0:
             return np.zeros((0, self.spec.num_classes), np.float32)
-        return softmax(self._session.run(None, {self._input: batch})[0])
+        return np.asarray(self._session.run(None, {self._input: batch})[0], dtype=np.float32)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return probabilities(self.logits(batch), self.metadata)
 
 
 def load_predictor(path: str | os.PathLike) -> Predictor:

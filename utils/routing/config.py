@@ -3,7 +3,7 @@
     ae_title: BODYPART_ROUTER        # defaults: utils/constants.py, ROUTER_* and THRESHOLD
     port: 11112
     model: runs/demo
-    threshold: 0.5
+    threshold: 0.5                   # or auto: the threshold recommended by the model's calibration
     destinations:                    # one per class of the model, plus "uncertain"
       adult_chest: {ae_title: CHEST_AI, host: 10.0.0.21, port: 104}
       ...
@@ -14,6 +14,11 @@ A destination is a DICOM node (ae_title, host, port) or a folder. Relative paths
 relative to the configuration file's folder. Unknown keys, wrong types and out-of-range values
 are refused with the key's name; ``check_routes`` refuses a configuration that leaves one of the
 model's classes without a destination.
+
+``threshold: auto`` is resolved once the model is loaded (``RouterConfig.resolve_threshold``, called
+by the node at start, before anything is accepted): the threshold that calibrate.py (or the end of
+training) stored with the model; a model without one is refused at start (router.py exits with
+status 2) with the command that calibrates it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from typing import Any
 
 from utils import constants
 from utils.config import ConfigError, check_value, constant_types
-from utils.infer.decisions import UNCERTAIN, UNREADABLE
+from utils.infer.decisions import AUTO_THRESHOLD, UNCERTAIN, UNREADABLE
+from utils.infer.predictor import resolve_threshold
 
 # YAML key -> the constant of utils/constants.py that gives its type, default and bounds
 # (NAME_RANGE / NAME_CHOICES, checked by utils.config.check_value): every ROUTER_* constant
@@ -88,7 +94,7 @@ class RouterConfig:
     host: str
     port: int
     model: str
-    threshold: float
+    threshold: float | str  # a number, or AUTO_THRESHOLD ("auto"): see resolve_threshold
     spool_dir: Path
     audit_log: Path
     batch_size: int
@@ -111,6 +117,11 @@ class RouterConfig:
                                    {"ae_title": d.ae_title, "host": d.host, "port": d.port})
                                for k, d in self.destinations.items()}
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+
+    def resolve_threshold(self, predictor) -> float:
+        """The threshold to classify with: the configured number, or for ``auto`` the one the loaded
+        model's calibration recommends. ValueError (saying to run calibrate.py) when it has none."""
+        return resolve_threshold(self.threshold, predictor, self.model)
 
     def check_routes(self, class_names: Sequence[str]) -> None:
         """Every class of the model and ``uncertain`` need a destination; no unknown routes."""
@@ -155,7 +166,11 @@ def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configura
     values = {}
     for key, (kind, default) in settings.items():
         value = raw.get(key, default)
-        if value is not None:
+        if key == "threshold" and isinstance(value, str):
+            if value.strip().lower() != AUTO_THRESHOLD:
+                raise ConfigError(f"{where}: threshold: expected a number or '{AUTO_THRESHOLD}', got {value!r}")
+            value = AUTO_THRESHOLD  # resolved once the model is loaded (RouterConfig.resolve_threshold)
+        elif value is not None:
             value = _typed(value, kind, f"{where}: {key}")
         values[key] = value
     if not values["model"]:
@@ -197,6 +212,8 @@ def _typed(value: Any, kind: type, where: str) -> Any:
 def _check_ranges(v: dict[str, Any], where: str) -> None:
     """Each setting against its constant's bounds, then the one rule that relates two settings."""
     for key, name in _CONSTANTS.items():
+        if key == "threshold" and v[key] == AUTO_THRESHOLD:
+            continue
         check_value(name, v[key], f"{where}: {key}")
     if not v["retry_max_s"] >= v["retry_initial_s"]:
         raise ConfigError(f"{where}: retry_max_s must be >= retry_initial_s ({v['retry_initial_s']!r}), "

@@ -62,6 +62,7 @@ class RouterNode:
         self.ae = None
         self.server = None
         self.failure: str | None = None  # why the watchdog stopped the node
+        self.threshold: float | None = None  # the threshold classifying with (config's "auto" resolved at start)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -98,13 +99,14 @@ class RouterNode:
             self.predictor = load_predictor(config.model)
         spec = self.predictor.spec
         config.check_routes(spec.class_names)
+        self.threshold = config.resolve_threshold(self.predictor)  # "auto": the model's calibrated recommendation
         started = time.perf_counter()
         shapes = warm_up(self.predictor, config.batch_size)  # the first call per batch shape is slow
         log.info("model warmed up for batches of %s in %.1f s", shapes, time.perf_counter() - started)
         enable_raw_sending()
         self.forwarders = make_forwarders(config, self.queue, self.audit)
         by_route = {route: f for f in self.forwarders for route in f.routes}
-        self.classifier = Classifier(self.queue, self.predictor, self.audit, threshold=config.threshold,
+        self.classifier = Classifier(self.queue, self.predictor, self.audit, threshold=self.threshold,
                                      batch_size=config.batch_size, batch_wait_ms=config.batch_wait_ms,
                                      pool=PoolSettings(config.decode_pool, config.decode_workers,
                                                        config.decode_timeout_s, config.decode_memory_limit_mb),
@@ -116,7 +118,9 @@ class RouterNode:
         handler = StoreHandler(self.queue, self.audit, self.classifier.wake)
         self.ae, self.server = start_scp(config, handler)
         self.audit.write("started", ae_title=config.ae_title, port=self.port, model_id=self.predictor.model_id,
-                         threshold=config.threshold, destinations=config.to_dict()["destinations"])
+                         threshold=self.threshold, threshold_setting=config.threshold,
+                         temperature=getattr(getattr(self.predictor, "metadata", None), "temperature", 1.0),
+                         destinations=config.to_dict()["destinations"])
         log.info("%s listening on %s:%d; model %s; %d destinations", config.ae_title, config.host, self.port,
                  self.predictor.model_id, len(self.forwarders))
 

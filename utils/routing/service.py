@@ -58,7 +58,9 @@ def check(config: RouterConfig) -> int:
 
     predictor = load_predictor(config.model)
     config.check_routes(predictor.spec.class_names)
-    print(f"model {predictor.model_id} ({predictor.backbone}): classes {list(predictor.spec.class_names)}")
+    threshold = config.resolve_threshold(predictor)  # "auto" without a calibrated model is refused here
+    print(f"model {predictor.model_id} ({predictor.backbone}): classes {list(predictor.spec.class_names)}, "
+          f"threshold {threshold:.4g} ({config.threshold})")
     problems = 0
     seen: dict[str, str | None] = {}
     for route, dest in sorted(config.destinations.items()):

@@ -31,6 +31,8 @@ from utils.artifacts import run_dir as R
 from utils.artifacts.model_file import load_model, read_model_info
 from utils.data import files as dataset_files
 from utils.data.dataset import Augmentation, load_split
+from utils.data.split import Fold
+from utils.evaluate.calibration import calibrate_after_training
 from utils.preprocessing import PreprocessSpec
 from utils.train import components as T
 
@@ -57,6 +59,13 @@ def plan_phases(epochs: int, freeze_epochs: int, pretrained: bool) -> list[Phase
     if pretrained and 0 < freeze_epochs < epochs:
         return [Phase(0, freeze_epochs, True), Phase(freeze_epochs, epochs, False)]
     return [Phase(0, epochs, False)]
+
+
+def run_fold(settings: dict[str, Any]) -> Fold | None:
+    """The cross-validation fold a run trains on (settings "fold", "folds", "seed"), or None."""
+    if settings.get("fold") is None:
+        return None
+    return Fold(int(settings["fold"]), int(settings["folds"]), int(settings["seed"]))
 
 
 def phases_to_json(phases: list[Phase]) -> list[list]:
@@ -237,9 +246,11 @@ def train(args, settings: dict[str, Any]) -> Path:
         batch = settings["batch_size"] * strategy.num_replicas_in_sync
         aug = Augmentation(settings["augment_rotation_deg"], settings["augment_brightness"],
                            settings["augment_contrast"], settings["horizontal_flip"])
+        fold = run_fold(settings)
         train_ds, train_rows = load_split(data_dir, "train", spec, training=True, batch_size=batch, augmentation=aug,
-                                          cache=settings["cache"], seed=settings["seed"])
-        val_ds, val_rows = load_split(data_dir, "val", spec, training=False, batch_size=batch, cache=settings["cache"])
+                                          cache=settings["cache"], seed=settings["seed"], fold=fold)
+        val_ds, val_rows = load_split(data_dir, "val", spec, training=False, batch_size=batch, cache=settings["cache"],
+                                      fold=fold)
         steps = math.ceil(len(train_rows) / batch)
         if args.max_steps_per_epoch:
             steps = min(steps, args.max_steps_per_epoch)
@@ -275,7 +286,8 @@ def train(args, settings: dict[str, Any]) -> Path:
                     _compile(model, settings, spec, steps * (phase.end - phase.start))
             callbacks = _callbacks(run_dir, spec, settings["backbone"], best)
             if settings.get("bn_recalibration_steps"):
-                stats_ds, _ = load_split(data_dir, "train", spec, training=False, batch_size=batch, cache=settings["cache"])
+                stats_ds, _ = load_split(data_dir, "train", spec, training=False, batch_size=batch,
+                                         cache=settings["cache"], fold=fold)
                 callbacks.insert(0, T.RecalibrateBatchNorm(stats_ds.repeat(), settings["bn_recalibration_steps"]))
             start = max(done, phase.start)
             log.info("epochs %d-%d%s", start + 1, phase.end, " (backbone frozen)" if phase.frozen else "")
@@ -284,6 +296,7 @@ def train(args, settings: dict[str, Any]) -> Path:
                       shuffle=False)  # the tf.data pipeline shuffles
             best = next(c for c in callbacks if isinstance(c, T.Checkpoints)).best
             done = phase.end
+        calibrate_after_training(run_dir, data_dir, val_rows)  # temperature + threshold into best.keras
         return run_dir
 
 

@@ -231,3 +231,20 @@ def test_comparison_table_and_files(tmp_path):
     assert float(rows[1]["skipped_share"]) == pytest.approx(2 / 12)
     assert rows[1]["skipped_by_reason"] == "no_pixel_data=1;truncated_pixel_data=1"
     assert rows[0]["skipped_by_reason"] == ""
+
+
+def test_confidence_summary_judges_the_stored_threshold_on_held_out_images():
+    from utils.evaluate.reports import _confidence_markdown, confidence_summary
+
+    y = np.array([0, 0, 1, 1, 1, 0])
+    probs = np.array([[0.99, 0.01], [0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.55, 0.45], [0.3, 0.7]])
+    stored = {"temperature": 1.5, "threshold": {"value": 0.8, "target_accuracy": 0.995}}
+    summary = confidence_summary(y, probs, stored=stored, target_accuracy=0.99, bins=5)
+    # >= 0.8: images 0, 1, 2 routed automatically, all correct; the other three to review
+    assert summary["at_stored_threshold"] == {"coverage": 0.5, "accuracy": 1.0, "to_review": 3}
+    assert summary["temperature"] == 1.5 and summary["stored_threshold"] == 0.8
+    assert summary["recommended_here"]["value"] == pytest.approx(0.8) and summary["recommended_here"]["reachable"]
+    assert 0 < summary["ece"] < 1 and len(summary["reliability"]) == 5
+    text = "\n".join(_confidence_markdown(summary))
+    assert "50.0% of these images are routed automatically, with accuracy 1.000; 3 go to review" in text
+    assert "without" not in text and confidence_summary(y, probs)["recommended_here"]["coverage"] == 0.5
