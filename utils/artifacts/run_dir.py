@@ -51,6 +51,15 @@ def is_run_dir(path: str | os.PathLike) -> bool:
         (path / LAST_MODEL).is_file() or (path / BEST_MODEL).is_file())
 
 
+def default_dir(prefix: str) -> Path:
+    """Where a new run (or cross-validation) goes without --output: RUNS_DIR/<prefix>-<local time>."""
+    import datetime as _dt
+
+    from utils import constants
+
+    return Path(constants.RUNS_DIR) / f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
 def is_cv_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a cross-validation directory (training.py --folds K)."""
     return Path(path).is_dir() and (Path(path) / CV_INFO).is_file()
@@ -68,7 +77,11 @@ def read_cv(path: str | os.PathLike) -> dict[str, Any]:
 
 def write_cv(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Replace a cross-validation directory's cv.json atomically."""
-    target = Path(path) / CV_INFO
+    _write_json(Path(path) / CV_INFO, payload)
+
+
+def _write_json(target: Path, payload: dict[str, Any]) -> None:
+    """Temporary file + rename: a killed process leaves the old file or the new one, never half of one."""
     temporary = target.with_suffix(".tmp")
     temporary.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(temporary, target)
@@ -81,10 +94,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def write_config(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Replace a run's config.json atomically."""
-    target = Path(path) / CONFIG
-    temporary = target.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, target)
+    _write_json(Path(path) / CONFIG, payload)
 
 
 def read_best(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -11,7 +11,6 @@ patient-level bootstrap CIs, and the spread between folds. The layout is utils.a
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import logging
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from utils import config, constants
+from utils import config
 from utils.artifacts import run_dir as R
 from utils.data import files as dataset_files
 from utils.evaluate.metrics import classification_metrics
@@ -38,8 +37,7 @@ def new_cv_dir(args, settings: dict[str, Any]) -> Path:
         if R.is_cv_dir(parent) or R.is_run_dir(parent):
             raise CrossValidationError(f"{parent} already holds a run; use --resume {parent} or another --output")
     else:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        parent = Path(constants.RUNS_DIR) / f"{settings['backbone']}-cv{settings['folds']}-{stamp}"
+        parent = R.default_dir(f"{settings['backbone']}-cv{settings['folds']}")
     parent.mkdir(parents=True, exist_ok=True)
     return parent
 

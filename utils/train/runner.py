@@ -26,7 +26,7 @@ import pandas as pd
 import tensorflow as tf
 
 from models.weights import SCRATCH, parse_weights
-from utils import config, constants
+from utils import config
 from utils.artifacts import run_dir as R
 from utils.artifacts.model_file import load_model, read_model_info
 from utils.data import files as dataset_files
@@ -96,8 +96,7 @@ def new_run_dir(args) -> Path:
         if (run_dir / R.LAST_MODEL).exists() and not args.resume:
             raise TrainingSetupError(f"{run_dir} already holds a run; use --resume {run_dir} or another --output")
     else:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(constants.RUNS_DIR) / f"{args.backbone}-{stamp}"
+        run_dir = R.default_dir(args.backbone)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
