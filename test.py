@@ -165,9 +165,18 @@ def evaluate_cv(cv_dir: str, args, settings: dict, output_dir: Path) -> dict:
                                     "macro_f1_spread": fold_spread(folds, "macro_f1"),
                                     "accuracy_spread": fold_spread(folds, "accuracy")}},
         coverage=coverage.to_dict(), target_accuracy=settings["target_accuracy"],
-        calibration_bins=settings["calibration_bins"])
+        calibration_bins=settings["calibration_bins"], stored_calibration=fold_calibration(oof, folds))
     config.save_config({**settings, "model": cv_dir}, output_dir / reports.CONFIG_FILENAME)
     return results
+
+
+def fold_calibration(oof, folds: list[dict]) -> dict | None:
+    """The calibration the fold models served with: their temperatures, and each image's own fold
+    threshold (recommended on that fold's validation part), to judge it on held-out images."""
+    if "threshold" not in oof:  # pooled before thresholds were recorded
+        return None
+    return {"temperature": [f.get("temperature") for f in folds],
+            "threshold": {"value": oof["threshold"].to_numpy(dtype=float)}}
 
 
 def coverage_error(coverage, data, skipped_csv: Path | None) -> str:

@@ -385,7 +385,8 @@ def confidence_summary(y_true: Any, probs: Any, *, stored: Mapping[str, Any] | N
     ``ece`` / ``nll`` of the probabilities as served (with the model's temperature, if any);
     ``stored``: the model's calibration entry (temperature and the threshold recommended on its
     validation split), and what that threshold gives here: the share routed automatically and
-    its accuracy; ``recommended_here``: the threshold these images would recommend (optimistic:
+    its accuracy (a cross-validation passes one threshold per image, its fold model's, and the
+    temperatures of its folds as a list); ``recommended_here``: the threshold these images would recommend (optimistic:
     chosen on the data it is scored on; for comparison only)."""
     from utils.evaluate import calibration as C
 
@@ -399,9 +400,12 @@ def confidence_summary(y_true: Any, probs: Any, *, stored: Mapping[str, Any] | N
     if stored:
         threshold = (stored.get("threshold") or {}).get("value")
         summary["temperature"] = stored.get("temperature")
-        summary["stored_threshold"] = threshold
+        per_image = threshold is not None and np.ndim(threshold) > 0
+        if per_image and np.isnan(np.asarray(threshold, dtype=float)).any():
+            threshold = None  # a fold without a recommendation: no honest figure to give
+        summary["stored_threshold"] = "per fold" if per_image else threshold
         if threshold is not None:
-            routed = confidence >= threshold
+            routed = confidence >= np.asarray(threshold, dtype=float)
             summary["at_stored_threshold"] = {
                 "coverage": float(routed.mean()) if len(routed) else None,
                 "accuracy": float(correct[routed].mean()) if routed.any() else None,
@@ -412,13 +416,21 @@ def confidence_summary(y_true: Any, probs: Any, *, stored: Mapping[str, Any] | N
 def _confidence_markdown(cal: Mapping[str, Any]) -> list[str]:
     out = ["", "## Confidence and review", ""]
     temperature = cal.get("temperature")
+    if isinstance(temperature, list):
+        known = [t for t in temperature if t is not None]
+        with_t = (f", each fold's model with its own temperature ({min(known):.3g}-{max(known):.3g})."
+                  if known else " (the fold models carry no temperature).")
+    else:
+        with_t = (f", with the model's temperature {temperature:.3g}." if temperature else
+                  " (the model carries no temperature: calibrate.py fits one).")
     out.append(f"Expected calibration error {cal['ece']:.3f} ({cal['bins']} bins), negative log-likelihood "
-               f"{cal['nll']:.3f}" + (f", with the model's temperature {temperature:.3g}." if temperature else
-                                      " (the model carries no temperature: calibrate.py fits one)."))
+               f"{cal['nll']:.3f}" + with_t)
     at = cal.get("at_stored_threshold")
     if at and at["coverage"] is not None:
         accuracy = "n/a" if at["accuracy"] is None else f"{at['accuracy']:.3f}"
-        out += ["", f"At the threshold recommended on the validation split ({cal['stored_threshold']:.4g}, for "
+        stored = cal["stored_threshold"]
+        which = "each fold's own" if stored == "per fold" else f"{stored:.4g}"
+        out += ["", f"At the threshold recommended on the validation split ({which}, for "
                 f"{cal['target_accuracy']:.1%} accuracy): {at['coverage']:.1%} of these images are routed "
                 f"automatically, with accuracy {accuracy}; {at['to_review']} go to review."]
     here = cal["recommended_here"]

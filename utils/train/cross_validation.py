@@ -97,18 +97,21 @@ def pool_predictions(parent: Path, settings: dict[str, Any], *, progress: bool =
                                       batch_size=int(settings["batch_size"]), progress=progress)
         part = frame.iloc[kept]
         predicted = probs.argmax(axis=1)
+        calibration = getattr(predictor.metadata, "calibration", None) or {}
+        temperature = calibration.get("temperature")
+        threshold = (calibration.get("threshold") or {}).get("value")
         for (_, row), p, y_hat in zip(part.iterrows(), probs, predicted):
             rows.append({"file": row["abs_path"], "source_file": row.get("source_file", ""), "group": row["group"],
                          "fold": index + 1, "true_label": row["label"], "predicted_label": names[int(y_hat)],
-                         "correct": row["label"] == names[int(y_hat)],
-                         **{f"prob_{c}": float(v) for c, v in zip(names, p)}})
+                         "correct": row["label"] == names[int(y_hat)], "temperature": temperature,
+                         "threshold": threshold, **{f"prob_{c}": float(v) for c, v in zip(names, p)}})
         skipped += [{"file": path, "fold": index + 1, "reason": reason} for path, reason in errors]
         point = classification_metrics(part["y"].to_numpy(), predicted, len(names)) if len(part) else None
         summary.append({"fold": index + 1, "listed": int(len(frame)), "evaluated": int(len(part)),
                         "skipped": len(errors), "groups": int(part["group"].nunique()),
                         "macro_f1": None if point is None else float(point["macro_f1"]),
                         "accuracy": None if point is None else float(point["accuracy"]),
-                        "model_id": predictor.model_id})
+                        "model_id": predictor.model_id, "temperature": temperature, "threshold": threshold})
         log.info("fold %d: %d images predicted, %d skipped, macro F1 %s", index + 1, len(part), len(errors),
                  "n/a" if point is None else f"{point['macro_f1']:.3f}")
     dataset_files.write_csv(pd.DataFrame(rows), parent / R.OOF_PREDICTIONS)

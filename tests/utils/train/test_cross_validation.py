@@ -62,6 +62,12 @@ def test_cross_validation_pools_out_of_fold_predictions(tiny_demo, tmp_path, cap
     assert results["bootstrap"]["unit"] == "group"
     assert results["extra"]["cross_validation"]["folds"] == 2
     assert "## Cross-validation" in (cv / "eval-cv" / "results.md").read_text()
+    # each fold model served with its own calibration, judged on the images it never saw
+    assert len(results["confidence"]["temperature"]) == 2 and results["confidence"]["stored_threshold"] == "per fold"
+    oof = pd.read_csv(cv / "oof_predictions.csv")
+    assert {"temperature", "threshold"} <= set(oof.columns)
+    assert results["confidence"]["at_stored_threshold"]["to_review"] == int(
+        (oof[[c for c in oof if c.startswith("prob_")]].max(axis=1) < oof["threshold"]).sum())
 
 
 def test_fold_spread():
