@@ -372,8 +372,9 @@ def write_evaluation(
                                 results["class_names"], out / "confusion_matrix.png")
     plots.plot_roc_curves(y_true, probs, results["class_names"], out / "roc_curves.png")
     plots.plot_reliability_diagram(y_true, probs, out / RELIABILITY_PNG, bins=calibration_bins)
+    stored = results["confidence"].get("stored_threshold")
     plots.plot_risk_coverage(y_true, probs, out / RISK_COVERAGE_PNG, target_accuracy=target_accuracy,
-                             threshold=results["confidence"].get("stored_threshold"))
+                             threshold=stored if isinstance(stored, (int, float)) else None)  # not "per fold"
     logger.info("wrote results.json, predictions.csv, results.md and figures to %s", out)
     return results
 
