@@ -25,7 +25,6 @@ bootstrap CIs and the per-fold spread; results go to CV_DIR/eval-cv (--data and 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -37,11 +36,6 @@ FLAGS = ("SPLIT", "BOOTSTRAP_RESAMPLES", "CONFIDENCE_LEVEL", "BOOTSTRAP_UNIT", "
          "TARGET_ACCURACY", "CALIBRATION_BINS", "MAX_SKIPPED_SHARE")
 
 log = logging.getLogger("test")
-GALLERY_LIMIT = 24  # most confident errors drawn in error_gallery.png
-
-
-class CoverageError(Exception):
-    """Too large a share of the listed files could not be read (or none could): no result is written."""
 
 
 def parse_args(argv: list[str] | None = None):
@@ -70,139 +64,10 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
-def evaluate_one(model_arg: str, args, settings: dict, output_dir: Path) -> dict:
-    from utils.artifacts.run_dir import training_data
-    from utils.evaluate import evaluation, reports
-    from utils.infer.predictor import load_predictor
-
-    info = load_predictor(model_arg)
-    data = args.data or training_data(model_arg) or constants.DATA_DIR
-    subset = evaluation.eval_set(data, settings["split"], info.spec)
-    log.info("%s (%s): %d images from %s", model_arg, info.model_id, len(subset.files), subset.description)
-    probs, kept, errors = evaluation.predict(info, subset.files, cached=subset.cached,
-                                             batch_size=settings["batch_size"], progress=not args.quiet,
-                                             pool=PoolSettings.from_flags(settings))
-    for path, reason in subset.skipped + errors:
-        log.warning("left out %s: %s", path, reason)
-    coverage = evaluation.Coverage.of(subset, len(kept), errors, settings["max_skipped_share"])
-    skipped_csv = reports.write_skipped_csv(output_dir, coverage.skipped)
-    if coverage.too_many_skipped:
-        for stale in reports.remove_evaluation_outputs(output_dir):
-            log.warning("removed %s of an earlier evaluation", stale)
-        raise CoverageError(coverage_error(coverage, data, skipped_csv))
-    if coverage.skipped:
-        log.warning("%d of %d listed images skipped (%s); the metrics cover the other %d: see %s",
-                    len(coverage.skipped), coverage.listed, reports.reasons_text(coverage.by_reason),
-                    coverage.evaluated, skipped_csv)
-    timing = evaluation.time_inference(info, runs=args.timing_runs) if args.timing_runs else None
-    groups = [subset.groups[i] for i in kept] if subset.groups is not None else None
-    results = reports.write_evaluation(
-        output_dir, y_true=subset.labels[kept], probs=probs, class_names=info.spec.class_names,
-        files=[subset.files[i] for i in kept], groups=groups, n_resamples=settings["bootstrap_resamples"],
-        confidence=settings["confidence_level"], seed=settings["seed"], unit=settings["bootstrap_unit"],
-        model_id=info.model_id, split=subset.split, timing=timing,
-        extra={"data": str(data), "source": subset.description, "backbone": info.backbone,
-               "left_out": [{"file": f, "reason": r} for f, r in subset.skipped + errors]},
-        coverage=coverage.to_dict(), stored_calibration=getattr(getattr(info, "metadata", None), "calibration", None),
-        target_accuracy=settings["target_accuracy"], calibration_bins=settings["calibration_bins"])
-    write_gallery(info, [subset.files[i] for i in kept], subset.cached, subset.labels[kept], probs, output_dir)
-    config.save_config({**settings, "model": model_arg, "data": str(data)}, output_dir / reports.CONFIG_FILENAME)
-    return results
-
-
-def write_gallery(predictor, files: list[str], cached: bool, y_true, probs, output_dir: Path) -> None:
-    """error_gallery.png/.csv: the most confident errors with Grad-CAM (Keras models); the images are
-    read again through the model's own preprocessing, only for the errors shown."""
-    import cv2
-    import numpy as np
-
-    from utils.evaluate import gallery
-    from utils.preprocessing import preprocess_file, to_model_input
-
-    shown = gallery.select_errors(y_true, probs, GALLERY_LIMIT)
-    if not len(shown):  # no error: no gallery, and none left from an earlier evaluation
-        for name in (gallery.GALLERY_PNG, gallery.GALLERY_CSV):
-            (output_dir / name).unlink(missing_ok=True)
-        return
-    spec = predictor.spec
-    images = [cv2.imread(files[i], cv2.IMREAD_GRAYSCALE) if cached else preprocess_file(files[i], spec)[0]
-              for i in shown]
-    path = gallery.error_gallery(predictor, [files[i] for i in shown], to_model_input(np.stack(images), spec.channels),
-                                 np.asarray(y_true)[shown], np.asarray(probs)[shown], spec.class_names, output_dir,
-                                 limit=GALLERY_LIMIT)
-    if path is not None:
-        log.info("wrote %s (%d errors shown)", path, len(shown))
-
-
-def evaluate_cv(cv_dir: str, args, settings: dict, output_dir: Path) -> dict:
-    """The pooled out-of-fold predictions of a cross-validation (training.py --folds K)."""
-    from utils.artifacts import run_dir
-    from utils.artifacts.model_file import read_metadata
-    from utils.evaluate import evaluation, reports
-    from utils.train.cross_validation import fold_spread, read_out_of_fold
-
-    oof, skipped, cv = read_out_of_fold(cv_dir)
-    names = list(read_metadata(run_dir.fold_dir(cv_dir, 0)).spec.class_names)
-    y_true = oof["true_label"].map({c: i for i, c in enumerate(names)}).to_numpy()
-    probs = oof[[f"prob_{c}" for c in names]].to_numpy(dtype=float)
-    coverage = evaluation.Coverage(len(oof) + len(skipped), len(oof),
-                                   [(str(f), *evaluation.split_reason(str(r))) for f, r in
-                                    zip(skipped["file"], skipped["reason"])], settings["max_skipped_share"])
-    skipped_csv = reports.write_skipped_csv(output_dir, coverage.skipped)
-    if coverage.too_many_skipped:
-        reports.remove_evaluation_outputs(output_dir)
-        raise CoverageError(coverage_error(coverage, cv["config"]["data"], skipped_csv))
-    folds = cv["folds"]
-    log.info("%s: %d out-of-fold predictions from %d folds", cv_dir, len(oof), len(folds))
-    results = reports.write_evaluation(
-        output_dir, y_true=y_true, probs=probs, class_names=names, files=oof["file"].tolist(),
-        groups=oof["group"].tolist(), n_resamples=settings["bootstrap_resamples"],
-        confidence=settings["confidence_level"], seed=settings["seed"], unit=settings["bootstrap_unit"],
-        model_id=f"{Path(cv_dir).name} ({len(folds)}-fold CV)", split="out-of-fold", timing=None,
-        extra={"data": cv["config"]["data"], "source": f"{cv_dir} (pooled out-of-fold predictions)",
-               "backbone": cv["config"]["backbone"],
-               "cross_validation": {"folds": len(folds), "per_fold": folds,
-                                    "macro_f1_spread": fold_spread(folds, "macro_f1"),
-                                    "accuracy_spread": fold_spread(folds, "accuracy")}},
-        coverage=coverage.to_dict(), target_accuracy=settings["target_accuracy"],
-        calibration_bins=settings["calibration_bins"], stored_calibration=fold_calibration(oof, folds))
-    config.save_config({**settings, "model": cv_dir}, output_dir / reports.CONFIG_FILENAME)
-    return results
-
-
-def fold_calibration(oof, folds: list[dict]) -> dict | None:
-    """The calibration the fold models served with: their temperatures, and each image's own fold
-    threshold (recommended on that fold's validation part), to judge it on held-out images."""
-    if "threshold" not in oof:  # pooled before thresholds were recorded
-        return None
-    return {"temperature": [f.get("temperature") for f in folds],
-            "threshold": {"value": oof["threshold"].to_numpy(dtype=float)}}
-
-
-def coverage_error(coverage, data, skipped_csv: Path | None) -> str:
-    """Why an evaluation is refused: counts, reasons, the threshold and how to allow it."""
-    from utils.evaluate import reports
-
-    reasons = reports.reasons_text(coverage.by_reason)
-    share, limit = coverage.skipped_share, coverage.max_skipped_share
-    if coverage.evaluated == 0:
-        head = f"none of the {coverage.listed} listed images in {data} could be read ({reasons})"
-    else:
-        head = (f"{len(coverage.skipped)} of {coverage.listed} listed images in {data} ({share:.1%}) could not "
-                f"be read ({reasons}): more than the {limit:.1%} that --max-skipped-share {limit:g} allows, "
-                f"so the metrics would cover only the other {coverage.evaluated}")
-    tail = f"Each file and its reason: {skipped_csv}. " if skipped_csv else ""
-    tail += "No results written. Fix or remove those files"
-    if coverage.evaluated:
-        allow = min(1.0, math.ceil(share * 1000) / 1000)
-        tail += f", or accept metrics on part of the data with --max-skipped-share {allow:g}"
-    return f"{head}. {tail}."
-
-
 def main(argv: list[str] | None = None) -> int:
     args, settings = config.start(parse_args, argv, FLAGS)
     from utils.artifacts import run_dir
-    from utils.evaluate import reports
+    from utils.evaluate import reports, runner
 
     all_results, names = [], []
     for model_arg in args.models:
@@ -216,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         if cross_validation and not args.output:
             output_dir = path / "eval-cv"
         try:
-            evaluate = evaluate_cv if cross_validation else evaluate_one
-            results = evaluate(model_arg, args, settings, output_dir)
-        except (FileNotFoundError, ValueError, CoverageError) as error:
+            if cross_validation:
+                results = runner.evaluate_cv(model_arg, settings, output_dir)
+            else:
+                results = runner.evaluate_model(model_arg, args.data, settings, output_dir, progress=not args.quiet,
+                                                timing_runs=args.timing_runs)
+        except (FileNotFoundError, ValueError, runner.CoverageError) as error:
             print(f"error: {model_arg}: {error}", file=sys.stderr)
             return 2
         all_results.append(results)
