@@ -69,6 +69,12 @@ AUGMENT_BRIGHTNESS_RANGE: str = "[0, 1]"
 AUGMENT_CONTRAST: float = 0.1  # contrast factor drawn in [1 - c, 1 + c]
 AUGMENT_CONTRAST_RANGE: str = "[0, 1]"  # above 1 the drawn factor could be negative (an inverted image)
 HORIZONTAL_FLIP: bool = False  # off: laterality matters on X-rays (the paper flipped, p=0.5)
+AUGMENT_SCALE: float = 0.0  # zoom drawn per image in [1 - s, 1 + s] about the centre (0: off, as the paper)
+AUGMENT_SCALE_RANGE: str = "[0, 0.5]"
+AUGMENT_TRANSLATE: float = 0.0  # shift drawn per image and axis in [-t, t] of the image size (0: off, as the paper)
+AUGMENT_TRANSLATE_RANGE: str = "[0, 0.3]"
+AUGMENT_SHEAR_DEG: float = 0.0  # horizontal shear drawn per image in [-h, h] degrees (0: off, as the paper)
+AUGMENT_SHEAR_DEG_RANGE: str = "[0, 30]"
 
 # --- Model ----------------------------------------------------------------------------------
 BACKBONE: str = "mobilenet_v1"  # the paper's best model; `python training.py --help` lists all

@@ -1,7 +1,7 @@
 """labels.csv of a prepared dataset -> tf.data pipelines. Knows nothing of DICOM.
 
 Small pure steps chained in :func:`build_dataset`: ``decode`` (PNG -> uint8), then for training
-``random_rotate`` (an angle per image) and ``augment_batch`` (contrast, brightness, flip drawn per image),
+``random_affine`` (rotation, and zoom / translation / shear when asked, drawn per image) and ``augment_batch`` (contrast, brightness, flip drawn per image),
 ``to_input`` (float32 0..255, gray replicated to the spec's channels), cache / shuffle / batch /
 prefetch. Normalisation for the backbone is a layer inside
 the model, so this pipeline and every serving path feed the same 0..255 values.
@@ -33,10 +33,18 @@ class Augmentation:
     brightness: float = constants.AUGMENT_BRIGHTNESS
     contrast: float = constants.AUGMENT_CONTRAST
     horizontal_flip: bool = constants.HORIZONTAL_FLIP
+    scale: float = constants.AUGMENT_SCALE
+    translate: float = constants.AUGMENT_TRANSLATE
+    shear_deg: float = constants.AUGMENT_SHEAR_DEG
+
+    @property
+    def geometric(self) -> bool:
+        """Whether an affine warp (rotation, scale, translation, shear) is drawn per image."""
+        return bool(self.rotation_deg or self.scale or self.translate or self.shear_deg)
 
     @property
     def active(self) -> bool:
-        return bool(self.rotation_deg or self.brightness or self.contrast or self.horizontal_flip)
+        return bool(self.geometric or self.brightness or self.contrast or self.horizontal_flip)
 
 
 NO_AUGMENTATION = Augmentation(0.0, 0.0, 0.0, False)
@@ -85,6 +93,46 @@ def rotate_uint8(image: np.ndarray, degrees: float) -> np.ndarray:
     out = cv2.warpAffine(image[:, :, 0], matrix, (cols, rows), flags=cv2.INTER_LINEAR,
                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return out[:, :, np.newaxis]
+
+
+def affine_uint8(image: np.ndarray, degrees: float = 0.0, scale: float = 1.0, shift: tuple[float, float] = (0.0, 0.0),
+                 shear_deg: float = 0.0) -> np.ndarray:
+    """Warp an 8-bit (H, W, 1) image about its centre: rotate by ``degrees`` (counter-clockwise, as
+    rotate_uint8), zoom by ``scale``, shear horizontally by ``shear_deg``, then shift by ``shift``
+    (x, y) pixels; bilinear, black outside."""
+    rows, cols = image.shape[:2]
+    centre = np.array([(cols - 1) / 2.0, (rows - 1) / 2.0])
+    angle, shear = np.deg2rad(degrees), np.tan(np.deg2rad(shear_deg))
+    rotation = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+    linear = scale * rotation @ np.array([[1.0, shear], [0.0, 1.0]])
+    matrix = np.hstack([linear, (centre - linear @ centre + np.asarray(shift, dtype=float))[:, None]])
+    out = cv2.warpAffine(image[:, :, 0], matrix, (cols, rows), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out[:, :, np.newaxis]
+
+
+def _affine_batch(images: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """One warp per image; ``params`` rows: degrees, scale, shift x, shift y (pixels), shear degrees."""
+    return np.stack([affine_uint8(image, d, s, (tx, ty), h) for image, (d, s, tx, ty, h) in zip(images, params)]) \
+        if len(images) else images
+
+
+def random_affine(images: tf.Tensor, aug: Augmentation, seed: tf.Tensor) -> tf.Tensor:
+    """Rotation, zoom, translation and shear drawn per image of a uint8 batch (B, H, W, 1) from a
+    stateless ``seed``. With rotation alone it is exactly ``random_rotate`` (the paper's recipe)."""
+    if not (aug.scale or aug.translate or aug.shear_deg):
+        return random_rotate(images, aug.rotation_deg, seed)
+    seeds = tf.random.experimental.stateless_split(seed, num=5)
+    batch = tf.shape(images)[0]
+    size = tf.cast(tf.shape(images)[1:3], tf.float32)
+
+    def draw(i, bound):
+        return tf.random.stateless_uniform([batch], seeds[i], -bound, bound) if bound else tf.zeros([batch])
+
+    params = tf.stack([draw(0, aug.rotation_deg), 1.0 + draw(1, aug.scale), draw(2, aug.translate) * size[1],
+                       draw(3, aug.translate) * size[0], draw(4, aug.shear_deg)], axis=1)
+    warped = tf.numpy_function(_affine_batch, [images, params], tf.uint8, stateful=False)
+    return tf.ensure_shape(warped, images.shape)
 
 
 def _rotate_batch(images: np.ndarray, degrees: np.ndarray) -> np.ndarray:
@@ -145,9 +193,9 @@ def build_dataset(paths: Sequence[str], labels: Sequence[int] | None, spec: Prep
         ds = ds.shuffle(min(shuffle_buffer, max(len(paths), 1)), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune,
                   deterministic=not training)
-    if augmenting and augmentation.rotation_deg:
+    if augmenting and augmentation.geometric:
         ds = tf.data.Dataset.zip((ds, _seeds(seed))).map(
-            lambda xy, s: (random_rotate(xy[0], augmentation.rotation_deg, s), xy[1]),
+            lambda xy, s: (random_affine(xy[0], augmentation, s), xy[1]),
             num_parallel_calls=autotune, deterministic=False)
     if augmenting:
         # Photometric augmentation on the single gray channel, then replication (3x less work).

@@ -105,3 +105,55 @@ def test_flip_only_when_asked():
     flipped = [not np.allclose(o, image[0].numpy()) for o in out]
     assert 8 < sum(flipped) < 32
     assert all(np.allclose(o, image[0, :, ::-1].numpy()) for o, f in zip(out, flipped) if f)
+
+
+def _dot(rows=21, cols=21, at=(14, 10)):
+    image = np.zeros((rows, cols, 1), np.uint8)
+    image[at[0], at[1], 0] = 255
+    return image
+
+
+def _peak(image):
+    return tuple(int(v) for v in np.unravel_index(np.argmax(image[..., 0]), image.shape[:2]))
+
+
+def test_affine_warp_zooms_shifts_and_shears_about_the_centre():
+    from utils.data.dataset import affine_uint8
+
+    image = _dot(at=(14, 10))  # 4 rows below the centre (10, 10)
+    assert _peak(affine_uint8(image, scale=2.0)) == (18, 10)  # twice as far from the centre
+    assert _peak(affine_uint8(image, shift=(3.0, -2.0))) == (12, 13)  # x right 3, y up 2
+    assert _peak(affine_uint8(image, shear_deg=45.0)) == (14, 14)  # x moves by tan(45) * (y - centre)
+    for degrees in (0.0, 12.5, -30.0):  # rotation alone is rotate_uint8, bit for bit
+        noise = np.random.default_rng(1).integers(0, 256, (33, 27, 1), dtype=np.uint8)
+        assert np.array_equal(affine_uint8(noise, degrees), rotate_uint8(noise, degrees))
+
+
+def test_random_affine_draws_per_image_is_seeded_and_is_the_paper_rotation_when_alone():
+    from utils.data.dataset import random_affine
+
+    images = tf.constant(np.repeat(_dot(at=(14, 10))[None], 8, axis=0))
+    rotation_only = Augmentation(rotation_deg=10.0, brightness=0.0, contrast=0.0, horizontal_flip=False)
+    np.testing.assert_array_equal(random_affine(images, rotation_only, tf.constant([3, 4])).numpy(),
+                                  random_rotate(images, 10.0, tf.constant([3, 4])).numpy())
+    shifting = Augmentation(0.0, 0.0, 0.0, False, scale=0.2, translate=0.1, shear_deg=5.0)
+    assert shifting.geometric and not Augmentation(0.0, 0.1, 0.0, False).geometric
+    out = random_affine(images, shifting, tf.constant([3, 4])).numpy()
+    peaks = {_peak(o) for o in out}
+    assert len(peaks) > 4  # each image got its own draw
+    # translation at most 10 % of 21 px (2.1) + zoom 20 % of 4 px + shear: the dot stays near its place
+    assert all(abs(r - 14) <= 4 and abs(c - 10) <= 4 for r, c in peaks)
+    np.testing.assert_array_equal(out, random_affine(images, shifting, tf.constant([3, 4])).numpy())
+    assert not np.array_equal(out, random_affine(images, shifting, tf.constant([5, 4])).numpy())
+
+
+def test_geometric_augmentation_reaches_the_training_pipeline(tmp_path):
+    from utils.preprocessing import PreprocessSpec
+
+    path = tmp_path / "dot.png"
+    cv2.imwrite(str(path), _dot(32, 32, at=(20, 16))[..., 0])
+    spec = PreprocessSpec(class_names=("a", "b"), image_size=32)
+    aug = Augmentation(0.0, 0.0, 0.0, False, translate=0.2)
+    batches = [x.numpy() for x, _ in build_dataset([str(path)] * 8, [0] * 8, spec, training=True, batch_size=8,
+                                                   augmentation=aug, seed=1).take(1)]
+    assert len({_peak(image) for image in batches[0]}) > 3
