@@ -125,9 +125,7 @@ def _trim_log(run_dir: Path, done: int) -> None:
     if len(kept) < len(frame):
         log.info("%s: dropping %d row(s) of epochs after %d, which are trained again", csv, len(frame) - len(kept),
                  done)
-        temporary = csv.with_suffix(".tmp")
-        kept.to_csv(temporary, index=False)
-        os.replace(temporary, csv)
+        dataset_files.write_csv(kept, csv)
     missing = sorted(set(range(done)) - set(kept["epoch"].astype(int)))
     if missing:
         log.warning("%s has no row for epoch(s) %s (stopped between the checkpoint and the log)", csv,
