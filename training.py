@@ -5,6 +5,7 @@
     python training.py --resume runs/mobilenet_v1-20261125-120000
     python training.py --resume runs/mobilenet_v1-20261125-120000 --epochs 80   # train longer
     python training.py --data data/radiographs --folds 5           # grouped 5-fold cross-validation
+    python training.py --data data/radiographs128 --recipe small-data   # a few hundred labelled images
 
 Defaults come from utils/constants.py: Adam with coupled L2 1e-4, one-cycle lr (max 0.01, 30%
 warm-up), gradient value clipping 0.1, batch 32, 50 epochs, seed 42, from scratch. The run
@@ -14,6 +15,10 @@ last.keras (for --resume), training_curves.png.
 --resume continues a run with the settings it was started with; only --epochs (to train longer:
 the added epochs get a one-cycle schedule of their own), --cache, --xla and --quiet may change,
 and any other flag with another value than the run's is refused.
+
+--recipe NAME sets a group of flags at once (listed at the end of this help): "paper" is the
+paper's code, "small-data" the cross-validated recipe for a few hundred labelled images; flags
+written on the command line win over the recipe.
 
 --folds K trains one run per fold of a K-fold cross-validation grouped by patient and stratified by
 label (over every labelled image of the dataset), into CV_DIR/fold-1..K, then pools each fold's
@@ -31,10 +36,11 @@ from pathlib import Path
 from utils import config, constants
 from utils.artifacts import run_dir as run_dir_files
 
-FLAGS = ("BACKBONE", "WEIGHTS", "EPOCHS", "BATCH_SIZE", "MAX_LR", "WARMUP_FRACTION", "LR_START_DIV",
+FLAGS = ("RECIPE", "BACKBONE", "WEIGHTS", "EPOCHS", "BATCH_SIZE", "MAX_LR", "WARMUP_FRACTION", "LR_START_DIV",
          "LR_FINAL_DIV", "WEIGHT_DECAY", "CLIP_VALUE", "LABEL_SMOOTHING", "CLASS_WEIGHTS", "FREEZE_EPOCHS",
          "DROPOUT", "BN_MOMENTUM", "BN_RECALIBRATION_STEPS", "AUGMENT_ROTATION_DEG", "AUGMENT_BRIGHTNESS", "AUGMENT_CONTRAST",
-         "HORIZONTAL_FLIP", "AUGMENT_SCALE", "AUGMENT_TRANSLATE", "AUGMENT_SHEAR_DEG", "CACHE", "SEED",
+         "HORIZONTAL_FLIP", "AUGMENT_SCALE", "AUGMENT_TRANSLATE", "AUGMENT_SHEAR_DEG",
+         "AUGMENT_GAMMA", "AUGMENT_SHARPNESS", "AUGMENT_NOISE", "CACHE", "SEED",
          "MIXED_PRECISION", "XLA", "FOLDS")
 
 log = logging.getLogger("training")
@@ -42,8 +48,9 @@ log = logging.getLogger("training")
 
 def parse_args(argv: list[str] | None = None):
     from models import list_models
+    from utils.train import recipes
 
-    parser = config.ArgumentParser(description=__doc__)
+    parser = config.ArgumentParser(description=__doc__, epilog="recipes:\n" + recipes.describe())
     parser.add_argument("--data", default=constants.DATA_DIR, help="a prepared dataset (prepare.py output)")
     parser.add_argument("--output", help=f"run directory (default: {constants.RUNS_DIR}/<backbone>-<time>)")
     parser.add_argument("--image-size", type=int, default=None,
@@ -58,13 +65,14 @@ def parse_args(argv: list[str] | None = None):
                              f"{constants.DEMO_EPOCHS} epochs at {constants.DEMO_IMAGE_SIZE}px")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
     parser.add_argument("--quiet", action="store_true", help="no per-batch progress bar")
-    config.add_flags(parser, FLAGS, choices={"BACKBONE": list_models()})
+    config.add_flags(parser, FLAGS, choices={"BACKBONE": list_models(), "RECIPE": recipes.recipe_names()})
     args = parser.parse_args(argv)
     args.given_flags = config.given_flags(argv)  # --resume compares them with the run's settings
+    set_by_recipe = recipes.apply(args, args.recipe, args.given_flags)
     if args.folds == 1:
         parser.error("--folds 1 leaves nothing to train on: use 0 (the prepared splits) or at least 2")
     if args.demo:
-        explicit = config.given_flags(argv)
+        explicit = args.given_flags | set_by_recipe
         if "--backbone" not in explicit:
             args.backbone = constants.DEMO_BACKBONE
         if "--epochs" not in explicit:

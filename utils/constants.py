@@ -75,6 +75,13 @@ AUGMENT_TRANSLATE: float = 0.0  # shift drawn per image and axis in [-t, t] of t
 AUGMENT_TRANSLATE_RANGE: str = "[0, 0.3]"
 AUGMENT_SHEAR_DEG: float = 0.0  # horizontal shear drawn per image in [-h, h] degrees (0: off, as the paper)
 AUGMENT_SHEAR_DEG_RANGE: str = "[0, 30]"
+# The look of other detectors and processing, drawn per image (all 0: off, as the paper):
+AUGMENT_GAMMA: float = 0.0  # gamma curve x**exp(u), u drawn in [-g, g] (0.3: gamma 0.74-1.35)
+AUGMENT_GAMMA_RANGE: str = "[0, 2]"
+AUGMENT_SHARPNESS: float = 0.0  # unsharp-mask amount drawn in [-s, s]: below 0 blurs (-1 = Gaussian sigma 1 px), above 0 sharpens
+AUGMENT_SHARPNESS_RANGE: str = "[0, 1]"
+AUGMENT_NOISE: float = 0.0  # Gaussian noise whose SD is drawn in [0, n] of the 0-255 range
+AUGMENT_NOISE_RANGE: str = "[0, 0.5]"
 
 # --- Model ----------------------------------------------------------------------------------
 BACKBONE: str = "mobilenet_v1"  # the paper's best model; `python training.py --help` lists all
@@ -87,6 +94,7 @@ BN_RECALIBRATION_STEPS: int = 0  # >0: before each validation, refresh BN statis
 BN_RECALIBRATION_STEPS_RANGE: str = "[0, inf)"
 
 # --- Optimisation (the paper's recipe, read from its code) ----------------------------------
+RECIPE: str = "none"  # a preset of the flags below (utils/train/recipes.py): "paper", "small-data"; flags given win; "none": this file alone
 EPOCHS: int = 50  # the paper trained 50 epochs and kept the best validation epoch
 EPOCHS_RANGE: str = "[1, inf)"
 BATCH_SIZE: int = 32  # per replica; the paper used 32

@@ -1,7 +1,8 @@
 """labels.csv of a prepared dataset -> tf.data pipelines. Knows nothing of DICOM.
 
 Small pure steps chained in :func:`build_dataset`: ``decode`` (PNG -> uint8), then for training
-``random_affine`` (rotation, and zoom / translation / shear when asked, drawn per image) and ``augment_batch`` (contrast, brightness, flip drawn per image),
+``random_affine`` (rotation, and zoom / translation / shear when asked, drawn per image) and
+``augment_batch`` (gamma, sharpness, noise when asked, then contrast, brightness, flip; drawn per image),
 ``to_input`` (float32 0..255, gray replicated to the spec's channels), cache / shuffle / batch /
 prefetch. Normalisation for the backbone is a layer inside
 the model, so this pipeline and every serving path feed the same 0..255 values.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -36,6 +37,9 @@ class Augmentation:
     scale: float = constants.AUGMENT_SCALE
     translate: float = constants.AUGMENT_TRANSLATE
     shear_deg: float = constants.AUGMENT_SHEAR_DEG
+    gamma: float = constants.AUGMENT_GAMMA
+    sharpness: float = constants.AUGMENT_SHARPNESS
+    noise: float = constants.AUGMENT_NOISE
 
     @property
     def geometric(self) -> bool:
@@ -43,8 +47,21 @@ class Augmentation:
         return bool(self.rotation_deg or self.scale or self.translate or self.shear_deg)
 
     @property
+    def detector(self) -> bool:
+        """Whether the look of another detector (gamma curve, blur / edge enhancement, noise) is drawn per image."""
+        return bool(self.gamma or self.sharpness or self.noise)
+
+    @property
     def active(self) -> bool:
-        return bool(self.geometric or self.brightness or self.contrast or self.horizontal_flip)
+        return bool(self.geometric or self.detector or self.brightness or self.contrast or self.horizontal_flip)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> Augmentation:
+        """The augmentation of a run's settings (config.json); settings a run predates are off."""
+        return cls(settings["augment_rotation_deg"], settings["augment_brightness"], settings["augment_contrast"],
+                   settings["horizontal_flip"],
+                   **{field: settings.get(f"augment_{field}", 0.0)
+                      for field in ("scale", "translate", "shear_deg", "gamma", "sharpness", "noise")})
 
 
 NO_AUGMENTATION = Augmentation(0.0, 0.0, 0.0, False)
@@ -147,13 +164,54 @@ def random_rotate(images: tf.Tensor, max_degrees: float, seed: tf.Tensor) -> tf.
     return tf.ensure_shape(rotated, images.shape)
 
 
+def _gaussian_blur(images: tf.Tensor, sigma: float = 1.0) -> tf.Tensor:
+    """A separable Gaussian blur of each channel of a float batch (B, H, W, C), edges mirrored."""
+    radius = max(1, int(round(3 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = tf.constant(taps / taps.sum(), tf.float32)
+    channels = images.shape[-1]
+    padded = tf.pad(images, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
+    down = tf.tile(tf.reshape(taps, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    across = tf.tile(tf.reshape(taps, [1, -1, 1, 1]), [1, 1, channels, 1])
+    rows = tf.nn.depthwise_conv2d(padded, down, strides=[1, 1, 1, 1], padding="VALID")
+    return tf.nn.depthwise_conv2d(rows, across, strides=[1, 1, 1, 1], padding="VALID")
+
+
+def detector_look(images: tf.Tensor, aug: Augmentation, seed: tf.Tensor) -> tf.Tensor:
+    """The look of another detector and its processing, drawn per image of a gray float batch
+    (B, H, W, 1) with values 0..255: a gamma curve 255 * (x / 255) ** exp(u), u in [-gamma, gamma];
+    an unsharp mask x + a * (x - blur(x)), a in [-sharpness, sharpness] (a = -1 is a Gaussian blur
+    of sigma 1 px, a > 0 the edge enhancement many X-ray systems apply); Gaussian noise of SD
+    drawn in [0, noise] * 255. Each draw has its own seed (folded in), so turning one on leaves the
+    others' draws alone."""
+    batch = tf.shape(images)[0]
+
+    def draw(k: int, low: float, high: float) -> tf.Tensor:
+        return tf.random.stateless_uniform([batch, 1, 1, 1], tf.random.experimental.stateless_fold_in(seed, k),
+                                           low, high)
+
+    if aug.gamma:
+        exponent = tf.exp(draw(0, -aug.gamma, aug.gamma))
+        images = 255.0 * tf.pow(tf.clip_by_value(images / 255.0, 0.0, 1.0), exponent)
+    if aug.sharpness:
+        images = images + draw(1, -aug.sharpness, aug.sharpness) * (images - _gaussian_blur(images))
+    if aug.noise:
+        sd = draw(2, 0.0, aug.noise) * 255.0
+        images = images + sd * tf.random.stateless_normal(tf.shape(images),
+                                                          tf.random.experimental.stateless_fold_in(seed, 3))
+    return tf.clip_by_value(images, 0.0, 255.0)
+
+
 def augment_batch(images: tf.Tensor, aug: Augmentation, seed: tf.Tensor) -> tf.Tensor:
-    """Contrast, brightness (and optional horizontal flip) drawn per image of a float batch (B, H, W, C).
+    """Detector look (gamma, sharpness, noise: :func:`detector_look`, on a gray batch), then contrast,
+    brightness (and optional horizontal flip) drawn per image of a float batch (B, H, W, C).
 
     Contrast and brightness are fused into one multiply-add per pixel: x * f + (mean * (1 - f) + b).
     """
     seeds = tf.random.experimental.stateless_split(seed, num=3)
     batch = tf.shape(images)[0]
+    if aug.detector:
+        images = detector_look(images, aug, tf.random.experimental.stateless_fold_in(seed, 7))
     if aug.contrast or aug.brightness:
         factor = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[0], 1.0 - aug.contrast, 1.0 + aug.contrast)
         shift = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[1], -aug.brightness, aug.brightness) * 255.0

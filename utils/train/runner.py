@@ -241,11 +241,7 @@ def train(args, settings: dict[str, Any]) -> Path:
                  strategy.num_replicas_in_sync)
 
         batch = settings["batch_size"] * strategy.num_replicas_in_sync
-        aug = Augmentation(settings["augment_rotation_deg"], settings["augment_brightness"],
-                           settings["augment_contrast"], settings["horizontal_flip"],
-                           # runs started before these existed had none
-                           scale=settings.get("augment_scale", 0.0), translate=settings.get("augment_translate", 0.0),
-                           shear_deg=settings.get("augment_shear_deg", 0.0))
+        aug = Augmentation.from_settings(settings)
         fold = run_fold(settings)
         train_ds, train_rows = load_split(data_dir, "train", spec, training=True, batch_size=batch, augmentation=aug,
                                           cache=settings["cache"], seed=settings["seed"], fold=fold)

@@ -157,3 +157,80 @@ def test_geometric_augmentation_reaches_the_training_pipeline(tmp_path):
     batches = [x.numpy() for x, _ in build_dataset([str(path)] * 8, [0] * 8, spec, training=True, batch_size=8,
                                                    augmentation=aug, seed=1).take(1)]
     assert len({_peak(image) for image in batches[0]}) > 3
+
+
+def test_gaussian_blur_keeps_flat_images_and_spreads_a_dot_with_unit_sum():
+    from utils.data.dataset import _gaussian_blur
+
+    flat = tf.fill((2, SIZE, SIZE, 3), 80.0)
+    np.testing.assert_allclose(_gaussian_blur(flat).numpy(), 80.0, rtol=1e-5)
+    dot = np.zeros((1, SIZE, SIZE, 1), np.float32)
+    dot[0, 16, 16, 0] = 255.0
+    out = _gaussian_blur(tf.constant(dot)).numpy()
+    assert out.shape == dot.shape and abs(out.sum() - 255.0) < 1e-2
+    assert out[0, 16, 16, 0] < 0.2 * 255 and out[0, 16, 17, 0] > 0 and out[0, 20, 16, 0] < 1e-3  # sigma 1 px
+
+
+def test_detector_look_gamma_keeps_black_and_white_and_bends_mid_gray_both_ways():
+    from utils.data.dataset import detector_look
+
+    ramp = tf.tile(tf.reshape(tf.linspace(0.0, 255.0, SIZE), (1, 1, SIZE, 1)), (64, SIZE, 1, 1))
+    out = detector_look(ramp, Augmentation(0.0, 0.0, 0.0, False, gamma=0.4), tf.constant([1, 2])).numpy()
+    assert np.allclose(out[:, :, 0], 0.0) and np.allclose(out[:, :, -1], 255.0, atol=1e-3)
+    mid, before = out[:, 0, SIZE // 2, 0], float(ramp[0, 0, SIZE // 2, 0])
+    assert (mid > before + 5).any() and (mid < before - 5).any()
+    assert (np.diff(out[:, 0, :, 0], axis=1) >= 0).all()  # a curve, never an inversion
+    exponents = np.log(out[:, 0, 1:-1, 0] / 255.0) / np.log(ramp[0, 0, 1:-1, 0].numpy() / 255.0)
+    assert (exponents > np.exp(-0.4) - 1e-3).all() and (exponents < np.exp(0.4) + 1e-3).all()
+
+
+def test_detector_look_sharpness_blurs_or_enhances_an_edge_and_leaves_flat_areas():
+    from utils.data.dataset import detector_look
+
+    edge = np.full((32, SIZE, SIZE, 1), 60.0, np.float32)
+    edge[:, :, SIZE // 2:] = 180.0
+    out = detector_look(tf.constant(edge), Augmentation(0.0, 0.0, 0.0, False, sharpness=1.0),
+                        tf.constant([7, 8])).numpy()
+    left, right = out[:, 5, SIZE // 2 - 1, 0], out[:, 5, SIZE // 2, 0]
+    assert (right - left < 120 - 10).any()  # blurred: the step got smaller
+    assert (right - left > 120 + 10).any()  # edge-enhanced: overshoot on both sides
+    np.testing.assert_allclose(out[:, :, :4], 60.0, atol=1e-3)  # far from the edge nothing moves
+
+
+def test_detector_look_noise_has_a_per_image_sd_within_the_bound_and_is_seeded():
+    from utils.data.dataset import detector_look
+
+    gray = tf.fill((16, SIZE, SIZE, 1), 128.0)
+    aug = Augmentation(0.0, 0.0, 0.0, False, noise=0.05)
+    out = detector_look(gray, aug, tf.constant([3, 1])).numpy()
+    sds = out.reshape(16, -1).std(axis=1)
+    assert (sds <= 0.05 * 255 * 1.1).all() and len(np.unique(sds.round(2))) == 16 and sds.max() > 2.0
+    np.testing.assert_array_equal(out, detector_look(gray, aug, tf.constant([3, 1])).numpy())
+    assert not np.array_equal(out, detector_look(gray, aug, tf.constant([4, 1])).numpy())
+
+
+def test_detector_look_is_off_by_default_and_leaves_the_other_draws_alone():
+    base = Augmentation(0.0, 0.2, 0.2, False)
+    assert not base.detector and Augmentation(0.0, 0.0, 0.0, False, noise=0.01).detector
+    images = tf.random.stateless_uniform((8, SIZE, SIZE, 1), [1, 1], 0, 255)
+    # the contrast / brightness draws are the paper recipe's, with or without the detector look
+    plain = augment_batch(images, base, tf.constant([2, 3])).numpy()
+    tiny_gamma = Augmentation(0.0, 0.2, 0.2, False, gamma=1e-6)
+    np.testing.assert_allclose(augment_batch(images, tiny_gamma, tf.constant([2, 3])).numpy(), plain, atol=0.05)
+
+
+def test_augmentation_from_settings_reads_a_run_and_takes_missing_fields_as_off():
+    old_run = {"augment_rotation_deg": 10.0, "augment_brightness": 0.1, "augment_contrast": 0.1,
+               "horizontal_flip": False}
+    assert Augmentation.from_settings(old_run) == Augmentation(10.0, 0.1, 0.1, False, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    new_run = {**old_run, "augment_scale": 0.1, "augment_gamma": 0.3, "augment_sharpness": 0.5, "augment_noise": 0.02}
+    aug = Augmentation.from_settings(new_run)
+    assert (aug.scale, aug.gamma, aug.sharpness, aug.noise) == (0.1, 0.3, 0.5, 0.02) and aug.detector
+
+
+def test_detector_look_reaches_the_training_pipeline(prepared):
+    aug = Augmentation(0.0, 0.0, 0.0, False, noise=0.05)
+    ds, _ = load_split(prepared, "train", spec(channels=3), training=True, batch_size=9, augmentation=aug)
+    images = next(iter(ds))[0].numpy()
+    assert images.reshape(9, -1).std(axis=1).max() > 1.0  # each PNG is flat: only noise gives spread
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])  # drawn on gray, then replicated
