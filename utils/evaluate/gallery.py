@@ -286,6 +286,11 @@ def _heatmap_for(heatmaps: Any, index: int) -> np.ndarray | None:
     return np.asarray(heatmaps[index], dtype=np.float32)
 
 
+def _short(name: str, width: int = 34) -> str:
+    """A file name cut in the middle to fit under a panel (the CSV keeps the full path)."""
+    return name if len(name) <= width else name[: width // 2 - 1] + "..." + name[-(width // 2 - 2):]
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
@@ -297,7 +302,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def write_error_gallery(path_png: str | os.PathLike, images_uint8: Any, y_true: Any, probs: Any,
                         class_names: Sequence[str], heatmaps: Any = None,
                         files: Sequence[str] | None = None, limit: int | None = DEFAULT_LIMIT, *,
-                        note: str | None = None) -> Path | None:
+                        note: str | None = None, positions: Sequence[int] | None = None,
+                        totals: tuple[int, int] | None = None) -> Path | None:
     """A grid of the most confident errors (see select_errors) as a PNG, and a CSV beside it.
 
     Each panel: the image in gray, the Grad-CAM map over it (``OVERLAY_CMAP``, alpha
@@ -318,6 +324,10 @@ def write_error_gallery(path_png: str | os.PathLike, images_uint8: Any, y_true: 
     true, predicted (class names), confidence (probability of the predicted class, 4 decimals),
     p_true (probability of the true class).
 
+    When the inputs are only the errors picked from a larger evaluation (so that not every image is
+    held in memory), ``positions`` gives each input's index in that evaluation (the CSV's index
+    column) and ``totals`` its (errors, images) counts for the title.
+
     Returns the PNG's path, or None, writing nothing, when there is no error.
     """
     t = np.asarray(y_true).astype(np.int64).reshape(-1)
@@ -327,7 +337,7 @@ def write_error_gallery(path_png: str | os.PathLike, images_uint8: Any, y_true: 
     if len(images_uint8) != t.size or (files is not None and len(files) != t.size):
         raise ValueError("images, files, y_true and probs must have the same length")
     chosen = select_errors(t, p, limit)
-    n_errors = select_errors(t, p, None).size
+    n_errors, n_images = totals if totals is not None else (select_errors(t, p, None).size, t.size)
     if chosen.size == 0:
         logger.info("no misclassified image: no error gallery")
         return None
@@ -353,19 +363,19 @@ def write_error_gallery(path_png: str | os.PathLike, images_uint8: Any, y_true: 
             ax.imshow(heat, cmap=OVERLAY_CMAP, alpha=OVERLAY_ALPHA, vmin=0.0, vmax=1.0,
                       extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
         ax.set_title(f"true {class_names[t[i]]} / pred {class_names[pred]} ({conf:.2f})", fontsize=8)
-        name = os.path.basename(os.fspath(files[i])) if files is not None else f"#{i}"
+        name = _short(os.path.basename(os.fspath(files[i]))) if files is not None else f"#{i}"
         ax.set_xlabel(name, fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
         rows.append({
-            "rank": rank, "index": i, "file": os.fspath(files[i]) if files is not None else "",
+            "rank": rank, "index": int(positions[i]) if positions is not None else i, "file": os.fspath(files[i]) if files is not None else "",
             "true": class_names[t[i]], "predicted": class_names[pred],
             "confidence": f"{conf:.4f}", "p_true": f"{float(p[i, t[i]]):.4f}",
         })
     for ax in axes[n:]:
         ax.set_axis_off()
-    title = (f"{n} most confident of {n_errors} errors ({t.size} images)" if n < n_errors
-             else f"{n_errors} errors ({t.size} images), most confident first")
+    title = (f"{n} most confident of {n_errors} errors ({n_images} images)" if n < n_errors
+             else f"{n_errors} errors ({n_images} images), most confident first")
     if heatmaps is not None:
         title += f"; Grad-CAM for the predicted class ({OVERLAY_CMAP})"
     if note:
@@ -390,7 +400,8 @@ def keras_model_of(model_or_predictor: Any) -> Any:
 
 def error_gallery(model_or_predictor: Any, files: Sequence[str] | None, images_uint8: Any,
                   y_true: Any, probs: Any, class_names: Sequence[str],
-                  out_dir: str | os.PathLike, limit: int | None = DEFAULT_LIMIT) -> Path | None:
+                  out_dir: str | os.PathLike, limit: int | None = DEFAULT_LIMIT, *,
+                  positions: Sequence[int] | None = None, totals: tuple[int, int] | None = None) -> Path | None:
     """Write ``out_dir``/error_gallery.png and error_gallery.csv for the most confident errors.
 
     ``images_uint8`` are the model's inputs (N, S, S, C) 0..255. Grad-CAM (for the predicted
@@ -417,7 +428,8 @@ def error_gallery(model_or_predictor: Any, files: Sequence[str] | None, images_u
             logger.warning("Grad-CAM failed (%s): error gallery without saliency", exc)
             note = f"no saliency: Grad-CAM failed ({type(exc).__name__})"
     return write_error_gallery(Path(out_dir) / GALLERY_PNG, images_uint8, y_true, p, class_names,
-                               heatmaps=heatmaps, files=files, limit=limit, note=note)
+                               heatmaps=heatmaps, files=files, limit=limit, note=note, positions=positions,
+                               totals=totals)
 
 
 __all__ = [

@@ -80,9 +80,14 @@ def write_gallery(predictor, files: list[str], cached: bool, y_true, probs, outp
               for i in shown]
     path = gallery.error_gallery(predictor, [files[i] for i in shown], to_model_input(np.stack(images), spec.channels),
                                  np.asarray(y_true)[shown], np.asarray(probs)[shown], spec.class_names, output_dir,
-                                 limit=GALLERY_LIMIT)
+                                 limit=GALLERY_LIMIT, positions=shown, totals=_totals(y_true, probs))
     if path is not None:
         log.info("wrote %s (%d errors shown)", path, len(shown))
+
+
+def _totals(y_true, probs) -> tuple[int, int]:
+    """(errors, images) of a whole evaluation, for the gallery's title."""
+    return len(gallery.select_errors(y_true, probs, None)), len(y_true)
 
 
 def evaluate_cv(cv_dir: str, settings: dict, output_dir: Path) -> dict:
@@ -116,8 +121,56 @@ def evaluate_cv(cv_dir: str, settings: dict, output_dir: Path) -> dict:
                                     "accuracy_spread": fold_spread(folds, "accuracy")}},
         coverage=coverage.to_dict(), target_accuracy=settings["target_accuracy"],
         calibration_bins=settings["calibration_bins"], stored_calibration=fold_calibration(oof, folds))
+    write_cv_gallery(cv_dir, oof, y_true, probs, names, output_dir)
     config.save_config({**settings, "model": cv_dir}, output_dir / reports.CONFIG_FILENAME)
     return results
+
+
+def write_cv_gallery(cv_dir: str, oof, y_true, probs, class_names, output_dir: Path) -> Path | None:
+    """error_gallery.png/.csv of a cross-validation: the most confident out-of-fold errors, each with
+    the Grad-CAM of the fold model that predicted it (the one that never saw its patient). The
+    images are the prepared PNGs the fold models were fed; a fold whose model or images cannot be
+    read leaves its panels without saliency (logged), never the evaluation."""
+    import cv2
+    import numpy as np
+
+    from utils.artifacts import run_dir
+    from utils.infer.predictor import load_predictor
+
+    shown = gallery.select_errors(y_true, probs, GALLERY_LIMIT)
+    if not len(shown):
+        for name in (gallery.GALLERY_PNG, gallery.GALLERY_CSV):
+            (output_dir / name).unlink(missing_ok=True)
+        return None
+    files = [str(oof["file"].iloc[i]) for i in shown]
+    images = [cv2.imread(f, cv2.IMREAD_GRAYSCALE) for f in files]
+    if any(image is None for image in images):
+        missing = next(f for f, image in zip(files, images) if image is None)
+        log.warning("no error gallery: cannot read %s (run test.py where the cross-validation's data is)", missing)
+        return None
+    probs_shown = np.asarray(probs)[shown]
+    heatmaps, failed = {}, []
+    folds = oof["fold"].to_numpy()[shown]
+    for fold in sorted(set(folds.tolist())):
+        positions = np.flatnonzero(folds == fold)
+        try:
+            predictor = load_predictor(str(run_dir.fold_dir(cv_dir, int(fold) - 1)))
+            spec = predictor.spec
+            from utils.preprocessing import to_model_input
+
+            batch = to_model_input(np.stack([images[i] for i in positions]), spec.channels)
+            maps = gallery.grad_cam(gallery.keras_model_of(predictor), batch, probs_shown[positions].argmax(axis=1))
+            heatmaps.update({int(i): m for i, m in zip(positions, maps)})
+        except Exception as error:  # noqa: BLE001 - the gallery is worth having without a fold's maps
+            log.warning("fold %s: no Grad-CAM in the error gallery (%s)", fold, error)
+            failed.append(str(fold))
+    note = f"no saliency for fold {', '.join(failed)}" if failed else None
+    path = gallery.write_error_gallery(output_dir / gallery.GALLERY_PNG, np.stack(images), np.asarray(y_true)[shown],
+                                       probs_shown, class_names, heatmaps=heatmaps, files=files, limit=GALLERY_LIMIT,
+                                       note=note, positions=shown, totals=_totals(y_true, probs))
+    if path is not None:
+        log.info("wrote %s (%d out-of-fold errors shown, each with its fold model's Grad-CAM)", path, len(shown))
+    return path
 
 
 def fold_calibration(oof, folds: list[dict]) -> dict | None:

@@ -281,3 +281,12 @@ def test_error_gallery_with_and_without_a_keras_model(tmp_path, trained):
     assert gallery.error_gallery(trained, files, images, y, np.eye(2)[y], ["none", "square"],
                                  tmp_path / "none") is None
     assert not (tmp_path / "none").exists()
+
+
+def test_a_gallery_of_errors_picked_from_a_larger_evaluation_names_their_positions_and_totals(tmp_path):
+    images = np.full((2, 16, 16), 90, np.uint8)
+    y_true, probs = np.array([0, 1]), np.array([[0.2, 0.8], [0.9, 0.1]])
+    path = gallery.write_error_gallery(tmp_path / "g.png", images, y_true, probs, ["a", "b"], positions=[41, 7],
+                                       totals=(5, 300))
+    assert "2 most confident of 5 errors (300 images)" in _png_title(path)
+    assert [r["index"] for r in _read_csv(tmp_path / "g.csv")] == ["7", "41"]  # most confident error first

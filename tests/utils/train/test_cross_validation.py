@@ -62,6 +62,16 @@ def test_cross_validation_pools_out_of_fold_predictions(tiny_demo, tmp_path, cap
     assert results["bootstrap"]["unit"] == "group"
     assert results["extra"]["cross_validation"]["folds"] == 2
     assert "## Cross-validation" in (cv / "eval-cv" / "results.md").read_text()
+    # the error gallery: out-of-fold errors, each with the Grad-CAM of the fold model that predicted it
+    errors = oof[~oof["correct"]]
+    if len(errors):
+        from PIL import Image
+
+        shown = pd.read_csv(cv / "eval-cv" / "error_gallery.csv")
+        assert 0 < len(shown) <= min(len(errors), 24) and set(shown["file"]) <= set(errors["file"])
+        title = Image.open(cv / "eval-cv" / "error_gallery.png").text.get("Title", "")
+        assert f"{len(errors)} errors ({len(oof)} images)" in title and "no saliency" not in title
+        assert [oof["file"][i] for i in shown["index"]] == shown["file"].tolist()  # index: the row of oof
     # each fold model served with its own calibration, judged on the images it never saw
     assert len(results["confidence"]["temperature"]) == 2 and results["confidence"]["stored_threshold"] == "per fold"
     oof = pd.read_csv(cv / "oof_predictions.csv")
