@@ -57,6 +57,8 @@ def test_train_resume_and_evaluate(small_demo, tmp_path):
     assert (run / "tensorboard").is_dir()
     info = read_model_info(run)
     assert info.spec.image_size == 64 and info.spec.class_names == demo.DEMO_CLASSES and info.backbone == "mobilenet_v1"
+    first_seconds = json.loads((run / "config.json").read_text())["train_seconds"]
+    assert first_seconds > 0  # what the run cost, in the run
     # a second run into the same directory without --resume is refused
     assert training.main(common + ["--epochs", "1"]) == 2
     # --resume continues where it stopped, with the saved settings and optimizer state; --epochs trains longer
@@ -66,6 +68,7 @@ def test_train_resume_and_evaluate(small_demo, tmp_path):
     payload = json.loads((run / "config.json").read_text())
     assert payload["config"]["epochs"] == 2 and payload["config"]["phases"] == [[0, 1, False], [1, 2, False]]
     assert payload["resumes"][0]["after_epoch"] == 1 and payload["resumes"][0]["epochs"] == 2
+    assert payload["train_seconds"] > first_seconds  # summed over the resume
     assert read_model_info(run / "last.keras").extra["epoch"] == 2
     assert (log["learning_rate"] < 1e-6).all()  # the added epoch has a one-cycle of its own
     assert {"loss", "accuracy", "macro_f1", "val_macro_f1", "val_accuracy", "learning_rate"} <= set(log.columns)

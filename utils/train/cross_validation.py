@@ -111,7 +111,8 @@ def pool_predictions(parent: Path, settings: dict[str, Any], *, progress: bool =
                         "skipped": len(errors), "groups": int(part["group"].nunique()),
                         "macro_f1": None if point is None else float(point["macro_f1"]),
                         "accuracy": None if point is None else float(point["accuracy"]),
-                        "model_id": predictor.model_id, "temperature": temperature, "threshold": threshold})
+                        "model_id": predictor.model_id, "temperature": temperature, "threshold": threshold,
+                        "train_seconds": R.read_config(R.fold_dir(parent, index)).get("train_seconds")})
         log.info("fold %d: %d images predicted, %d skipped, macro F1 %s", index + 1, len(part), len(errors),
                  "n/a" if point is None else f"{point['macro_f1']:.3f}")
     dataset_files.write_csv(pd.DataFrame(rows), parent / R.OOF_PREDICTIONS)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,7 @@ def train(args, settings: dict[str, Any]) -> Path:
             return run_dir
 
         model = None
+        started = time.monotonic()
         with strategy.scope():
             if resume_payload is not None:
                 _trim_log(run_dir, done)
@@ -293,7 +295,16 @@ def train(args, settings: dict[str, Any]) -> Path:
             best = next(c for c in callbacks if isinstance(c, T.Checkpoints)).best
             done = phase.end
         calibrate_after_training(run_dir, data_dir, val_rows)  # temperature + threshold into best.keras
+        _add_train_seconds(run_dir, time.monotonic() - started)
         return run_dir
+
+
+def _add_train_seconds(run_dir: Path, seconds: float) -> None:
+    """config.json ``train_seconds``: the wall-clock seconds spent training and calibrating this run,
+    summed over every resume (what a recipe costs; the machine is in ``environment``)."""
+    payload = R.read_config(run_dir)
+    payload["train_seconds"] = round(float(payload.get("train_seconds", 0.0)) + seconds, 1)
+    R.write_config(run_dir, payload)
 
 
 def _build(settings: dict[str, Any], spec: PreprocessSpec):

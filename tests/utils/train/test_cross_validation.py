@@ -40,6 +40,7 @@ def test_cross_validation_pools_out_of_fold_predictions(tiny_demo, tmp_path, cap
                           "--quiet", "--seed", "3"]) == 0
     info = json.loads((cv / "cv.json").read_text())
     assert [f["fold"] for f in info["folds"]] == [1, 2]
+    assert all(f["train_seconds"] > 0 for f in info["folds"])  # what each fold cost
     for index in (1, 2):
         saved = json.loads((cv / f"fold-{index}" / "config.json").read_text())["config"]
         assert saved["fold"] == index - 1 and saved["folds"] == 2
@@ -72,6 +73,14 @@ def test_cross_validation_pools_out_of_fold_predictions(tiny_demo, tmp_path, cap
         title = Image.open(cv / "eval-cv" / "error_gallery.png").text.get("Title", "")
         assert f"{len(errors)} errors ({len(oof)} images)" in title and "no saliency" not in title
         assert [oof["file"][i] for i in shown["index"]] == shown["file"].tolist()  # index: the row of oof
+    # bench/recipes.py compares cross-validations by these results, one row each
+    from bench import recipes as recipes_table
+
+    capsys.readouterr()
+    assert recipes_table.main([str(cv), "--output", str(tmp_path / "recipes.md")]) == 0
+    line = next(x for x in (tmp_path / "recipes.md").read_text().splitlines() if x.startswith("| cv |"))
+    assert "(baseline)" in line and f"{results['metrics']['macro_f1']['value']:.3f} (" in line
+    assert line.rstrip(" |").split("| ")[-1].strip().isdigit()  # recorded train minutes, no file-time star
     # each fold model served with its own calibration, judged on the images it never saw
     assert len(results["confidence"]["temperature"]) == 2 and results["confidence"]["stored_threshold"] == "per fold"
     oof = pd.read_csv(cv / "oof_predictions.csv")
