@@ -179,3 +179,9 @@ ROUTER_MAX_ATTEMPTS: int = 10  # an object its destination refuses this often is
 ROUTER_MAX_ATTEMPTS_RANGE: str = "[1, inf)"
 ROUTER_MAX_CLASSIFY_ATTEMPTS: int = 3  # an object whose classification dies this often (crash, kill) goes to "unreadable"
 ROUTER_MAX_CLASSIFY_ATTEMPTS_RANGE: str = "[1, inf)"
+# Free-space reserve on the spool's filesystem: below it new objects are refused (0xA700, the sender
+# keeps its copy) while classification and forwarding go on, so the spool drains instead of deadlocking.
+ROUTER_MIN_FREE_MB: int = 100  # room to drain (database commits, audit lines, quarantine copies); objects in flight are counted on top; 0 = off
+ROUTER_MIN_FREE_MB_RANGE: str = "[0, inf)"
+ROUTER_MIN_FREE_PERCENT: float = 0.0  # also keep this % of the filesystem free (the larger of the two counts); 0 = off
+ROUTER_MIN_FREE_PERCENT_RANGE: str = "[0, 50]"

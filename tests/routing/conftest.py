@@ -273,7 +273,9 @@ def storescu(targets: list[Path] | Path, port: int, config_dir: Path, *, timeout
 def write_config(path: Path, *, port: int, spool: Path, model: Path, destinations: dict, **extra) -> Path:
     config = {"ae_title": "ROUTER", "host": "127.0.0.1", "port": port, "model": str(model), "threshold": THRESHOLD,
               "spool_dir": str(spool), "batch_size": 8, "batch_wait_ms": 100, "retry_initial_s": 0.2,
-              "retry_max_s": 1.0, "max_attempts": 3, "destinations": destinations, **extra}
+              "retry_max_s": 1.0, "max_attempts": 3, "destinations": destinations,
+              "min_free_mb": 1,  # the default reserve (500 MB) would refuse everything on a small CI disk
+              **extra}
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -10,10 +10,16 @@ Events (each with ``time`` in UTC ISO 8601 and ``event``; per-object events carr
 - ``forwarded``: destination, status (``0x0000``, a warning, ``retry`` or ``failed``), detail;
 - ``quarantined``: destination, reason;
 - ``destination_down`` / ``destination_up`` (no SOP instance UID): node, reason;
-- ``started`` / ``recovered`` / ``stopped``: what the router did at start and stop.
+- ``started`` / ``recovered`` / ``stopped``: what the router did at start and stop;
+- ``reception_paused`` / ``reception_resumed``: the spool's filesystem went below / back above
+  its free-space reserve (utils/routing/space.py).
 
 Lines are written with one ``os.write`` on an O_APPEND descriptor, so they stay whole even with
-several threads, and reach the OS before the call returns (a kill -9 loses none).
+several threads, and reach the OS before the call returns (a kill -9 loses none). A line is
+written after the queue commit it reports for ``received`` and ``classified`` (what they record,
+the item id, exists only then) and before it for ``forwarded`` / ``quarantined`` (they record the
+destination's answer); a kill between a commit and its line is repaired at the next start by
+:mod:`utils.routing.reconcile`, which writes the missing line with ``"reconciled": true``.
 """
 
 from __future__ import annotations
@@ -26,12 +32,18 @@ from pathlib import Path
 from typing import Any
 
 
+class AuditWriteError(OSError):
+    """A line could not be appended to the audit log (disk full, I/O error)."""
+
+
 class AuditLog:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._lock = threading.Lock()
+        if not _ends_with_newline(self.path):  # a line torn by a crash: start the next one on its own line
+            os.write(self._fd, b"\n")
 
     def write(self, event: str, **fields: Any) -> None:
         record = {"time": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"), "event": event}
@@ -39,13 +51,30 @@ class AuditLog:
         line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
         with self._lock:
             if self._fd >= 0:
-                os.write(self._fd, line)
+                try:
+                    os.write(self._fd, line)
+                except OSError as error:
+                    raise AuditWriteError(error.errno, f"audit log {self.path}: could not write {event}: "
+                                                       f"{error.strerror}") from error
+
+    def size(self) -> int:
+        """Bytes in the log now (where the next line starts)."""
+        return os.fstat(self._fd).st_size
 
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() == 0:
+            return True
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
 
 
 def read_audit(path: str | os.PathLike) -> list[dict[str, Any]]:

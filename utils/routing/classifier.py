@@ -18,6 +18,11 @@ earlier attempt are classified one at a time, so a crash counts against the obje
 classified only. A batch that fails is split in halves until the failing objects are alone; a
 failure where nothing at all could be classified (the model, the database) gives the attempts
 back and pauses instead, so it never turns good objects unreadable.
+
+Decisions that cannot be recorded (:class:`~utils.routing.queue.SpoolWriteError`: the spool's
+disk is full, an I/O error) are nobody's fault: the batch is not split, its attempts are given
+back (should that fail too, before anything else is tried: :meth:`Classifier._return_owed`), and
+the classifier pauses ``ERROR_PAUSE_S`` and tries again, for as long as it takes.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from utils.infer.decisions import UNREADABLE, tag_disagrees
 from utils.infer.engine import Engine
 from utils.io.isolation import PoolSettings
 from utils.routing.audit import AuditLog
-from utils.routing.queue import Classification, QueueItem, SpoolQueue
+from utils.routing.queue import Classification, QueueItem, SpoolQueue, SpoolWriteError
 from utils.routing.worker import FATAL, WakeableThread
 
 log = logging.getLogger(__name__)
@@ -94,11 +99,13 @@ class Classifier(WakeableThread):
                              threshold=threshold, pool=pool)  # its worker processes start on first use
         self.on_classified = on_classified
         self.batches = 0  # model calls so far (for tests and the bench)
+        self._owed: list[QueueItem] = []  # counted attempts to give back (the database refused it last time)
 
     def run(self) -> None:
         with self._decoding():
             while not self._halt.is_set():
                 try:
+                    self._return_owed()  # no new attempt is counted while earlier ones are owed
                     items = self._next_batch()
                     if items:
                         self._classify_isolating(items)
@@ -158,6 +165,9 @@ class Classifier(WakeableThread):
             raise
         except BaseException as error:  # noqa: BLE001 - a codec's panic is a BaseException
             left = self.queue.still_received(started)
+            if isinstance(error, SpoolWriteError):  # the decisions could not be recorded: not these objects' fault
+                self._give_back(left)
+                raise
             done = len(started) - len(left)
             if not left:  # every decision was recorded; what failed came after
                 self._report_error(error, "after its decisions were recorded", objects=len(started))
@@ -166,7 +176,8 @@ class Classifier(WakeableThread):
                 return done, [(left[0], error)]
             log.info("a batch of %d objects failed (%s: %s); classifying it in halves", len(left),
                      type(error).__name__, error)
-            self.queue.return_classification_attempts(left)
+            if not self._give_back(left):
+                raise  # cannot give the attempts back: no new ones either; the loop pauses and retries
             half = len(left) // 2
             done_a, failed_a = self._attempt(left[:half])
             done_b, failed_b = self._attempt(left[half:])
@@ -195,8 +206,28 @@ class Classifier(WakeableThread):
             else:
                 systemic.append(item)
         if systemic:
-            self.queue.return_classification_attempts(systemic)
+            self._give_back(systemic)
             self._pause_after(failures[0][1], objects=len(systemic))
+
+    def _give_back(self, items: list[QueueItem]) -> bool:
+        """Return the attempts counted for ``items``; if the database refuses, keep them owed (returned before the
+        next batch starts, see ``_return_owed``). True when nothing is owed any more."""
+        known = {i.id for i in self._owed}
+        self._owed += [i for i in items if i.id not in known]
+        try:
+            self._return_owed()
+        except SpoolWriteError as error:
+            log.error("could not give %d classification attempts back (%s); trying again before the next batch",
+                      len(self._owed), error)
+            return False
+        return True
+
+    def _return_owed(self) -> None:
+        """Give back the attempts still owed; SpoolWriteError (the loop pauses and comes back) if it cannot."""
+        if self._owed:
+            self.queue.return_classification_attempts(self._owed)
+            log.info("gave %d classification attempts back", len(self._owed))
+            self._owed = []
 
     def _give_up(self, items: list[QueueItem]) -> None:
         """Route objects out of attempts to ``unreadable`` with the reason, without decoding them again."""

@@ -110,6 +110,8 @@ class RouterConfig:
     decode_pool: str = constants.DECODE_POOL
     decode_timeout_s: float = constants.DECODE_TIMEOUT_S
     decode_memory_limit_mb: int = constants.DECODE_MEMORY_LIMIT_MB
+    min_free_mb: int = constants.ROUTER_MIN_FREE_MB  # free-space reserve of the spool's filesystem (utils/routing/space.py)
+    min_free_percent: float = constants.ROUTER_MIN_FREE_PERCENT
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

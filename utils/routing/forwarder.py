@@ -12,22 +12,33 @@ decompression). Outcomes:
   (``retry_initial_s`` doubling up to ``retry_max_s``) and is retried for as long as it takes;
 - the destination refuses this object (failure status, or no presentation context for its SOP
   class and transfer syntax): this object is retried with backoff, and after ``max_attempts``
-  marked ``failed`` with the reason (the file stays in the spool; ``--requeue-failed``).
+  marked ``failed`` with the reason (the file stays in the spool; ``--requeue-failed``);
+- the outcome cannot be recorded (the spool database or the audit log cannot be written: disk
+  full, I/O error): nobody's fault; the forwarder waits with the same backoff and tries again,
+  the destination is not reported down (an object confirmed but not recorded is sent again).
+
+Each outcome is written to the audit log *before* the queue commit that records it: the line
+states what the destination answered, so a kill between the two leaves the line (and, at worst,
+a second delivery with a second line after the restart), never a delivered object without one.
+
+A folder copy is written as ``.<32 hex digits>.part`` and linked to its name once complete and
+fsynced; :func:`remove_partial_copies` deletes what a kill left of those at start-up.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
 from pathlib import Path
 
 from utils.infer.decisions import UNREADABLE
-from utils.routing.audit import AuditLog
+from utils.routing.audit import AuditLog, AuditWriteError
 from utils.routing.config import Destination, RouterConfig
-from utils.routing.queue import FORWARDED, QUARANTINED, QueueItem, SpoolQueue, fsync_dir
+from utils.routing.queue import FORWARDED, QUARANTINED, QueueItem, SpoolQueue, SpoolWriteError, fsync_dir
 from utils.routing.scp import set_tcp_nodelay
 from utils.routing.worker import FATAL, WakeableThread
 
@@ -36,6 +47,7 @@ log = logging.getLogger(__name__)
 BATCH = 64  # objects sent per association at most
 MAX_CONTEXTS = 127  # presentation contexts one association may propose (128, PS3.8), less Verification
 TIMEOUT_S = 60  # ACSE / DIMSE / network timeout towards a destination
+PARTIAL_COPY = re.compile(r"\.[0-9a-f]{32}\.part")  # the name of a folder copy being written (_copy_durably)
 
 
 def backoff(attempt: int, initial: float, maximum: float) -> float:
@@ -85,6 +97,7 @@ class _Worker(WakeableThread):
         self.config = config
         self.down_since: float | None = None
         self.failures = 0  # consecutive times the destination was unreachable
+        self.record_failures = 0  # consecutive times an outcome could not be recorded (spool database, audit log)
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -99,13 +112,30 @@ class _Worker(WakeableThread):
                 problem = self.deliver(items)
             except FATAL:
                 raise
+            except (SpoolWriteError, AuditWriteError) as error:  # not the destination's fault: wait, try again
+                self._cannot_record(error)
+                continue
             except BaseException as error:  # not only Exception: a thread that lets one out dies
                 log.exception("forwarding to %s failed", self.destination.node)
                 problem = f"{type(error).__name__}: {error}"
+            if self.record_failures:
+                log.info("forwarding to %s records its outcomes again", self.destination.node)
+                self.record_failures = 0
             if problem:
                 self._down(problem)
             elif self.failures:
                 self._up()
+
+    def _cannot_record(self, error: Exception) -> None:
+        """An outcome could not be written (disk full?): back off and retry, as long as it takes."""
+        self.record_failures += 1
+        delay = backoff(self.record_failures, self.config.retry_initial_s, self.config.retry_max_s)
+        log.error("forwarding to %s paused: %s; retrying in %.1f s", self.destination.node, error, delay)
+        try:
+            self.audit.write("forwarder_error", destination=self.destination.node, error=str(error), pause_s=delay)
+        except AuditWriteError:
+            pass  # the audit log is what failed; logged above
+        self._halt.wait(delay)
 
     def _down(self, reason: str) -> None:
         self.failures += 1
@@ -127,22 +157,23 @@ class _Worker(WakeableThread):
         raise NotImplementedError
 
     def _done(self, item: QueueItem, status: str, detail: str = "") -> None:
+        """The destination confirmed: audit it, then commit it (the line first: see the module's docstring)."""
         state = QUARANTINED if item.route == UNREADABLE else FORWARDED
-        self.queue.mark_done(item, state, detail)
         self.audit.write("quarantined" if state == QUARANTINED else "forwarded", sop_instance_uid=item.sop_instance_uid,
                          item=item.id, label=item.label, destination=self.destination.node, status=status,
                          detail=detail or None, reason=item.reason or None)
+        self.queue.mark_done(item, state, detail)
 
     def _refused(self, item: QueueItem, reason: str) -> None:
         attempts = item.attempts + 1
         give_up = attempts >= self.config.max_attempts
         delay = backoff(attempts, self.config.retry_initial_s, self.config.retry_max_s)
-        self.queue.defer(item, reason, delay=delay, give_up=give_up)
         log.warning("%s refused %s (attempt %d%s): %s", self.destination.node, item.sop_instance_uid, attempts,
                     ", giving up" if give_up else "", reason)
         self.audit.write("forwarded", sop_instance_uid=item.sop_instance_uid, item=item.id, label=item.label,
                          destination=self.destination.node, status="failed" if give_up else "retry",
                          detail=reason, attempts=attempts)
+        self.queue.defer(item, reason, delay=delay, give_up=give_up)
 
 
 class DicomForwarder(_Worker):
@@ -216,6 +247,7 @@ class FolderForwarder(_Worker):
         for item in items:
             if self._halt.is_set():
                 break
+            target = None
             try:
                 target = _copy_durably(self.queue.path(item), folder, item.sop_instance_uid or Path(item.file).stem)
                 sidecar = {k: getattr(item, k) for k in ("sop_instance_uid", "sop_class_uid", "transfer_syntax",
@@ -223,6 +255,9 @@ class FolderForwarder(_Worker):
                 sidecar["received_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(item.received_at))
                 target.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
             except OSError as error:
+                if target is not None:  # no copy without its reason: the retry writes both again
+                    for path in (target, target.with_suffix(".json")):
+                        path.unlink(missing_ok=True)
                 return f"cannot write into {folder}: {error}"
             self._done(item, "stored", str(target))
         return None
@@ -230,12 +265,12 @@ class FolderForwarder(_Worker):
 
 def _copy_durably(source: Path, folder: Path, stem: str) -> Path:
     """Copy into ``folder`` as ``stem.dcm`` (``stem_1.dcm``... if taken), fsynced; never overwrites."""
-    temporary = folder / f".{uuid.uuid4().hex}.part"
-    with open(source, "rb") as src, open(temporary, "xb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-        dst.flush()
-        os.fsync(dst.fileno())
+    temporary = folder / f".{uuid.uuid4().hex}.part"  # PARTIAL_COPY; what a kill leaves: remove_partial_copies
     try:
+        with open(source, "rb") as src, open(temporary, "xb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
         for n in range(10_000):
             target = folder / (f"{stem}.dcm" if n == 0 else f"{stem}_{n}.dcm")
             try:
@@ -247,6 +282,30 @@ def _copy_durably(source: Path, folder: Path, stem: str) -> Path:
         raise FileExistsError(f"{folder}: too many files named {stem}")
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def remove_partial_copies(folder: Path) -> list[Path]:
+    """Delete the unfinished copies (``.<32 hex>.part``) a kill left in a folder destination; the paths deleted.
+
+    Called at start-up, before any forwarder runs. Only names that ``_copy_durably`` makes are
+    touched. Should another router be copying into the same folder right now, its copy fails to
+    link and is simply retried (nothing is lost: its spool file stays until a copy is complete).
+    """
+    removed = []
+    try:
+        candidates = [p for p in Path(folder).iterdir() if PARTIAL_COPY.fullmatch(p.name)]
+    except FileNotFoundError:
+        return []
+    for path in candidates:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    if removed:
+        log.warning("%s: removed %d unfinished copies (%s) left by an earlier stop", folder, len(removed),
+                    ", ".join(p.name for p in removed[:5]) + (", ..." if len(removed) > 5 else ""))
+    return removed
 
 
 def make_forwarders(config: RouterConfig, queue: SpoolQueue, audit: AuditLog) -> list[_Worker]:

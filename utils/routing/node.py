@@ -16,6 +16,12 @@ decoder), stops the whole node: the SCP stops accepting, the failure is logged a
 ``EXIT_WORKER_FAILED`` so that its supervisor (systemd ``Restart=on-failure``, a container
 restart policy) starts it again. A restart recovers the queue; the object being classified when
 it failed has its attempt counted and is given up after ``max_classify_attempts``.
+
+Start-up repairs what a stop left behind before anything runs: the queue (``SpoolQueue.recover``),
+unfinished copies in folder destinations (``remove_partial_copies``) and audit lines a crash cost
+(``reconcile_audit``); the ``recovered`` audit event counts all of it. The watchdog also looks at
+the free space of the spool's filesystem (``ReceptionGate.refresh``), so that reception pauses and
+resumes with it even while nothing arrives.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from utils.io.isolation import PoolSettings
 from utils.routing.audit import AuditLog
 from utils.routing.classifier import Classifier, warm_up
 from utils.routing.config import RouterConfig
-from utils.routing.forwarder import enable_raw_sending, make_forwarders
+from utils.routing.forwarder import enable_raw_sending, make_forwarders, remove_partial_copies
 from utils.routing.queue import SpoolQueue
+from utils.routing.reconcile import reconcile_audit
 from utils.routing.scp import StoreHandler, start_scp
+from utils.routing.space import ReceptionGate
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,7 @@ class RouterNode:
         self.audit: AuditLog | None = None
         self.classifier: Classifier | None = None
         self.forwarders: list = []
+        self.gate: ReceptionGate | None = None  # the free-space reserve of the spool's filesystem
         self.ae = None
         self.server = None
         self.failure: str | None = None  # why the watchdog stopped the node
@@ -91,6 +100,11 @@ class RouterNode:
     def _start(self) -> None:
         config = self.config
         report = self.queue.recover()
+        folders = {d.folder for d in config.destinations.values() if d.is_folder}
+        report["partial_copies_deleted"] = sum(len(remove_partial_copies(f)) for f in sorted(folders))
+        nodes = {route: d.node for route, d in config.destinations.items()}
+        reconciled = reconcile_audit(self.queue, self.audit, lambda route: nodes.get(route, route))
+        report["audit_reconciled"] = sum(reconciled.values())
         self.audit.write("recovered", **report)
         log.info("spool %s: %s", config.spool_dir, report)
         if self.predictor is None:
@@ -115,7 +129,9 @@ class RouterNode:
         for thread in [*self.forwarders, self.classifier]:
             thread.start()
         threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
-        handler = StoreHandler(self.queue, self.audit, self.classifier.wake)
+        self.gate = ReceptionGate(config.spool_dir, config.min_free_mb, config.min_free_percent, self.audit)
+        self.gate.refresh()  # already below the reserve: say so before the first object arrives
+        handler = StoreHandler(self.queue, self.audit, self.classifier.wake, self.gate)
         self.ae, self.server = start_scp(config, handler)
         self.audit.write("started", ae_title=config.ae_title, port=self.port, model_id=self.predictor.model_id,
                          threshold=self.threshold, threshold_setting=config.threshold,
@@ -136,6 +152,11 @@ class RouterNode:
             if problem:
                 self._fail(problem)
                 return
+            if self.gate is not None:
+                try:
+                    self.gate.refresh()
+                except Exception:  # the watchdog must keep watching
+                    log.exception("could not check the free space of the spool's filesystem")
 
     def check_workers(self) -> str | None:
         """What is wrong with the worker threads: one died, or the classifier hangs; None when all is well."""

@@ -27,10 +27,16 @@ survived (file deleted), an unfinished row (it simply stays in the queue and is 
 Delivery is at least once: an object can reach its destination twice if the router dies between
 the destination's confirmation and the commit that records it, which DICOM receivers tolerate
 (same SOP Instance UID).
+
+A change that cannot be recorded (``database or disk is full``, an I/O error) raises
+:class:`SpoolWriteError` and leaves the database as it was (a transaction whose COMMIT failed is
+rolled back, never left open), so the caller can simply try again later; the workers treat it as
+nobody's fault (no destination marked down, no classification attempt counted against an object).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -39,7 +45,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -71,17 +77,24 @@ CREATE TABLE IF NOT EXISTS items (
     received_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     classify_attempts INTEGER NOT NULL DEFAULT 0,
-    classify_reason TEXT NOT NULL DEFAULT ''
+    classify_reason TEXT NOT NULL DEFAULT '',
+    classified_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS items_state ON items (state, route, next_attempt);
 CREATE INDEX IF NOT EXISTS items_sop ON items (sop_instance_uid);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # Columns added after the first release: (name, definition); added in place to older spool databases.
-_ADDED_COLUMNS = (("classify_attempts", "INTEGER NOT NULL DEFAULT 0"), ("classify_reason", "TEXT NOT NULL DEFAULT ''"))
+_ADDED_COLUMNS = (("classify_attempts", "INTEGER NOT NULL DEFAULT 0"), ("classify_reason", "TEXT NOT NULL DEFAULT ''"),
+                  ("classified_at", "REAL NOT NULL DEFAULT 0"))
 
 
 class SpoolLockedError(RuntimeError):
     """Another router process is using this spool folder."""
+
+
+class SpoolWriteError(RuntimeError):
+    """A change could not be recorded in the spool database (disk full, I/O error); nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ class QueueItem:
     updated_at: float
     classify_attempts: int = 0  # classifications started (committed before decoding); see start_classification
     classify_reason: str = ""  # why the classifier routed it "unreadable"; kept when delivery problems fill ``reason``
+    classified_at: float = 0.0  # when the decision was committed (0: not classified, or before this column)
 
 
 @dataclass(frozen=True)
@@ -144,6 +158,7 @@ class SpoolQueue:
             self._lock_file.close()
             raise SpoolLockedError(f"{self.root} is in use by another router process") from error
         self._lock = threading.RLock()
+        self.recovered_orphans: list[QueueItem] = []  # items registered by the last recover() from files without a row
         self._db = sqlite3.connect(self.root / "queue.sqlite3", check_same_thread=False, isolation_level=None,
                                    timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -169,11 +184,15 @@ class SpoolQueue:
             return _item(row), True
         name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.dcm"
         partial = self.incoming / (name + ".part")
-        with open(partial, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(partial, self.files / name)
+        try:
+            with open(partial, "xb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.rename(partial, self.files / name)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # never acknowledged; a full disk gets its space back at once
+            raise
         fsync_dir(self.files)
         item = self._insert(name, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, digest, len(data))
         return item, False
@@ -181,7 +200,7 @@ class SpoolQueue:
     def _insert(self, name: str, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, calling_ae: str,
                 digest: str, size: int) -> QueueItem:
         now = time.time()
-        with self._lock:
+        with self._lock, self._writing(f"record the received object {sop_instance_uid}"):
             cursor = self._db.execute(
                 "INSERT INTO items (file, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, sha256, size,"
                 " state, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -247,12 +266,12 @@ class SpoolQueue:
     def set_classified(self, decisions: Sequence[Classification]) -> None:
         """Record a batch of decisions in one transaction."""
         now = time.time()
-        with self._lock, self._transaction():
+        with self._lock, self._transaction(f"record {len(decisions)} classifications"):
             self._db.executemany(
                 "UPDATE items SET state = ?, label = ?, confidence = ?, model_id = ?, route = ?, reason = ?,"
-                " classify_reason = ?, next_attempt = 0, updated_at = ? WHERE id = ? AND state = ?",
-                [(CLASSIFIED, d.label, d.confidence, d.model_id, d.route, d.reason, d.reason, now, d.item_id, RECEIVED)
-                 for d in decisions])
+                " classify_reason = ?, next_attempt = 0, updated_at = ?, classified_at = ? WHERE id = ? AND state = ?",
+                [(CLASSIFIED, d.label, d.confidence, d.model_id, d.route, d.reason, d.reason, now, now, d.item_id,
+                  RECEIVED) for d in decisions])
 
     def start_classification(self, items: Iterable[QueueItem]) -> list[QueueItem]:
         """Count one classification attempt for each item still received; committed before returning.
@@ -264,7 +283,7 @@ class SpoolQueue:
         if not ids:
             return []
         marks = ",".join("?" * len(ids))
-        with self._lock, self._transaction():
+        with self._lock, self._transaction("count classification attempts"):
             self._db.execute(f"UPDATE items SET classify_attempts = classify_attempts + 1, updated_at = ?"
                              f" WHERE id IN ({marks}) AND state = ?", (time.time(), *ids, RECEIVED))
         return self.still_received(items)
@@ -275,13 +294,13 @@ class SpoolQueue:
         if not ids:
             return
         marks = ",".join("?" * len(ids))
-        with self._lock, self._transaction():
+        with self._lock, self._transaction("give classification attempts back"):
             self._db.execute(f"UPDATE items SET classify_attempts = MAX(0, classify_attempts - 1)"
                              f" WHERE id IN ({marks}) AND state = ?", (*ids, RECEIVED))
 
     def note_classification_failure(self, item: QueueItem, reason: str) -> None:
         """Keep why an attempt failed (shown by ``--status``, used as the reason if it is given up)."""
-        with self._lock:
+        with self._lock, self._writing("note a classification failure"):
             self._db.execute("UPDATE items SET reason = ?, updated_at = ? WHERE id = ? AND state = ?",
                              (reason, time.time(), item.id, RECEIVED))
 
@@ -289,7 +308,7 @@ class SpoolQueue:
         """The destination confirmed: record it, then delete the spool file."""
         if state not in DONE:
             raise ValueError(f"not a final state: {state}")
-        with self._lock:
+        with self._lock, self._writing(f"record the delivery of item {item.id}"):
             self._db.execute("UPDATE items SET state = ?, reason = CASE WHEN ? = '' THEN reason ELSE ? END,"
                              " attempts = attempts + 1, updated_at = ? WHERE id = ?",
                              (state, detail, detail, time.time(), item.id))
@@ -297,7 +316,7 @@ class SpoolQueue:
 
     def defer(self, item: QueueItem, reason: str, *, delay: float, give_up: bool = False) -> QueueItem:
         """A failed attempt for this item: try again after ``delay`` seconds, or mark it failed."""
-        with self._lock:
+        with self._lock, self._writing(f"record a failed delivery of item {item.id}"):
             self._db.execute("UPDATE items SET state = ?, reason = ?, attempts = attempts + 1, next_attempt = ?,"
                              " updated_at = ? WHERE id = ?",
                              (FAILED if give_up else CLASSIFIED, reason, time.time() + delay, time.time(), item.id))
@@ -315,9 +334,8 @@ class SpoolQueue:
         with self._lock:
             rows = {r["file"]: (r["id"], r["state"]) for r in self._db.execute("SELECT id, file, state FROM items")}
         on_disk = {p.name for p in self.files.glob("*.dcm")}
-        for name in sorted(on_disk - set(rows)):
-            self._register_orphan(self.files / name)
-            report["orphans_registered"] += 1
+        self.recovered_orphans = [self._register_orphan(self.files / name) for name in sorted(on_disk - set(rows))]
+        report["orphans_registered"] = len(self.recovered_orphans)
         for name, (item_id, state) in rows.items():
             if state in DONE and name in on_disk:
                 (self.files / name).unlink(missing_ok=True)
@@ -340,7 +358,7 @@ class SpoolQueue:
                 (*DONE, time.time() - HISTORY_DAYS * 86400)).rowcount
         return report
 
-    def _register_orphan(self, path: Path) -> None:
+    def _register_orphan(self, path: Path) -> QueueItem:
         """A file that was made durable but whose row was never committed (killed in between)."""
         from pydicom.filereader import read_file_meta_info
 
@@ -352,25 +370,63 @@ class SpoolQueue:
             log.warning("%s: unreadable file meta (%s); registering it anyway", path, error)
             uids = ("", "", "")
         data = path.read_bytes()
-        self._insert(path.name, *uids, "", hashlib.sha256(data).hexdigest(), len(data))
+        item = self._insert(path.name, *uids, "", hashlib.sha256(data).hexdigest(), len(data))
         log.info("recovered %s (%s) from the spool", path.name, uids[0])
+        return item
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
             self._lock_file.close()
 
-    def _transaction(self):
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """One statement in autocommit mode (SQLite undoes it whole when it fails): SpoolWriteError on failure."""
+        try:
+            yield
+        except sqlite3.Error as error:
+            raise SpoolWriteError(f"spool database {self.root / 'queue.sqlite3'}: could not {what}: {error}") from error
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT. A failure anywhere, the COMMIT included (SQLITE_FULL, SQLITE_IOERR), rolls
+        back what is still open and raises SpoolWriteError: the connection is never left inside a transaction
+        (which would hold the write lock and make every later BEGIN fail), so a later try can succeed."""
         db = self._db
+        with self._writing(what):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite may have rolled back already (then ROLLBACK itself would fail)
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error as error:
+                        log.error("spool database: ROLLBACK failed after an error: %s", error)
+                raise
 
-        class _Tx:
-            def __enter__(self):
-                db.execute("BEGIN IMMEDIATE")
+    # --- the router's own notes (audit reconciliation) --------------------------------------
 
-            def __exit__(self, kind, value, tb):
-                db.execute("COMMIT" if kind is None else "ROLLBACK")
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
 
-        return _Tx()
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock, self._writing(f"note {key}"):
+            self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value ="
+                             " excluded.value", (key, value))
+
+    def max_id(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0]
+
+    def rows_where(self, condition: str, parameters: Sequence = ()) -> list[QueueItem]:
+        """Items matching an SQL condition on the items table, by id (for reconciliation and tests)."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM items WHERE {condition} ORDER BY id", tuple(parameters)).fetchall()
+        return [_item(r) for r in rows]
 
 
 def _item(row: sqlite3.Row) -> QueueItem:

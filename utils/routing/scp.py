@@ -6,7 +6,8 @@ syntaxes; the sender's preference order decides which one is used. The received 
 stored as sent (``event.encoded_dataset()``: the dataset is never decoded or re-encoded), so
 forwarding can reproduce them exactly. Success (0x0000) is answered only after the spool file
 and its queue row are on disk; a failure to store answers 0xA700 (out of resources) and the
-sender keeps its copy.
+sender keeps its copy. So does an object that would take the spool's filesystem below its
+free-space reserve (utils/routing/space.py), refused before anything is written.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from utils.routing.audit import AuditLog
+from utils.routing.audit import AuditLog, AuditWriteError
 from utils.routing.config import RouterConfig
 from utils.routing.queue import SpoolQueue
+from utils.routing.space import ReceptionGate
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +56,13 @@ MAX_PDU = 1 << 20  # largest PDU we accept: fewer, larger PDUs cost far less Pyt
 class StoreHandler:
     """C-STORE: spool + queue row, audit, wake the classifier; C-ECHO: success."""
 
-    def __init__(self, queue: SpoolQueue, audit: AuditLog, on_received: Callable[[], None]) -> None:
+    def __init__(self, queue: SpoolQueue, audit: AuditLog, on_received: Callable[[], None],
+                 gate: ReceptionGate | None = None) -> None:
+        """``gate``: the free-space reserve (None: none, a failing write still answers 0xA700)."""
         self.queue = queue
         self.audit = audit
         self.on_received = on_received
+        self.gate = gate
 
     def handle_store(self, event) -> int:
         request = event.request
@@ -66,19 +71,34 @@ class StoreHandler:
         transfer_syntax = str(event.context.transfer_syntax)
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         try:
-            data = event.encoded_dataset(include_meta=True)
-            item, duplicate = self.queue.store(data, sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
-                                               transfer_syntax=transfer_syntax, calling_ae=calling_ae)
+            data = event.encoded_dataset(include_meta=True)  # in memory: nothing written yet
+            if self.gate is not None and self.gate.admit(len(data)) is not None:
+                log.debug("refused %s from %s: below the free-space reserve", sop_instance_uid, calling_ae)
+                return OUT_OF_RESOURCES  # logged and audited once per pause by the gate
+            try:
+                item, duplicate = self.queue.store(data, sop_instance_uid=sop_instance_uid,
+                                                   sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
+                                                   calling_ae=calling_ae)
+            finally:
+                if self.gate is not None:
+                    self.gate.release(len(data))
         except Exception as error:  # noqa: BLE001 - disk full, I/O error: refuse, the sender keeps its copy
             log.error("could not store %s from %s: %s", sop_instance_uid, calling_ae, error)
-            self.audit.write("receive_failed", sop_instance_uid=sop_instance_uid, calling_ae=calling_ae,
-                             reason=str(error))
+            self._audit("receive_failed", sop_instance_uid=sop_instance_uid, calling_ae=calling_ae, reason=str(error))
             return OUT_OF_RESOURCES
-        self.audit.write("received", sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
-                         transfer_syntax=transfer_syntax, calling_ae=calling_ae, size=item.size, item=item.id,
-                         duplicate=duplicate)
+        # Stored and committed: success, even if the line cannot be written now (the next start writes it,
+        # utils/routing/reconcile.py).
+        self._audit("received", sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
+                    transfer_syntax=transfer_syntax, calling_ae=calling_ae, size=item.size, item=item.id,
+                    duplicate=duplicate)
         self.on_received()
         return 0x0000
+
+    def _audit(self, event: str, **fields) -> None:
+        try:
+            self.audit.write(event, **fields)
+        except AuditWriteError as error:
+            log.error("%s", error)
 
     @staticmethod
     def handle_echo(event) -> int:

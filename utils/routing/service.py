@@ -6,6 +6,7 @@ import logging
 import time
 
 from utils.routing import queue as _queue
+from utils.routing import space
 from utils.routing.config import RouterConfig, load_config  # noqa: F401 (router.py uses them from here)
 from utils.routing.node import EXIT_WORKER_FAILED, RouterNode  # noqa: F401
 from utils.routing.queue import SpoolLockedError  # noqa: F401
@@ -53,7 +54,7 @@ def echo(ae_title: str, host: str, port: int, called: str, timeout: float = 10) 
 
 
 def check(config: RouterConfig) -> int:
-    """Load the model, check every label has a destination, C-ECHO each DICOM destination."""
+    """Load the model, check every label has a destination, the spool's free space, C-ECHO each DICOM destination."""
     from utils.infer.predictor import load_predictor
 
     predictor = load_predictor(config.model)
@@ -62,6 +63,9 @@ def check(config: RouterConfig) -> int:
     print(f"model {predictor.model_id} ({predictor.backbone}): classes {list(predictor.spec.class_names)}, "
           f"threshold {threshold:.4g} ({config.threshold})")
     problems = 0
+    reading = space.measure(config.spool_dir, config.min_free_mb, config.min_free_percent)
+    problems += reading.below  # the router would refuse every object
+    print(f"spool {config.spool_dir}: {space.describe(reading, config.spool_dir)}")
     seen: dict[str, str | None] = {}
     for route, dest in sorted(config.destinations.items()):
         if dest.is_folder:
@@ -76,12 +80,15 @@ def check(config: RouterConfig) -> int:
 
 
 def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
-    """Counts per state and per route; unreadable objects by reason and the latest ones; retries; failures."""
+    """Counts per state and per route; free space (reception paused?); unreadable objects by reason and the latest
+    ones; retries; failures."""
     from utils.infer.decisions import UNREADABLE
 
     counts, failed = _queue.read_status(config.spool_dir)
     summary = _queue.read_summary(config.spool_dir, UNREADABLE, latest)
     print(f"spool {config.spool_dir}: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "empty"))
+    print("  disk: " + space.describe(space.measure(config.spool_dir, config.min_free_mb, config.min_free_percent),
+                                      config.spool_dir))
     if summary.routes:
         print("  by route: " + ", ".join(f"{k} {v}" for k, v in summary.routes.items()))
     if summary.unreadable_by_reason:
