@@ -139,12 +139,15 @@ def test_every_object_reaches_its_destination_exactly_as_sent(net, samples, tmp_
         kinds = [r["event"] for r in by_uid[uid]]
         assert kinds[0] == "received" and "classified" in kinds, kinds
         classified = next(r for r in by_uid[uid] if r["event"] == "classified")
-        assert classified["label"] == sample.label and classified["model_id"] == "test-brightness"
+        assert classified["label"] == sample.label
+        by_rule = sample.path.name == "report_sr.dcm"  # not projection radiography: the model never sees it
+        assert classified["decided_by"] == ("rule:not-projection" if by_rule else "model:test-brightness")
+        assert classified["model_id"] == ("" if by_rule else "test-brightness")
         final = by_uid[uid][-1]
         assert final["event"] == ("quarantined" if sample.label == "unreadable" else "forwarded")
         assert final["status"] == "0x0000" and final["destination"].startswith(f"DEST_{ROUTE[sample.label]}@")
     unreadable = [r for r in events if r["event"] == "classified" and r["label"] == "unreadable"]
-    assert {r["reason"].split(":")[0] for r in unreadable} == {"no_pixel_data", "truncated_pixel_data"}
+    assert {r["reason"].split(":")[0] for r in unreadable} == {"not_projection_radiography", "truncated_pixel_data"}
 
     assert router.kill(signal.SIGTERM, timeout=60) == 0, router.output()  # clean stop
     assert net.audit()[-1]["event"] == "stopped"

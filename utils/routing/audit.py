@@ -6,7 +6,8 @@ Events (each with ``time`` in UTC ISO 8601 and ``event``; per-object events carr
 - ``received``: calling_ae, sop_class_uid, transfer_syntax, size, item id (``duplicate`` when an
   identical copy was already waiting);
 - ``classified``: label, confidence, model_id, route, body_part_examined, tag_disagrees, reason
-  (why unreadable, if so);
+  (why unreadable, if so), decided_by (``rule:<name>``, ``model:<model_id>``, ``header_unreadable``
+  or ``classification_failed``; utils/routing/rules.py), modality (for decisions of a rule);
 - ``forwarded``: destination, status (``0x0000``, a warning, ``retry`` or ``failed``), detail;
 - ``quarantined``: destination, reason;
 - ``destination_down`` / ``destination_up`` (no SOP instance UID): node, reason;

@@ -1,4 +1,11 @@
-"""The classifier thread: batches of received objects -> label, confidence, route.
+"""The classifier thread: batches of received objects -> routing rules, then label, confidence, route.
+
+Routing rules come first (utils/routing/rules.py): each object's header (only the header, and
+only when a rule needs it) decides whether the model may look at it at all. Objects a rule sends
+elsewhere (CT, MR, reports, a site's own rules) are recorded at once with ``decided_by``
+``rule:<name>`` and never decoded; a header that cannot be read sends its object to
+``unreadable`` (``header_unreadable``). The rest go to the model (``decided_by``
+``model:<model_id>``).
 
 It takes whatever has arrived, up to ``batch_size`` objects, waiting at most ``batch_wait_ms``
 after the oldest one arrived for the batch to fill; decodes and classifies them with
@@ -39,8 +46,9 @@ from utils import constants
 from utils.infer.decisions import UNREADABLE, tag_disagrees
 from utils.infer.engine import Engine
 from utils.io.isolation import PoolSettings
-from utils.routing.audit import AuditLog
+from utils.routing.audit import AuditLog, AuditWriteError
 from utils.routing.queue import Classification, QueueItem, SpoolQueue, SpoolWriteError
+from utils.routing.rules import MODEL, RuleSet
 from utils.routing.worker import FATAL, WakeableThread
 
 log = logging.getLogger(__name__)
@@ -86,8 +94,9 @@ class Classifier(WakeableThread):
 
     def __init__(self, queue: SpoolQueue, predictor, audit: AuditLog, *, threshold: float, batch_size: int,
                  batch_wait_ms: int, pool: PoolSettings | None = None,
-                 on_classified: Callable[[set[str]], None] = lambda r: None):
-        """``pool``: how objects are decoded (default: isolated processes, utils/constants.py DECODE_*)."""
+                 on_classified: Callable[[set[str]], None] = lambda r: None, rules: RuleSet | None = None):
+        """``pool``: how objects are decoded (default: isolated processes, utils/constants.py DECODE_*); ``rules``:
+        evaluated before the model (default: the built-in policy alone, no ``pass_through`` destination)."""
         super().__init__(name="classifier")
         self.queue = queue
         self.predictor = predictor
@@ -98,6 +107,7 @@ class Classifier(WakeableThread):
         self.engine = Engine(predictor.spec, functools.partial(predict_in_chunks, predictor, batch_size=batch_size),
                              threshold=threshold, pool=pool)  # its worker processes start on first use
         self.on_classified = on_classified
+        self.rules = rules if rules is not None else RuleSet((), ())
         self.batches = 0  # model calls so far (for tests and the bench)
         self._owed: list[QueueItem] = []  # counted attempts to give back (the database refused it last time)
 
@@ -231,7 +241,8 @@ class Classifier(WakeableThread):
 
     def _give_up(self, items: list[QueueItem]) -> None:
         """Route objects out of attempts to ``unreadable`` with the reason, without decoding them again."""
-        decisions = [Classification(i.id, UNREADABLE, None, "", UNREADABLE, poison_reason(i)) for i in items]
+        decisions = [Classification(i.id, UNREADABLE, None, "", UNREADABLE, poison_reason(i), CLASSIFY_FAILED)
+                     for i in items]
         self.queue.set_classified(decisions)
         for item, decision in zip(items, decisions):
             log.error("%s: classification failed or did not finish %d times; routed to %s (%s)",
@@ -239,7 +250,8 @@ class Classifier(WakeableThread):
             self.audit.write("poisoned", sop_instance_uid=item.sop_instance_uid, item=item.id,
                              attempts=item.classify_attempts, route=UNREADABLE, reason=decision.reason)
             self.audit.write("classified", sop_instance_uid=item.sop_instance_uid, item=item.id, label=UNREADABLE,
-                             top_label=None, confidence=None, model_id="", route=UNREADABLE, reason=decision.reason)
+                             top_label=None, confidence=None, model_id="", route=UNREADABLE, reason=decision.reason,
+                             decided_by=CLASSIFY_FAILED)
         self.on_classified({UNREADABLE})
 
     def _report_error(self, error: BaseException, note: str, **fields) -> None:
@@ -271,23 +283,57 @@ class Classifier(WakeableThread):
         return items
 
     def classify(self, items: list[QueueItem]) -> list[Classification]:
-        """Decode, predict and decide ``items`` as one batch (utils.infer.engine); record the decisions."""
+        """Route ``items`` by the rules; decode, predict and decide the rest as one batch (utils.infer.engine).
+        Records the decisions (the rules' first, so a failing model holds nothing back that it need not see)."""
+        routed, items = self.route_by_rules(items)
+        if not items:
+            return routed
         spec = self.predictor.spec
         predictions = self.engine.classify([self.queue.path(item) for item in items])
         self.batches += any(p.readable for p in predictions)
-        decisions = [Classification(item.id, p.label, p.confidence, self.predictor.model_id, p.label, p.error)
-                     for item, p in zip(items, predictions)]
+        decided_by = f"{MODEL}:{self.predictor.model_id}"
+        decisions = [Classification(item.id, p.label, p.confidence, self.predictor.model_id, p.label, p.error,
+                                    decided_by) for item, p in zip(items, predictions)]
         self.queue.set_classified(decisions)
         for item, decision, p in zip(items, decisions, predictions):
             tag, top_label = p.header.get("BodyPartExamined", ""), p.top_label or None
             self.audit.write("classified", sop_instance_uid=item.sop_instance_uid, item=item.id,
                              label=decision.label, top_label=top_label, confidence=decision.confidence,
                              model_id=decision.model_id, route=decision.route, reason=decision.reason or None,
-                             body_part_examined=tag,
+                             body_part_examined=tag, decided_by=decided_by,
                              tag_disagrees=tag_disagrees(top_label, tag, spec.class_names) if top_label else None)
         log.info("classified %d objects (%s)", len(items), ", ".join(sorted({d.label for d in decisions})))
         self.on_classified({d.route for d in decisions})
-        return decisions
+        return routed + decisions
+
+    def route_by_rules(self, items: list[QueueItem]) -> tuple[list[Classification], list[QueueItem]]:
+        """Record the decisions of the routing rules (header only, nothing decoded); (those, items for the model)."""
+        decisions, routed, for_model = [], [], []
+        for item in items:
+            rule = self.rules.decide(item, self.queue.path(item))
+            if rule.destination == MODEL:
+                for_model.append(item)
+                continue
+            # label = route: what decided it is a rule, not a class of the model
+            decisions.append(Classification(item.id, rule.destination, None, "", rule.destination, rule.reason,
+                                            rule.decided_by))
+            routed.append((item, rule))
+        if not decisions:
+            return [], for_model
+        self.queue.set_classified(decisions)
+        for (item, rule), decision in zip(routed, decisions):
+            try:  # committed: a line lost here is written by the next start (utils/routing/reconcile.py)
+                self.audit.write("classified", sop_instance_uid=item.sop_instance_uid, item=item.id,
+                                 label=decision.label, top_label=None, confidence=None, model_id="",
+                                 route=decision.route, reason=decision.reason or None,
+                                 body_part_examined=rule.header.get("BodyPartExamined"),
+                                 modality=rule.header.get("Modality"), decided_by=decision.decided_by)
+            except AuditWriteError as error:
+                log.error("%s", error)
+        log.info("routed %d objects by rule (%s)", len(decisions),
+                 ", ".join(sorted({f"{d.decided_by} -> {d.route}" for d in decisions})))
+        self.on_classified({d.route for d in decisions})
+        return decisions, for_model
 
 
 def describe(error: BaseException, limit: int = 500) -> str:

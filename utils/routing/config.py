@@ -9,11 +9,16 @@
       ...
       uncertain: {ae_title: REVIEW, host: 10.0.0.30, port: 104}
       unreadable: {folder: quarantine}   # optional; default: <spool_dir>/quarantine
+      pass_through: {ae_title: PACS, host: 10.0.0.5, port: 104}   # what is not projection radiography
+    rules:                           # before the model, first match wins (utils/routing/rules.py)
+      - {name: ct-mr, match: {modality: [CT, MR]}, destination: pass_through}
 
 A destination is a DICOM node (ae_title, host, port) or a folder. Relative paths are taken
 relative to the configuration file's folder. Unknown keys, wrong types and out-of-range values
 are refused with the key's name; ``check_routes`` refuses a configuration that leaves one of the
-model's classes without a destination.
+model's classes without a destination. ``rules`` are checked here too (utils/routing/rules.py: an
+unknown destination, field or operator, a bad regular expression, an empty rule, each named with
+the rule and its field); ``RouterConfig.rule_set`` adds the built-in default after them.
 
 ``threshold: auto`` is resolved once the model is loaded (``RouterConfig.resolve_threshold``, called
 by the node at start, before anything is accepted): the threshold that calibrate.py (or the end of
@@ -35,6 +40,7 @@ from utils import constants
 from utils.config import ConfigError, check_value, constant_types
 from utils.infer.decisions import AUTO_THRESHOLD, UNCERTAIN, UNREADABLE
 from utils.infer.predictor import resolve_threshold
+from utils.routing.rules import MODEL, PASS_THROUGH, Rule, RuleSet, parse_rules
 
 # YAML key -> the constant of utils/constants.py that gives its type, default and bounds
 # (NAME_RANGE / NAME_CHOICES, checked by utils.config.check_value): every ROUTER_* constant
@@ -55,6 +61,7 @@ _OTHERS: dict[str, tuple[type, Any]] = {
     "audit_log": (str, None),  # default: <spool_dir>/audit.jsonl
     "allowed_callers": (list, []),  # calling AE titles accepted; empty = any
     "destinations": (dict, None),
+    "rules": (list, []),  # routing rules evaluated before the model (utils/routing/rules.py)
 }
 
 
@@ -72,7 +79,7 @@ _FOLDER_KEYS = {"folder"}
 class Destination:
     """Where one route goes: a DICOM node, or a folder (quarantine, or a share)."""
 
-    route: str  # a class name, "uncertain" or "unreadable"
+    route: str  # a class name, "uncertain", "unreadable", "pass_through" or another name rules send to
     ae_title: str = ""
     host: str = ""
     port: int = 0
@@ -112,13 +119,19 @@ class RouterConfig:
     decode_memory_limit_mb: int = constants.DECODE_MEMORY_LIMIT_MB
     min_free_mb: int = constants.ROUTER_MIN_FREE_MB  # free-space reserve of the spool's filesystem (utils/routing/space.py)
     min_free_percent: float = constants.ROUTER_MIN_FREE_PERCENT
+    rules: tuple[Rule, ...] = ()  # the configured routing rules, in order (the built-in default follows them)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["destinations"] = {k: ({"folder": str(d.folder)} if d.is_folder else
                                    {"ae_title": d.ae_title, "host": d.host, "port": d.port})
                                for k, d in self.destinations.items()}
+        out["rules"] = [rule.to_dict() for rule in self.rules]
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+
+    def rule_set(self) -> RuleSet:
+        """The configured rules followed by the built-in default (projection radiography to the model)."""
+        return RuleSet(self.rules, self.destinations)
 
     def resolve_threshold(self, predictor) -> float:
         """The threshold to classify with: the configured number, or for ``auto`` the one the loaded
@@ -126,8 +139,9 @@ class RouterConfig:
         return resolve_threshold(self.threshold, predictor, self.model)
 
     def check_routes(self, class_names: Sequence[str]) -> None:
-        """Every class of the model and ``uncertain`` need a destination; no unknown routes."""
-        expected = set(class_names) | {UNCERTAIN, UNREADABLE}
+        """Every class of the model and ``uncertain`` need a destination; no unknown routes (``pass_through`` and
+        the destinations rules send to are known)."""
+        expected = set(class_names) | {UNCERTAIN, UNREADABLE, PASS_THROUGH} | {r.destination for r in self.rules}
         missing = [c for c in list(class_names) + [UNCERTAIN] if c not in self.destinations]
         unknown = sorted(set(self.destinations) - expected)
         problems = []
@@ -140,7 +154,8 @@ class RouterConfig:
         if problems:
             raise ConfigError("router configuration: " + "; ".join(problems)
                               + f". The model's classes are {list(class_names)}, plus '{UNCERTAIN}' and "
-                              f"'{UNREADABLE}' (optional, default: a quarantine folder)")
+                              f"'{UNREADABLE}' (optional, default: a quarantine folder), '{PASS_THROUGH}' (optional: what is not "
+                              f"projection radiography) and the destinations of rules")
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> RouterConfig:
@@ -184,13 +199,17 @@ def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configura
     audit = _path(values["audit_log"], base) if values["audit_log"] else spool / "audit.jsonl"
     destinations = {str(route): _destination(str(route), spec, base, where)
                     for route, spec in values["destinations"].items()}
+    if MODEL in destinations:
+        raise ConfigError(f"{where}: destinations.{MODEL}: '{MODEL}' is reserved: a rule's destination '{MODEL}' "
+                          f"sends the object to the classifier; give this destination another name")
     destinations.setdefault(UNREADABLE, Destination(UNREADABLE, folder=spool / "quarantine"))
+    rules = parse_rules(values["rules"], destinations, where)
     callers = tuple(_ae_title(_typed(a, str, f"{where}: allowed_callers"), f"{where}: allowed_callers")
                     for a in values["allowed_callers"])
     plain = {key: values[key] for key in _CONSTANTS if key not in ("ae_title", "spool_dir")}
     return RouterConfig(**plain, ae_title=_ae_title(values["ae_title"], f"{where}: ae_title"),
                         model=str(_path(values["model"], base)), spool_dir=spool, audit_log=audit,
-                        allowed_callers=callers, destinations=destinations)
+                        allowed_callers=callers, destinations=destinations, rules=rules)
 
 
 def _refuse_unknown(raw: dict, known, where: str) -> None:

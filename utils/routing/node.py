@@ -120,11 +120,15 @@ class RouterNode:
         enable_raw_sending()
         self.forwarders = make_forwarders(config, self.queue, self.audit)
         by_route = {route: f for f in self.forwarders for route in f.routes}
+        rules = config.rule_set()
+        for line in rules.describe(config.destinations):
+            log.info("routing rule %s", line.strip())
         self.classifier = Classifier(self.queue, self.predictor, self.audit, threshold=self.threshold,
                                      batch_size=config.batch_size, batch_wait_ms=config.batch_wait_ms,
                                      pool=PoolSettings(config.decode_pool, config.decode_workers,
                                                        config.decode_timeout_s, config.decode_memory_limit_mb),
-                                     on_classified=lambda routes: [by_route[r].wake() for r in routes if r in by_route])
+                                     on_classified=lambda routes: [by_route[r].wake() for r in routes if r in by_route],
+                                     rules=rules)
         self.classifier.max_classify_attempts = config.max_classify_attempts
         for thread in [*self.forwarders, self.classifier]:
             thread.start()
@@ -136,7 +140,8 @@ class RouterNode:
         self.audit.write("started", ae_title=config.ae_title, port=self.port, model_id=self.predictor.model_id,
                          threshold=self.threshold, threshold_setting=config.threshold,
                          temperature=getattr(getattr(self.predictor, "metadata", None), "temperature", 1.0),
-                         destinations=config.to_dict()["destinations"])
+                         destinations=config.to_dict()["destinations"],
+                         rules=[f"{r.name}: {r.describe()} -> {r.destination}" for r in rules.rules])
         log.info("%s listening on %s:%d; model %s; %d destinations", config.ae_title, config.host, self.port,
                  self.predictor.model_id, len(self.forwarders))
 

@@ -4,10 +4,12 @@ Layout of the spool folder::
 
     spool/incoming/<name>.part   being written; never acknowledged, deleted at start-up
     spool/files/<name>.dcm       received exactly as sent (preamble, file meta, dataset bytes)
-    spool/queue.sqlite3          one row per object: state, label, route, attempts, reason, classification attempts
+    spool/queue.sqlite3          one row per object: state, label, route, who decided it, attempts, reason,
+                                 classification attempts
     spool/router.lock            held by the running router (a second one on the same spool fails)
 
-States: ``received`` -> ``classified`` (label and route set) -> ``forwarded`` or ``quarantined``
+States: ``received`` -> ``classified`` (label, route and ``decided_by`` set: ``rule:<name>`` or
+``model:<model_id>``, see utils/routing/rules.py) -> ``forwarded`` or ``quarantined``
 (the destination confirmed; the spool file is deleted), or ``failed`` (a destination kept
 refusing it; the file stays, ``router.py --requeue-failed`` tries again).
 
@@ -46,7 +48,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,8 @@ CREATE TABLE IF NOT EXISTS items (
     updated_at REAL NOT NULL,
     classify_attempts INTEGER NOT NULL DEFAULT 0,
     classify_reason TEXT NOT NULL DEFAULT '',
-    classified_at REAL NOT NULL DEFAULT 0
+    classified_at REAL NOT NULL DEFAULT 0,
+    decided_by TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS items_state ON items (state, route, next_attempt);
 CREATE INDEX IF NOT EXISTS items_sop ON items (sop_instance_uid);
@@ -86,7 +89,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # Columns added after the first release: (name, definition); added in place to older spool databases.
 _ADDED_COLUMNS = (("classify_attempts", "INTEGER NOT NULL DEFAULT 0"), ("classify_reason", "TEXT NOT NULL DEFAULT ''"),
-                  ("classified_at", "REAL NOT NULL DEFAULT 0"))
+                  ("classified_at", "REAL NOT NULL DEFAULT 0"), ("decided_by", "TEXT NOT NULL DEFAULT ''"))
 
 
 class SpoolLockedError(RuntimeError):
@@ -120,6 +123,7 @@ class QueueItem:
     classify_attempts: int = 0  # classifications started (committed before decoding); see start_classification
     classify_reason: str = ""  # why the classifier routed it "unreadable"; kept when delivery problems fill ``reason``
     classified_at: float = 0.0  # when the decision was committed (0: not classified, or before this column)
+    decided_by: str = ""  # "rule:<name>", "model:<model_id>", "header_unreadable", "classification_failed"
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,7 @@ class Classification:
     model_id: str
     route: str
     reason: str = ""  # why unreadable
+    decided_by: str = ""  # who decided the route: "rule:<name>", "model:<model_id>", ... (QueueItem.decided_by)
 
 
 def fsync_dir(path: Path) -> None:
@@ -269,9 +274,10 @@ class SpoolQueue:
         with self._lock, self._transaction(f"record {len(decisions)} classifications"):
             self._db.executemany(
                 "UPDATE items SET state = ?, label = ?, confidence = ?, model_id = ?, route = ?, reason = ?,"
-                " classify_reason = ?, next_attempt = 0, updated_at = ?, classified_at = ? WHERE id = ? AND state = ?",
-                [(CLASSIFIED, d.label, d.confidence, d.model_id, d.route, d.reason, d.reason, now, now, d.item_id,
-                  RECEIVED) for d in decisions])
+                " classify_reason = ?, decided_by = ?, next_attempt = 0, updated_at = ?, classified_at = ?"
+                " WHERE id = ? AND state = ?",
+                [(CLASSIFIED, d.label, d.confidence, d.model_id, d.route, d.reason, d.reason, d.decided_by, now, now,
+                  d.item_id, RECEIVED) for d in decisions])
 
     def start_classification(self, items: Iterable[QueueItem]) -> list[QueueItem]:
         """Count one classification attempt for each item still received; committed before returning.
@@ -476,6 +482,10 @@ class Summary:
     unreadable_by_reason: dict[str, int]  # objects routed "unreadable", by reason code (the text before ':')
     latest_unreadable: list[QueueItem]  # newest first
     classify_retries: list[QueueItem]  # waiting objects whose classification failed or did not finish before
+    decided_by: dict[str, int] = field(default_factory=dict)  # decided objects per rule / model ("rule:ct", ...)
+
+
+UNRECORDED = "(not recorded)"  # decided_by of objects decided before the column existed
 
 
 def reason_code(reason: str) -> str:
@@ -506,9 +516,13 @@ def read_summary(root: str | os.PathLike, unreadable: str, latest: int = 5) -> S
         retries = ([_item(r) for r in db.execute("SELECT * FROM items WHERE state = ? AND classify_attempts > 0"
                                                  " ORDER BY id", (RECEIVED,))]
                    if "classify_attempts" in columns else [])
+        decided = ({r[0] or UNRECORDED: r[1] for r in db.execute(
+            "SELECT decided_by, COUNT(*) FROM items WHERE route != '' GROUP BY decided_by ORDER BY decided_by")}
+            if "decided_by" in columns else {})
     finally:
         db.close()
-    return Summary(routes, dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))), newest, retries)
+    return Summary(routes, dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))), newest, retries,
+                   dict(sorted(decided.items(), key=lambda kv: (-kv[1], kv[0]))))
 
 
 def requeue_failed(root: str | os.PathLike) -> int:

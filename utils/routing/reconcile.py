@@ -126,7 +126,8 @@ def reconcile_audit(queue: SpoolQueue, audit: AuditLog, destination_of: Callable
             if item.id not in seen["classified"]:
                 audit.write("classified", sop_instance_uid=item.sop_instance_uid, item=item.id, label=item.label,
                             confidence=item.confidence, model_id=item.model_id, route=item.route,
-                            reason=item.classify_reason or None, reconciled=True, at=_iso(item.classified_at))
+                            reason=item.classify_reason or None, decided_by=item.decided_by or None, reconciled=True,
+                            at=_iso(item.classified_at))
                 written["classified"] += 1
         for item in queue.rows_where(f"state IN ({','.join('?' * len(DONE))}) AND updated_at >= ?", (*DONE, mark.time)):
             if item.id not in seen["delivered"]:

@@ -54,7 +54,8 @@ def echo(ae_title: str, host: str, port: int, called: str, timeout: float = 10) 
 
 
 def check(config: RouterConfig) -> int:
-    """Load the model, check every label has a destination, the spool's free space, C-ECHO each DICOM destination."""
+    """Load the model, check every label has a destination, the spool's free space; print the routing rules in
+    order; C-ECHO each DICOM destination."""
     from utils.infer.predictor import load_predictor
 
     predictor = load_predictor(config.model)
@@ -66,6 +67,9 @@ def check(config: RouterConfig) -> int:
     reading = space.measure(config.spool_dir, config.min_free_mb, config.min_free_percent)
     problems += reading.below  # the router would refuse every object
     print(f"spool {config.spool_dir}: {space.describe(reading, config.spool_dir)}")
+    print("routing rules, first match wins (then the built-in default; read from the header before the model):")
+    for line in config.rule_set().describe(config.destinations):
+        print(line)
     seen: dict[str, str | None] = {}
     for route, dest in sorted(config.destinations.items()):
         if dest.is_folder:
@@ -80,7 +84,7 @@ def check(config: RouterConfig) -> int:
 
 
 def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
-    """Counts per state and per route; free space (reception paused?); unreadable objects by reason and the latest
+    """Counts per state, per route and per deciding rule or model; free space (reception paused?); unreadable objects by reason and the latest
     ones; retries; failures."""
     from utils.infer.decisions import UNREADABLE
 
@@ -91,6 +95,8 @@ def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
                                       config.spool_dir))
     if summary.routes:
         print("  by route: " + ", ".join(f"{k} {v}" for k, v in summary.routes.items()))
+    if summary.decided_by:
+        print("  decided by: " + ", ".join(f"{k} {v}" for k, v in summary.decided_by.items()))
     if summary.unreadable_by_reason:
         total = sum(summary.unreadable_by_reason.values())
         print(f"  unreadable {total} by reason: " + ", ".join(f"{k} {v}" for k, v in summary.unreadable_by_reason.items()))
