@@ -193,7 +193,7 @@ def run(predictor, files: Sequence[str], *, output: str | os.PathLike, threshold
         writer.writeheader()
         for predictions in engine.classify_batches(files, batch_size):
             for prediction in predictions:
-                row = _row(prediction, class_names, summary)
+                row = row_of(prediction, class_names, summary)
                 if sort_into is not None:
                     row["sorted_to"] = _sort(prediction.path, Path(sort_into) / row["label"], sort_mode, row, summary)
                 writer.writerow(row)
@@ -204,7 +204,8 @@ def run(predictor, files: Sequence[str], *, output: str | os.PathLike, threshold
     return summary
 
 
-def _row(p: Prediction, class_names: list[str], summary: Summary) -> dict:
+def row_of(p: Prediction, class_names: list[str], summary: Summary) -> dict:
+    """predict.py's CSV row of one prediction (also backfill.py's Parquet row), counted in ``summary``."""
     tag = p.header.get("BodyPartExamined", "")
     row = {"path": p.path, "SOPInstanceUID": p.header.get("SOPInstanceUID", ""),
            "StudyInstanceUID": p.header.get("StudyInstanceUID", ""), "BodyPartExamined": tag,

@@ -1,0 +1,140 @@
+"""Classify a whole archive on Ray Data: resumable, to a Parquet dataset, with a curation report.
+
+    python backfill.py /archive --model model.int8.tflite --output backfill/        # this machine, all cores
+    python backfill.py manifest.csv s3://bucket/xrays/ --model model.onnx --output backfill/ --workers 6
+    python backfill.py /nfs/archive --model /nfs/models/best.keras --output /nfs/backfill \
+        --address auto --inference-gpus 1                                           # a Ray cluster
+
+SOURCE is a folder (recursive), a file, a list file (*.txt, *.lst, *.list: one path per line), a
+CSV manifest (*.csv: column "path", else the first column), local or an fsspec URL (s3://...,
+gs://..., file://...; s3 needs `pip install s3fs`). Local sources are expanded as predict.py does.
+
+Decoding runs in --workers Ray actors (1 CPU each), each with an isolated decoding process: a
+file that hangs past --decode-timeout-s, crashes its decoder or needs more than
+--decode-memory-limit-mb becomes an error row and never stops the run. Inference runs in
+--inference-workers actors holding the model (int8 TFLite or ONNX on CPUs; Keras with
+--inference-gpus 1 on GPU nodes). Output: DIR/part-*.parquet with predict.py's CSV columns
+(path, SOPInstanceUID, StudyInstanceUID, label, confidence, top_label, prob_<class>...,
+BodyPartExamined, tag_disagrees, error, sorted_to [empty]), typed; parts are written atomically,
+so a re-run skips every file already in DIR and a killed run, run again, finishes the rest. At
+the end DIR/report.md, report.json (counts per label and per BodyPartExamined, the tag x
+prediction matrix) and tag_corrections.csv (tags missing or contradicted, at confidence >=
+--correction-threshold) cover everything in DIR.
+
+Without --address (or RAY_ADDRESS) Ray starts on this machine with --num-cpus CPUs (default: all
+cores); with --address auto it joins the cluster this machine belongs to (`ray start --head`,
+KubeRay): the model, the output folder and local sources must then be on storage every node sees
+(NFS), or the sources URLs. See docs/BACKFILL.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from utils import config, constants
+from utils.infer.decisions import threshold_value
+from utils.io.isolation import PoolSettings
+
+FLAGS = ("DECODE_POOL", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB")
+
+log = logging.getLogger("backfill")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = config.ArgumentParser(description=__doc__)
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="folders, files, lists, CSV manifests or URLs")
+    parser.add_argument("--model", required=True, metavar="ARTIFACT",
+                        help="run directory, .keras, .tflite, .onnx or SavedModel, readable on every node (required)")
+    parser.add_argument("--output", required=True, metavar="DIR", help="the Parquet dataset folder (required)")
+    parser.add_argument("--threshold", type=threshold_value, default=constants.THRESHOLD, metavar="{0..1,auto}",
+                        help=config.constant_comments()["THRESHOLD"] + "; 'auto': the model's calibrated recommendation")
+    parser.add_argument("--correction-threshold", type=float, default=0.95, metavar="P",
+                        help="propose a tag correction only at this confidence or above")
+    parser.add_argument("--batch-size", type=int, default=constants.BATCH_SIZE,
+                        help="files per decode call and per model call")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="decoding actors, 1 CPU each; 0: the cluster's CPUs less the inference actors'")
+    parser.add_argument("--inference-workers", type=int, default=1, help="actors holding the model")
+    parser.add_argument("--inference-cpus", type=float, default=1.0, help="CPUs reserved per inference actor")
+    parser.add_argument("--inference-gpus", type=float, default=0.0, help="GPUs per inference actor")
+    parser.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet part")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join ('auto': this machine's cluster); default: RAY_ADDRESS, else "
+                        "start Ray on this machine")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs Ray offers when it starts on this machine (default: all cores)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    config.add_flags(parser, FLAGS)
+    args = parser.parse_args(argv)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                             ("--inference-workers", args.inference_workers, 1),
+                             ("--rows-per-file", args.rows_per_file, 1), ("--num-cpus", args.num_cpus or 1, 1)):
+        if value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
+    if args.inference_cpus < 0 or args.inference_gpus < 0 or not 0 <= args.correction_threshold <= 1:
+        parser.error("--inference-cpus and --inference-gpus must be >= 0, --correction-threshold in [0, 1]")
+    PoolSettings.from_args(parser, args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, settings = config.start(parse_args, argv, FLAGS)
+    from utils.artifacts.model_file import read_metadata
+    from utils.backfill import pipeline, report, sources
+    from utils.backfill.store import OutputMismatch, OutputStore
+    from utils.infer.predictor import resolve_threshold
+
+    try:
+        files, skipped = sources.list_sources(args.sources)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if skipped:
+        log.info("skipped %d files that are neither images nor DICOM (e.g. %s)", len(skipped), skipped[0])
+    try:
+        metadata = read_metadata(args.model)
+        threshold = resolve_threshold(args.threshold, metadata, args.model)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot use model {args.model}: {error}", file=sys.stderr)
+        return 2
+    pool = PoolSettings.from_flags({**settings, "decode_workers": 1})
+    layout = pipeline.Settings(workers=args.workers, inference_workers=args.inference_workers,
+                               inference_cpus=args.inference_cpus, inference_gpus=args.inference_gpus,
+                               batch_size=args.batch_size, rows_per_file=args.rows_per_file, pool=pool)
+    if not args.address and not args.num_cpus and args.workers:  # room for the actors asked for
+        import os
+
+        args.num_cpus = max(os.cpu_count() or 1, args.workers + int(args.inference_workers * args.inference_cpus))
+    if args.quiet:
+        _quiet_ray()
+    pipeline.start_ray(args.address, args.num_cpus)
+    log.info("model %s, %d classes, threshold %.4g; %d files listed", metadata.model_id,
+             metadata.spec.num_classes, threshold, len(files))
+    try:
+        result = pipeline.run(files, model=args.model, output=args.output, threshold=threshold, settings=layout,
+                              progress=not args.quiet)
+    except OutputMismatch as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for line in result.lines():
+        print(line)
+    frame = OutputStore(args.output, metadata.spec.class_names).read()
+    summary, corrections = report.build_report(frame, metadata.spec.class_names, args.correction_threshold)
+    paths = report.write_report(summary, corrections, args.output)
+    print(f"output: {args.output} ({summary['files']} rows); report: {paths[1]}; "
+          f"{len(corrections)} proposed tag corrections: {paths[2]}")
+    return 0
+
+
+def _quiet_ray() -> None:
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

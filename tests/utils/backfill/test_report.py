@@ -1,0 +1,67 @@
+"""utils.backfill.report on a constructed set of rows: counts, the tag x prediction matrix, corrections."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from utils.backfill.report import build_report, proposed_tag, write_report
+from utils.infer.decisions import tag_disagrees
+
+CLASSES = ("abdominal", "adult_chest", "pediatric_chest", "spine", "others")
+
+
+def row(path, label, tag, confidence=0.99, top=None, error=""):
+    top = top or (label if label in CLASSES else "")
+    flag = tag_disagrees(top, tag, CLASSES) if top else None
+    return {"path": path, "SOPInstanceUID": f"uid.{path}", "StudyInstanceUID": "study", "label": label,
+            "confidence": confidence if top else None, "top_label": top, "BodyPartExamined": tag,
+            "tag_disagrees": flag, "error": error}
+
+
+def frame():
+    return pd.DataFrame([
+        row("a", "adult_chest", "CHEST"),
+        row("b", "adult_chest", "chest "),  # the same tag, written differently
+        row("c", "spine", "CHEST", 0.97),  # contradicts, confident: proposed SPINE
+        row("d", "spine", "CHEST", 0.60),  # contradicts, below the correction threshold
+        row("e", "abdominal", ""),  # missing, confident: proposed ABDOMEN
+        row("f", "others", "SKULL"),  # others agrees with a tag no class claims
+        row("g", "others", "", 0.99),  # missing but the catch-all proposes nothing
+        row("h", "uncertain", "ABDOMEN", 0.40, top="spine"),  # contradicts, not confident
+        row("i", "unreadable", "CHEST", error="not_dicom: no preamble"),
+        row("j", "unreadable", "", error="decoder_crashed: the process died"),
+    ])
+
+
+def test_counts_matrix_and_corrections(tmp_path):
+    report, corrections = build_report(frame(), CLASSES, correction_threshold=0.95)
+    assert report["files"] == 10 and report["readable"] == 8
+    assert report["labels"] == {"adult_chest": 2, "others": 2, "spine": 2, "unreadable": 2, "abdominal": 1,
+                                "uncertain": 1}
+    assert report["body_part_examined"] == {"CHEST": 5, "(missing)": 3, "ABDOMEN": 1, "SKULL": 1}
+    assert report["unreadable_reasons"] == {"decoder_crashed": 1, "not_dicom": 1}
+    counts = report["disagreement_matrix"]["counts"]
+    assert list(counts) == ["(missing)", "ABDOMEN", "CHEST", "SKULL"]
+    assert counts["CHEST"] == {"abdominal": 0, "adult_chest": 2, "pediatric_chest": 0, "spine": 2, "others": 0}
+    assert counts["ABDOMEN"]["spine"] == 1 and counts["(missing)"] == {**dict.fromkeys(CLASSES, 0), "abdominal": 1,
+                                                                        "others": 1}
+    assert report["tag_contradicts_prediction"] == 3 and report["tag_missing"] == 2
+    assert corrections["path"].tolist() == ["c", "e"]
+    assert corrections["proposed_BodyPartExamined"].tolist() == ["SPINE", "ABDOMEN"]
+    assert corrections["why"].tolist() == ["contradicts", "missing"]
+    assert report["corrections"] == {"threshold": 0.95, "proposed": 2, "missing": 1, "contradicts": 1}
+    json_path, md_path, csv_path = write_report(report, corrections, tmp_path)
+    assert json.loads(json_path.read_text()) == report
+    assert "| CHEST | 0 | 2 | 0 | 2 | 0 |" in md_path.read_text()
+    assert pd.read_csv(csv_path)["SOPInstanceUID"].tolist() == ["uid.c", "uid.e"]
+
+
+def test_every_proposed_tag_agrees_with_its_class():
+    for name in CLASSES:
+        tag = proposed_tag(name)
+        assert (tag == "") == (name == "others")
+        if tag:
+            assert tag_disagrees(name, tag, CLASSES) is False
+    assert proposed_tag("knee") == "KNEE" and tag_disagrees("knee", "KNEE", ("knee", "others")) is False
