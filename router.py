@@ -12,9 +12,14 @@ C-STORE, in the transfer syntax it arrived in, to the destination configured for
 queue survives restarts and kill -9; a spool file is deleted only after its destination
 confirmed it. See router.example.yaml and docs/ROUTER.md.
 
+The router listens as soon as its queue is recovered: the model is loaded in the background and
+what arrives meanwhile waits in the spool (a .tflite or .onnx model needs no TensorFlow).
+
 Exit status: 0 after SIGTERM / SIGINT; 1 when --check found a problem; 2 for a bad configuration
-or a failed start; 3 when a worker thread died or hung (the router stops accepting and exits so
-that its supervisor, e.g. systemd with Restart=on-failure, starts it again).
+or a failed start, including a model that could not be loaded (noticed after reception began: the
+router stops accepting, what it received waits in the spool); 3 when a worker thread died or hung
+(the router stops accepting and exits so that its supervisor, e.g. systemd with
+Restart=on-failure, starts it again).
 """
 
 from __future__ import annotations
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(node) -> int:
-    """Start ``node`` and serve until SIGTERM / SIGINT (0) or until a worker fails (EXIT_WORKER_FAILED)."""
+    """Start ``node`` and serve until SIGTERM / SIGINT (0), until a worker fails (EXIT_WORKER_FAILED) or until the
+    model turns out not to load (EXIT_MODEL_FAILED)."""
     from utils.routing import service
 
     stop = []

@@ -172,7 +172,11 @@ def through_router(files: list[Path], singles: list[Path], model: Path, batch: i
         _wait(lambda: _listening(port) or router.poll() is not None, 300, "the router")
         if router.poll() is not None:
             raise RuntimeError((run / "router.log").read_text()[-3000:])
-        audit = run / "spool" / "audit.jsonl"
+        audit = run / "spool" / "audit.jsonl"  # the model loads after the router listens: measure once it is ready
+        _wait(lambda: audit.exists() and '"model_loaded"' in audit.read_text() or router.poll() is not None, 600,
+              "the model to load")
+        if router.poll() is not None:
+            raise RuntimeError((run / "router.log").read_text()[-3000:])
         uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
 
         start = storescu(files, port, profile, "ROUTER")

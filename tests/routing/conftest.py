@@ -369,6 +369,7 @@ def router(tmp_path, model_file):
         config = load_config(write_config(tmp_path / "router.yaml", port=free_port(), spool=tmp_path / "spool",
                                           model=model_file, destinations=destinations, **settings))
         nodes.append(RouterNode(config).start())
+        assert nodes[-1].model_ready(120), "the model did not load"  # tests below start from a ready classifier
         return nodes[-1]
 
     yield start

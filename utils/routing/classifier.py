@@ -30,15 +30,22 @@ Decisions that cannot be recorded (:class:`~utils.routing.queue.SpoolWriteError`
 disk is full, an I/O error) are nobody's fault: the batch is not split, its attempts are given
 back (should that fail too, before anything else is tried: :meth:`Classifier._return_owed`), and
 the classifier pauses ``ERROR_PAUSE_S`` and tries again, for as long as it takes.
+
+The model is loaded in the classifier's own thread (:class:`BackgroundModel`), after the node
+has started listening: reception needs only the model's metadata (its classes, for the routes),
+so C-ECHO and C-STORE work during the seconds that importing TensorFlow and loading and warming
+up the model take, and what arrives meanwhile waits in the spool. A model that cannot be loaded
+ends the thread with :attr:`BackgroundModel.error` set; the node's watchdog stops the router.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -81,6 +88,59 @@ def warm_up(predictor, batch_size: int) -> list[int]:
     return shapes
 
 
+class BackgroundModel:
+    """The classifier's model: described at once by its metadata, loaded and warmed up by :meth:`load`.
+
+    ``load_predictor()`` returns the predictor (the node passes ``utils.infer.predictor.load_predictor``
+    for the configured path); ``spec``, ``model_id`` and ``metadata`` are the metadata's until then.
+    ``ready`` is set once the predictor answers for every batch shape; ``error`` says why it never
+    will. ``seconds`` is how long loading and warming up took.
+    """
+
+    def __init__(self, metadata, load_predictor: Callable[[], object], batch_size: int) -> None:
+        self.metadata = metadata
+        self.spec = metadata.spec
+        self.model_id: str = metadata.model_id
+        self.batch_size = batch_size
+        self.predictor = None  # set once ready
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        self.loading_since: float | None = None  # time.monotonic() while load() runs
+        self.seconds: float | None = None
+        self.shapes: list[int] = []
+        self._load_predictor = load_predictor
+
+    @classmethod
+    def of(cls, predictor, batch_size: int) -> BackgroundModel:
+        """A predictor already loaded (tests, tools): :meth:`load` only warms it up."""
+        metadata = getattr(predictor, "metadata", None) or SimpleNamespace(spec=predictor.spec,
+                                                                           model_id=predictor.model_id)
+        return cls(metadata, lambda: predictor, batch_size)
+
+    def load(self) -> None:
+        """Load and warm up the predictor; on failure ``error`` is set and the error raised."""
+        self.loading_since = started = time.monotonic()
+        try:
+            predictor = self._load_predictor()
+            if predictor.spec != self.spec or predictor.model_id != self.model_id:
+                raise ValueError(f"the model changed while it was loaded: {predictor.model_id} {predictor.spec} "
+                                 f"instead of {self.model_id} {self.spec}")
+            self.shapes = warm_up(predictor, self.batch_size)  # the first call per batch shape is slow
+        except BaseException as error:
+            self.error = error
+            raise
+        finally:
+            self.loading_since = None
+        self.predictor = predictor
+        self.seconds = time.monotonic() - started
+        self.ready.set()
+
+    def loading_for(self) -> float:
+        """Seconds the current :meth:`load` has been running (0 when not loading)."""
+        since = self.loading_since
+        return 0.0 if since is None else time.monotonic() - since
+
+
 def predict_in_chunks(predictor, batch: np.ndarray, batch_size: int) -> np.ndarray:
     out, start = [], 0
     for size in chunk_sizes(len(batch), batch_size):
@@ -95,23 +155,34 @@ class Classifier(WakeableThread):
     def __init__(self, queue: SpoolQueue, predictor, audit: AuditLog, *, threshold: float, batch_size: int,
                  batch_wait_ms: int, pool: PoolSettings | None = None,
                  on_classified: Callable[[set[str]], None] = lambda r: None, rules: RuleSet | None = None):
-        """``pool``: how objects are decoded (default: isolated processes, utils/constants.py DECODE_*); ``rules``:
+        """``predictor``: a :class:`BackgroundModel` (loaded when the thread starts) or a loaded predictor;
+        ``pool``: how objects are decoded (default: isolated processes, utils/constants.py DECODE_*); ``rules``:
         evaluated before the model (default: the built-in policy alone, no ``pass_through`` destination)."""
         super().__init__(name="classifier")
         self.queue = queue
-        self.predictor = predictor
+        self.model = predictor if isinstance(predictor, BackgroundModel) else BackgroundModel.of(predictor, batch_size)
         self.audit = audit
         self.threshold = threshold
         self.batch_size = batch_size
         self.batch_wait = batch_wait_ms / 1000.0
-        self.engine = Engine(predictor.spec, functools.partial(predict_in_chunks, predictor, batch_size=batch_size),
-                             threshold=threshold, pool=pool)  # its worker processes start on first use
+        self.engine = Engine(self.model.spec, self._predict, threshold=threshold,
+                             pool=pool)  # its worker processes start on first use
         self.on_classified = on_classified
         self.rules = rules if rules is not None else RuleSet((), ())
         self.batches = 0  # model calls so far (for tests and the bench)
         self._owed: list[QueueItem] = []  # counted attempts to give back (the database refused it last time)
 
+    @property
+    def predictor(self):
+        """The loaded predictor (None until the model is ready)."""
+        return self.model.predictor
+
+    def _predict(self, batch: np.ndarray) -> np.ndarray:
+        return predict_in_chunks(self.model.predictor, batch, self.batch_size)
+
     def run(self) -> None:
+        if not self._load_model():
+            return  # the node's watchdog sees model.error and stops the router
         with self._decoding():
             while not self._halt.is_set():
                 try:
@@ -125,6 +196,32 @@ class Classifier(WakeableThread):
                     self._pause_after(error)
                 finally:
                     self.busy_since = None
+
+    def _load_model(self) -> bool:
+        """Load the model (objects wait in the spool meanwhile); False when it cannot be loaded."""
+        model = self.model
+        if model.ready.is_set():
+            return True
+        log.info("loading the model %s (reception is running; objects wait in the spool meanwhile)", model.model_id)
+        try:
+            model.load()
+        except FATAL:
+            raise
+        except BaseException as error:  # reported by the node's watchdog, which stops the router
+            log.critical("the model %s could not be loaded: %s", model.model_id, describe(error), exc_info=error)
+            return False
+        if self.stopping:
+            return False  # the node stopped meanwhile (without waiting for the load): the audit log is closed
+        predictor = model.predictor
+        log.info("model %s ready in %.1f s (%s; warmed up for batches of %s); classifying", model.model_id,
+                 model.seconds, type(predictor).__name__, model.shapes)
+        try:
+            self.audit.write("model_loaded", model_id=model.model_id, seconds=round(model.seconds, 3),
+                             runtime=type(predictor).__name__, batch_shapes=model.shapes)
+        except Exception as error:  # noqa: BLE001 - disk full, or closed by a stop that just began
+            log.error("could not write the audit log: %s", error)
+        self.wake()  # what arrived while the model was loading
+        return True
 
     # --- the two places where the loop meets classify() -------------------------------------
 
@@ -288,11 +385,11 @@ class Classifier(WakeableThread):
         routed, items = self.route_by_rules(items)
         if not items:
             return routed
-        spec = self.predictor.spec
+        spec = self.model.spec
         predictions = self.engine.classify([self.queue.path(item) for item in items])
         self.batches += any(p.readable for p in predictions)
-        decided_by = f"{MODEL}:{self.predictor.model_id}"
-        decisions = [Classification(item.id, p.label, p.confidence, self.predictor.model_id, p.label, p.error,
+        decided_by = f"{MODEL}:{self.model.model_id}"
+        decisions = [Classification(item.id, p.label, p.confidence, self.model.model_id, p.label, p.error,
                                     decided_by) for item, p in zip(items, predictions)]
         self.queue.set_classified(decisions)
         for item, decision, p in zip(items, decisions, predictions):

@@ -1,13 +1,30 @@
 """The router as one object: queue + audit + classifier + forwarders + SCP, started and stopped in order.
 
     node = RouterNode(load_config("router.yaml"))
-    node.start()          # recover the queue, load the model, start threads, listen
+    node.start()          # recover the queue, start forwarders, listen; the model loads in the background
+    node.model_ready(60)  # (optional) True once the classifier has its model
     node.wait()           # until stop() (router.py calls it on SIGTERM / SIGINT)
 
-Start order puts consumers before producers: recovery, then model and forwarders and classifier,
-and the SCP last, so nothing is accepted before it can be processed. Stop order is the reverse:
-the SCP stops accepting (running associations get a grace period), then the classifier finishes
-its batch and forwarders their current object. Everything not finished stays in the queue.
+Start order: recovery, then the routes checked against the model's *metadata* (read without
+loading the model: its classes, id and calibration), the forwarders (they deliver whatever was
+classified before), the SCP (C-ECHO and C-STORE work from here: every object is spooled durably
+as always), and last the classifier thread, which loads and warms up the model and then
+classifies what has been waiting. Importing TensorFlow and loading a Keras model takes seconds
+(more on a busy machine); reception does not wait for it. A .tflite or .onnx model is run without
+importing TensorFlow at all where LiteRT (``ai-edge-litert``) resp. ONNX Runtime is installed.
+
+A model that cannot be loaded stops the router like a failed worker, with exit status
+``EXIT_MODEL_FAILED`` (2, as for any failed start): the SCP closes, ``model_failed`` is audited
+and the state is noted for ``--status``. What was received meanwhile stays in the spool and is
+classified after a restart with a loadable model; the router never goes on acknowledging objects
+that nothing will classify. Loading that takes longer than ``MODEL_LOAD_LIMIT_S`` counts as
+hung (exit status 3).
+
+Stop order is the reverse of start: the SCP stops accepting and closes idle connections at once
+(also a TCP connection that never sent anything, and an association between two objects), while
+an object being received gets the grace period to be stored and acknowledged
+(:func:`utils.routing.scp.close_scp`); then the classifier finishes its batch and forwarders their
+current object. Everything not finished stays in the queue.
 
 A watchdog thread checks the workers twice a second. A worker thread that ended without being
 stopped (it died), or a classification running for longer than :func:`stall_limit` (a hung
@@ -27,17 +44,18 @@ resumes with it even while nothing arrives.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
 from utils.io.isolation import PoolSettings
 from utils.routing.audit import AuditLog
-from utils.routing.classifier import Classifier, warm_up
+from utils.routing.classifier import BackgroundModel, Classifier, describe
 from utils.routing.config import RouterConfig
 from utils.routing.forwarder import enable_raw_sending, make_forwarders, remove_partial_copies
 from utils.routing.queue import SpoolQueue
 from utils.routing.reconcile import reconcile_audit
-from utils.routing.scp import StoreHandler, start_scp
+from utils.routing.scp import StoreHandler, close_scp, start_scp
 from utils.routing.space import ReceptionGate
 
 log = logging.getLogger(__name__)
@@ -46,6 +64,9 @@ STOP_GRACE_S = 10.0  # how long running associations may finish after a stop req
 WATCH_INTERVAL_S = 0.5  # how often the watchdog looks at the worker threads
 CLASSIFY_STALL_S = 600.0  # one classification running this long (at least) means a hung decoder or model: restart
 EXIT_WORKER_FAILED = 3  # router.py's exit status when a worker thread died or hung (1: --check failed, 2: bad setup)
+EXIT_MODEL_FAILED = 2  # ... when the model could not be loaded (a failed start, noticed after reception began)
+MODEL_LOAD_LIMIT_S = 600.0  # loading + warming up the model for longer than this counts as hung
+STATE_KEY = "router_state"  # the queue's meta key where the node notes its state for --status
 
 
 def stall_limit(config: RouterConfig) -> float:
@@ -62,7 +83,7 @@ class RouterNode:
 
     def __init__(self, config: RouterConfig, predictor=None) -> None:
         self.config = config
-        self.predictor = predictor  # None: loaded from config.model at start()
+        self._predictor = predictor  # None: loaded from config.model, in the background, after start()
         self.queue: SpoolQueue | None = None
         self.audit: AuditLog | None = None
         self.classifier: Classifier | None = None
@@ -70,7 +91,9 @@ class RouterNode:
         self.gate: ReceptionGate | None = None  # the free-space reserve of the spool's filesystem
         self.ae = None
         self.server = None
+        self.handler: StoreHandler | None = None
         self.failure: str | None = None  # why the watchdog stopped the node
+        self._exit_code = 0
         self.threshold: float | None = None  # the threshold classifying with (config's "auto" resolved at start)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
@@ -78,8 +101,24 @@ class RouterNode:
 
     @property
     def exit_code(self) -> int:
-        """0 after a requested stop, EXIT_WORKER_FAILED after the watchdog stopped the node."""
-        return EXIT_WORKER_FAILED if self.failure else 0
+        """0 after a requested stop; EXIT_WORKER_FAILED or EXIT_MODEL_FAILED after the watchdog stopped the node."""
+        return self._exit_code if self.failure else 0
+
+    @property
+    def predictor(self):
+        """The model's predictor once loaded (None before)."""
+        return self.classifier.predictor if self.classifier is not None else self._predictor
+
+    def model_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the classifier has its model; False after ``timeout`` or when it cannot be loaded."""
+        model = self.classifier.model if self.classifier is not None else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while model is not None and model.error is None and not self._stopped.is_set():
+            if model.ready.wait(0.1):
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+        return False
 
     @property
     def port(self) -> int:
@@ -107,43 +146,67 @@ class RouterNode:
         report["audit_reconciled"] = sum(reconciled.values())
         self.audit.write("recovered", **report)
         log.info("spool %s: %s", config.spool_dir, report)
-        if self.predictor is None:
-            from utils.infer.predictor import load_predictor
-
-            self.predictor = load_predictor(config.model)
-        spec = self.predictor.spec
-        config.check_routes(spec.class_names)
-        self.threshold = config.resolve_threshold(self.predictor)  # "auto": the model's calibrated recommendation
-        started = time.perf_counter()
-        shapes = warm_up(self.predictor, config.batch_size)  # the first call per batch shape is slow
-        log.info("model warmed up for batches of %s in %.1f s", shapes, time.perf_counter() - started)
+        model = self._describe_model()
+        config.check_routes(model.spec.class_names)
+        self.threshold = config.resolve_threshold(model.metadata)  # "auto": the model's calibrated recommendation
         enable_raw_sending()
         self.forwarders = make_forwarders(config, self.queue, self.audit)
         by_route = {route: f for f in self.forwarders for route in f.routes}
         rules = config.rule_set()
         for line in rules.describe(config.destinations):
             log.info("routing rule %s", line.strip())
-        self.classifier = Classifier(self.queue, self.predictor, self.audit, threshold=self.threshold,
+        self.classifier = Classifier(self.queue, model, self.audit, threshold=self.threshold,
                                      batch_size=config.batch_size, batch_wait_ms=config.batch_wait_ms,
                                      pool=PoolSettings(config.decode_pool, config.decode_workers,
                                                        config.decode_timeout_s, config.decode_memory_limit_mb),
                                      on_classified=lambda routes: [by_route[r].wake() for r in routes if r in by_route],
                                      rules=rules)
         self.classifier.max_classify_attempts = config.max_classify_attempts
-        for thread in [*self.forwarders, self.classifier]:
+        for thread in self.forwarders:
             thread.start()
         threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
         self.gate = ReceptionGate(config.spool_dir, config.min_free_mb, config.min_free_percent, self.audit)
         self.gate.refresh()  # already below the reserve: say so before the first object arrives
-        handler = StoreHandler(self.queue, self.audit, self.classifier.wake, self.gate)
-        self.ae, self.server = start_scp(config, handler)
-        self.audit.write("started", ae_title=config.ae_title, port=self.port, model_id=self.predictor.model_id,
+        self.handler = StoreHandler(self.queue, self.audit, self.classifier.wake, self.gate)
+        self.ae, self.server = start_scp(config, self.handler)
+        self.audit.write("started", ae_title=config.ae_title, port=self.port, model_id=model.model_id,
+                         model_state="ready" if model.ready.is_set() else "loading",
                          threshold=self.threshold, threshold_setting=config.threshold,
-                         temperature=getattr(getattr(self.predictor, "metadata", None), "temperature", 1.0),
+                         temperature=getattr(model.metadata, "temperature", 1.0),
                          destinations=config.to_dict()["destinations"],
                          rules=[f"{r.name}: {r.describe()} -> {r.destination}" for r in rules.rules])
-        log.info("%s listening on %s:%d; model %s; %d destinations", config.ae_title, config.host, self.port,
-                 self.predictor.model_id, len(self.forwarders))
+        self._note_state("loading the model", model_id=model.model_id)
+        log.info("%s listening on %s:%d; model %s loading in the background; %d destinations", config.ae_title,
+                 config.host, self.port, model.model_id, len(self.forwarders))
+        self.classifier.start()  # loads and warms up the model, then classifies what has arrived
+
+    def _describe_model(self) -> BackgroundModel:
+        """The model as its metadata describes it, to be loaded by the classifier thread; a predictor
+        given to the node is used as it is."""
+        from utils.infer.predictor import load_predictor, read_metadata
+
+        batch_size = self.config.batch_size
+        if self._predictor is not None:
+            return BackgroundModel.of(self._predictor, batch_size)
+        path = self.config.model
+        try:
+            metadata = read_metadata(path)  # the standard library only: no model runtime imported yet
+        except ValueError:
+            if not str(path).endswith(".onnx"):
+                raise
+            # a .onnx file without its sidecar carries its metadata inside: load it now (ONNX Runtime, fast)
+            return BackgroundModel.of(load_predictor(path), batch_size)
+        return BackgroundModel(metadata, lambda: load_predictor(path), batch_size)
+
+    def _note_state(self, state: str, **fields) -> None:
+        """Note what the router is doing in the queue (``--status`` shows it); best effort."""
+        import json
+
+        try:
+            self.queue.set_meta(STATE_KEY, json.dumps({"state": state, "time": time.time(), "pid": os.getpid(),
+                                                       **fields}))
+        except Exception as error:  # noqa: BLE001 - a full disk must not stop the node; the log and audit say it
+            log.warning("could not note the router's state in the queue: %s", error)
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once the node has stopped (asked to, or after a worker failed: see ``failure``)."""
@@ -152,35 +215,55 @@ class RouterNode:
     # --- the watchdog ----------------------------------------------------------------------
 
     def _watch(self) -> None:
+        noted_ready = False
         while not self._stopping.wait(WATCH_INTERVAL_S):
+            problem = self.check_model()
+            if problem:
+                self._fail(problem, EXIT_MODEL_FAILED, "model_failed")
+                return
             problem = self.check_workers()
             if problem:
                 self._fail(problem)
                 return
+            if not noted_ready and self.classifier is not None and self.classifier.model.ready.is_set():
+                noted_ready = True
+                self._note_state("running", model_id=self.classifier.model.model_id)
             if self.gate is not None:
                 try:
                     self.gate.refresh()
                 except Exception:  # the watchdog must keep watching
                     log.exception("could not check the free space of the spool's filesystem")
 
+    def check_model(self) -> str | None:
+        """Why the model will never be ready (it could not be loaded); None while it loads or once it is ready."""
+        model = self.classifier.model if self.classifier is not None else None
+        if model is not None and model.error is not None:
+            return f"the model {self.config.model or model.model_id} could not be loaded: {describe(model.error)}"
+        return None
+
     def check_workers(self) -> str | None:
         """What is wrong with the worker threads: one died, or the classifier hangs; None when all is well."""
         for thread in [self.classifier, *self.forwarders]:
             if thread is not None and thread.died:
                 return f"worker thread {thread.name} died"
+        loading = self.classifier.model.loading_for() if self.classifier is not None else 0.0
+        if loading > MODEL_LOAD_LIMIT_S:
+            return f"worker thread {self.classifier.name} hangs: loading the model has taken {loading:.0f} s"
         busy = self.classifier.busy_for() if self.classifier is not None else 0.0
         if busy > (self.stall_s or stall_limit(self.config)):
             return f"worker thread {self.classifier.name} hangs: one classification has run for {busy:.0f} s"
         return None
 
-    def _fail(self, problem: str) -> None:
+    def _fail(self, problem: str, exit_code: int = EXIT_WORKER_FAILED, event: str = "worker_failed") -> None:
         """Stop the node so that its supervisor restarts the process (a clean state, the queue recovered)."""
         if self._stopping.is_set():
             return
-        self.failure = problem
-        log.critical("%s; stopping the router (exit status %d) for its supervisor to restart it", problem,
-                     EXIT_WORKER_FAILED)
-        self.audit.write("worker_failed", problem=problem, exit_code=EXIT_WORKER_FAILED)
+        self.failure, self._exit_code = problem, exit_code
+        log.critical("%s; stopping the router (exit status %d) for its supervisor to restart it", problem, exit_code)
+        try:
+            self.audit.write(event, problem=problem, exit_code=exit_code)
+        except Exception:  # the audit log failing (disk full) must not keep the router running
+            log.exception("could not write the audit log")
         self.stop()
 
     def stop(self) -> None:
@@ -196,20 +279,21 @@ class RouterNode:
 
     def _stop(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
-            deadline = time.time() + STOP_GRACE_S
-            while self.server.active_associations and time.time() < deadline:
-                time.sleep(0.1)
-            for assoc in self.server.active_associations:
-                assoc.abort()
+            close_scp(self.server, self.handler, STOP_GRACE_S)
         threads = [t for t in [self.classifier, *self.forwarders] if t is not None]
         for thread in threads:
             thread.stop()
+        if self.classifier is not None and self.classifier.model.loading_for():
+            # Loading the model touches neither queue nor audit log, and cannot be cut short: not waited for.
+            log.info("stopping while the model is being loaded")
+            threads.remove(self.classifier)
         for thread in threads:
             if thread.is_alive():
                 thread.join(timeout=STOP_GRACE_S)
         if self.ae is not None:
             self.ae.shutdown()
+        if self.queue is not None and self.server is not None:
+            self._note_state("stopped", failure=self.failure, exit_code=self.exit_code)
         if self.audit is not None:
             self.audit.write("stopped", counts=self.queue.counts() if self.queue else {}, failure=self.failure)
             self.audit.close()

@@ -525,6 +525,16 @@ def read_summary(root: str | os.PathLike, unreadable: str, latest: int = 5) -> S
                    dict(sorted(decided.items(), key=lambda kv: (-kv[1], kv[0]))))
 
 
+def read_meta(root: str | os.PathLike, key: str) -> str | None:
+    """One of the router's notes (table ``meta``) without taking its lock; None when absent."""
+    db = _connect(root)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    finally:
+        db.close()
+    return None if row is None else row[0]
+
+
 def requeue_failed(root: str | os.PathLike) -> int:
     """Give failed items a fresh set of attempts (a running router picks them up within a second)."""
     db = _connect(root)

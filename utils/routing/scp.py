@@ -8,12 +8,23 @@ forwarding can reproduce them exactly. Success (0x0000) is answered only after t
 and its queue row are on disk; a failure to store answers 0xA700 (out of resources) and the
 sender keeps its copy. So does an object that would take the spool's filesystem below its
 free-space reserve (utils/routing/space.py), refused before anything is written.
+
+Stopping (:func:`close_scp`) never waits for a peer that sends nothing: once the server stops
+accepting, a connection that has not asked for an association (a health-check probe, a half-open
+connection) and an association between two messages are closed at once; an association that is
+receiving a C-STORE, or whose C-STORE is being stored, gets the grace period to have that object
+stored and acknowledged (and no further one: a C-STORE that begins after the stop began is
+answered 0xA700, the sender keeps it). Past the grace period what is left is aborted: an object
+cut short is neither stored nor acknowledged. ``close_scp`` returns only when no object is being
+stored any more, so the queue can be closed after it.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 from collections.abc import Callable
 
 from pydicom.uid import (
@@ -51,6 +62,8 @@ TRANSFER_SYNTAXES = [
 OUT_OF_RESOURCES = 0xA700
 NETWORK_TIMEOUT_S = 60  # an idle or stalled peer is dropped after this long
 MAX_PDU = 1 << 20  # largest PDU we accept: fewer, larger PDUs cost far less Python per object than 16 KB ones
+CLOSE_POLL_S = 0.05  # how often close_scp looks at the associations while it waits
+ABORT_WAIT_S = 1.0  # after an A-ABORT, how long the peer may take to close before the connection is cut
 
 
 class StoreHandler:
@@ -63,8 +76,58 @@ class StoreHandler:
         self.audit = audit
         self.on_received = on_received
         self.gate = gate
+        self._lock = threading.Condition()
+        self._storing: dict[int, int] = {}  # id(association) -> C-STOREs being handled for it
+        self._closing = False
+        self._may_finish: set[int] = set()  # associations receiving a C-STORE when closing began
+
+    # --- stopping: which associations are in the middle of an object -------------------------
+
+    def storing(self, assoc) -> bool:
+        """A C-STORE of ``assoc`` is being handled (stored, committed) right now."""
+        with self._lock:
+            return self._storing.get(id(assoc), 0) > 0
+
+    def begin_closing(self, receiving: list) -> None:
+        """From now on only the associations in ``receiving`` (and those storing right now) may have one more
+        C-STORE handled; every other C-STORE is answered 0xA700 before anything is written."""
+        with self._lock:
+            self._closing = True
+            self._may_finish = {id(a) for a in receiving} | {k for k, n in self._storing.items() if n}
+
+    def wait_stored(self, timeout: float) -> bool:
+        """Wait until no C-STORE is being handled; False after ``timeout``."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not any(self._storing.values()), timeout)
+
+    def _enter(self, assoc) -> bool:
+        with self._lock:
+            key = id(assoc)
+            if self._closing:
+                if key not in self._may_finish:
+                    return False
+                self._may_finish.discard(key)  # one object: the one it was receiving
+            self._storing[key] = self._storing.get(key, 0) + 1
+            return True
+
+    def _leave(self, assoc) -> None:
+        with self._lock:
+            key = id(assoc)
+            self._storing[key] -= 1
+            if not self._storing[key]:
+                del self._storing[key]
+            self._lock.notify_all()
 
     def handle_store(self, event) -> int:
+        if not self._enter(event.assoc):
+            log.info("refused %s: the router is stopping", event.request.AffectedSOPInstanceUID)
+            return OUT_OF_RESOURCES  # nothing written; the sender keeps it and sends it again later
+        try:
+            return self._store(event)
+        finally:
+            self._leave(event.assoc)
+
+    def _store(self, event) -> int:
         request = event.request
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
         sop_class_uid = str(request.AffectedSOPClassUID or "")
@@ -145,3 +208,73 @@ def start_scp(config: RouterConfig, handler: StoreHandler):
                                            (evt.EVT_C_ECHO, handler.handle_echo),
                                            (evt.EVT_CONN_OPEN, set_tcp_nodelay)])
     return ae, server
+
+
+# --- stopping ---------------------------------------------------------------------------------
+
+
+def receiving(assoc) -> bool:
+    """``assoc`` holds part of a DIMSE message (a C-STORE arriving) or a whole one not yet handled.
+
+    Reads pynetdicom's DIMSE provider (``message``: the message being assembled from P-DATA;
+    ``msg_queue``: complete ones waiting for the association's thread), the same in 2.x and 3.x;
+    where they are missing, every association counts as receiving (the grace period applies).
+    """
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None or not hasattr(dimse, "message") or not hasattr(dimse, "msg_queue"):
+        return True
+    return dimse.message is not None or not dimse.msg_queue.empty()
+
+
+def drop_connection(assoc) -> None:
+    """Close ``assoc``'s TCP connection without a word (a peer that never associated gets no A-ABORT: its state
+    machine has none to send) and let an acceptor that waits for an A-ASSOCIATE-RQ end now, not after the ACSE
+    timeout."""
+    dul = getattr(assoc, "dul", None)
+    sock = getattr(dul, "socket", None)
+    try:
+        if sock is not None:
+            sock.close()  # shuts the socket down; the DUL sees the transport closed
+    except OSError as error:
+        log.debug("closing a connection: %s", error)
+    if dul is not None and not assoc.is_established:
+        dul.to_user_queue.put(None)  # what its wait for the A-ASSOCIATE-RQ returns on a timeout
+
+
+def close_scp(server, handler: StoreHandler | None, grace_s: float) -> None:
+    """Stop accepting; close what is idle at once; give C-STOREs in progress ``grace_s`` to finish; then cut the
+    rest. Returns once no C-STORE is being stored (see the module docstring)."""
+    server.shutdown()  # no new connections
+    assocs = list(server.active_associations)
+    if handler is not None:
+        handler.begin_closing([a for a in assocs if a.is_established and receiving(a)])
+    deadline = time.monotonic() + grace_s
+    closed: dict[int, float] = {}  # id(association) -> when it was told to go
+    dropped: set[int] = set()
+    while True:
+        now = time.monotonic()
+        left = [a for a in server.active_associations if id(a) not in dropped]
+        if not left:
+            break
+        for assoc in left:
+            key = id(assoc)
+            if key in closed:
+                if now - closed[key] > ABORT_WAIT_S:  # the peer did not close after the A-ABORT (half-open)
+                    drop_connection(assoc)
+                    dropped.add(key)
+                continue
+            busy = assoc.is_established and (receiving(assoc) or (handler is not None and handler.storing(assoc)))
+            if busy and now < deadline:
+                continue
+            if busy:
+                log.warning("association with %s still receiving after %.0f s: aborted (the object is not "
+                            "acknowledged)", assoc.requestor.ae_title, grace_s)
+            if assoc.is_established:
+                assoc.abort(block=False)  # between two objects: the sender keeps what it did not send
+                closed[key] = now
+            else:
+                drop_connection(assoc)  # connected, never associated (a probe) or still negotiating
+                dropped.add(key)
+        time.sleep(CLOSE_POLL_S)
+    if handler is not None and not handler.wait_stored(grace_s):
+        log.error("a C-STORE was still being stored %.0f s after the stop began", 2 * grace_s)

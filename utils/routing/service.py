@@ -8,7 +8,7 @@ import time
 from utils.routing import queue as _queue
 from utils.routing import space
 from utils.routing.config import RouterConfig, load_config  # noqa: F401 (router.py uses them from here)
-from utils.routing.node import EXIT_WORKER_FAILED, RouterNode  # noqa: F401
+from utils.routing.node import EXIT_MODEL_FAILED, EXIT_WORKER_FAILED, STATE_KEY, RouterNode  # noqa: F401
 from utils.routing.queue import SpoolLockedError  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,9 @@ def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
     counts, failed = _queue.read_status(config.spool_dir)
     summary = _queue.read_summary(config.spool_dir, UNREADABLE, latest)
     print(f"spool {config.spool_dir}: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "empty"))
+    state = describe_state(_queue.read_meta(config.spool_dir, STATE_KEY))
+    if state:
+        print(f"  router (as it last noted): {state}")
     print("  disk: " + space.describe(space.measure(config.spool_dir, config.min_free_mb, config.min_free_percent),
                                       config.spool_dir))
     if summary.routes:
@@ -110,6 +113,24 @@ def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
     for item in failed:
         print(f"  failed {item.sop_instance_uid} -> {item.route}: {item.reason} (file {item.file})")
     return 0
+
+
+def describe_state(note: str | None) -> str:
+    """The router's last note about itself (utils.routing.node ``_note_state``) in words; "" for none."""
+    import json
+
+    if not note:
+        return ""
+    try:
+        state = json.loads(note)
+        text = f"{state['state']} since {_utc(state['time'])} (pid {state.get('pid', '?')})"
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable note {note[:100]!r}"
+    if state.get("model_id"):
+        text += f", model {state['model_id']}"
+    if state.get("failure"):
+        text += f": {state['failure']} (exit status {state.get('exit_code')})"
+    return text
 
 
 def _utc(timestamp: float) -> str:
