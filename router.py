@@ -10,7 +10,9 @@ the spool and fsynced before success is answered, classified in batches, and for
 C-STORE, in the transfer syntax it arrived in, to the destination configured for its label
 (plus "uncertain" below the threshold and "unreadable" for non-images and broken files). The
 queue survives restarts and kill -9; a spool file is deleted only after its destination
-confirmed it. See router.example.yaml and docs/ROUTER.md.
+confirmed it. With an ``orthanc_source`` the router also pulls each new instance from an Orthanc's
+change feed into the same queue, keeping its cursor there (nothing is lost while the router is down).
+See router.example.yaml and docs/ROUTER.md.
 
 The router listens as soon as its queue is recovered: the model is loaded in the background and
 what arrives meanwhile waits in the spool (a .tflite or .onnx model needs no TensorFlow).

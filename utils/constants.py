@@ -185,3 +185,15 @@ ROUTER_MIN_FREE_MB: int = 100  # room to drain (database commits, audit lines, q
 ROUTER_MIN_FREE_MB_RANGE: str = "[0, inf)"
 ROUTER_MIN_FREE_PERCENT: float = 0.0  # also keep this % of the filesystem free (the larger of the two counts); 0 = off
 ROUTER_MIN_FREE_PERCENT_RANGE: str = "[0, 50]"
+# The Orthanc source (``orthanc_source:`` block of the router's YAML, utils/routing/orthanc_source.py): the router
+# follows an Orthanc's /changes feed and fetches each new instance itself (a durable hand-off; Orthanc's own
+# forwarding jobs are not retried). These are the block's keys without the ROUTER_ORTHANC_ prefix.
+ROUTER_ORTHANC_POLL_S: float = 1.0  # once caught up, ask Orthanc for new changes this often
+ROUTER_ORTHANC_POLL_S_RANGE: str = "(0, 3600]"
+ROUTER_ORTHANC_BATCH: int = 100  # changes asked for per /changes request (Orthanc answers at most its own cap)
+ROUTER_ORTHANC_BATCH_RANGE: str = "[1, 1000]"
+ROUTER_ORTHANC_TIMEOUT_S: float = 30.0  # one REST request to Orthanc longer than this counts as Orthanc unreachable
+ROUTER_ORTHANC_TIMEOUT_S_RANGE: str = "(0, 600]"
+ROUTER_ORTHANC_START_FROM: str = "latest"  # a new spool begins at Orthanc's latest change, or at its first ("beginning")
+ROUTER_ORTHANC_START_FROM_CHOICES: tuple[str, ...] = ("latest", "beginning")
+ROUTER_ORTHANC_MODALITIES: tuple[str, ...] = ("CR", "DX", "DR", "RG")  # series Modality fetched; () = every instance

@@ -126,7 +126,8 @@ def test_router_bounds_come_from_constants_py(tmp_path, monkeypatch):
 
 
 def test_every_router_setting_is_a_config_field():
-    """Each ROUTER_* constant is a YAML key (its name without the prefix) and a RouterConfig field."""
+    """Each ROUTER_* constant is a YAML key (its name without the prefix) and a RouterConfig field; the
+    ROUTER_ORTHANC_* constants are the keys of the orthanc_source block instead."""
     assert set(_settings()) == {f.name for f in dataclasses.fields(RouterConfig)}
     assert {"port", "batch_size", "max_classify_attempts", "threshold", "decode_timeout_s"} <= set(RANGED)
 
@@ -191,3 +192,32 @@ def test_router_threshold_flag_takes_auto_and_check_refuses_an_uncalibrated_mode
     assert "calibrate.py" in capsys.readouterr().err
     assert router.main(["--config", str(path), "--check", "--threshold", "0.6"]) == 0
     assert "threshold 0.6 (0.6)" in capsys.readouterr().out
+
+
+def test_orthanc_source_block_is_checked_and_its_password_never_written_out(tmp_path):
+    config = load_config(write(tmp_path, orthanc_source={"url": "http://127.0.0.1:8042/", "username": "router",
+                                                         "password": "secret", "poll_s": 2, "modalities": []}))
+    source = config.orthanc_source
+    assert (source.url, source.poll_s, source.modalities) == ("http://127.0.0.1:8042", 2.0, ())
+    assert (source.batch, source.start_from) == (constants.ROUTER_ORTHANC_BATCH, constants.ROUTER_ORTHANC_START_FROM)
+    assert config.to_dict()["orthanc_source"]["password"] == "***"
+    assert load_config(write(tmp_path)).orthanc_source is None
+    assert load_config(write(tmp_path, orthanc_source={"url": "http://pacs:8042"})).orthanc_source.modalities == \
+        constants.ROUTER_ORTHANC_MODALITIES
+
+
+@pytest.mark.parametrize(("block", "message"), [
+    ({}, r"orthanc_source.url: required"),
+    ("http://x", r"orthanc_source: expected dict, got str"),
+    ({"url": "ftp://x"}, r"orthanc_source.url: expected http\(s\)"),
+    ({"url": "http://x", "user": "a"}, r"orthanc_source: unknown key 'user'"),
+    ({"url": "http://x", "username": "a"}, r"give both username and password"),
+    ({"url": "http://x", "poll_s": 0}, r"orthanc_source.poll_s must be"),
+    ({"url": "http://x", "batch": 5000}, r"orthanc_source.batch must be between 1 and 1000"),
+    ({"url": "http://x", "start_from": "now"}, r"orthanc_source.start_from must be one of"),
+    ({"url": "http://x", "modalities": ["cr"]}, r"orthanc_source.modalities: Modality values are upper case"),
+    ({"url": "http://x", "modalities": "CR"}, r"orthanc_source.modalities: expected a list"),
+])
+def test_orthanc_source_errors_name_the_key(tmp_path, block, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, orthanc_source=block))

@@ -13,7 +13,10 @@ Events (each with ``time`` in UTC ISO 8601 and ``event``; per-object events carr
 - ``destination_down`` / ``destination_up`` (no SOP instance UID): node, reason;
 - ``started`` / ``recovered`` / ``stopped``: what the router did at start and stop;
 - ``reception_paused`` / ``reception_resumed``: the spool's filesystem went below / back above
-  its free-space reserve (utils/routing/space.py).
+  its free-space reserve (utils/routing/space.py);
+- from the Orthanc source (utils/routing/orthanc_source.py): ``received`` with ``source: "orthanc"``,
+  ``orthanc_id`` and ``seq``; ``orthanc_cursor_start``, ``orthanc_cursor_reset``,
+  ``orthanc_source_down`` / ``orthanc_source_up``, ``orthanc_skipped``.
 
 Lines are written with one ``os.write`` on an O_APPEND descriptor, so they stay whole even with
 several threads, and reach the OS before the call returns (a kill -9 loses none). A line is

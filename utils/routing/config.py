@@ -12,6 +12,8 @@
       pass_through: {ae_title: PACS, host: 10.0.0.5, port: 104}   # what is not projection radiography
     rules:                           # before the model, first match wins (utils/routing/rules.py)
       - {name: ct-mr, match: {modality: [CT, MR]}, destination: pass_through}
+    orthanc_source:                  # optional: pull new instances from an Orthanc (utils/routing/orthanc_source.py)
+      url: http://127.0.0.1:8042
 
 A destination is a DICOM node (ae_title, host, port) or a folder. Relative paths are taken
 relative to the configuration file's folder. Unknown keys, wrong types and out-of-range values
@@ -40,15 +42,19 @@ from utils import constants
 from utils.config import ConfigError, check_value, constant_types
 from utils.infer.decisions import AUTO_THRESHOLD, UNCERTAIN, UNREADABLE
 from utils.infer.predictor import resolve_threshold
+from utils.routing.orthanc_source import PREFIX as ORTHANC_PREFIX
+from utils.routing.orthanc_source import OrthancSourceSettings, parse_settings
 from utils.routing.rules import MODEL, PASS_THROUGH, Rule, RuleSet, parse_rules
 
 # YAML key -> the constant of utils/constants.py that gives its type, default and bounds
 # (NAME_RANGE / NAME_CHOICES, checked by utils.config.check_value): every ROUTER_* constant
 # (the key is its name without the prefix), and the settings shared with predict.py. A new
-# router setting is a ROUTER_* constant (+ its range) and a RouterConfig field.
+# router setting is a ROUTER_* constant (+ its range) and a RouterConfig field. The ROUTER_ORTHANC_*
+# constants are the keys of the ``orthanc_source`` block instead (utils/routing/orthanc_source.py).
 _CONSTANTS: dict[str, str] = {
     **{name.removeprefix("ROUTER_").lower(): name for name in constant_types()
-       if name.startswith("ROUTER_") and not name.endswith(("_RANGE", "_CHOICES"))},
+       if name.startswith("ROUTER_") and not name.startswith(ORTHANC_PREFIX)
+       and not name.endswith(("_RANGE", "_CHOICES"))},
     "threshold": "THRESHOLD",
     "decode_pool": "DECODE_POOL",  # "processes" (isolated, time-limited) or "threads"
     "decode_workers": "DECODE_WORKERS",
@@ -62,6 +68,7 @@ _OTHERS: dict[str, tuple[type, Any]] = {
     "allowed_callers": (list, []),  # calling AE titles accepted; empty = any
     "destinations": (dict, None),
     "rules": (list, []),  # routing rules evaluated before the model (utils/routing/rules.py)
+    "orthanc_source": (dict, None),  # pull new instances from an Orthanc (utils/routing/orthanc_source.py)
 }
 
 
@@ -120,6 +127,7 @@ class RouterConfig:
     min_free_mb: int = constants.ROUTER_MIN_FREE_MB  # free-space reserve of the spool's filesystem (utils/routing/space.py)
     min_free_percent: float = constants.ROUTER_MIN_FREE_PERCENT
     rules: tuple[Rule, ...] = ()  # the configured routing rules, in order (the built-in default follows them)
+    orthanc_source: OrthancSourceSettings | None = None  # pull from this Orthanc's change feed (None: no)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -127,6 +135,7 @@ class RouterConfig:
                                    {"ae_title": d.ae_title, "host": d.host, "port": d.port})
                                for k, d in self.destinations.items()}
         out["rules"] = [rule.to_dict() for rule in self.rules]
+        out["orthanc_source"] = self.orthanc_source.to_dict() if self.orthanc_source else None
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
 
     def rule_set(self) -> RuleSet:
@@ -207,9 +216,10 @@ def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configura
     callers = tuple(_ae_title(_typed(a, str, f"{where}: allowed_callers"), f"{where}: allowed_callers")
                     for a in values["allowed_callers"])
     plain = {key: values[key] for key in _CONSTANTS if key not in ("ae_title", "spool_dir")}
+    source = parse_settings(values["orthanc_source"], where) if values["orthanc_source"] is not None else None
     return RouterConfig(**plain, ae_title=_ae_title(values["ae_title"], f"{where}: ae_title"),
                         model=str(_path(values["model"], base)), spool_dir=spool, audit_log=audit,
-                        allowed_callers=callers, destinations=destinations, rules=rules)
+                        allowed_callers=callers, destinations=destinations, rules=rules, orthanc_source=source)
 
 
 def _refuse_unknown(raw: dict, known, where: str) -> None:

@@ -8,7 +8,8 @@
 Start order: recovery, then the routes checked against the model's *metadata* (read without
 loading the model: its classes, id and calibration), the forwarders (they deliver whatever was
 classified before), the SCP (C-ECHO and C-STORE work from here: every object is spooled durably
-as always), and last the classifier thread, which loads and warms up the model and then
+as always), the Orthanc source if one is configured (utils/routing/orthanc_source.py: it stores what
+it fetches through the same queue), and last the classifier thread, which loads and warms up the model and then
 classifies what has been waiting. Importing TensorFlow and loading a Keras model takes seconds
 (more on a busy machine); reception does not wait for it. A .tflite or .onnx model is run without
 importing TensorFlow at all where LiteRT (``ai-edge-litert``) resp. ONNX Runtime is installed.
@@ -53,6 +54,7 @@ from utils.routing.audit import AuditLog
 from utils.routing.classifier import BackgroundModel, Classifier, describe
 from utils.routing.config import RouterConfig
 from utils.routing.forwarder import enable_raw_sending, make_forwarders, remove_partial_copies
+from utils.routing.orthanc_source import OrthancSource
 from utils.routing.queue import SpoolQueue
 from utils.routing.reconcile import reconcile_audit
 from utils.routing.scp import StoreHandler, close_scp, start_scp
@@ -88,6 +90,7 @@ class RouterNode:
         self.audit: AuditLog | None = None
         self.classifier: Classifier | None = None
         self.forwarders: list = []
+        self.source: OrthancSource | None = None  # pulls from Orthanc's change feed (config.orthanc_source)
         self.gate: ReceptionGate | None = None  # the free-space reserve of the spool's filesystem
         self.ae = None
         self.server = None
@@ -169,12 +172,18 @@ class RouterNode:
         self.gate.refresh()  # already below the reserve: say so before the first object arrives
         self.handler = StoreHandler(self.queue, self.audit, self.classifier.wake, self.gate)
         self.ae, self.server = start_scp(config, self.handler)
+        if config.orthanc_source is not None:  # a second way in, through the same queue as the SCP
+            self.source = OrthancSource(config.orthanc_source, self.queue, self.audit, own_ae_title=config.ae_title,
+                                        on_received=self.classifier.wake, gate=self.gate,
+                                        retry_initial_s=config.retry_initial_s, retry_max_s=config.retry_max_s)
+            self.source.start()
         self.audit.write("started", ae_title=config.ae_title, port=self.port, model_id=model.model_id,
                          model_state="ready" if model.ready.is_set() else "loading",
                          threshold=self.threshold, threshold_setting=config.threshold,
                          temperature=getattr(model.metadata, "temperature", 1.0),
                          destinations=config.to_dict()["destinations"],
-                         rules=[f"{r.name}: {r.describe()} -> {r.destination}" for r in rules.rules])
+                         rules=[f"{r.name}: {r.describe()} -> {r.destination}" for r in rules.rules],
+                         orthanc_source=config.to_dict()["orthanc_source"])
         self._note_state("loading the model", model_id=model.model_id)
         log.info("%s listening on %s:%d; model %s loading in the background; %d destinations", config.ae_title,
                  config.host, self.port, model.model_id, len(self.forwarders))
@@ -243,7 +252,7 @@ class RouterNode:
 
     def check_workers(self) -> str | None:
         """What is wrong with the worker threads: one died, or the classifier hangs; None when all is well."""
-        for thread in [self.classifier, *self.forwarders]:
+        for thread in [self.classifier, *self.forwarders, self.source]:
             if thread is not None and thread.died:
                 return f"worker thread {thread.name} died"
         loading = self.classifier.model.loading_for() if self.classifier is not None else 0.0
@@ -280,7 +289,7 @@ class RouterNode:
     def _stop(self) -> None:
         if self.server is not None:
             close_scp(self.server, self.handler, STOP_GRACE_S)
-        threads = [t for t in [self.classifier, *self.forwarders] if t is not None]
+        threads = [t for t in [self.source, self.classifier, *self.forwarders] if t is not None]
         for thread in threads:
             thread.stop()
         if self.classifier is not None and self.classifier.model.loading_for():

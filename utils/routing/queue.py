@@ -175,11 +175,14 @@ class SpoolQueue:
     # --- receiving ------------------------------------------------------------------------
 
     def store(self, data: bytes, *, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str,
-              calling_ae: str = "") -> tuple[QueueItem, bool]:
+              calling_ae: str = "", meta: tuple[str, str] | None = None) -> tuple[QueueItem, bool]:
         """Make a received object durable; (item, duplicate). Returns only once file and row are on disk.
 
         An identical object (same SOP Instance UID and bytes) that is still waiting in the queue
         is not stored twice: a sender re-sending after a lost answer gets success again.
+        ``meta``: a (key, value) note (table ``meta``) committed in the same transaction as the row,
+        e.g. the Orthanc source's cursor (utils/routing/orthanc_source.py): a crash keeps both or
+        neither. Not written for a duplicate.
         """
         digest = hashlib.sha256(data).hexdigest()
         with self._lock:
@@ -199,18 +202,24 @@ class SpoolQueue:
             partial.unlink(missing_ok=True)  # never acknowledged; a full disk gets its space back at once
             raise
         fsync_dir(self.files)
-        item = self._insert(name, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, digest, len(data))
+        item = self._insert(name, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, digest, len(data),
+                            meta)
         return item, False
 
     def _insert(self, name: str, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, calling_ae: str,
-                digest: str, size: int) -> QueueItem:
+                digest: str, size: int, meta: tuple[str, str] | None = None) -> QueueItem:
         now = time.time()
-        with self._lock, self._writing(f"record the received object {sop_instance_uid}"):
+        what = f"record the received object {sop_instance_uid}"
+        with self._lock, (self._transaction(what) if meta else self._writing(what)):
             cursor = self._db.execute(
                 "INSERT INTO items (file, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, sha256, size,"
                 " state, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, digest, size, RECEIVED, now, now))
-            return self.get(cursor.lastrowid)
+            if meta:
+                self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value ="
+                                 " excluded.value", meta)
+            row_id = cursor.lastrowid
+        return self.get(row_id)
 
     # --- reading --------------------------------------------------------------------------
 

@@ -1,4 +1,8 @@
-"""What router.py does besides running: logging set-up, --check, --status, --requeue-failed."""
+"""What router.py does besides running: logging set-up, --check, --status, --requeue-failed.
+
+With an ``orthanc_source``, ``--check`` asks that Orthanc for its version and last change (the credentials are
+checked too) and ``--status`` shows the cursor, Orthanc's last change and how far behind the router is.
+"""
 
 from __future__ import annotations
 
@@ -80,7 +84,22 @@ def check(config: RouterConfig) -> int:
         result = seen[dest.node]
         problems += result is not None
         print(f"  {route:<16} -> {dest.node}: {'echo ok' if result is None else result}")
+    if config.orthanc_source is not None:
+        from utils.routing.orthanc_source import CURSOR_KEY, check_source, read_cursor
+
+        cursor = read_cursor(_read_meta_if_any(config, CURSOR_KEY))
+        ok, line = check_source(config.orthanc_source, cursor)
+        problems += not ok
+        print(line)
     return 1 if problems else 0
+
+
+def _read_meta_if_any(config: RouterConfig, key: str) -> str | None:
+    """A note in the spool database; None when there is no database yet."""
+    try:
+        return _queue.read_meta(config.spool_dir, key)
+    except FileNotFoundError:
+        return None
 
 
 def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
@@ -112,6 +131,12 @@ def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
               f" {item.sop_instance_uid or item.file}" + (f", last error {_cut(item.reason)}" if item.reason else ""))
     for item in failed:
         print(f"  failed {item.sop_instance_uid} -> {item.route}: {item.reason} (file {item.file})")
+    if config.orthanc_source is not None:
+        from utils.routing.orthanc_source import CURSOR_KEY, NOTE_KEY, describe_status
+
+        for line in describe_status(config.orthanc_source, _queue.read_meta(config.spool_dir, CURSOR_KEY),
+                                    _queue.read_meta(config.spool_dir, NOTE_KEY)):
+            print("  " + line)
     return 0
 
 
