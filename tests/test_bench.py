@@ -6,6 +6,7 @@ import json
 import math
 
 import keras
+import numpy as np
 
 from bench import gpu, inference
 
@@ -33,3 +34,21 @@ def test_gpu_bench_reports_a_failing_policy_as_a_row():
 def test_int8_roofline_is_measured():
     gops = inference.int8_conv_gops(size=8, channels=32, runs=2)
     assert math.isfinite(gops) and gops > 0
+
+
+def test_recipes_paired_difference_is_zero_for_equal_predictions_and_positive_for_a_better_recipe():
+    import pandas as pd
+
+    from bench.recipes import paired_f1_difference
+
+    rng = np.random.default_rng(0)
+    truth = rng.choice(["a", "b", "c"], size=300)
+    base = pd.DataFrame({"file": [f"f{i}" for i in range(300)], "group": [f"p{i // 2}" for i in range(300)],
+                         "true_label": truth, "predicted_label": truth})
+    wrong = rng.random(300) < 0.2
+    base.loc[wrong, "predicted_label"] = np.where(truth[wrong] == "a", "b", "a")
+    assert paired_f1_difference(base, base) == (0.0, 0.0, 0.0)
+    better = base.assign(predicted_label=truth)  # every error fixed
+    point, low, high = paired_f1_difference(better, base)
+    assert 0 < low < point < high
+    assert paired_f1_difference(better.iloc[:-1], base) is None  # not the same images: no paired comparison
