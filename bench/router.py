@@ -3,16 +3,21 @@
     python -m bench.router                                  # 120 files of 1536 x 1536, 12 bit
     python -m bench.router --count 300 --size 2048 --batch-sizes 1 8 32
     python -m bench.router --model runs/demo                # a trained model instead of an untrained one
+    python -m bench.router --model best_int8.tflite --count 200 --min-size 512 --size 2048 \
+        --senders 1 8 --batch-sizes 16 --repeats 3          # the issue's setting: medians of 3 runs
+    python -m bench.router ... --py-spy 30                  # also sample the router with py-spy for 30 s
 
 Synthetic X-rays (utils.data.demo drawings, mixed classes) are written as uncompressed DICOM (or
 --syntax rle / j2k). A router process is started per batch size with a model at the paper's
 512 px (an untrained MobileNet-V1 unless --model: speed does not depend on the weights); one
-storescu association sends every file; the router forwards each to one of two storescp
-destinations. Reported: images/s from the first byte sent to the last destination confirmation
+storescu association sends every file (``--senders N``: N storescu processes at once, each with
+its share of the files); the router forwards each to one of two storescp destinations. With
+``--min-size`` the image sides are drawn between --min-size and --size. Reported: images/s from the first byte sent to the last destination confirmation
 (the router's audit log), the rate at which the router acknowledged (spooled and fsynced) the
 files, per-image latency from received to confirmed under that load (p50 / p95), and the latency
 of a single image sent to an idle router. The same files sent straight from storescu to storescp
-give the network-and-disk baseline. Prints Markdown.
+give the network-and-disk baseline, measured in the same run with the same senders (the ratio
+column divides by it). ``--repeats`` runs everything that often and reports medians. Prints Markdown.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def make_files(folder: Path, count: int, size: int, syntax: str, seed: int) -> list[Path]:
+def make_files(folder: Path, count: int, size: int, syntax: str, seed: int, min_size: int | None = None) -> list[Path]:
     import cv2
     import pydicom
 
@@ -68,7 +73,8 @@ def make_files(folder: Path, count: int, size: int, syntax: str, seed: int) -> l
     paths = []
     for i in range(count):
         label = CLASSES[i % len(CLASSES)]
-        image = cv2.resize(draw(label, rng), (size, size), interpolation=cv2.INTER_LINEAR)
+        side = int(rng.integers(min_size, size + 1)) if min_size else size
+        image = cv2.resize(draw(label, rng), (side, side), interpolation=cv2.INTER_LINEAR)
         pixels = np.rint(image * 4095).astype(np.uint16)
         paths.append(write_dicom(folder / f"{i:05d}.dcm", pixels, bits_stored=12, transfer_syntax=uid))
     return paths
@@ -113,23 +119,28 @@ class Peers:
                 proc.wait(30)
 
 
-def storescu(files: list[Path], port: int, profile: Path, called: str) -> float:
+def storescu(files: list[Path], port: int, profile: Path, called: str, senders: int = 1) -> float:
+    """Send ``files`` with ``senders`` storescu processes at once (files dealt round-robin); the start time."""
     from utils.routing.dcmtk import environment, storescu_command
 
     start = time.time()
-    out = subprocess.run(storescu_command(files, "127.0.0.1", port, profile, called=called), capture_output=True,
-                         text=True, check=False, env=environment())
-    if out.returncode != 0 or "Store Failed" in out.stderr:
-        raise RuntimeError(f"storescu failed: {out.stderr[-2000:]}")
+    procs = [subprocess.Popen(storescu_command(files[i::senders], "127.0.0.1", port, profile, called=called),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment())
+             for i in range(min(senders, len(files)))]
+    errors = [p.communicate()[1] for p in procs]
+    for proc, err in zip(procs, errors):
+        if proc.returncode != 0 or "Store Failed" in err:
+            raise RuntimeError(f"storescu failed: {err[-2000:]}")
     return start
 
 
-def baseline(files: list[Path], tmp: Path, profile: Path) -> float:
-    """images/s storescu -> storescp directly (same files, same disk)."""
+def baseline(files: list[Path], tmp: Path, profile: Path, senders: int = 1) -> float:
+    """images/s storescu -> storescp directly (same files, same disk, same number of senders)."""
     peers = Peers(tmp)
     try:
-        port = peers.storescp(tmp / "direct", "DIRECT")
-        start = storescu(files, port, profile, "DIRECT")
+        folder = tmp / f"direct-{time.monotonic_ns()}"
+        port = peers.storescp(folder, "DIRECT")
+        start = storescu(files, port, profile, "DIRECT", senders)
         return len(files) / (time.time() - start)
     finally:
         peers.close()
@@ -150,11 +161,11 @@ def _times(audit: Path) -> dict[str, dict[str, float]]:
 
 
 def through_router(files: list[Path], singles: list[Path], model: Path, batch: int, wait_ms: int, tmp: Path,
-                   profile: Path) -> dict:
+                   profile: Path, senders: int = 1, py_spy: float = 0.0) -> dict:
     import pydicom
     import yaml
 
-    run = tmp / f"router-b{batch}"
+    run = tmp / f"router-b{batch}-s{senders}-{time.monotonic_ns()}"
     run.mkdir()
     peers = Peers(run)
     try:
@@ -179,11 +190,20 @@ def through_router(files: list[Path], singles: list[Path], model: Path, batch: i
             raise RuntimeError((run / "router.log").read_text()[-3000:])
         uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
 
-        start = storescu(files, port, profile, "ROUTER")
+        spy = None
+        if py_spy:  # samples every thread of the router (and its decoding processes) while the files go through
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(router.pid), "--duration", str(int(py_spy)),
+                                    "--subprocesses", "--threads", "--format", "raw", "--output",
+                                    str(Path(tempfile.gettempdir()) / f"py-spy-b{batch}-s{senders}.txt")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            time.sleep(1.0)
+        start = storescu(files, port, profile, "ROUTER", senders)
         sent = time.time()
         times = _wait(lambda: (t := _times(audit)) and all("done" in t.get(u, {}) for u in uids) and t, 1800,
                       "every image to be confirmed", interval=0.2)
         done_last = max(times[u]["done"] for u in uids)
+        if spy is not None:
+            spy.wait()
         latencies = [1000 * (times[u]["done"] - times[u]["received"]) for u in uids]
 
         idle = []
@@ -195,7 +215,7 @@ def through_router(files: list[Path], singles: list[Path], model: Path, batch: i
             idle.append(1000 * (when - t0))
         router.send_signal(signal.SIGTERM)
         router.wait(60)
-        return {"batch": batch, "wait_ms": wait_ms, "images_per_s": len(uids) / (done_last - start),
+        return {"batch": batch, "wait_ms": wait_ms, "senders": senders, "images_per_s": len(uids) / (done_last - start),
                 "ack_per_s": len(uids) / (sent - start),
                 "p50_ms": statistics.median(latencies), "p95_ms": float(np.percentile(latencies, 95)),
                 "idle_ms": statistics.median(idle)}
@@ -214,6 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--batch-wait-ms", type=int, default=200)
     parser.add_argument("--singles", type=int, default=5, help="single images sent to the idle router")
+    parser.add_argument("--min-size", type=int, default=None, help="draw each image's side in [min-size, size]")
+    parser.add_argument("--senders", type=int, nargs="+", default=[1], help="concurrent storescu associations")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of everything; medians are reported")
+    parser.add_argument("--py-spy", type=float, default=0.0, metavar="S",
+                        help="sample the router with py-spy for S seconds in the first run of each row "
+                             "(raw stacks in the temp folder, py-spy-b<batch>-s<senders>.txt)")
     args = parser.parse_args(argv)
 
     from utils.config import environment
@@ -223,25 +249,36 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("dcmtk's storescu/storescp are needed: apt-get install dcmtk")
     with tempfile.TemporaryDirectory(prefix="bench-router-") as name:
         tmp = Path(name)
-        files = make_files(tmp / "in", args.count, args.size, args.syntax, seed=0)
+        files = make_files(tmp / "in", args.count, args.size, args.syntax, seed=0, min_size=args.min_size)
         singles = make_files(tmp / "single", args.singles, args.size, args.syntax, seed=1)
         profile = storescu_profile(files[:1], tmp / "storescu.cfg")
         model = Path(args.model) if args.model else untrained_model(tmp / "model.keras", args.backbone,
                                                                      args.image_size)
-        direct = baseline(files, tmp, profile)
-        rows = [through_router(files, singles, model, b, args.batch_wait_ms, tmp, profile) for b in args.batch_sizes]
+        megabytes = sum(f.stat().st_size for f in files) / 1e6 / len(files)
+        runs: dict[tuple[int, int], list[dict]] = {}
+        for repeat in range(args.repeats):
+            for senders in args.senders:  # the baseline right before the router, same senders, same load
+                direct = baseline(files, tmp, profile, senders)
+                for b in args.batch_sizes:
+                    row = through_router(files, singles, model, b, args.batch_wait_ms, tmp, profile, senders,
+                                         args.py_spy if repeat == 0 else 0.0)
+                    row["direct"] = direct
+                    row["ratio"] = row["images_per_s"] / direct
+                    runs.setdefault((senders, b), []).append(row)
+                    print(f"run {repeat + 1}: {senders} senders, batch {b}: {row['images_per_s']:.1f} images/s "
+                          f"(direct {direct:.1f})", file=sys.stderr, flush=True)
     env = environment()
-    mb = files and args.size * args.size * 2 / 1e6
+    sides = f"{args.min_size}-{args.size}" if args.min_size else f"{args.size}x{args.size}"
     print(f"\nMachine: {env['processor']}, {env['cpu_count']} cores; {env['time'][:10]}. {args.count} files of "
-          f"{args.size}x{args.size} 12-bit ({mb:.1f} MB, {args.syntax}); model: {args.model or 'untrained ' + args.backbone} "
-          f"at {args.image_size} px.")
-    print(f"\nstorescu -> storescp directly (no router): {direct:.1f} images/s\n")
-    print("| batch size | batch wait (ms) | images/s end to end | acknowledged/s | latency p50 (ms) | latency p95 (ms) "
-          "| single image, idle (ms) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['wait_ms']} | {r['images_per_s']:.1f} | {r['ack_per_s']:.1f} | {r['p50_ms']:.0f} "
-              f"| {r['p95_ms']:.0f} | {r['idle_ms']:.0f} |")
+          f"{sides} px 12-bit ({megabytes:.1f} MB on average, {args.syntax}); model: "
+          f"{args.model or 'untrained ' + args.backbone} at {args.image_size} px; medians of {args.repeats}.\n")
+    print("| senders | batch size | images/s end to end | storescu -> storescp directly | ratio | acknowledged/s "
+          "| latency p50 (ms) | latency p95 (ms) | single image, idle (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (senders, b), rows in runs.items():
+        m = {k: statistics.median(r[k] for r in rows) for k in rows[0] if isinstance(rows[0][k], float)}
+        print(f"| {senders} | {b} | {m['images_per_s']:.1f} | {m['direct']:.1f} | {m['ratio']:.2f} "
+              f"| {m['ack_per_s']:.1f} | {m['p50_ms']:.0f} | {m['p95_ms']:.0f} | {m['idle_ms']:.0f} |")
 
 
 if __name__ == "__main__":

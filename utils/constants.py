@@ -185,6 +185,10 @@ ROUTER_MIN_FREE_MB: int = 100  # room to drain (database commits, audit lines, q
 ROUTER_MIN_FREE_MB_RANGE: str = "[0, inf)"
 ROUTER_MIN_FREE_PERCENT: float = 0.0  # also keep this % of the filesystem free (the larger of the two counts); 0 = off
 ROUTER_MIN_FREE_PERCENT_RANGE: str = "[0, 50]"
+# TLS (the ``tls:`` block of the router's YAML and each destination's ``tls:``, utils/routing/tls.py): the switches'
+# defaults; the blocks' keys are these names without the ROUTER_TLS_ prefix. Certificates have no default.
+ROUTER_TLS_REQUIRE_CLIENT_CERT: bool = True  # the router's port: senders must show a certificate signed by its ca
+ROUTER_TLS_CHECK_HOSTNAME: bool = True  # a destination's certificate must name its host (or server_hostname)
 # The Orthanc source (``orthanc_source:`` block of the router's YAML, utils/routing/orthanc_source.py): the router
 # follows an Orthanc's /changes feed and fetches each new instance itself (a durable hand-off; Orthanc's own
 # forwarding jobs are not retried). These are the block's keys without the ROUTER_ORTHANC_ prefix.

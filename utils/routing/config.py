@@ -14,8 +14,9 @@
       - {name: ct-mr, match: {modality: [CT, MR]}, destination: pass_through}
     orthanc_source:                  # optional: pull new instances from an Orthanc (utils/routing/orthanc_source.py)
       url: http://127.0.0.1:8042
+    tls: {cert: router.crt, key: router.key, ca: senders-ca.pem}   # optional: DICOM over TLS (utils/routing/tls.py)
 
-A destination is a DICOM node (ae_title, host, port) or a folder. Relative paths are taken
+A destination is a DICOM node (ae_title, host, port, optionally ``tls``) or a folder. Relative paths are taken
 relative to the configuration file's folder. Unknown keys, wrong types and out-of-range values
 are refused with the key's name; ``check_routes`` refuses a configuration that leaves one of the
 model's classes without a destination. ``rules`` are checked here too (utils/routing/rules.py: an
@@ -45,6 +46,8 @@ from utils.infer.predictor import resolve_threshold
 from utils.routing.orthanc_source import PREFIX as ORTHANC_PREFIX
 from utils.routing.orthanc_source import OrthancSourceSettings, parse_settings
 from utils.routing.rules import MODEL, PASS_THROUGH, Rule, RuleSet, parse_rules
+from utils.routing.tls import PREFIX as TLS_PREFIX
+from utils.routing.tls import ClientTLS, ServerTLS, parse_client, parse_server
 
 # YAML key -> the constant of utils/constants.py that gives its type, default and bounds
 # (NAME_RANGE / NAME_CHOICES, checked by utils.config.check_value): every ROUTER_* constant
@@ -53,7 +56,7 @@ from utils.routing.rules import MODEL, PASS_THROUGH, Rule, RuleSet, parse_rules
 # constants are the keys of the ``orthanc_source`` block instead (utils/routing/orthanc_source.py).
 _CONSTANTS: dict[str, str] = {
     **{name.removeprefix("ROUTER_").lower(): name for name in constant_types()
-       if name.startswith("ROUTER_") and not name.startswith(ORTHANC_PREFIX)
+       if name.startswith("ROUTER_") and not name.startswith((ORTHANC_PREFIX, TLS_PREFIX))
        and not name.endswith(("_RANGE", "_CHOICES"))},
     "threshold": "THRESHOLD",
     "decode_pool": "DECODE_POOL",  # "processes" (isolated, time-limited) or "threads"
@@ -69,6 +72,7 @@ _OTHERS: dict[str, tuple[type, Any]] = {
     "destinations": (dict, None),
     "rules": (list, []),  # routing rules evaluated before the model (utils/routing/rules.py)
     "orthanc_source": (dict, None),  # pull new instances from an Orthanc (utils/routing/orthanc_source.py)
+    "tls": (dict, None),  # TLS on the router's own port (utils/routing/tls.py); None: plain TCP
 }
 
 
@@ -79,6 +83,7 @@ def _settings() -> dict[str, tuple[type, Any]]:
 
 
 _DICOM_KEYS = {"ae_title", "host", "port"}
+_DICOM_OPTIONAL = {"tls"}  # TLS towards this destination (utils/routing/tls.py)
 _FOLDER_KEYS = {"folder"}
 
 
@@ -91,6 +96,7 @@ class Destination:
     host: str = ""
     port: int = 0
     folder: Path | None = None
+    tls: ClientTLS | None = None  # DICOM over TLS towards it (None: plain TCP)
 
     @property
     def is_folder(self) -> bool:
@@ -128,12 +134,15 @@ class RouterConfig:
     min_free_percent: float = constants.ROUTER_MIN_FREE_PERCENT
     rules: tuple[Rule, ...] = ()  # the configured routing rules, in order (the built-in default follows them)
     orthanc_source: OrthancSourceSettings | None = None  # pull from this Orthanc's change feed (None: no)
+    tls: ServerTLS | None = None  # TLS on the router's own port (None: plain TCP)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["destinations"] = {k: ({"folder": str(d.folder)} if d.is_folder else
-                                   {"ae_title": d.ae_title, "host": d.host, "port": d.port})
+                                   {"ae_title": d.ae_title, "host": d.host, "port": d.port,
+                                    **({"tls": d.tls.to_dict()} if d.tls else {})})
                                for k, d in self.destinations.items()}
+        out["tls"] = self.tls.to_dict() if self.tls else None
         out["rules"] = [rule.to_dict() for rule in self.rules]
         out["orthanc_source"] = self.orthanc_source.to_dict() if self.orthanc_source else None
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
@@ -217,9 +226,22 @@ def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configura
                     for a in values["allowed_callers"])
     plain = {key: values[key] for key in _CONSTANTS if key not in ("ae_title", "spool_dir")}
     source = parse_settings(values["orthanc_source"], where) if values["orthanc_source"] is not None else None
+    tls = parse_server(values["tls"], base, where) if values["tls"] is not None else None
+    _same_tls_per_node(destinations, where)
     return RouterConfig(**plain, ae_title=_ae_title(values["ae_title"], f"{where}: ae_title"),
                         model=str(_path(values["model"], base)), spool_dir=spool, audit_log=audit,
-                        allowed_callers=callers, destinations=destinations, rules=rules, orthanc_source=source)
+                        allowed_callers=callers, destinations=destinations, rules=rules, orthanc_source=source,
+                        tls=tls)
+
+
+def _same_tls_per_node(destinations: dict[str, Destination], where: str) -> None:
+    """Routes to the same node share one forwarder, so they must agree on TLS."""
+    first: dict[str, Destination] = {}
+    for route, d in destinations.items():
+        other = first.setdefault(d.node, d)
+        if other.tls != d.tls:
+            raise ConfigError(f"{where}: destinations.{route} and destinations.{other.route} are the same node "
+                              f"({d.node}) with different tls settings; give both the same tls block")
 
 
 def _refuse_unknown(raw: dict, known, where: str) -> None:
@@ -271,11 +293,12 @@ def _destination(route: str, spec: Any, base: Path, where: str) -> Destination:
     if keys & _FOLDER_KEYS:
         _refuse_unknown(spec, _FOLDER_KEYS, where)
         return Destination(route, folder=_path(_typed(spec["folder"], str, f"{where}.folder"), base))
-    _refuse_unknown(spec, _DICOM_KEYS, where)
-    if keys != _DICOM_KEYS:
+    _refuse_unknown(spec, _DICOM_KEYS | _DICOM_OPTIONAL, where)
+    if keys - _DICOM_OPTIONAL != _DICOM_KEYS:
         raise ConfigError(f"{where}: a DICOM destination needs ae_title, host and port "
                           f"(missing {sorted(_DICOM_KEYS - keys)}), or give a folder")
     port = _typed(spec["port"], int, f"{where}.port")
     check_value("ROUTER_PORT", port, f"{where}.port")  # a TCP port, like the router's own
+    tls = parse_client(spec["tls"], base, where) if spec.get("tls") is not None else None
     return Destination(route, ae_title=_ae_title(_typed(spec["ae_title"], str, f"{where}.ae_title"), where),
-                       host=_typed(spec["host"], str, f"{where}.host"), port=port)
+                       host=_typed(spec["host"], str, f"{where}.host"), port=port, tls=tls)

@@ -200,6 +200,7 @@ class DicomForwarder(_Worker):
         dest = self.destination
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                              contexts=[build_context(sop, ts) for sop, ts in pairs] + [build_context(Verification)],
+                             tls_args=dest.tls.tls_args(dest.host) if dest.tls else None,
                              evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
         if not assoc.is_established:
             return ("association rejected" if assoc.is_rejected else

@@ -9,6 +9,9 @@ and its queue row are on disk; a failure to store answers 0xA700 (out of resourc
 sender keeps its copy. So does an object that would take the spool's filesystem below its
 free-space reserve (utils/routing/space.py), refused before anything is written.
 
+With ``tls`` in the configuration the port speaks DICOM over TLS only (utils/routing/tls.py). Each
+incoming connection reads whole PDUs with :func:`read_whole` (pynetdicom reads 4 KB per call).
+
 Stopping (:func:`close_scp`) never waits for a peer that sends nothing: once the server stops
 accepting, a connection that has not asked for an association (a health-check probe, a half-open
 connection) and an association between two messages are closed at once; an association that is
@@ -179,6 +182,39 @@ def set_tcp_nodelay(event) -> None:
             log.debug("TCP_NODELAY not set: %s", error)
 
 
+def read_whole(assoc_socket, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` for the router's incoming connections: read ``nr_bytes`` into one buffer with as few
+    ``recv_into`` calls as the kernel allows, instead of pynetdicom's 4 KB ``recv`` per call.
+
+    Same contract (blocks until ``nr_bytes`` arrived; returns what came before the peer closed; raises what the
+    socket raises). Why: each call releases and re-takes the GIL; a 2048 x 2048 16-bit image is 2,000 of pynetdicom's
+    calls, and with 8 senders, the classifier and the forwarders in one process every re-take waits its turn: the
+    profile had this line as the router's largest single cost (bench/RESULTS.md, "Router throughput").
+    """
+    sock = assoc_socket.socket
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    got = 0
+    try:
+        while got < nr_bytes:
+            count = sock.recv_into(view[got:], nr_bytes - got)
+            if not count:  # the connection was closed: what we have (pynetdicom then sees Evt17)
+                return buffer[:got]
+            got += count
+    finally:
+        view.release()
+    return buffer
+
+
+def tune_connection(event) -> None:
+    """EVT_CONN_OPEN handler of the SCP: TCP_NODELAY (:func:`set_tcp_nodelay`) and :func:`read_whole` as this
+    connection's ``recv`` (on this socket object only; pynetdicom is not changed for anyone else)."""
+    set_tcp_nodelay(event)
+    assoc_socket = getattr(event.assoc.dul, "socket", None)
+    if assoc_socket is not None and hasattr(assoc_socket, "recv"):
+        assoc_socket.recv = lambda nr_bytes: read_whole(assoc_socket, nr_bytes)
+
+
 def build_ae(config: RouterConfig):
     """The pynetdicom AE that serves as Storage and Verification SCP."""
     from pynetdicom import AE, AllStoragePresentationContexts
@@ -199,14 +235,19 @@ def build_ae(config: RouterConfig):
 
 
 def start_scp(config: RouterConfig, handler: StoreHandler):
-    """Listen on (host, port) in background threads; returns (ae, server)."""
+    """Listen on (host, port) in background threads, with TLS when ``config.tls`` is set; returns (ae, server)."""
     from pynetdicom import evt
 
     ae = build_ae(config)
-    server = ae.start_server((config.host, config.port), block=False,
+    context = None
+    if config.tls is not None:
+        from utils.routing.tls import server_context
+
+        context = server_context(config.tls)  # checked at load already; read again at each start
+    server = ae.start_server((config.host, config.port), block=False, ssl_context=context,
                              evt_handlers=[(evt.EVT_C_STORE, handler.handle_store),
                                            (evt.EVT_C_ECHO, handler.handle_echo),
-                                           (evt.EVT_CONN_OPEN, set_tcp_nodelay)])
+                                           (evt.EVT_CONN_OPEN, tune_connection)])
     return ae, server
 
 

@@ -1,5 +1,7 @@
 """What router.py does besides running: logging set-up, --check, --status, --requeue-failed.
 
+``--check`` says for the router's port and for each destination whether it speaks TLS (which CA, client
+certificate, hostname check) and does its C-ECHO the way the forwarder connects, over TLS where configured.
 With an ``orthanc_source``, ``--check`` asks that Orthanc for its version and last change (the credentials are
 checked too) and ``--status`` shows the cursor, Orthanc's last change and how far behind the router is.
 """
@@ -39,17 +41,20 @@ def configure_logging(level: str = "INFO") -> None:
         handler.addFilter(_DropRepeats())
 
 
-def echo(ae_title: str, host: str, port: int, called: str, timeout: float = 10) -> str | None:
-    """C-ECHO a node; None when it answered success, else what went wrong."""
+def echo(ae_title: str, host: str, port: int, called: str, timeout: float = 10, tls=None) -> str | None:
+    """C-ECHO a node (over TLS with ``tls``, a utils.routing.tls.ClientTLS); None when it answered success, else
+    what went wrong."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called)
+    assoc = ae.associate(host, port, ae_title=called, tls_args=tls.tls_args(host) if tls else None)
     if not assoc.is_established:
-        return "association rejected" if assoc.is_rejected else "no association (down or unreachable)"
+        return ("association rejected" if assoc.is_rejected else
+                "no association (down, unreachable, or the TLS handshake failed: see the log above)" if tls else
+                "no association (down or unreachable)")
     try:
         status = assoc.send_c_echo()
         return None if status and status.Status == 0 else f"C-ECHO status {status.get('Status', 'none')}"
@@ -71,6 +76,7 @@ def check(config: RouterConfig) -> int:
     reading = space.measure(config.spool_dir, config.min_free_mb, config.min_free_percent)
     problems += reading.below  # the router would refuse every object
     print(f"spool {config.spool_dir}: {space.describe(reading, config.spool_dir)}")
+    print(f"listening on {config.host}:{config.port} with " + (config.tls.describe() if config.tls else "plain TCP"))
     print("routing rules, first match wins (then the built-in default; read from the header before the model):")
     for line in config.rule_set().describe(config.destinations):
         print(line)
@@ -80,10 +86,11 @@ def check(config: RouterConfig) -> int:
             print(f"  {route:<16} -> folder {dest.folder}")
             continue
         if dest.node not in seen:
-            seen[dest.node] = echo(config.ae_title, dest.host, dest.port, dest.ae_title)
+            seen[dest.node] = echo(config.ae_title, dest.host, dest.port, dest.ae_title, tls=dest.tls)
         result = seen[dest.node]
         problems += result is not None
-        print(f"  {route:<16} -> {dest.node}: {'echo ok' if result is None else result}")
+        how = dest.tls.describe(dest.host) if dest.tls else "plain TCP"
+        print(f"  {route:<16} -> {dest.node} ({how}): {'echo ok' if result is None else result}")
     if config.orthanc_source is not None:
         from utils.routing.orthanc_source import CURSOR_KEY, check_source, read_cursor
 
