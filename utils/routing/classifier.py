@@ -54,6 +54,7 @@ from utils.infer.decisions import UNREADABLE, tag_disagrees
 from utils.infer.engine import Engine
 from utils.io.isolation import PoolSettings
 from utils.routing.audit import AuditLog, AuditWriteError
+from utils.routing.metrics import NO_METRICS
 from utils.routing.queue import Classification, QueueItem, SpoolQueue, SpoolWriteError
 from utils.routing.rules import MODEL, RuleSet
 from utils.routing.worker import FATAL, WakeableThread
@@ -151,6 +152,7 @@ def predict_in_chunks(predictor, batch: np.ndarray, batch_size: int) -> np.ndarr
 
 class Classifier(WakeableThread):
     max_classify_attempts: int = constants.ROUTER_MAX_CLASSIFY_ATTEMPTS  # the node sets the configured value
+    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/metrics.py)
 
     def __init__(self, queue: SpoolQueue, predictor, audit: AuditLog, *, threshold: float, batch_size: int,
                  batch_wait_ms: int, pool: PoolSettings | None = None,
@@ -267,6 +269,7 @@ class Classifier(WakeableThread):
         self.busy_since = time.monotonic()
         try:
             self._classify_batch(started)
+            self.metrics.classification(time.monotonic() - self.busy_since, len(started))
             return len(started), []
         except FATAL:
             raise
@@ -349,6 +352,7 @@ class Classifier(WakeableThread):
             self.audit.write("classified", sop_instance_uid=item.sop_instance_uid, item=item.id, label=UNREADABLE,
                              top_label=None, confidence=None, model_id="", route=UNREADABLE, reason=decision.reason,
                              decided_by=CLASSIFY_FAILED)
+            self.metrics.classified(UNREADABLE, CLASSIFY_FAILED)
         self.on_classified({UNREADABLE})
 
     def _report_error(self, error: BaseException, note: str, **fields) -> None:
@@ -399,6 +403,7 @@ class Classifier(WakeableThread):
                              model_id=decision.model_id, route=decision.route, reason=decision.reason or None,
                              body_part_examined=tag, decided_by=decided_by,
                              tag_disagrees=tag_disagrees(top_label, tag, spec.class_names) if top_label else None)
+            self.metrics.classified(decision.label, decided_by)
         log.info("classified %d objects (%s)", len(items), ", ".join(sorted({d.label for d in decisions})))
         self.on_classified({d.route for d in decisions})
         return routed + decisions
@@ -427,6 +432,7 @@ class Classifier(WakeableThread):
                                  modality=rule.header.get("Modality"), decided_by=decision.decided_by)
             except AuditWriteError as error:
                 log.error("%s", error)
+            self.metrics.classified(decision.label, decision.decided_by)
         log.info("routed %d objects by rule (%s)", len(decisions),
                  ", ".join(sorted({f"{d.decided_by} -> {d.route}" for d in decisions})))
         self.on_classified({d.route for d in decisions})

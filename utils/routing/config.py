@@ -15,6 +15,7 @@
     orthanc_source:                  # optional: pull new instances from an Orthanc (utils/routing/orthanc_source.py)
       url: http://127.0.0.1:8042
     tls: {cert: router.crt, key: router.key, ca: senders-ca.pem}   # optional: DICOM over TLS (utils/routing/tls.py)
+    metrics: {host: 127.0.0.1, port: 9108}   # optional: Prometheus /metrics (utils/routing/metrics.py)
 
 A destination is a DICOM node (ae_title, host, port, optionally ``tls``) or a folder. Relative paths are taken
 relative to the configuration file's folder. Unknown keys, wrong types and out-of-range values
@@ -43,6 +44,9 @@ from utils import constants
 from utils.config import ConfigError, check_value, constant_types
 from utils.infer.decisions import AUTO_THRESHOLD, UNCERTAIN, UNREADABLE
 from utils.infer.predictor import resolve_threshold
+from utils.routing.metrics import PREFIX as METRICS_PREFIX
+from utils.routing.metrics import MetricsSettings
+from utils.routing.metrics import parse_settings as parse_metrics
 from utils.routing.orthanc_source import PREFIX as ORTHANC_PREFIX
 from utils.routing.orthanc_source import OrthancSourceSettings, parse_settings
 from utils.routing.rules import MODEL, PASS_THROUGH, Rule, RuleSet, parse_rules
@@ -56,7 +60,7 @@ from utils.routing.tls import ClientTLS, ServerTLS, parse_client, parse_server
 # constants are the keys of the ``orthanc_source`` block instead (utils/routing/orthanc_source.py).
 _CONSTANTS: dict[str, str] = {
     **{name.removeprefix("ROUTER_").lower(): name for name in constant_types()
-       if name.startswith("ROUTER_") and not name.startswith((ORTHANC_PREFIX, TLS_PREFIX))
+       if name.startswith("ROUTER_") and not name.startswith((ORTHANC_PREFIX, TLS_PREFIX, METRICS_PREFIX))
        and not name.endswith(("_RANGE", "_CHOICES"))},
     "threshold": "THRESHOLD",
     "decode_pool": "DECODE_POOL",  # "processes" (isolated, time-limited) or "threads"
@@ -73,6 +77,7 @@ _OTHERS: dict[str, tuple[type, Any]] = {
     "rules": (list, []),  # routing rules evaluated before the model (utils/routing/rules.py)
     "orthanc_source": (dict, None),  # pull new instances from an Orthanc (utils/routing/orthanc_source.py)
     "tls": (dict, None),  # TLS on the router's own port (utils/routing/tls.py); None: plain TCP
+    "metrics": (dict, None),  # Prometheus /metrics (utils/routing/metrics.py); None: off
 }
 
 
@@ -135,6 +140,7 @@ class RouterConfig:
     rules: tuple[Rule, ...] = ()  # the configured routing rules, in order (the built-in default follows them)
     orthanc_source: OrthancSourceSettings | None = None  # pull from this Orthanc's change feed (None: no)
     tls: ServerTLS | None = None  # TLS on the router's own port (None: plain TCP)
+    metrics: MetricsSettings | None = None  # Prometheus /metrics (None: off)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -145,6 +151,7 @@ class RouterConfig:
         out["tls"] = self.tls.to_dict() if self.tls else None
         out["rules"] = [rule.to_dict() for rule in self.rules]
         out["orthanc_source"] = self.orthanc_source.to_dict() if self.orthanc_source else None
+        out["metrics"] = self.metrics.to_dict() if self.metrics else None
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
 
     def rule_set(self) -> RuleSet:
@@ -227,11 +234,12 @@ def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configura
     plain = {key: values[key] for key in _CONSTANTS if key not in ("ae_title", "spool_dir")}
     source = parse_settings(values["orthanc_source"], where) if values["orthanc_source"] is not None else None
     tls = parse_server(values["tls"], base, where) if values["tls"] is not None else None
+    metrics = parse_metrics(values["metrics"], where) if values["metrics"] is not None else None
     _same_tls_per_node(destinations, where)
     return RouterConfig(**plain, ae_title=_ae_title(values["ae_title"], f"{where}: ae_title"),
                         model=str(_path(values["model"], base)), spool_dir=spool, audit_log=audit,
                         allowed_callers=callers, destinations=destinations, rules=rules, orthanc_source=source,
-                        tls=tls)
+                        tls=tls, metrics=metrics)
 
 
 def _same_tls_per_node(destinations: dict[str, Destination], where: str) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from utils.infer.decisions import UNREADABLE
 from utils.routing.audit import AuditLog, AuditWriteError
 from utils.routing.config import Destination, RouterConfig
+from utils.routing.metrics import NO_METRICS
 from utils.routing.queue import FORWARDED, QUARANTINED, QueueItem, SpoolQueue, SpoolWriteError, fsync_dir
 from utils.routing.scp import set_tcp_nodelay
 from utils.routing.worker import FATAL, WakeableThread
@@ -86,6 +87,8 @@ def enable_raw_sending() -> None:
 
 class _Worker(WakeableThread):
     """Shared loop: wait for due items of our routes, hand them to ``deliver``, back off when down."""
+
+    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/metrics.py)
 
     def __init__(self, destination: Destination, routes: list[str], queue: SpoolQueue, audit: AuditLog,
                  config: RouterConfig) -> None:
@@ -163,6 +166,8 @@ class _Worker(WakeableThread):
                          item=item.id, label=item.label, destination=self.destination.node, status=status,
                          detail=detail or None, reason=item.reason or None)
         self.queue.mark_done(item, state, detail)
+        outcome = "stored" if self.destination.is_folder else "warning" if detail == "warning" else "success"
+        self.metrics.forwarded(item.label or "", self.destination.node, outcome, item.received_at)
 
     def _refused(self, item: QueueItem, reason: str) -> None:
         attempts = item.attempts + 1
@@ -174,6 +179,7 @@ class _Worker(WakeableThread):
                          destination=self.destination.node, status="failed" if give_up else "retry",
                          detail=reason, attempts=attempts)
         self.queue.defer(item, reason, delay=delay, give_up=give_up)
+        self.metrics.forwarded(item.label or "", self.destination.node, "failed" if give_up else "retry")
 
 
 class DicomForwarder(_Worker):

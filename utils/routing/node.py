@@ -54,6 +54,7 @@ from utils.routing.audit import AuditLog
 from utils.routing.classifier import BackgroundModel, Classifier, describe
 from utils.routing.config import RouterConfig
 from utils.routing.forwarder import enable_raw_sending, make_forwarders, remove_partial_copies
+from utils.routing.metrics import NO_METRICS, NoMetrics, RouterMetrics
 from utils.routing.orthanc_source import OrthancSource
 from utils.routing.queue import SpoolQueue
 from utils.routing.reconcile import reconcile_audit
@@ -92,6 +93,7 @@ class RouterNode:
         self.forwarders: list = []
         self.source: OrthancSource | None = None  # pulls from Orthanc's change feed (config.orthanc_source)
         self.gate: ReceptionGate | None = None  # the free-space reserve of the spool's filesystem
+        self.metrics: NoMetrics = NO_METRICS  # a RouterMetrics serving /metrics when config.metrics is set
         self.ae = None
         self.server = None
         self.handler: StoreHandler | None = None
@@ -165,17 +167,22 @@ class RouterNode:
                                      on_classified=lambda routes: [by_route[r].wake() for r in routes if r in by_route],
                                      rules=rules)
         self.classifier.max_classify_attempts = config.max_classify_attempts
+        self.gate = ReceptionGate(config.spool_dir, config.min_free_mb, config.min_free_percent, self.audit)
+        self.handler = StoreHandler(self.queue, self.audit, self.classifier.wake, self.gate)
+        if config.metrics is not None:  # listening before anything is accepted: a taken port fails the start
+            self.metrics = self._serve_metrics(model)
+        self.classifier.metrics = self.handler.metrics = self.metrics
         for thread in self.forwarders:
+            thread.metrics = self.metrics
             thread.start()
         threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
-        self.gate = ReceptionGate(config.spool_dir, config.min_free_mb, config.min_free_percent, self.audit)
         self.gate.refresh()  # already below the reserve: say so before the first object arrives
-        self.handler = StoreHandler(self.queue, self.audit, self.classifier.wake, self.gate)
         self.ae, self.server = start_scp(config, self.handler)
         if config.orthanc_source is not None:  # a second way in, through the same queue as the SCP
             self.source = OrthancSource(config.orthanc_source, self.queue, self.audit, own_ae_title=config.ae_title,
                                         on_received=self.classifier.wake, gate=self.gate,
                                         retry_initial_s=config.retry_initial_s, retry_max_s=config.retry_max_s)
+            self.source.metrics = self.metrics
             self.source.start()
         self.audit.write("started", ae_title=config.ae_title, port=self.port, model_id=model.model_id,
                          model_state="ready" if model.ready.is_set() else "loading",
@@ -183,11 +190,25 @@ class RouterNode:
                          temperature=getattr(model.metadata, "temperature", 1.0),
                          destinations=config.to_dict()["destinations"],
                          rules=[f"{r.name}: {r.describe()} -> {r.destination}" for r in rules.rules],
-                         orthanc_source=config.to_dict()["orthanc_source"])
+                         orthanc_source=config.to_dict()["orthanc_source"], metrics=config.to_dict()["metrics"])
         self._note_state("loading the model", model_id=model.model_id)
         log.info("%s listening on %s:%d; model %s loading in the background; %d destinations", config.ae_title,
                  config.host, self.port, model.model_id, len(self.forwarders))
         self.classifier.start()  # loads and warms up the model, then classifies what has arrived
+
+    def _serve_metrics(self, model: BackgroundModel):
+        """/metrics for this node (utils/routing/metrics.py): its own registry, gauges read from the queue."""
+        def model_state() -> tuple[str, str]:
+            state = "failed" if model.error is not None else "ready" if model.ready.is_set() else "loading"
+            return model.model_id, state
+
+        down = {f.destination.node: f for f in self.forwarders}
+        metrics = RouterMetrics(self.config.metrics, queue_gauges=self.queue.gauges, model=model_state,
+                                paused=lambda: self.gate.paused,
+                                node_of={route: d.node for route, d in self.config.destinations.items()},
+                                down=lambda node: node in down and down[node].down_since is not None)
+        metrics.serve()
+        return metrics
 
     def _describe_model(self) -> BackgroundModel:
         """The model as its metadata describes it, to be loaded by the classifier thread; a predictor
@@ -287,6 +308,8 @@ class RouterNode:
                 self._stopped.set()
 
     def _stop(self) -> None:
+        if isinstance(self.metrics, RouterMetrics):
+            self.metrics.close()  # first and at once: nothing scrapes a queue being closed
         if self.server is not None:
             close_scp(self.server, self.handler, STOP_GRACE_S)
         threads = [t for t in [self.source, self.classifier, *self.forwarders] if t is not None]

@@ -59,6 +59,7 @@ from typing import Any
 from utils import constants
 from utils.config import ConfigError, check_value
 from utils.routing.audit import AuditLog, AuditWriteError
+from utils.routing.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue, SpoolWriteError
 from utils.routing.worker import FATAL, WakeableThread
 
@@ -222,6 +223,7 @@ def _file_uids(data: bytes) -> tuple[str, str, str]:
 
 
 class OrthancSource(WakeableThread):
+    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/metrics.py)
     """Follows Orthanc's change feed and stores each new instance in the queue (see the module docstring)."""
 
     def __init__(self, settings: OrthancSourceSettings, queue: SpoolQueue, audit: AuditLog, *, own_ae_title: str,
@@ -356,6 +358,7 @@ class OrthancSource(WakeableThread):
         self._audit("received", sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
                     transfer_syntax=transfer_syntax, calling_ae=remote, size=item.size, item=item.id,
                     duplicate=duplicate, source="orthanc", orthanc_id=instance, seq=seq)
+        self.metrics.received(remote)
         self.on_received()
         return True
 

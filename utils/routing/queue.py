@@ -269,6 +269,16 @@ class SpoolQueue:
             rows = self._db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall()
         return {r[0]: r[1] for r in rows}
 
+    def gauges(self) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+        """For /metrics (utils/routing/metrics.py): (objects per state, route -> (objects refused at least once and
+        waiting for another attempt, objects waiting in all)). Two indexed counts under the lock, which reception
+        holds only for its commit."""
+        with self._lock:
+            states = self._db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall()
+            waiting = self._db.execute("SELECT route, SUM(attempts > 0), COUNT(*) FROM items WHERE state = ?"
+                                       " GROUP BY route", (CLASSIFIED,)).fetchall()
+        return {s: n for s, n in states}, {r: (retried, n) for r, retried, n in waiting}
+
     def items(self, state: str | None = None) -> list[QueueItem]:
         with self._lock:
             rows = (self._db.execute("SELECT * FROM items ORDER BY id") if state is None else

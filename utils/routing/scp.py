@@ -51,6 +51,7 @@ from pydicom.uid import (
 
 from utils.routing.audit import AuditLog, AuditWriteError
 from utils.routing.config import RouterConfig
+from utils.routing.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue
 from utils.routing.space import ReceptionGate
 
@@ -71,6 +72,8 @@ ABORT_WAIT_S = 1.0  # after an A-ABORT, how long the peer may take to close befo
 
 class StoreHandler:
     """C-STORE: spool + queue row, audit, wake the classifier; C-ECHO: success."""
+
+    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/metrics.py)
 
     def __init__(self, queue: SpoolQueue, audit: AuditLog, on_received: Callable[[], None],
                  gate: ReceptionGate | None = None) -> None:
@@ -124,6 +127,7 @@ class StoreHandler:
     def handle_store(self, event) -> int:
         if not self._enter(event.assoc):
             log.info("refused %s: the router is stopping", event.request.AffectedSOPInstanceUID)
+            self.metrics.refused("stopping")
             return OUT_OF_RESOURCES  # nothing written; the sender keeps it and sends it again later
         try:
             return self._store(event)
@@ -140,6 +144,7 @@ class StoreHandler:
             data = event.encoded_dataset(include_meta=True)  # in memory: nothing written yet
             if self.gate is not None and self.gate.admit(len(data)) is not None:
                 log.debug("refused %s from %s: below the free-space reserve", sop_instance_uid, calling_ae)
+                self.metrics.refused("disk_reserve")
                 return OUT_OF_RESOURCES  # logged and audited once per pause by the gate
             try:
                 item, duplicate = self.queue.store(data, sop_instance_uid=sop_instance_uid,
@@ -150,6 +155,7 @@ class StoreHandler:
                     self.gate.release(len(data))
         except Exception as error:  # noqa: BLE001 - disk full, I/O error: refuse, the sender keeps its copy
             log.error("could not store %s from %s: %s", sop_instance_uid, calling_ae, error)
+            self.metrics.refused("store_failed")
             self._audit("receive_failed", sop_instance_uid=sop_instance_uid, calling_ae=calling_ae, reason=str(error))
             return OUT_OF_RESOURCES
         # Stored and committed: success, even if the line cannot be written now (the next start writes it,
@@ -157,6 +163,7 @@ class StoreHandler:
         self._audit("received", sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
                     transfer_syntax=transfer_syntax, calling_ae=calling_ae, size=item.size, item=item.id,
                     duplicate=duplicate)
+        self.metrics.received(calling_ae)
         self.on_received()
         return 0x0000
 

@@ -77,6 +77,7 @@ def check(config: RouterConfig) -> int:
     problems += reading.below  # the router would refuse every object
     print(f"spool {config.spool_dir}: {space.describe(reading, config.spool_dir)}")
     print(f"listening on {config.host}:{config.port} with " + (config.tls.describe() if config.tls else "plain TCP"))
+    print(config.metrics.describe() if config.metrics else "metrics: off (no metrics block)")
     print("routing rules, first match wins (then the built-in default; read from the header before the model):")
     for line in config.rule_set().describe(config.destinations):
         print(line)

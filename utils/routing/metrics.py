@@ -1,0 +1,246 @@
+"""Prometheus metrics of the router: ``GET /metrics`` in the Prometheus text format (prometheus-client).
+
+    metrics:                         # in the router's YAML; off without this block
+      host: 127.0.0.1                # default (keys and defaults: ROUTER_METRICS_* in utils/constants.py)
+      port: 9108
+
+Counters, incremented where the audit log writes the matching event (the hooks are the methods of
+:class:`NoMetrics`, which does nothing, so that a router without metrics pays one no-op call):
+
+- ``router_objects_received_total{calling_ae}`` (the Orthanc source: the modality that sent to Orthanc);
+- ``router_receive_refused_total{reason}``: C-STOREs answered 0xA700: ``disk_reserve``, ``store_failed``, ``stopping``;
+- ``router_objects_classified_total{label, decided_by}``: decided_by ``model``, ``rule:<name>``,
+  ``header_unreadable`` or ``classification_failed`` (the model's id is in ``router_model_info``);
+- ``router_objects_forwarded_total{label, destination, status}``: status ``success``, ``warning`` (a C-STORE
+  warning), ``stored`` (a folder), ``retry``, ``failed`` (given up); destination is the node (``AE@host:port``
+  or ``folder:<path>``).
+
+Histograms: ``router_classification_seconds`` (per object: how long the classification of its batch took, rules,
+decoding and model), ``router_end_to_end_seconds`` (received -> delivery confirmed by the destination).
+
+Gauges, read from the queue when scraped (two indexed SQL queries under the queue's lock, which reception takes
+only for its commit): ``router_queue_objects{state}``, ``router_retry_backlog{destination}`` (objects waiting for
+another attempt: refused at least once, or everything for a destination that is unreachable now), ``router_reception_paused`` (1 below the
+free-space reserve), ``router_model_info{model_id, state}`` = 1 (state ``loading``, ``ready`` or ``failed``).
+
+Every node has its own ``CollectorRegistry`` (several nodes in one process do not collide) and its own HTTP
+server, closed first on stop. prometheus-client is imported only when metrics are configured; configuring
+them without it is refused with the pip command.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from utils import constants
+from utils.config import ConfigError, check_value
+
+log = logging.getLogger(__name__)
+
+PREFIX = "ROUTER_METRICS_"  # the constants of the block's keys (the key is the name without the prefix)
+_KEYS = {"host", "port"}
+POLL_S = 0.05  # how often the HTTP server looks for a stop request (stop waits at most this long for it)
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)  # seconds
+STATES = ("received", "classified", "forwarded", "quarantined", "failed")  # utils/routing/queue.py
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The ``metrics`` block of the router's configuration, checked."""
+
+    host: str = constants.ROUTER_METRICS_HOST
+    port: int = constants.ROUTER_METRICS_PORT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port}
+
+    def describe(self) -> str:
+        return f"Prometheus metrics on http://{self.host}:{self.port}/metrics"
+
+
+def parse_settings(raw: Any, where: str) -> MetricsSettings:
+    """The ``metrics`` mapping -> settings; ConfigError naming the key, or saying that prometheus-client is missing."""
+    where = f"{where}: metrics"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping (host, port), got {type(raw).__name__}")
+    unknown = sorted(str(k) for k in raw if k not in _KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {sorted(_KEYS)}")
+    host = raw.get("host", constants.ROUTER_METRICS_HOST)
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError(f"{where}.host: expected an address to listen on (e.g. 127.0.0.1), got {host!r}")
+    port = raw.get("port", constants.ROUTER_METRICS_PORT)
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise ConfigError(f"{where}.port: expected int, got {type(port).__name__} {port!r}")
+    check_value(PREFIX + "PORT", port, f"{where}.port")
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(f"{where}: metrics need the prometheus-client package (pip install prometheus-client); "
+                          f"install it or remove the metrics block")
+    return MetricsSettings(host=host.strip(), port=port)
+
+
+class NoMetrics:
+    """The hooks the router calls; this one counts nothing (metrics not configured)."""
+
+    def received(self, calling_ae: str) -> None:
+        pass
+
+    def refused(self, reason: str) -> None:
+        pass
+
+    def classified(self, label: str, decided_by: str) -> None:
+        pass
+
+    def classification(self, seconds: float, objects: int) -> None:
+        pass
+
+    def forwarded(self, label: str, destination: str, status: str, received_at: float | None = None) -> None:
+        pass
+
+
+NO_METRICS = NoMetrics()
+
+
+def decided_by_label(decided_by: str) -> str:
+    """``model:<model_id>`` -> ``model`` (the id is router_model_info's label); rules and the rest as they are."""
+    return "model" if decided_by.startswith("model:") else decided_by
+
+
+class RouterMetrics(NoMetrics):
+    """The counters and histograms of one node, its scrape-time gauges, and its /metrics server.
+
+    ``queue_gauges()``: (objects per state, objects waiting for a retry per route), read when scraped;
+    ``model()``: (model id, state); ``paused()``: reception below the free-space reserve;
+    ``node_of``: route -> destination node; ``down(node)``: that destination is unreachable now (everything waiting
+    for it counts as retry backlog; otherwise what it refused at least once).
+    """
+
+    def __init__(self, settings: MetricsSettings, *, queue_gauges: Callable[[], tuple[dict, dict]],
+                 model: Callable[[], tuple[str, str]], paused: Callable[[], bool], node_of: dict[str, str],
+                 down: Callable[[str], bool]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self._queue_gauges, self._model, self._paused = queue_gauges, model, paused
+        self._node_of, self._down = node_of, down
+        self._received = Counter("router_objects_received", "Objects received and spooled",
+                                 ["calling_ae"], registry=self.registry)
+        self._refused = Counter("router_receive_refused", "C-STOREs refused (0xA700, the sender keeps its copy)",
+                                ["reason"], registry=self.registry)
+        self._classified = Counter("router_objects_classified", "Objects classified (decisions recorded)",
+                                   ["label", "decided_by"], registry=self.registry)
+        self._forwarded = Counter("router_objects_forwarded", "Delivery attempts by outcome",
+                                  ["label", "destination", "status"], registry=self.registry)
+        self._classify_s = Histogram("router_classification_seconds",
+                                     "Per object: seconds its batch took to classify (rules, decoding, model)",
+                                     buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._end_to_end_s = Histogram("router_end_to_end_seconds",
+                                       "Seconds from reception to the destination's confirmation",
+                                       buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_ScrapeTimeGauges(self))
+        self.server = None
+        self._thread: threading.Thread | None = None
+
+    # --- the hooks ---------------------------------------------------------------------------
+
+    def received(self, calling_ae: str) -> None:
+        self._received.labels(calling_ae).inc()
+
+    def refused(self, reason: str) -> None:
+        self._refused.labels(reason).inc()
+
+    def classified(self, label: str, decided_by: str) -> None:
+        self._classified.labels(label, decided_by_label(decided_by)).inc()
+
+    def classification(self, seconds: float, objects: int) -> None:
+        for _ in range(objects):
+            self._classify_s.observe(seconds)
+
+    def forwarded(self, label: str, destination: str, status: str, received_at: float | None = None) -> None:
+        self._forwarded.labels(label, destination, status).inc()
+        if received_at is not None:
+            self._end_to_end_s.observe(max(0.0, time.time() - received_at))
+
+    # --- the HTTP server ---------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port /metrics listens on."""
+        return self.server.server_address[1]
+
+    def serve(self) -> None:
+        """Listen on the configured address (OSError when the port is taken: the node does not start)."""
+        from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+
+        self.server = make_server(self.settings.host, self.settings.port, make_wsgi_app(self.registry), Server,
+                                  handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": POLL_S},
+                                        name="metrics-http", daemon=True)
+        self._thread.start()
+        log.info("%s", MetricsSettings(self.settings.host, self.port).describe())
+
+    def close(self) -> None:
+        """Stop listening (at most ``POLL_S`` for the server loop; a scrape in progress is not waited for)."""
+        if self.server is None:
+            return
+        if self._thread is not None and self._thread.is_alive():
+            self.server.shutdown()
+        self.server.server_close()
+        self.server = None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        log.debug("metrics: " + format, *args)
+
+
+class _ScrapeTimeGauges:
+    """The gauges read when scraped: queue, retry backlog, reception pause, model."""
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list:
+        return []  # nothing read at registration (the queue may not be open yet)
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        m = self.metrics
+        try:
+            counts, retrying = m._queue_gauges()
+        except Exception as error:  # noqa: BLE001 - a closed or failing database: the counters are still served
+            log.warning("metrics: could not read the queue: %s", error)
+        else:
+            states = GaugeMetricFamily("router_queue_objects", "Objects in the queue by state", labels=["state"])
+            for state in sorted({*STATES, *counts}):
+                states.add_metric([state], counts.get(state, 0))
+            yield states
+            backlog = GaugeMetricFamily("router_retry_backlog", "Objects waiting for another delivery attempt",
+                                        labels=["destination"])
+            per_node = dict.fromkeys(m._node_of.values(), 0)
+            for route, (retried, waiting) in retrying.items():
+                node = m._node_of.get(route, route)
+                per_node[node] = per_node.get(node, 0) + (waiting if m._down(node) else retried)
+            for node, n in sorted(per_node.items()):
+                backlog.add_metric([node], n)
+            yield backlog
+        yield GaugeMetricFamily("router_reception_paused", "1 while reception is paused below the free-space "
+                                "reserve", value=int(bool(m._paused())))
+        model_id, state = m._model()
+        info = GaugeMetricFamily("router_model_info", "The model classifying, and its state",
+                                 labels=["model_id", "state"])
+        info.add_metric([model_id, state], 1)
+        yield info
