@@ -156,6 +156,17 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def refuse_unknown_keys(raw: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+    """ConfigError for the first key of a configuration mapping that is not in ``known``, with a
+    "did you mean" for a near miss, else the list of known keys."""
+    known = list(known)
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {sorted(known)}"
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
 def given_flags(argv: Sequence[str] | None) -> set[str]:
     """The ``--flags`` written on the command line (``--x=1`` counts as ``--x``); None = sys.argv."""
     argv = sys.argv[1:] if argv is None else argv

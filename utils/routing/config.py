@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from utils import constants
-from utils.config import ConfigError, check_value, constant_types
+from utils.config import ConfigError, check_value, constant_types, refuse_unknown_keys
 from utils.infer.decisions import AUTO_THRESHOLD, UNCERTAIN, UNREADABLE
 from utils.infer.predictor import resolve_threshold
 from utils.routing.metrics import PREFIX as METRICS_PREFIX
@@ -204,7 +204,7 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None
 
 def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configuration") -> RouterConfig:
     settings = _settings()
-    _refuse_unknown(raw, settings, where)
+    refuse_unknown_keys(raw, settings, where)
     values = {}
     for key, (kind, default) in settings.items():
         value = raw.get(key, default)
@@ -252,14 +252,6 @@ def _same_tls_per_node(destinations: dict[str, Destination], where: str) -> None
                               f"({d.node}) with different tls settings; give both the same tls block")
 
 
-def _refuse_unknown(raw: dict, known, where: str) -> None:
-    for key in raw:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {sorted(known)}"
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-
-
 def _typed(value: Any, kind: type, where: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -299,9 +291,9 @@ def _destination(route: str, spec: Any, base: Path, where: str) -> Destination:
         raise ConfigError(f"{where}: expected a mapping with ae_title/host/port, or folder")
     keys = set(spec)
     if keys & _FOLDER_KEYS:
-        _refuse_unknown(spec, _FOLDER_KEYS, where)
+        refuse_unknown_keys(spec, _FOLDER_KEYS, where)
         return Destination(route, folder=_path(_typed(spec["folder"], str, f"{where}.folder"), base))
-    _refuse_unknown(spec, _DICOM_KEYS | _DICOM_OPTIONAL, where)
+    refuse_unknown_keys(spec, _DICOM_KEYS | _DICOM_OPTIONAL, where)
     if keys - _DICOM_OPTIONAL != _DICOM_KEYS:
         raise ConfigError(f"{where}: a DICOM destination needs ae_title, host and port "
                           f"(missing {sorted(_DICOM_KEYS - keys)}), or give a folder")

@@ -41,7 +41,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from utils import constants
-from utils.config import ConfigError, check_value
+from utils.config import ConfigError, check_value, refuse_unknown_keys
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,7 @@ def parse_settings(raw: Any, where: str) -> MetricsSettings:
     where = f"{where}: metrics"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping (host, port), got {type(raw).__name__}")
-    unknown = sorted(str(k) for k in raw if k not in _KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {sorted(_KEYS)}")
+    refuse_unknown_keys(raw, _KEYS, where)
     host = raw.get("host", constants.ROUTER_METRICS_HOST)
     if not isinstance(host, str) or not host.strip():
         raise ConfigError(f"{where}.host: expected an address to listen on (e.g. 127.0.0.1), got {host!r}")

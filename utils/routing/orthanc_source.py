@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from utils import constants
-from utils.config import ConfigError, check_value
+from utils.config import ConfigError, check_value, refuse_unknown_keys
 from utils.routing.audit import AuditLog, AuditWriteError
 from utils.routing.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue, SpoolWriteError
@@ -97,9 +97,7 @@ def parse_settings(raw: Any, where: str) -> OrthancSourceSettings:
     where = f"{where}: orthanc_source"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with at least 'url', got {type(raw).__name__}")
-    unknown = sorted(str(k) for k in raw if k not in _KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {sorted(_KEYS)}")
+    refuse_unknown_keys(raw, _KEYS, where)
     url = raw.get("url")
     if not isinstance(url, str) or not url.strip():
         raise ConfigError(f"{where}.url: required, Orthanc's REST API (e.g. http://127.0.0.1:8042), got {url!r}")

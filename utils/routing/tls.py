@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from utils import constants
-from utils.config import ConfigError
+from utils.config import ConfigError, refuse_unknown_keys
 
 PREFIX = "ROUTER_TLS_"  # the constants of the tls blocks' switches (the key is the name without the prefix)
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
@@ -122,9 +122,7 @@ def parse_client(raw: Any, base: Path, where: str) -> ClientTLS:
 def _mapping(raw: Any, keys: set[str], where: str, what: str) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping ({what}), got {type(raw).__name__}")
-    unknown = sorted(str(k) for k in raw if k not in keys)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {sorted(keys)}")
+    refuse_unknown_keys(raw, keys, where)
     return raw
 
 
