@@ -124,9 +124,7 @@ class ReceptionGate:
         with self._lock:
             reading = self._read()
             if reading is not None:
-                available = reading.free - self._pending
-                if self.paused and self._may_resume(reading, available):
-                    self._resume(reading)
+                available = self._available(reading)
                 if self.paused or available - size < reading.reserve:
                     if not self.paused:
                         self._pause(reading, available, size)
@@ -145,12 +143,17 @@ class ReceptionGate:
         with self._lock:
             reading = self._read()
             if reading is not None:
-                available = reading.free - self._pending
-                if self.paused and self._may_resume(reading, available):
-                    self._resume(reading)
-                elif not self.paused and available < reading.reserve:
+                available = self._available(reading)
+                if not self.paused and available < reading.reserve:
                     self._pause(reading, available, 0)
             return reading
+
+    def _available(self, reading: Reading) -> int:
+        """Free bytes not promised to objects being written; resumes a paused reception when they allow it."""
+        available = reading.free - self._pending
+        if self.paused and self._may_resume(reading, available):
+            self._resume(reading)
+        return available
 
     def _may_resume(self, reading: Reading, available: int) -> bool:
         return available >= max(reading.resume_at, reading.reserve + self.largest_refused)
