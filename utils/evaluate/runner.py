@@ -71,9 +71,8 @@ def write_gallery(predictor, files: list[str], cached: bool, y_true, probs, outp
     from utils.preprocessing import preprocess_file, to_model_input
 
     shown = gallery.select_errors(y_true, probs, GALLERY_LIMIT)
-    if not len(shown):  # no error: no gallery, and none left from an earlier evaluation
-        for name in (gallery.GALLERY_PNG, gallery.GALLERY_CSV):
-            (output_dir / name).unlink(missing_ok=True)
+    if not len(shown):
+        _remove_gallery(output_dir)
         return
     spec = predictor.spec
     images = [cv2.imread(files[i], cv2.IMREAD_GRAYSCALE) if cached else preprocess_file(files[i], spec)[0]
@@ -83,6 +82,12 @@ def write_gallery(predictor, files: list[str], cached: bool, y_true, probs, outp
                                  limit=GALLERY_LIMIT, positions=shown, totals=_totals(y_true, probs))
     if path is not None:
         log.info("wrote %s (%d errors shown)", path, len(shown))
+
+
+def _remove_gallery(output_dir: Path) -> None:
+    """No error: no gallery, and none left from an earlier evaluation."""
+    for name in (gallery.GALLERY_PNG, gallery.GALLERY_CSV):
+        (output_dir / name).unlink(missing_ok=True)
 
 
 def _totals(y_true, probs) -> tuple[int, int]:
@@ -136,11 +141,11 @@ def write_cv_gallery(cv_dir: str, oof, y_true, probs, class_names, output_dir: P
 
     from utils.artifacts import run_dir
     from utils.infer.predictor import load_predictor
+    from utils.preprocessing import to_model_input
 
     shown = gallery.select_errors(y_true, probs, GALLERY_LIMIT)
     if not len(shown):
-        for name in (gallery.GALLERY_PNG, gallery.GALLERY_CSV):
-            (output_dir / name).unlink(missing_ok=True)
+        _remove_gallery(output_dir)
         return None
     files = [str(oof["file"].iloc[i]) for i in shown]
     images = [cv2.imread(f, cv2.IMREAD_GRAYSCALE) for f in files]
@@ -156,8 +161,6 @@ def write_cv_gallery(cv_dir: str, oof, y_true, probs, class_names, output_dir: P
         try:
             predictor = load_predictor(str(run_dir.fold_dir(cv_dir, int(fold) - 1)))
             spec = predictor.spec
-            from utils.preprocessing import to_model_input
-
             batch = to_model_input(np.stack([images[i] for i in positions]), spec.channels)
             maps = gallery.grad_cam(gallery.keras_model_of(predictor), batch, probs_shown[positions].argmax(axis=1))
             heatmaps.update({int(i): m for i, m in zip(positions, maps)})
