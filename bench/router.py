@@ -118,6 +118,43 @@ class Peers:
                 proc.kill()
                 proc.wait(30)
 
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> float:
+        """Stop ``proc`` with ``sig`` and reap it: the CPU seconds (user + system) it and the children it
+        reaped used."""
+        proc.send_signal(sig)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                return usage.ru_utime + usage.ru_stime
+            if time.monotonic() > deadline:
+                proc.kill()
+                deadline += timeout
+            time.sleep(0.05)
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid``, its living descendants and the children they
+    reaped (from /proc; 0.0 where /proc is missing)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        stats[int(entry.name)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        if current in stats:  # utime, stime, cutime, cstime: fields 14-17 of stat, 11-14 after the name
+            total += sum(int(v) for v in stats[current][11:15]) / tick
+        todo += children.get(current, [])
+    return total
+
 
 def storescu(files: list[Path], port: int, profile: Path, called: str, senders: int = 1) -> float:
     """Send ``files`` with ``senders`` storescu processes at once (files dealt round-robin); the start time."""
@@ -134,14 +171,25 @@ def storescu(files: list[Path], port: int, profile: Path, called: str, senders: 
     return start
 
 
-def baseline(files: list[Path], tmp: Path, profile: Path, senders: int = 1) -> float:
-    """images/s storescu -> storescp directly (same files, same disk, same number of senders)."""
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def baseline(files: list[Path], tmp: Path, profile: Path, senders: int = 1) -> tuple[float, float]:
+    """(images/s, CPU ms per image of storescu + storescp) storescu -> storescp directly (same files, same disk,
+    same number of senders)."""
     peers = Peers(tmp)
     try:
         folder = tmp / f"direct-{time.monotonic_ns()}"
         port = peers.storescp(folder, "DIRECT")
+        scp_before, scu_before = tree_cpu(peers.procs[0].pid), _children_cpu()
         start = storescu(files, port, profile, "DIRECT", senders)
-        return len(files) / (time.time() - start)
+        rate = len(files) / (time.time() - start)
+        cpu = tree_cpu(peers.procs[0].pid) - scp_before + _children_cpu() - scu_before
+        return rate, 1000 * cpu / len(files)
     finally:
         peers.close()
 
@@ -197,10 +245,14 @@ def through_router(files: list[Path], singles: list[Path], model: Path, batch: i
                                     str(Path(tempfile.gettempdir()) / f"py-spy-b{batch}-s{senders}.txt")],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             time.sleep(1.0)
+        scps = [p.pid for p in peers.procs[:2]]
+        cpu_before = (tree_cpu(router.pid), sum(tree_cpu(p) for p in scps), _children_cpu())
         start = storescu(files, port, profile, "ROUTER", senders)
         sent = time.time()
         times = _wait(lambda: (t := _times(audit)) and all("done" in t.get(u, {}) for u in uids) and t, 1800,
                       "every image to be confirmed", interval=0.2)
+        cpu_after = (tree_cpu(router.pid), sum(tree_cpu(p) for p in scps), _children_cpu())
+        cpu_ms = [1000 * (b - a) / len(uids) for a, b in zip(cpu_before, cpu_after)]
         done_last = max(times[u]["done"] for u in uids)
         if spy is not None:
             spy.wait()
@@ -213,9 +265,9 @@ def through_router(files: list[Path], singles: list[Path], model: Path, batch: i
             when = _wait(lambda uid=uid: _times(audit).get(uid, {}).get("done"), 120, "a single image",
                          interval=0.005)
             idle.append(1000 * (when - t0))
-        router.send_signal(signal.SIGTERM)
-        router.wait(60)
+        peers.stop(router)
         return {"batch": batch, "wait_ms": wait_ms, "senders": senders, "images_per_s": len(uids) / (done_last - start),
+                "router_cpu_ms": cpu_ms[0], "storescp_cpu_ms": cpu_ms[1], "storescu_cpu_ms": cpu_ms[2],
                 "ack_per_s": len(uids) / (sent - start),
                 "p50_ms": statistics.median(latencies), "p95_ms": float(np.percentile(latencies, 95)),
                 "idle_ms": statistics.median(idle)}
@@ -258,11 +310,11 @@ def main(argv: list[str] | None = None) -> None:
         runs: dict[tuple[int, int], list[dict]] = {}
         for repeat in range(args.repeats):
             for senders in args.senders:  # the baseline right before the router, same senders, same load
-                direct = baseline(files, tmp, profile, senders)
+                direct, direct_cpu = baseline(files, tmp, profile, senders)
                 for b in args.batch_sizes:
                     row = through_router(files, singles, model, b, args.batch_wait_ms, tmp, profile, senders,
                                          args.py_spy if repeat == 0 else 0.0)
-                    row["direct"] = direct
+                    row["direct"], row["direct_cpu_ms"] = direct, direct_cpu
                     row["ratio"] = row["images_per_s"] / direct
                     runs.setdefault((senders, b), []).append(row)
                     print(f"run {repeat + 1}: {senders} senders, batch {b}: {row['images_per_s']:.1f} images/s "
@@ -275,10 +327,24 @@ def main(argv: list[str] | None = None) -> None:
     print("| senders | batch size | images/s end to end | storescu -> storescp directly | ratio | acknowledged/s "
           "| latency p50 (ms) | latency p95 (ms) | single image, idle (ms) |")
     print("|---|---|---|---|---|---|---|---|---|")
+    medians = {}
     for (senders, b), rows in runs.items():
-        m = {k: statistics.median(r[k] for r in rows) for k in rows[0] if isinstance(rows[0][k], float)}
+        m = medians[senders, b] = {k: statistics.median(r[k] for r in rows) for k in rows[0]
+                                   if isinstance(rows[0][k], float)}
         print(f"| {senders} | {b} | {m['images_per_s']:.1f} | {m['direct']:.1f} | {m['ratio']:.2f} "
               f"| {m['ack_per_s']:.1f} | {m['p50_ms']:.0f} | {m['p95_ms']:.0f} | {m['idle_ms']:.0f} |")
+    cores = os.cpu_count() or 1
+    print(f"\nCPU time per image (ms, user + system, medians): what each image costs whatever else the machine is "
+          f"doing; 'bound' = {cores} cores x 1000 / the total, the images/s these processes could reach with the "
+          "cores to themselves.\n")
+    print("| senders | batch size | router (incl. its decoding processes) | storescu | storescp | total "
+          "| bound (images/s) | directly: storescu + storescp | bound directly |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (senders, b), m in medians.items():
+        total = m["router_cpu_ms"] + m["storescu_cpu_ms"] + m["storescp_cpu_ms"]
+        print(f"| {senders} | {b} | {m['router_cpu_ms']:.1f} | {m['storescu_cpu_ms']:.1f} | {m['storescp_cpu_ms']:.1f} "
+              f"| {total:.1f} | {cores * 1000 / total:.0f} | {m['direct_cpu_ms']:.1f} "
+              f"| {cores * 1000 / m['direct_cpu_ms']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import uuid
 from pathlib import Path
 
 from utils.infer.decisions import UNREADABLE
+from utils.routing import wakeup
 from utils.routing.audit import AuditLog, AuditWriteError
 from utils.routing.config import Destination, RouterConfig
 from utils.routing.metrics import NO_METRICS
@@ -207,7 +208,8 @@ class DicomForwarder(_Worker):
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                              contexts=[build_context(sop, ts) for sop, ts in pairs] + [build_context(Verification)],
                              tls_args=dest.tls.tls_args(dest.host) if dest.tls else None,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
+                             evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay), (evt.EVT_CONN_OPEN, wakeup.quiet),
+                                           (evt.EVT_CONN_CLOSE, wakeup.close)])
         if not assoc.is_established:
             return ("association rejected" if assoc.is_rejected else
                     "association aborted" if assoc.is_aborted else "connection failed")

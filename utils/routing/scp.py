@@ -49,6 +49,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from utils.routing import wakeup
 from utils.routing.audit import AuditLog, AuditWriteError
 from utils.routing.config import RouterConfig
 from utils.routing.metrics import NO_METRICS
@@ -220,6 +221,7 @@ def tune_connection(event) -> None:
     assoc_socket = getattr(event.assoc.dul, "socket", None)
     if assoc_socket is not None and hasattr(assoc_socket, "recv"):
         assoc_socket.recv = lambda nr_bytes: read_whole(assoc_socket, nr_bytes)
+    wakeup.quiet(event, reactor=True)
 
 
 def build_ae(config: RouterConfig):
@@ -254,7 +256,8 @@ def start_scp(config: RouterConfig, handler: StoreHandler):
     server = ae.start_server((config.host, config.port), block=False, ssl_context=context,
                              evt_handlers=[(evt.EVT_C_STORE, handler.handle_store),
                                            (evt.EVT_C_ECHO, handler.handle_echo),
-                                           (evt.EVT_CONN_OPEN, tune_connection)])
+                                           (evt.EVT_CONN_OPEN, tune_connection),
+                                           (evt.EVT_CONN_CLOSE, wakeup.close)])
     return ae, server
 
 

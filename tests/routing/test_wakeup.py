@@ -1,0 +1,134 @@
+"""utils/routing/wakeup.py: associations that wait instead of polling, and still answer at once."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("pynetdicom")
+
+from pynetdicom import AE, evt  # noqa: E402
+from pynetdicom.sop_class import Verification  # noqa: E402
+
+from utils.routing import wakeup  # noqa: E402
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server():
+    """A Verification SCP whose connections are made quiet (as the router's SCP does)."""
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(Verification)
+    accepted = []
+
+    def opened(event):
+        wakeup.quiet(event, reactor=True)
+        accepted.append(event.assoc)
+
+    port = _port()
+    srv = ae.start_server(("127.0.0.1", port), block=False,
+                          evt_handlers=[(evt.EVT_CONN_OPEN, opened), (evt.EVT_CONN_CLOSE, wakeup.close)])
+    yield port, accepted
+    srv.shutdown()
+
+
+def _associate(port: int, quiet: bool = True):
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(Verification)
+    handlers = [(evt.EVT_CONN_OPEN, wakeup.quiet), (evt.EVT_CONN_CLOSE, wakeup.close)] if quiet else []
+    assoc = ae.associate("127.0.0.1", port, evt_handlers=handlers)
+    assert assoc.is_established
+    return assoc
+
+
+def _count_ready_calls(assoc, seconds: float) -> int:
+    """How often the DUL reactor asked its socket whether data had come, over ``seconds`` of an idle association."""
+    cls = type(assoc.dul.socket)
+    calls = [0]
+    original = cls.ready
+
+    def counting(self):
+        calls[0] += 1
+        return original.fget(self)
+
+    cls.ready = property(counting)
+    try:
+        time.sleep(seconds)
+    finally:
+        cls.ready = original
+    return calls[0]
+
+
+def test_both_ends_wait_and_answer(server):
+    port, accepted = server
+    assoc = _associate(port)
+    try:
+        assert type(assoc.dul.socket).__name__ == "WaitingAssociationSocket"
+        assert assoc.dul._run_loop_delay == 0
+        for _ in range(20):  # each echo needs both reactors of both ends to act on what arrived
+            assert assoc.send_c_echo().Status == 0
+        (peer,) = accepted
+        assert type(peer.dul.socket).__name__ == "WaitingAssociationSocket"
+    finally:
+        assoc.release()
+    assert assoc.is_released
+    deadline = time.monotonic() + 10
+    while accepted[0].is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not accepted[0].is_alive()  # the accepting side saw the release request and ended its threads
+    assert accepted[0].dul.socket.waker._closed  # EVT_CONN_CLOSE released the wake-up sockets
+
+
+def test_an_idle_connection_does_not_poll(server):
+    """pynetdicom's reactor looks at its socket every millisecond; a quiet one waits in select (WAIT_S at most)."""
+    port, accepted = server
+    assoc = _associate(port)
+    try:
+        calls = _count_ready_calls(assoc, 1.0)
+    finally:
+        assoc.release()
+    assert 0 < calls <= 3 / wakeup.WAIT_S  # about 1 / WAIT_S; polling would be hundreds
+
+
+def test_a_plain_connection_polls(server):
+    """The same count without quiet() on this end: the difference the module exists for."""
+    port, _ = server
+    assoc = _associate(port, quiet=False)
+    try:
+        calls = _count_ready_calls(assoc, 1.0)
+    finally:
+        assoc.release()
+    assert calls > 3 / wakeup.WAIT_S
+
+
+def test_unexpected_internals_leave_the_connection_alone():
+    """Another pynetdicom with other internals: the connection stays as pynetdicom made it."""
+    dul = SimpleNamespace(socket=SimpleNamespace(socket=None))
+    event = SimpleNamespace(assoc=SimpleNamespace(dul=dul))
+    wakeup.quiet(event, reactor=True)
+    assert not hasattr(dul, "_run_loop_delay") and not hasattr(dul.socket, "waker")
+
+
+def test_a_wake_reaches_a_waiting_select():
+    waker = wakeup._Waker()
+    try:
+        threading.Timer(0.05, waker.wake).start()
+        import select
+
+        readable, _, _ = select.select([waker.reader], [], [], 10)
+        assert readable == [waker.reader]
+        waker.drain()
+        readable, _, _ = select.select([waker.reader], [], [], 0)
+        assert readable == []
+    finally:
+        waker.close()
+    waker.wake()  # after close: ignored, no error
