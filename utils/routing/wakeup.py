@@ -55,7 +55,8 @@ def quiet(event, reactor: bool = False) -> None:
 
     def put_and_wake(*args, **kwargs):
         put(*args, **kwargs)
-        waker.wake()
+        if waker.waiting:  # (a write per PDU while the reactor is busy anyway would cost a syscall each)
+            waker.wake()
 
     def kill_and_wake():
         kill_dul()
@@ -67,6 +68,7 @@ def quiet(event, reactor: bool = False) -> None:
         return stopped
 
     provider_queue.put = put_and_wake
+    waker.pending = provider_queue
     dul.kill_dul, dul.stop_dul = kill_and_wake, stop_and_wake
     assoc_socket.waker = waker
     assoc_socket.__class__ = _waiting_socket_class()
@@ -122,6 +124,8 @@ class _Waker:
         self.reader.setblocking(False)
         self.writer.setblocking(False)
         self._closed = False
+        self.waiting = False  # the reactor is in (or about to enter) select: a put must wake it
+        self.pending = None  # the queue of primitives to send: not empty, the reactor must not wait
 
     def wake(self) -> None:
         if not self._closed:
@@ -167,10 +171,15 @@ def _waiting_socket_class() -> type:
                     return base.ready.fget(self)
                 if isinstance(sock, ssl.SSLSocket) and sock.pending():
                     return True  # decrypted data select() cannot see
+                waker.waiting = True  # then look at the queue: a put from now on wakes the select below
                 try:
+                    if waker.pending is not None and not waker.pending.empty():
+                        return base.ready.fget(self)  # a primitive to send: look, do not wait
                     readable, _, _ = select.select([sock, waker.reader], [], [], WAIT_S)
                 except (OSError, ValueError):
                     return base.ready.fget(self)  # closed meanwhile: pynetdicom's own check reports it
+                finally:
+                    waker.waiting = False
                 if waker.reader in readable:
                     waker.drain()
                 return sock in readable
