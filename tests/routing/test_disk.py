@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pydicom
 import pytest
+import yaml
 from pynetdicom import evt
 
 import router as router_script
@@ -27,7 +28,7 @@ from utils.routing.audit import read_audit
 from utils.routing.scp import OUT_OF_RESOURCES
 from utils.routing.space import MB, ReceptionGate, reserve_bytes
 
-from .conftest import CLASSES, ROWS_BY_CLASS, expected_labels, send, wait_for
+from .conftest import CLASSES, ROWS_BY_CLASS, expected_labels, free_port, send, wait_for
 from .test_poison import everywhere, images, uid
 
 TIMEOUT = 90
@@ -362,3 +363,19 @@ def test_a_small_spool_filesystem_pauses_reception_drains_and_resumes(small_file
     assert node.failure is None and not events(node.config, "classifier_error")
     assert pydicom.dcmread(objects[0]).PixelData == pydicom.dcmread(
         pydicom.filebase.DicomBytesIO(late.received[uid(objects[0])]), force=True).PixelData
+
+
+def test_a_full_disk_at_start_is_a_clear_error_not_a_traceback(small_filesystem, model_file, tmp_path, capsys):
+    """The spool's filesystem full before the router's first start: no database can be created; the router says so
+    (path, cause, free space) and exits 2 instead of raising sqlite3.OperationalError."""
+    fill(small_filesystem)
+    spool = small_filesystem / "spool"
+    with pytest.raises(q.SpoolOpenError, match=r"queue\.sqlite3: .*full.*MB free of"):
+        q.SpoolQueue(spool)
+    q.SpoolQueue(tmp_path / "elsewhere").close()  # the lock file was released: nothing else is held
+    config = tmp_path / "router.yaml"
+    folder = {"folder": str(tmp_path / "out")}
+    config.write_text(yaml.safe_dump({"model": str(model_file), "spool_dir": str(spool), "port": free_port(),
+                                      "destinations": {**{c: folder for c in CLASSES}, "uncertain": folder}}))
+    assert router_script.main(["--config", str(config)]) == 2
+    assert "cannot open the spool database" in capsys.readouterr().err

@@ -43,6 +43,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -94,6 +95,18 @@ _ADDED_COLUMNS = (("classify_attempts", "INTEGER NOT NULL DEFAULT 0"), ("classif
 
 class SpoolLockedError(RuntimeError):
     """Another router process is using this spool folder."""
+
+
+class SpoolOpenError(OSError):
+    """The spool database cannot be opened or set up (disk full, read-only, damaged); the router cannot start."""
+
+    def __init__(self, root: Path, error: Exception) -> None:
+        try:
+            usage = shutil.disk_usage(root)
+            space = f"; {usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.0f} MB on its filesystem"
+        except OSError:
+            space = ""
+        super().__init__(f"cannot open the spool database {root / 'queue.sqlite3'}: {error}{space}")
 
 
 class SpoolWriteError(RuntimeError):
@@ -164,13 +177,17 @@ class SpoolQueue:
             raise SpoolLockedError(f"{self.root} is in use by another router process") from error
         self._lock = threading.RLock()
         self.recovered_orphans: list[QueueItem] = []  # items registered by the last recover() from files without a row
-        self._db = sqlite3.connect(self.root / "queue.sqlite3", check_same_thread=False, isolation_level=None,
-                                   timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the SCP answers
-        self._db.executescript(_SCHEMA)
-        migrate(self._db)
+        try:
+            self._db = sqlite3.connect(self.root / "queue.sqlite3", check_same_thread=False, isolation_level=None,
+                                       timeout=30)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the SCP answers
+            self._db.executescript(_SCHEMA)
+            migrate(self._db)
+        except sqlite3.Error as error:  # a full disk, a read-only or damaged file: say which, not a traceback
+            self._lock_file.close()
+            raise SpoolOpenError(self.root, error) from error
 
     # --- receiving ------------------------------------------------------------------------
 
