@@ -4,6 +4,7 @@
     python router.py --config router.yaml --check         # check config and model, C-ECHO each destination
     python router.py --config router.yaml --status        # what the queue holds (works while it runs)
     python router.py --config router.yaml --requeue-failed
+    python router.py --config router.yaml --shadow-report --since 2026-03-01 --output trial.json
 
 Storage SCP + Verification SCP (C-ECHO) on --router-port. Every received object is written to
 the spool and fsynced before success is answered, classified in batches, and forwarded by
@@ -12,7 +13,11 @@ C-STORE, in the transfer syntax it arrived in, to the destination configured for
 queue survives restarts and kill -9; a spool file is deleted only after its destination
 confirmed it. With an ``orthanc_source`` the router also pulls each new instance from an Orthanc's
 change feed into the same queue, keeping its cursor there (nothing is lost while the router is down).
-See router.example.yaml and docs/ROUTER.md.
+With a ``console`` block the router also serves a web console (utils/routing/console.py; off by default, on
+127.0.0.1 unless configured): counts, destinations' health, the latest decisions with thumbnails, search, and a
+review list where an operator with the token requeues an object or corrects its label (forwarded to that label's
+destination, audited, added to a corrections dataset that prepare.py reads). See router.example.yaml and
+docs/ROUTER.md.
 
 The router listens as soon as its queue is recovered: the model is loaded in the background and
 what arrives meanwhile waits in the spool (a .tflite or .onnx model needs no TensorFlow).
@@ -50,13 +55,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     action.add_argument("--status", action="store_true",
                         help="print the queue's counts, unreadable objects with their reasons and failed ones, exit")
     action.add_argument("--requeue-failed", action="store_true", help="retry objects marked failed, exit")
+    action.add_argument("--shadow-report", action="store_true",
+                        help="summarise the audit log for a go-live decision (agreement with the tag and with "
+                        "reviewers' corrections, share auto-routed at the threshold and its accuracy), exit")
+    parser.add_argument("--since", metavar="ISO", default=None,
+                        help="--shadow-report: from this date or time, UTC unless it has an offset (default: the start)")
+    parser.add_argument("--until", metavar="ISO", default=None,
+                        help="--shadow-report: before this time; a date alone includes that day (default: now)")
+    parser.add_argument("--output", metavar="FILE", default=None,
+                        help="--shadow-report: also write the report to FILE (.json, .md or .html)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     # Overrides default to None: unset flags leave the YAML (then constants.py) value in place.
     config.add_flags(parser, FLAGS, **{config.dest_name(n): None for n in FLAGS})
     parser.add_argument("--threshold", type=threshold_value, default=None, metavar="{0..1,auto}",
                         help=config.constant_comments()["THRESHOLD"] + "; 'auto': the threshold the model's "
                         "calibration recommends (calibrate.py). Overrides the configuration's threshold")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.shadow_report and (args.since or args.until or args.output):
+        parser.error("--since, --until and --output go with --shadow-report")
+    return args
 
 
 def overrides(args: argparse.Namespace) -> dict:
@@ -80,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+    if args.shadow_report:
+        from utils.routing.shadow import report_command
+
+        return report_command(settings, since=args.since, until=args.until, output=args.output)
     if args.requeue_failed:
         print(f"{service.requeue_failed(settings)} failed objects queued again")
         return 0

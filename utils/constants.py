@@ -138,6 +138,22 @@ TARGET_ACCURACY_RANGE: str = "(0, 1]"
 CALIBRATION_BINS: int = 15  # equal-width confidence bins of the expected calibration error and the reliability diagram
 CALIBRATION_BINS_RANGE: str = "[1, 1000]"
 
+# --- Backfill (backfill.py: an archive on Ray Data; flags keep these names without the prefix) ----
+BACKFILL_WORKERS: int = 0  # decoding actors, 1 CPU each; 0: the cluster's CPUs less the inference actors'
+BACKFILL_WORKERS_RANGE: str = "[0, inf)"
+BACKFILL_INFERENCE_WORKERS: int = 1  # actors holding the model
+BACKFILL_INFERENCE_WORKERS_RANGE: str = "[1, inf)"
+BACKFILL_INFERENCE_CPUS: float = 1.0  # CPUs reserved per inference actor
+BACKFILL_INFERENCE_CPUS_RANGE: str = "[0, inf)"
+BACKFILL_INFERENCE_GPUS: float = 0.0  # GPUs per inference actor (Keras on a GPU node)
+BACKFILL_INFERENCE_GPUS_RANGE: str = "[0, inf)"
+BACKFILL_ROWS_PER_FILE: int = 1000  # rows per Parquet part
+BACKFILL_ROWS_PER_FILE_RANGE: str = "[1, inf)"
+BACKFILL_NUM_CPUS: int = 0  # CPUs Ray offers when it starts on this machine; 0: all cores
+BACKFILL_NUM_CPUS_RANGE: str = "[0, inf)"
+BACKFILL_CORRECTION_THRESHOLD: float = 0.95  # propose a tag correction only at this confidence or above
+BACKFILL_CORRECTION_THRESHOLD_RANGE: str = "[0, 1]"
+
 # --- Demo -----------------------------------------------------------------------------------
 DEMO_IMAGES_PER_CLASS: int = 40  # synthetic DICOMs per class for --demo
 DEMO_IMAGES_PER_CLASS_RANGE: str = "[1, inf)"
@@ -160,6 +176,8 @@ DECODE_TIMEOUT_S: float = 30.0  # a file whose decoding takes longer is given up
 DECODE_TIMEOUT_S_RANGE: str = "(0, inf)"
 DECODE_MEMORY_LIMIT_MB: int = 4096  # address-space cap of each decoding process; a file needing more fails alone (0 = no cap)
 DECODE_MEMORY_LIMIT_MB_RANGE: str = "[0, inf)"  # 0 = no cap
+DECODE_THREADS: int = 0  # OpenJPEG threads per JPEG 2000 frame; 0 = cores / decoding processes (1 when each core has one)
+DECODE_THREADS_RANGE: str = "[0, 64]"
 ROUTER_AE_TITLE: str = "BODYPART_ROUTER"  # the router's own AE title (16 characters at most)
 ROUTER_HOST: str = "0.0.0.0"  # address the router listens on; 127.0.0.1 keeps it local
 ROUTER_PORT: int = 11112  # the router's DICOM port (11112 is the registered non-privileged one)
@@ -179,6 +197,8 @@ ROUTER_MAX_ATTEMPTS: int = 10  # an object its destination refuses this often is
 ROUTER_MAX_ATTEMPTS_RANGE: str = "[1, inf)"
 ROUTER_MAX_CLASSIFY_ATTEMPTS: int = 3  # an object whose classification dies this often (crash, kill) goes to "unreadable"
 ROUTER_MAX_CLASSIFY_ATTEMPTS_RANGE: str = "[1, inf)"
+ROUTER_MODE: str = "route"  # "shadow": classify and record, but forward by the site's existing rule (the shadow: block)
+ROUTER_MODE_CHOICES: tuple[str, ...] = ("route", "shadow")
 # Free-space reserve on the spool's filesystem: below it new objects are refused (0xA700, the sender
 # keeps its copy) while classification and forwarding go on, so the spool drains instead of deadlocking.
 ROUTER_MIN_FREE_MB: int = 100  # room to drain (database commits, audit lines, quarantine copies); objects in flight are counted on top; 0 = off
@@ -206,3 +226,14 @@ ROUTER_ORTHANC_MODALITIES: tuple[str, ...] = ("CR", "DX", "DR", "RG")  # series 
 ROUTER_METRICS_HOST: str = "127.0.0.1"  # address /metrics listens on; local unless configured (no authentication)
 ROUTER_METRICS_PORT: int = 9108  # /metrics port (Prometheus exporters' convention: a 91xx port of one's own)
 ROUTER_METRICS_PORT_RANGE: str = "[1, 65535]"
+# The web console (the ``console:`` block of the router's YAML, utils/routing/console.py): off unless the block is
+# there; the block's keys are these names without the ROUTER_CONSOLE_ prefix. Needs starlette, uvicorn, jinja2,
+# python-multipart. Actions need the token (from an environment variable or a file, never the YAML) or a user.
+ROUTER_CONSOLE_HOST: str = "127.0.0.1"  # address the console listens on; local unless configured
+ROUTER_CONSOLE_PORT: int = 8108  # the console's port
+ROUTER_CONSOLE_PORT_RANGE: str = "[0, 65535]"  # 0: any free port (tests)
+ROUTER_CONSOLE_TOKEN_ENV: str = "ROUTER_CONSOLE_TOKEN"  # environment variable holding the operators' token
+ROUTER_CONSOLE_REVIEW_DAYS: float = 30.0  # copies of objects under review (spool/review/) are kept this long
+ROUTER_CONSOLE_REVIEW_DAYS_RANGE: str = "(0, 3650]"
+ROUTER_CONSOLE_REVIEW_MAX_MB: int = 2000  # ... and at most this much of them, oldest deleted first
+ROUTER_CONSOLE_REVIEW_MAX_MB_RANGE: str = "[1, 10000000]"

@@ -56,6 +56,17 @@ def tag_disagrees(label: str, tag: str, class_names: Sequence[str]) -> bool | No
     return label not in claimed
 
 
+def tag_classes(tag: str | None, class_names: Sequence[str]) -> frozenset[str]:
+    """The classes a BodyPartExamined tag stands for, by the same mapping as :func:`tag_disagrees`: the classes
+    that claim it, else the catch-all class ("others") if the model has one; empty for a missing tag, or one no
+    class claims when there is no catch-all. A label agrees with the tag when it is in this set."""
+    tag = _normalise_tag(tag or "")
+    if not tag:
+        return frozenset()
+    claimed = frozenset(c for c in class_names if tag in BODY_PART_TAGS.get(c, frozenset({_normalise_tag(c)})))
+    return claimed or frozenset(c for c in class_names if c in OTHER_CLASSES)
+
+
 def threshold_value(text: str) -> float | str:
     """The argparse type of predict.py's and router.py's --threshold: a number in THRESHOLD_RANGE, or
     "auto" (the threshold the model's calibration recommends; utils.infer.predictor.resolve_threshold)."""

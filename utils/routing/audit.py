@@ -7,7 +7,8 @@ Events (each with ``time`` in UTC ISO 8601 and ``event``; per-object events carr
   identical copy was already waiting);
 - ``classified``: label, confidence, model_id, route, body_part_examined, tag_disagrees, reason
   (why unreadable, if so), decided_by (``rule:<name>``, ``model:<model_id>``, ``header_unreadable``
-  or ``classification_failed``; utils/routing/rules.py), modality (for decisions of a rule);
+  or ``classification_failed``; utils/routing/rules.py), modality (for decisions of a rule); in shadow mode
+  decided_by ``shadow:<rule>``, route the one used, and mode, model_route, probabilities (utils/routing/shadow.py);
 - ``forwarded``: destination, status (``0x0000``, a warning, ``retry`` or ``failed``), detail;
 - ``quarantined``: destination, reason;
 - ``destination_down`` / ``destination_up`` (no SOP instance UID): node, reason;

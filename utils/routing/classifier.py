@@ -5,7 +5,8 @@ only when a rule needs it) decides whether the model may look at it at all. Obje
 elsewhere (CT, MR, reports, a site's own rules) are recorded at once with ``decided_by``
 ``rule:<name>`` and never decoded; a header that cannot be read sends its object to
 ``unreadable`` (``header_unreadable``). The rest go to the model (``decided_by``
-``model:<model_id>``).
+``model:<model_id>``). In shadow mode (utils/routing/shadow.py) the model's decision is recorded as
+always, but the route is the shadow rule's (``decided_by`` ``shadow:destination`` / ``shadow:body_part_map``).
 
 It takes whatever has arrived, up to ``batch_size`` objects, waiting at most ``batch_wait_ms``
 after the oldest one arrived for the batch to fill; decodes and classifies them with
@@ -41,6 +42,7 @@ ends the thread with :attr:`BackgroundModel.error` set; the node's watchdog stop
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -153,6 +155,8 @@ def predict_in_chunks(predictor, batch: np.ndarray, batch_size: int) -> np.ndarr
 class Classifier(WakeableThread):
     max_classify_attempts: int = constants.ROUTER_MAX_CLASSIFY_ATTEMPTS  # the node sets the configured value
     metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/metrics.py)
+    keeper = None  # the console's utils.routing.review.Keeper (thumbnails, review copies); None: console off
+    shadow = None  # shadow mode's ShadowRule (utils/routing/shadow.py): it picks the route, the model is recorded
 
     def __init__(self, queue: SpoolQueue, predictor, audit: AuditLog, *, threshold: float, batch_size: int,
                  batch_wait_ms: int, pool: PoolSettings | None = None,
@@ -390,23 +394,44 @@ class Classifier(WakeableThread):
         if not items:
             return routed
         spec = self.model.spec
-        predictions = self.engine.classify([self.queue.path(item) for item in items])
+        paths = [self.queue.path(item) for item in items]
+        if self.keeper is None:
+            predictions, decoded = self.engine.classify(paths), None
+        else:  # the console's thumbnails are made from the decoded images
+            decoded = self.engine.decode(paths)
+            predictions = self.engine.predict_decoded(decoded)
         self.batches += any(p.readable for p in predictions)
-        decided_by = f"{MODEL}:{self.model.model_id}"
-        decisions = [Classification(item.id, p.label, p.confidence, self.model.model_id, p.label, p.error,
-                                    decided_by) for item, p in zip(items, predictions)]
+        decided_by = f"{MODEL}:{self.model.model_id}" if self.shadow is None else self.shadow.decided_by
+        decisions = [Classification(item.id, p.label, p.confidence, self.model.model_id, self._route(p), p.error,
+                                    decided_by, **seen(p, spec.class_names)) for item, p in zip(items, predictions)]
+        if self.keeper is not None:  # before the commit: once it is committed a forwarder may delete the spool file
+            self.keeper.keep(items, decisions, decoded)
         self.queue.set_classified(decisions)
         for item, decision, p in zip(items, decisions, predictions):
-            tag, top_label = p.header.get("BodyPartExamined", ""), p.top_label or None
+            disagrees = None if decision.tag_disagrees is None else bool(decision.tag_disagrees)
             self.audit.write("classified", sop_instance_uid=item.sop_instance_uid, item=item.id,
-                             label=decision.label, top_label=top_label, confidence=decision.confidence,
+                             label=decision.label, top_label=p.top_label or None, confidence=decision.confidence,
                              model_id=decision.model_id, route=decision.route, reason=decision.reason or None,
-                             body_part_examined=tag, decided_by=decided_by,
-                             tag_disagrees=tag_disagrees(top_label, tag, spec.class_names) if top_label else None)
+                             body_part_examined=decision.body_part_examined, decided_by=decided_by,
+                             tag_disagrees=disagrees, **self._shadow_fields(p, spec.class_names))
             self.metrics.classified(decision.label, decided_by)
         log.info("classified %d objects (%s)", len(items), ", ".join(sorted({d.label for d in decisions})))
         self.on_classified({d.route for d in decisions})
         return routed + decisions
+
+    def _route(self, prediction) -> str:
+        """Where an object the model decided goes: its label, or in shadow mode the shadow rule's destination."""
+        if self.shadow is None:
+            return prediction.label
+        return self.shadow.route(prediction.header.get("BodyPartExamined"))
+
+    def _shadow_fields(self, prediction, class_names) -> dict:
+        """The audit fields shadow mode adds to a ``classified`` line (none in route mode)."""
+        if self.shadow is None:
+            return {}
+        probs = (None if prediction.probs is None else
+                 {c: round(float(x), 4) for c, x in zip(class_names, prediction.probs)})
+        return {"mode": "shadow", "model_route": prediction.label, "probabilities": probs}
 
     def route_by_rules(self, items: list[QueueItem]) -> tuple[list[Classification], list[QueueItem]]:
         """Record the decisions of the routing rules (header only, nothing decoded); (those, items for the model)."""
@@ -418,7 +443,8 @@ class Classifier(WakeableThread):
                 continue
             # label = route: what decided it is a rule, not a class of the model
             decisions.append(Classification(item.id, rule.destination, None, "", rule.destination, rule.reason,
-                                            rule.decided_by))
+                                            rule.decided_by,
+                                            body_part_examined=str(rule.header.get("BodyPartExamined") or "")))
             routed.append((item, rule))
         if not decisions:
             return [], for_model
@@ -437,6 +463,21 @@ class Classifier(WakeableThread):
                  ", ".join(sorted({f"{d.decided_by} -> {d.route}" for d in decisions})))
         self.on_classified({d.route for d in decisions})
         return decisions, for_model
+
+
+def seen(prediction, class_names) -> dict:
+    """What the classifier saw of one object, for its queue row (the console shows it): the probabilities
+    (JSON, 4 decimals), BodyPartExamined, Study Instance UID, Patient ID, and whether the tag disagrees."""
+    header = prediction.header
+    tag = str(header.get("BodyPartExamined") or "")
+    top = prediction.top_label or None
+    disagrees = tag_disagrees(top, tag, class_names) if top else None
+    probs = ("" if prediction.probs is None else
+             json.dumps({c: round(float(x), 4) for c, x in zip(class_names, prediction.probs)}, separators=(",", ":")))
+    return {"probs": probs, "body_part_examined": tag,
+            "study_instance_uid": str(header.get("StudyInstanceUID") or ""),
+            "patient_id": str(header.get("PatientID") or ""),
+            "tag_disagrees": None if disagrees is None else int(disagrees)}
 
 
 def describe(error: BaseException, limit: int = 500) -> str:

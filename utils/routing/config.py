@@ -16,6 +16,9 @@
       url: http://127.0.0.1:8042
     tls: {cert: router.crt, key: router.key, ca: senders-ca.pem}   # optional: DICOM over TLS (utils/routing/tls.py)
     metrics: {host: 127.0.0.1, port: 9108}   # optional: Prometheus /metrics (utils/routing/metrics.py)
+    console: {host: 127.0.0.1, port: 8108}   # optional: the web console and review list (utils/routing/console.py)
+    mode: shadow                     # optional, default route: a trial that forwards by the site's own rule
+    shadow: {destination: pacs}      # or {body_part_map: {CHEST: chest_ai}, default: pacs} (utils/routing/shadow.py)
 
 A destination is a DICOM node (ae_title, host, port, optionally ``tls``) or a folder. Relative paths are taken
 relative to the configuration file's folder. Unknown keys, wrong types and out-of-range values
@@ -44,12 +47,16 @@ from utils import constants
 from utils.config import ConfigError, check_value, constant_types, refuse_unknown_keys
 from utils.infer.decisions import AUTO_THRESHOLD, UNCERTAIN, UNREADABLE
 from utils.infer.predictor import resolve_threshold
+from utils.routing.console import PREFIX as CONSOLE_PREFIX
+from utils.routing.console import ConsoleSettings
+from utils.routing.console import parse_settings as parse_console
 from utils.routing.metrics import PREFIX as METRICS_PREFIX
 from utils.routing.metrics import MetricsSettings
 from utils.routing.metrics import parse_settings as parse_metrics
 from utils.routing.orthanc_source import PREFIX as ORTHANC_PREFIX
 from utils.routing.orthanc_source import OrthancSourceSettings, parse_settings
 from utils.routing.rules import MODEL, PASS_THROUGH, Rule, RuleSet, parse_rules
+from utils.routing.shadow import ShadowRule, parse_shadow
 from utils.routing.tls import PREFIX as TLS_PREFIX
 from utils.routing.tls import ClientTLS, ServerTLS, parse_client, parse_server
 
@@ -60,7 +67,8 @@ from utils.routing.tls import ClientTLS, ServerTLS, parse_client, parse_server
 # constants are the keys of the ``orthanc_source`` block instead (utils/routing/orthanc_source.py).
 _CONSTANTS: dict[str, str] = {
     **{name.removeprefix("ROUTER_").lower(): name for name in constant_types()
-       if name.startswith("ROUTER_") and not name.startswith((ORTHANC_PREFIX, TLS_PREFIX, METRICS_PREFIX))
+       if name.startswith("ROUTER_")
+       and not name.startswith((ORTHANC_PREFIX, TLS_PREFIX, METRICS_PREFIX, CONSOLE_PREFIX))
        and not name.endswith(("_RANGE", "_CHOICES"))},
     "threshold": "THRESHOLD",
     "decode_pool": "DECODE_POOL",  # "processes" (isolated, time-limited) or "threads"
@@ -78,6 +86,8 @@ _OTHERS: dict[str, tuple[type, Any]] = {
     "orthanc_source": (dict, None),  # pull new instances from an Orthanc (utils/routing/orthanc_source.py)
     "tls": (dict, None),  # TLS on the router's own port (utils/routing/tls.py); None: plain TCP
     "metrics": (dict, None),  # Prometheus /metrics (utils/routing/metrics.py); None: off
+    "console": (dict, None),  # the web console (utils/routing/console.py); None: off
+    "shadow": (dict, None),  # with mode: shadow, the site's existing rule that forwards (utils/routing/shadow.py)
 }
 
 
@@ -141,6 +151,9 @@ class RouterConfig:
     orthanc_source: OrthancSourceSettings | None = None  # pull from this Orthanc's change feed (None: no)
     tls: ServerTLS | None = None  # TLS on the router's own port (None: plain TCP)
     metrics: MetricsSettings | None = None  # Prometheus /metrics (None: off)
+    console: ConsoleSettings | None = None  # the web console and review list (None: off)
+    mode: str = constants.ROUTER_MODE  # "route", or "shadow": forwarded by ``shadow``, the model only recorded
+    shadow: ShadowRule | None = None  # the shadow rule (mode "shadow" only)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -152,6 +165,8 @@ class RouterConfig:
         out["rules"] = [rule.to_dict() for rule in self.rules]
         out["orthanc_source"] = self.orthanc_source.to_dict() if self.orthanc_source else None
         out["metrics"] = self.metrics.to_dict() if self.metrics else None
+        out["console"] = self.console.to_dict() if self.console else None
+        out["shadow"] = self.shadow.to_dict() if self.shadow else None
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
 
     def rule_set(self) -> RuleSet:
@@ -167,6 +182,7 @@ class RouterConfig:
         """Every class of the model and ``uncertain`` need a destination; no unknown routes (``pass_through`` and
         the destinations rules send to are known)."""
         expected = set(class_names) | {UNCERTAIN, UNREADABLE, PASS_THROUGH} | {r.destination for r in self.rules}
+        expected |= self.shadow.routes() if self.shadow else set()
         missing = [c for c in list(class_names) + [UNCERTAIN] if c not in self.destinations]
         unknown = sorted(set(self.destinations) - expected)
         problems = []
@@ -235,11 +251,15 @@ def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configura
     source = parse_settings(values["orthanc_source"], where) if values["orthanc_source"] is not None else None
     tls = parse_server(values["tls"], base, where) if values["tls"] is not None else None
     metrics = parse_metrics(values["metrics"], where) if values["metrics"] is not None else None
+    console = parse_console(values["console"], base, where) if values["console"] is not None else None
+    if console is not None and console.corrections_dir is None:
+        console = dataclasses.replace(console, corrections_dir=spool / "corrections")
+    shadow = parse_shadow(values["mode"], values["shadow"], destinations, where)
     _same_tls_per_node(destinations, where)
     return RouterConfig(**plain, ae_title=_ae_title(values["ae_title"], f"{where}: ae_title"),
                         model=str(_path(values["model"], base)), spool_dir=spool, audit_log=audit,
                         allowed_callers=callers, destinations=destinations, rules=rules, orthanc_source=source,
-                        tls=tls, metrics=metrics)
+                        tls=tls, metrics=metrics, shadow=shadow, console=console)
 
 
 def _same_tls_per_node(destinations: dict[str, Destination], where: str) -> None:

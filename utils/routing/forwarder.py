@@ -102,6 +102,10 @@ class _Worker(WakeableThread):
         self.down_since: float | None = None
         self.failures = 0  # consecutive times the destination was unreachable
         self.record_failures = 0  # consecutive times an outcome could not be recorded (spool database, audit log)
+        # for the console (utils/routing/console.py): when it last delivered, what went wrong last, when it retries
+        self.last_success: float | None = None
+        self.last_error: tuple[float, str] | None = None  # (time, why)
+        self.retry_at: float | None = None  # while down: the next attempt
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -144,6 +148,7 @@ class _Worker(WakeableThread):
     def _down(self, reason: str) -> None:
         self.failures += 1
         delay = backoff(self.failures, self.config.retry_initial_s, self.config.retry_max_s)
+        self.last_error, self.retry_at = (time.time(), reason), time.time() + delay
         if self.failures == 1:
             self.down_since = time.time()
             log.warning("destination %s is down (%s); retrying with backoff", self.destination.node, reason)
@@ -154,7 +159,7 @@ class _Worker(WakeableThread):
         log.info("destination %s is back after %.0f s", self.destination.node, time.time() - (self.down_since or 0))
         self.audit.write("destination_up", destination=self.destination.node,
                          down_s=round(time.time() - (self.down_since or time.time()), 3))
-        self.failures, self.down_since = 0, None
+        self.failures, self.down_since, self.retry_at = 0, None, None
 
     def deliver(self, items: list[QueueItem]) -> str | None:
         """Send ``items``; return why the destination is unreachable, or None."""
@@ -167,6 +172,7 @@ class _Worker(WakeableThread):
                          item=item.id, label=item.label, destination=self.destination.node, status=status,
                          detail=detail or None, reason=item.reason or None)
         self.queue.mark_done(item, state, detail)
+        self.last_success = time.time()
         outcome = "stored" if self.destination.is_folder else "warning" if detail == "warning" else "success"
         self.metrics.forwarded(item.label or "", self.destination.node, outcome, item.received_at)
 
@@ -180,6 +186,7 @@ class _Worker(WakeableThread):
                          destination=self.destination.node, status="failed" if give_up else "retry",
                          detail=reason, attempts=attempts)
         self.queue.defer(item, reason, delay=delay, give_up=give_up)
+        self.last_error = (time.time(), reason)
         self.metrics.forwarded(item.label or "", self.destination.node, "failed" if give_up else "retry")
 
 

@@ -10,7 +10,8 @@ Counters, incremented where the audit log writes the matching event (the hooks a
 - ``router_objects_received_total{calling_ae}`` (the Orthanc source: the modality that sent to Orthanc);
 - ``router_receive_refused_total{reason}``: C-STOREs answered 0xA700: ``disk_reserve``, ``store_failed``, ``stopping``;
 - ``router_objects_classified_total{label, decided_by}``: decided_by ``model``, ``rule:<name>``,
-  ``header_unreadable`` or ``classification_failed`` (the model's id is in ``router_model_info``);
+  ``header_unreadable``, ``classification_failed`` or in shadow mode ``shadow:<rule>`` (the model's id is in
+  ``router_model_info``);
 - ``router_objects_forwarded_total{label, destination, status}``: status ``success``, ``warning`` (a C-STORE
   warning), ``stored`` (a folder), ``retry``, ``failed`` (given up); destination is the node (``AE@host:port``
   or ``folder:<path>``).

@@ -94,6 +94,7 @@ class RouterNode:
         self.source: OrthancSource | None = None  # pulls from Orthanc's change feed (config.orthanc_source)
         self.gate: ReceptionGate | None = None  # the free-space reserve of the spool's filesystem
         self.metrics: NoMetrics = NO_METRICS  # a RouterMetrics serving /metrics when config.metrics is set
+        self.console = None  # a utils.routing.console.Console when config.console is set
         self.ae = None
         self.server = None
         self.handler: StoreHandler | None = None
@@ -160,6 +161,8 @@ class RouterNode:
         rules = config.rule_set()
         for line in rules.describe(config.destinations):
             log.info("routing rule %s", line.strip())
+        if config.shadow is not None:
+            log.info("shadow mode: the model's decisions are recorded, not followed; %s", config.shadow.describe())
         self.classifier = Classifier(self.queue, model, self.audit, threshold=self.threshold,
                                      batch_size=config.batch_size, batch_wait_ms=config.batch_wait_ms,
                                      pool=PoolSettings(config.decode_pool, config.decode_workers,
@@ -167,10 +170,13 @@ class RouterNode:
                                      on_classified=lambda routes: [by_route[r].wake() for r in routes if r in by_route],
                                      rules=rules)
         self.classifier.max_classify_attempts = config.max_classify_attempts
+        self.classifier.shadow = config.shadow  # shadow mode: the site's rule forwards, the model is only recorded
         self.gate = ReceptionGate(config.spool_dir, config.min_free_mb, config.min_free_percent, self.audit)
         self.handler = StoreHandler(self.queue, self.audit, self.classifier.wake, self.gate)
         if config.metrics is not None:  # listening before anything is accepted: a taken port fails the start
             self.metrics = self._serve_metrics(model)
+        if config.console is not None:  # the same: a taken port fails the start
+            self.console = self._serve_console(model, by_route)
         self.classifier.metrics = self.handler.metrics = self.metrics
         for thread in self.forwarders:
             thread.metrics = self.metrics
@@ -190,7 +196,10 @@ class RouterNode:
                          temperature=getattr(model.metadata, "temperature", 1.0),
                          destinations=config.to_dict()["destinations"],
                          rules=[f"{r.name}: {r.describe()} -> {r.destination}" for r in rules.rules],
-                         orthanc_source=config.to_dict()["orthanc_source"], metrics=config.to_dict()["metrics"])
+                         orthanc_source=config.to_dict()["orthanc_source"], metrics=config.to_dict()["metrics"],
+                         console=config.to_dict()["console"],
+                         **({"mode": config.mode, "shadow": config.shadow.to_dict(),
+                             "class_names": list(model.spec.class_names)} if config.shadow else {}))
         self._note_state("loading the model", model_id=model.model_id)
         log.info("%s listening on %s:%d; model %s loading in the background; %d destinations", config.ae_title,
                  config.host, self.port, model.model_id, len(self.forwarders))
@@ -209,6 +218,39 @@ class RouterNode:
                                 down=lambda node: node in down and down[node].down_since is not None)
         metrics.serve()
         return metrics
+
+    def _serve_console(self, model: BackgroundModel, by_route: dict):
+        """The web console (utils/routing/console.py): the classifier keeps thumbnails and review copies for it."""
+        from utils.routing.console import Console, ConsoleContext
+        from utils.routing.review import Keeper, ReviewDesk
+
+        settings, spool = self.config.console, self.config.spool_dir
+        keeper = Keeper(spool, review_days=settings.review_days, review_max_mb=settings.review_max_mb)
+        keeper.prune()
+        self.classifier.keeper = keeper
+
+        def wake(route: str) -> None:  # "" = the classifier (a requeued object is classified again)
+            worker = by_route.get(route) if route else self.classifier
+            if worker is not None:
+                worker.wake()
+
+        def model_state() -> tuple[str, str]:
+            return model.model_id, "failed" if model.error is not None else "ready" if model.ready.is_set() else "loading"
+
+        shadow = self.config.shadow is not None
+        desk = ReviewDesk(self.queue, self.audit, model.spec.class_names, self.config.destinations, spool / "review",
+                          settings.corrections_dir, wake, forward=not shadow)
+
+        def shadow_report(since: str | None, until: str | None) -> str:
+            from utils.routing.shadow import build_report
+
+            return build_report(self.config, since, until, class_names=list(model.spec.class_names)).to_html()
+
+        console = Console(settings, ConsoleContext(spool, model.spec.class_names, self.config.destinations, desk,
+                                                   self.forwarders, model_state, title=self.config.ae_title,
+                                                   shadow_report=shadow_report if shadow else None))
+        console.serve()
+        return console
 
     def _describe_model(self) -> BackgroundModel:
         """The model as its metadata describes it, to be loaded by the classifier thread; a predictor
@@ -310,6 +352,8 @@ class RouterNode:
     def _stop(self) -> None:
         if isinstance(self.metrics, RouterMetrics):
             self.metrics.close()  # first and at once: nothing scrapes a queue being closed
+        if self.console is not None:
+            self.console.close()  # nothing acts on a queue being closed
         if self.server is not None:
             close_scp(self.server, self.handler, STOP_GRACE_S)
         threads = [t for t in [self.source, self.classifier, *self.forwarders] if t is not None]

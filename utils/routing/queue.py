@@ -82,15 +82,29 @@ CREATE TABLE IF NOT EXISTS items (
     classify_attempts INTEGER NOT NULL DEFAULT 0,
     classify_reason TEXT NOT NULL DEFAULT '',
     classified_at REAL NOT NULL DEFAULT 0,
-    decided_by TEXT NOT NULL DEFAULT ''
+    decided_by TEXT NOT NULL DEFAULT '',
+    probs TEXT NOT NULL DEFAULT '',
+    body_part_examined TEXT NOT NULL DEFAULT '',
+    study_instance_uid TEXT NOT NULL DEFAULT '',
+    patient_id TEXT NOT NULL DEFAULT '',
+    tag_disagrees INTEGER,
+    reviewed TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS items_state ON items (state, route, next_attempt);
 CREATE INDEX IF NOT EXISTS items_sop ON items (sop_instance_uid);
+CREATE INDEX IF NOT EXISTS items_received_at ON items (received_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # Columns added after the first release: (name, definition); added in place to older spool databases.
 _ADDED_COLUMNS = (("classify_attempts", "INTEGER NOT NULL DEFAULT 0"), ("classify_reason", "TEXT NOT NULL DEFAULT ''"),
-                  ("classified_at", "REAL NOT NULL DEFAULT 0"), ("decided_by", "TEXT NOT NULL DEFAULT ''"))
+                  ("classified_at", "REAL NOT NULL DEFAULT 0"), ("decided_by", "TEXT NOT NULL DEFAULT ''"),
+                  # for the console (utils/routing/console.py, review.py): what the classifier saw, and review
+                  ("probs", "TEXT NOT NULL DEFAULT ''"), ("body_part_examined", "TEXT NOT NULL DEFAULT ''"),
+                  ("study_instance_uid", "TEXT NOT NULL DEFAULT ''"), ("patient_id", "TEXT NOT NULL DEFAULT ''"),
+                  ("tag_disagrees", "INTEGER"), ("reviewed", "TEXT NOT NULL DEFAULT ''"))
+# Indexes on added columns: created by migrate(), once the columns exist.
+_ADDED_INDEXES = ("CREATE INDEX IF NOT EXISTS items_study ON items (study_instance_uid)",
+                  "CREATE INDEX IF NOT EXISTS items_patient ON items (patient_id)")
 
 
 class SpoolLockedError(RuntimeError):
@@ -137,6 +151,12 @@ class QueueItem:
     classify_reason: str = ""  # why the classifier routed it "unreadable"; kept when delivery problems fill ``reason``
     classified_at: float = 0.0  # when the decision was committed (0: not classified, or before this column)
     decided_by: str = ""  # "rule:<name>", "model:<model_id>", "header_unreadable", "classification_failed"
+    probs: str = ""  # the model's probabilities, JSON {class: p} ("" when the model did not look at it)
+    body_part_examined: str = ""  # header fields, as read when classified ("" when not read)
+    study_instance_uid: str = ""
+    patient_id: str = ""
+    tag_disagrees: int | None = None  # 1: BodyPartExamined contradicts the top class; 0: agrees; None: no tag / model
+    reviewed: str = ""  # what an operator did from the review list: "corrected", "requeued" (utils/routing/review.py)
 
 
 @dataclass(frozen=True)
@@ -150,6 +170,11 @@ class Classification:
     route: str
     reason: str = ""  # why unreadable
     decided_by: str = ""  # who decided the route: "rule:<name>", "model:<model_id>", ... (QueueItem.decided_by)
+    probs: str = ""  # what the classifier saw (QueueItem's fields of the same names)
+    body_part_examined: str = ""
+    study_instance_uid: str = ""
+    patient_id: str = ""
+    tag_disagrees: int | None = None
 
 
 def fsync_dir(path: Path) -> None:
@@ -207,6 +232,13 @@ class SpoolQueue:
                                    (sop_instance_uid, digest, *PENDING)).fetchone()
         if row is not None:
             return _item(row), True
+        name = self._write_file(data)
+        item = self._insert(name, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, digest, len(data),
+                            meta)
+        return item, False
+
+    def _write_file(self, data: bytes) -> str:
+        """Write ``data`` durably into ``files/`` (incoming, fsync, rename, fsync the folder); its name."""
         name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.dcm"
         partial = self.incoming / (name + ".part")
         try:
@@ -219,9 +251,7 @@ class SpoolQueue:
             partial.unlink(missing_ok=True)  # never acknowledged; a full disk gets its space back at once
             raise
         fsync_dir(self.files)
-        item = self._insert(name, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, digest, len(data),
-                            meta)
-        return item, False
+        return name
 
     def _insert(self, name: str, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str, calling_ae: str,
                 digest: str, size: int, meta: tuple[str, str] | None = None) -> QueueItem:
@@ -310,9 +340,11 @@ class SpoolQueue:
         with self._lock, self._transaction(f"record {len(decisions)} classifications"):
             self._db.executemany(
                 "UPDATE items SET state = ?, label = ?, confidence = ?, model_id = ?, route = ?, reason = ?,"
-                " classify_reason = ?, decided_by = ?, next_attempt = 0, updated_at = ?, classified_at = ?"
+                " classify_reason = ?, decided_by = ?, next_attempt = 0, updated_at = ?, classified_at = ?, probs = ?,"
+                " body_part_examined = ?, study_instance_uid = ?, patient_id = ?, tag_disagrees = ?"
                 " WHERE id = ? AND state = ?",
                 [(CLASSIFIED, d.label, d.confidence, d.model_id, d.route, d.reason, d.reason, d.decided_by, now, now,
+                  d.probs, d.body_part_examined, d.study_instance_uid, d.patient_id, d.tag_disagrees,
                   d.item_id, RECEIVED) for d in decisions])
 
     def start_classification(self, items: Iterable[QueueItem]) -> list[QueueItem]:
@@ -363,6 +395,44 @@ class SpoolQueue:
                              " updated_at = ? WHERE id = ?",
                              (FAILED if give_up else CLASSIFIED, reason, time.time() + delay, time.time(), item.id))
             return self.get(item.id)
+
+    # --- the review list (utils/routing/review.py) -------------------------------------------
+
+    def resubmit(self, data: bytes, like: QueueItem, decision: Classification | None = None) -> QueueItem:
+        """A new row for ``data`` (an object kept for review) with ``like``'s UIDs: ``received`` (classified
+        again), or with ``decision`` already ``classified`` (forwarded to its route). Durable like :meth:`store`."""
+        name = self._write_file(data)
+        now = time.time()
+        fields = {"file": name, "sop_instance_uid": like.sop_instance_uid, "sop_class_uid": like.sop_class_uid,
+                  "transfer_syntax": like.transfer_syntax, "calling_ae": like.calling_ae,
+                  "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "state": RECEIVED,
+                  "received_at": now, "updated_at": now, "body_part_examined": like.body_part_examined,
+                  "study_instance_uid": like.study_instance_uid, "patient_id": like.patient_id}
+        if decision is not None:
+            fields.update(state=CLASSIFIED, label=decision.label, confidence=decision.confidence,
+                          model_id=decision.model_id, route=decision.route, reason=decision.reason,
+                          decided_by=decision.decided_by, classified_at=now)
+        with self._lock, self._writing(f"record a resubmitted copy of item {like.id}"):
+            cursor = self._db.execute(f"INSERT INTO items ({', '.join(fields)}) VALUES ({','.join('?' * len(fields))})",
+                                      tuple(fields.values()))
+            row_id = cursor.lastrowid
+        return self.get(row_id)
+
+    def retry_failed(self, item_id: int, decision: Classification | None = None) -> bool:
+        """A failed item gets a fresh set of attempts (to its route, or to ``decision``'s); False when it is not
+        failed (any more)."""
+        changes = "" if decision is None else ", label = ?, confidence = ?, route = ?, decided_by = ?, reason = ?"
+        values = () if decision is None else (decision.label, decision.confidence, decision.route,
+                                              decision.decided_by, decision.reason)
+        with self._lock, self._writing(f"requeue failed item {item_id}"):
+            return self._db.execute(f"UPDATE items SET state = ?, attempts = 0, next_attempt = 0, updated_at = ?"
+                                    f"{changes} WHERE id = ? AND state = ?",
+                                    (CLASSIFIED, time.time(), *values, item_id, FAILED)).rowcount == 1
+
+    def mark_reviewed(self, item_id: int, what: str) -> None:
+        """Note what an operator did with an item of the review list (it leaves the list)."""
+        with self._lock, self._writing(f"note the review of item {item_id}"):
+            self._db.execute("UPDATE items SET reviewed = ? WHERE id = ?", (what, item_id))
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -484,6 +554,8 @@ def migrate(db: sqlite3.Connection) -> list[str]:
             db.execute(f"ALTER TABLE items ADD COLUMN {name} {definition}")
             log.info("spool database: added column %s", name)
             added.append(name)
+    for statement in _ADDED_INDEXES:
+        db.execute(statement)
     return added
 
 

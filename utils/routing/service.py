@@ -16,6 +16,7 @@ from utils.routing import space
 from utils.routing.config import RouterConfig, load_config  # noqa: F401 (router.py uses them from here)
 from utils.routing.node import EXIT_MODEL_FAILED, EXIT_WORKER_FAILED, STATE_KEY, RouterNode  # noqa: F401
 from utils.routing.queue import SpoolLockedError  # noqa: F401
+from utils.routing.shadow import describe_mode
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ def check(config: RouterConfig) -> int:
     print(f"spool {config.spool_dir}: {space.describe(reading, config.spool_dir)}")
     print(f"listening on {config.host}:{config.port} with " + (config.tls.describe() if config.tls else "plain TCP"))
     print(config.metrics.describe() if config.metrics else "metrics: off (no metrics block)")
+    print(config.console.describe() if config.console else "web console: off (no console block)")
+    for line in describe_mode(config.mode, config.shadow):
+        print(line)
     print("routing rules, first match wins (then the built-in default; read from the header before the model):")
     for line in config.rule_set().describe(config.destinations):
         print(line)
