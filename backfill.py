@@ -37,7 +37,12 @@ from utils import config, constants
 from utils.infer.decisions import threshold_value
 from utils.io.isolation import PoolSettings
 
-FLAGS = ("DECODE_POOL", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB")
+FLAGS = ("DECODE_POOL", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB", "DECODE_THREADS")
+# Flags named without the BACKFILL_ prefix; defaults, help and ranges are the constants'.
+LAYOUT = {"--workers": "BACKFILL_WORKERS", "--inference-workers": "BACKFILL_INFERENCE_WORKERS",
+          "--inference-cpus": "BACKFILL_INFERENCE_CPUS", "--inference-gpus": "BACKFILL_INFERENCE_GPUS",
+          "--rows-per-file": "BACKFILL_ROWS_PER_FILE", "--num-cpus": "BACKFILL_NUM_CPUS",
+          "--correction-threshold": "BACKFILL_CORRECTION_THRESHOLD"}
 
 log = logging.getLogger("backfill")
 
@@ -50,31 +55,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, metavar="DIR", help="the Parquet dataset folder (required)")
     parser.add_argument("--threshold", type=threshold_value, default=constants.THRESHOLD, metavar="{0..1,auto}",
                         help=config.constant_comments()["THRESHOLD"] + "; 'auto': the model's calibrated recommendation")
-    parser.add_argument("--correction-threshold", type=float, default=0.95, metavar="P",
-                        help="propose a tag correction only at this confidence or above")
     parser.add_argument("--batch-size", type=int, default=constants.BATCH_SIZE,
                         help="files per decode call and per model call")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="decoding actors, 1 CPU each; 0: the cluster's CPUs less the inference actors'")
-    parser.add_argument("--inference-workers", type=int, default=1, help="actors holding the model")
-    parser.add_argument("--inference-cpus", type=float, default=1.0, help="CPUs reserved per inference actor")
-    parser.add_argument("--inference-gpus", type=float, default=0.0, help="GPUs per inference actor")
-    parser.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet part")
+    comments = config.constant_comments()
+    for flag, name in LAYOUT.items():
+        default = getattr(constants, name)
+        parser.add_argument(flag, type=type(default), default=default, metavar="N", help=comments[name])
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join ('auto': this machine's cluster); default: RAY_ADDRESS, else "
                         "start Ray on this machine")
-    parser.add_argument("--num-cpus", type=int, default=None,
-                        help="CPUs Ray offers when it starts on this machine (default: all cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     config.add_flags(parser, FLAGS)
     args = parser.parse_args(argv)
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
-                             ("--inference-workers", args.inference_workers, 1),
-                             ("--rows-per-file", args.rows_per_file, 1), ("--num-cpus", args.num_cpus or 1, 1)):
-        if value < low:
-            parser.error(f"{flag} must be at least {low}, got {value}")
-    if args.inference_cpus < 0 or args.inference_gpus < 0 or not 0 <= args.correction_threshold <= 1:
-        parser.error("--inference-cpus and --inference-gpus must be >= 0, --correction-threshold in [0, 1]")
+    try:  # the one checker, with constants.py's ranges (BATCH_SIZE_RANGE, BACKFILL_*_RANGE)
+        config.check_value("BATCH_SIZE", args.batch_size)
+        for flag, name in LAYOUT.items():
+            config.check_value(name, getattr(args, flag[2:].replace("-", "_")), label=flag)
+    except config.ConfigError as error:
+        parser.error(str(error))
     PoolSettings.from_args(parser, args)
     return args
 
@@ -99,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: cannot use model {args.model}: {error}", file=sys.stderr)
         return 2
-    pool = PoolSettings.from_flags({**settings, "decode_workers": 1})
+    # one decoding process per actor, which holds 1 CPU: one OpenJPEG thread unless asked for more
+    pool = PoolSettings.from_flags({**settings, "decode_workers": 1, "decode_threads": settings["decode_threads"] or 1})
     layout = pipeline.Settings(workers=args.workers, inference_workers=args.inference_workers,
                                inference_cpus=args.inference_cpus, inference_gpus=args.inference_gpus,
                                batch_size=args.batch_size, rows_per_file=args.rows_per_file, pool=pool)
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         args.num_cpus = max(os.cpu_count() or 1, args.workers + int(args.inference_workers * args.inference_cpus))
     if args.quiet:
         _quiet_ray()
-    pipeline.start_ray(args.address, args.num_cpus)
+    pipeline.start_ray(args.address, args.num_cpus or None)
     log.info("model %s, %d classes, threshold %.4g; %d files listed", metadata.model_id,
              metadata.spec.num_classes, threshold, len(files))
     try:

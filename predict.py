@@ -31,7 +31,8 @@ from utils import config, constants
 from utils.infer.decisions import threshold_value
 from utils.io.isolation import PoolSettings
 
-FLAGS = ("THRESHOLD", "SORT_MODE", "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB")
+FLAGS = ("THRESHOLD", "SORT_MODE", "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB",
+         "DECODE_THREADS")
 # --threshold also takes "auto", so it is checked by its own type (threshold_value), not by config.resolve
 CHECKED_FLAGS = tuple(name for name in FLAGS if name != "THRESHOLD")
 

@@ -52,3 +52,23 @@ def test_recipes_paired_difference_is_zero_for_equal_predictions_and_positive_fo
     point, low, high = paired_f1_difference(better, base)
     assert 0 < low < point < high
     assert paired_f1_difference(better.iloc[:-1], base) is None  # not the same images: no paired comparison
+
+
+def test_j2k_bench_switches_the_decoder_and_times_the_levels(tmp_path):
+    import os
+
+    from pydicom.uid import JPEG2000Lossless
+
+    from bench import j2k
+    from utils.io.dicom import openjp2
+    from utils.io.dicom_writer import write_dicom
+
+    path = write_dicom(tmp_path / "x.dcm", np.arange(96 * 80, dtype=np.uint16).reshape(96, 80) % 4096,
+                       bits_stored=12, transfer_syntax=JPEG2000Lossless)
+    before = openjp2.available()
+    with j2k.library("none"):
+        assert not openjp2.available() and os.environ["OPENJP2_LIBRARY"] == "none"
+    assert openjp2.available() == before
+    if before:
+        table = j2k.levels(str(path), runs=1)
+        assert table.count("\n") == 5 and "| 1 | 1/4 |" in table

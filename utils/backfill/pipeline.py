@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from utils import constants
 from utils.infer.engine import Decoded, error_reason
 from utils.io.isolation import PoolSettings
 from utils.preprocessing import PreprocessSpec
@@ -51,13 +52,14 @@ MAX_INPUT_BLOCKS = 10_000  # input blocks of paths; more only cost the driver bo
 class Settings:
     """How the pipeline is laid out; backfill.py's flags."""
 
-    workers: int = 0  # decoding actors; 0: the cluster's CPUs less the inference actors' (at least 1)
-    inference_workers: int = 1  # actors holding the model
-    inference_cpus: float = 1.0  # CPUs reserved per inference actor
-    inference_gpus: float = 0.0  # GPUs per inference actor (Keras on a GPU node)
-    batch_size: int = 32  # files per decode call and per model call
-    rows_per_file: int = 1000  # rows per Parquet part
-    pool: PoolSettings = field(default_factory=lambda: PoolSettings(workers=1))  # each decoding actor's
+    workers: int = constants.BACKFILL_WORKERS  # decoding actors; 0: the cluster's CPUs less the inference actors'
+    inference_workers: int = constants.BACKFILL_INFERENCE_WORKERS  # actors holding the model
+    inference_cpus: float = constants.BACKFILL_INFERENCE_CPUS  # CPUs reserved per inference actor
+    inference_gpus: float = constants.BACKFILL_INFERENCE_GPUS  # GPUs per inference actor (Keras on a GPU node)
+    batch_size: int = constants.BATCH_SIZE  # files per decode call and per model call
+    rows_per_file: int = constants.BACKFILL_ROWS_PER_FILE  # rows per Parquet part
+    # each decoding actor's: one process, one OpenJPEG thread (the actor holds 1 CPU)
+    pool: PoolSettings = field(default_factory=lambda: PoolSettings(workers=1, threads=1))
 
     def decode_workers(self, cluster_cpus: float) -> int:
         if self.workers:

@@ -138,19 +138,22 @@ def failure_reason(failure: Failure, timeout_s: float) -> tuple[str, str]:
     return UNEXPECTED_ERROR, failure.message
 
 
-def init_decoder_process() -> None:
+def init_decoder_process(j2k_threads: int = 1) -> None:
     """Start of each decoding process: one OpenCV thread (the processes already fill the cores),
-    pydicom's per-file warnings silenced (a broken file's row already says what was wrong; a batch
-    of damaged files would otherwise flood the terminal), and the readers imported now, under the
-    memory cap, rather than in the first file's time."""
+    ``j2k_threads`` OpenJPEG threads per JPEG 2000 frame (PoolSettings.thread_count), pydicom's
+    per-file warnings silenced (a broken file's row already says what was wrong; a batch of damaged
+    files would otherwise flood the terminal), and the readers imported now, under the memory cap,
+    rather than in the first file's time."""
     import warnings
 
     import cv2
 
     cv2.setNumThreads(1)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
-    import utils.io.dicom  # noqa: F401
-    import utils.preprocessing  # noqa: F401
+    import utils.io.dicom
+    import utils.preprocessing
+
+    utils.io.dicom.set_j2k_threads(j2k_threads)
 
 
 # --- The engine -----------------------------------------------------------------------------
@@ -173,7 +176,15 @@ class Engine:
         self.settings = pool or PoolSettings()
         self._predict = predict
         self._decode = functools.partial(decode or decode_file, spec=spec)
-        self._pool = IsolatedPool(self.settings, initializer=f"{__name__}:init_decoder_process")
+        threads = self.settings.thread_count
+        # string form while the default applies: the worker imports this module under its memory cap
+        initializer = (f"{__name__}:init_decoder_process" if threads == 1
+                       else functools.partial(init_decoder_process, j2k_threads=threads))
+        if self.settings.mode == "threads" and threads > 1:  # the pool's threads decode in this process
+            from utils.io.dicom import set_j2k_threads
+
+            set_j2k_threads(threads)
+        self._pool = IsolatedPool(self.settings, initializer=initializer)
 
     def __enter__(self) -> Engine:
         return self

@@ -81,6 +81,7 @@ class PoolSettings:
     workers: int = constants.DECODE_WORKERS  # 0: default_workers(mode)
     timeout_s: float = constants.DECODE_TIMEOUT_S  # per item, processes only
     memory_limit_mb: int = constants.DECODE_MEMORY_LIMIT_MB  # address space per worker process; 0: none
+    threads: int = constants.DECODE_THREADS  # codec threads per item (JPEG 2000); 0: thread_count's rule
 
     def __post_init__(self) -> None:
         """Named like the flags and router keys (decode_pool...) so a refusal says what to change;
@@ -89,7 +90,8 @@ class PoolSettings:
 
         for key, value, integer in (("decode_pool", self.mode, False), ("decode_workers", self.workers, True),
                                     ("decode_timeout_s", self.timeout_s, False),
-                                    ("decode_memory_limit_mb", self.memory_limit_mb, True)):
+                                    ("decode_memory_limit_mb", self.memory_limit_mb, True),
+                                    ("decode_threads", self.threads, True)):
             if integer and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"{key} must be an integer, got {value!r}")
             check_value(key, value, label=key)
@@ -97,9 +99,9 @@ class PoolSettings:
     @classmethod
     def from_flags(cls, values: Mapping[str, Any]) -> PoolSettings:
         """From flag or config values named like the constants: decode_pool, decode_workers,
-        decode_timeout_s, decode_memory_limit_mb (missing ones keep their defaults)."""
+        decode_timeout_s, decode_memory_limit_mb, decode_threads (missing ones keep their defaults)."""
         keys = {"mode": "decode_pool", "workers": "decode_workers", "timeout_s": "decode_timeout_s",
-                "memory_limit_mb": "decode_memory_limit_mb"}
+                "memory_limit_mb": "decode_memory_limit_mb", "threads": "decode_threads"}
         return cls(**{field: values[key] for field, key in keys.items() if values.get(key) is not None})
 
     @classmethod
@@ -114,6 +116,17 @@ class PoolSettings:
     @property
     def worker_count(self) -> int:
         return self.workers or default_workers(self.mode)
+
+    @property
+    def thread_count(self) -> int:
+        """Codec threads per item: ``threads``, or by default the cores each worker process
+        would leave idle (cores // processes, at least 1); 1 in threads mode, where the pool's
+        own threads already fill the cores."""
+        if self.threads:
+            return self.threads
+        if self.mode == "threads":
+            return 1
+        return max(1, default_workers("processes") // self.worker_count)
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,9 @@ gigabytes or decode for long, and a reader capped at a 4 GiB address space does 
 of memory on any file.
 
 Speed: the grayscale steps run through a table of every stored value (``grayscale``), and a
-caller that will shrink the image can pass ``target_shape`` to have a JPEG 2000 image decoded
-at a lower resolution level (``j2k``); see ``read_dicom``.
+caller that will shrink the image can pass ``target_shape`` to have a JPEG 2000 or HTJ2K image
+decoded at a lower resolution level (``j2k``), with ``set_j2k_threads`` OpenJPEG threads per
+frame; see ``read_dicom``.
 
 Layout
 ------
@@ -46,7 +47,8 @@ parse.py         steps 1-2: bounded reading, dcmread, preamble-less files, no pi
 pixel_module.py  the Image Pixel module as checked integers; the pixel budget; native length
 codestream.py    frame 0's JPEG / JPEG-LS / JPEG 2000 (JP2) / RLE header checks
 decode.py        step 3: decoder choice and install hints, first-frame decoding
-j2k.py           step 3 at reduced resolution for JPEG 2000
+j2k.py           step 3 at reduced resolution for JPEG 2000 and HTJ2K
+openjp2.py       libopenjp2 through ctypes: from memory, reduced, with OpenJPEG's threads
 colour.py        step 4: Photometric Interpretation, colour and palette to luminance
 grayscale.py     steps 5-7: modality LUT, VOI, MONOCHROME1, through the stored-value table
 """
@@ -69,6 +71,7 @@ from .errors import (
     UnsupportedTransferSyntaxError,
 )
 from .j2k import MAX_J2K_REDUCTION, TargetShape
+from .j2k import set_decode_threads as set_j2k_threads
 from .parse import Source
 from .reader import (
     HEADER_FIELDS,
@@ -80,8 +83,9 @@ from .reader import (
 
 # Bump when the pixels ``read_dicom`` returns for some valid file change (a new decoding path,
 # a LUT fix...): prepared caches are keyed on it, so a change re-decodes what it affects.
-# 1: first reader; 2: JPEG 2000 decoded at a reduced resolution level when the output is smaller.
-READER_VERSION = 2
+# 1: first reader; 2: JPEG 2000 decoded at a reduced resolution level when the output is smaller;
+# 3: HTJ2K too, and libopenjp2 called directly (its version joins the key).
+READER_VERSION = 3
 # The distributions whose code turns bytes into pixels: their versions are part of the same key.
 DECODER_DISTRIBUTIONS = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
                          "pillow", "numpy")  # Pillow: the reduced-resolution JPEG 2000 path
@@ -89,13 +93,17 @@ DECODER_DISTRIBUTIONS = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg
 
 @functools.cache
 def decoder_versions() -> dict[str, str]:
-    """READER_VERSION and the installed versions of DECODER_DISTRIBUTIONS ("" when absent)."""
+    """READER_VERSION, the installed versions of DECODER_DISTRIBUTIONS ("" when absent) and of the
+    libopenjp2 the reduced JPEG 2000 path calls (a system library: no distribution names it)."""
+    from . import openjp2
+
     versions = {"reader": str(READER_VERSION)}
     for name in DECODER_DISTRIBUTIONS:
         try:
             versions[name] = _metadata.version(name)
         except _metadata.PackageNotFoundError:
             versions[name] = ""
+    versions["libopenjp2"] = openjp2.version()
     return versions
 
 
@@ -123,4 +131,5 @@ __all__ = [
     "READER_VERSION",
     "decoder_versions",
     "read_dicom_header",
+    "set_j2k_threads",
 ]

@@ -3,7 +3,7 @@
 Uncompressed data must hold every declared frame; compressed frame 0 goes through
 ``codestream.check_frame`` (sizes against the header and the budget, JP2 boxes, RLE offsets).
 Then pydicom decodes with the checked Image Pixel values, or, with a ``target_shape``, a
-grayscale JPEG 2000 frame is decoded at a reduced resolution (``j2k``).
+grayscale JPEG 2000 or HTJ2K frame is decoded at a reduced resolution (``j2k``).
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def decode_first_frame(
     else:
         codestream = _first_codestream(ds, options, tsyntax, path)
         check_frame(codestream, tsyntax, module, path, max_pixels)
-        if target_shape is not None and tsyntax in j2k.J2K_SYNTAXES:
-            reduced = j2k.decode_reduced(codestream, module, target_shape, path)
+        if target_shape is not None and tsyntax in j2k.REDUCIBLE_SYNTAXES:
+            reduced = j2k.decode_reduced(codestream, module, target_shape, path, tsyntax)
             if reduced is not None:
                 return reduced[0], module.photometric, reduced[1]
 

@@ -1,10 +1,15 @@
 """Step 3, JPEG 2000 at reduced resolution: decode fewer wavelet levels when the caller will
 shrink the image anyway (see ``read_dicom``'s ``target_shape``).
 
-OpenJPEG, through Pillow, can stop before the finest resolution levels; the result is the
-codec's wavelet low-pass, close to (not identical with) an area average of the full image, so
-``recentre`` moves it onto the grid an area average would use. Anything unusual goes back to
-pydicom's full decode.
+OpenJPEG can stop before the finest resolution levels; the result is the codec's wavelet
+low-pass, close to (not identical with) an area average of the full image, so ``recentre``
+moves it onto the grid an area average would use. Anything unusual goes back to pydicom's full
+decode.
+
+Which OpenJPEG: libopenjp2 called directly (``openjp2``: from memory, with OpenJPEG's own
+threads, ``set_decode_threads``; JPEG 2000 and HTJ2K), else Pillow's plugin (JPEG 2000 only, one
+thread). Both return the same samples: the reversible wavelet's low-pass is exact, and both run
+OpenJPEG.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from pydicom.uid import JPEG2000, JPEG2000Lossless
+from pydicom.uid import HTJ2K, JPEG2000, UID, HTJ2KLossless, HTJ2KLosslessRPCL, JPEG2000Lossless
 
+from . import openjp2
 from .pixel_module import PixelModule
 
 logger = logging.getLogger(__name__)
@@ -26,6 +32,8 @@ logger = logging.getLogger(__name__)
 TargetShape = Callable[[int, int], tuple[int, int]]
 
 J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
+HTJ2K_SYNTAXES = (HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)  # reduced only through ``openjp2`` (Pillow: no)
+REDUCIBLE_SYNTAXES = J2K_SYNTAXES + HTJ2K_SYNTAXES
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"  # start of codestream, then the SIZ marker
 _J2K_COD, _J2K_COC, _J2K_SOT = b"\xff\x52", b"\xff\x53", b"\xff\x90"
@@ -35,6 +43,21 @@ _J2K_EOC = b"\xff\xd9"
 # measured <= 0.6 gray levels at 1 level and <= 0.95 at 2, but up to 1.9 at 3 and 3.9 at 4.
 MAX_J2K_REDUCTION = 2
 _MAX_MAIN_HEADER_SEGMENTS = 1000  # real codestreams have a handful before the first tile
+_threads = 1  # OpenJPEG threads per frame; set_decode_threads
+
+
+def set_decode_threads(threads: int) -> None:
+    """OpenJPEG threads for each reduced decode in this process (1: the caller's thread only).
+
+    More than one only pays when fewer frames decode at once than there are cores: decoding
+    processes that already hold a core each gain nothing from it. utils.infer.engine sets it in
+    each decoding process (PoolSettings.thread_count: DECODE_THREADS in utils/constants.py)."""
+    global _threads
+    _threads = max(1, int(threads))
+
+
+def decode_threads() -> int:
+    return _threads
 
 
 @dataclass(frozen=True)
@@ -49,15 +72,18 @@ class _J2kHeader:
 
 
 def decode_reduced(
-    codestream: bytes, module: PixelModule, target_shape: TargetShape, path: str | None
+    codestream: bytes, module: PixelModule, target_shape: TargetShape, path: str | None, tsyntax: UID = JPEG2000Lossless
 ) -> tuple[np.ndarray, int] | None:
     """Frame 0 at the lowest resolution level that still covers the target, and that level.
 
     None means "decode at full resolution with pydicom": when no level can be skipped, when
     the image or codestream is anything but plain grayscale whose header agrees with the
-    DICOM attributes (pydicom has rules for the disagreements), and when anything fails.
+    DICOM attributes (pydicom has rules for the disagreements), for HTJ2K without ``openjp2``,
+    and when anything fails.
     """
     try:
+        if tsyntax in HTJ2K_SYNTAXES and not openjp2.available():
+            return None
         header = _j2k_header(codestream)
         if header is None or not _j2k_matches_dataset(header, module, codestream):
             return None
@@ -65,6 +91,8 @@ def decode_reduced(
         level = reduction_level(header.rows, header.cols, levels, target_shape)
         if level == 0:
             return None
+        if openjp2.available():
+            return _openjp2_decode(codestream, level, header, module), level
         return _pillow_j2k_decode(codestream, level, header, module), level
     except Exception as exc:  # noqa: BLE001 - any failure here only costs the speed-up
         logger.debug("%s: reduced-resolution JPEG 2000 decoding failed (%r); "
@@ -154,6 +182,17 @@ def recentre(pixels: np.ndarray, level: int, full_shape: tuple[int, int]) -> np.
         below, above = np.take(pixels, low, axis=axis), np.take(pixels, high, axis=axis)
         pixels = below + weight.reshape(shape) * (above - below)
     return pixels
+
+
+def _openjp2_decode(codestream: bytes, level: int, header: _J2kHeader, module: PixelModule) -> np.ndarray:
+    """Decode at ``level`` with libopenjp2 itself; the dtype pydicom would give (uint/int 8/16)."""
+    samples, precision, signed = openjp2.decode(codestream, level, _threads)
+    rows, cols = _reduced_size(header.rows, level), _reduced_size(header.cols, level)
+    if samples.shape != (rows, cols) or (precision, signed) != (header.precision, header.signed):
+        raise ValueError(f"OpenJPEG returned {samples.shape}, {precision} bits, signed {signed}; expected "
+                         f"{(rows, cols)}, {header.precision} bits, signed {header.signed}")
+    kind = "int" if header.signed else "uint"
+    return samples.astype(f"{kind}{module.bits_allocated}")
 
 
 def _pillow_j2k_decode(codestream: bytes, level: int, header: _J2kHeader, module: PixelModule) -> np.ndarray:

@@ -24,7 +24,7 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless
 from utils.constants import MAX_IMAGE_PIXELS
 from utils.data.demo import draw
 from utils.io import dicom
-from utils.io.dicom import grayscale
+from utils.io.dicom import grayscale, openjp2
 from utils.io.dicom.colour import check_photometric
 from utils.io.dicom.decode import decode_first_frame
 from utils.io.dicom.parse import transfer_syntax
@@ -250,7 +250,8 @@ def test_header_disagreeing_with_codestream_falls_back(write, tmp_path):
     assert_same_as_full_resolution(tmp_path / "bits.dcm")
 
 
-def test_decoder_failure_falls_back(write, monkeypatch):
+@pytest.mark.parametrize("backend", ["openjp2", "pillow"])
+def test_decoder_failure_falls_back(write, monkeypatch, backend):
     from PIL import Image
 
     path = write(xray((300, 280), seed=5), bits_stored=12, transfer_syntax=JPEG2000Lossless)
@@ -259,7 +260,13 @@ def test_decoder_failure_falls_back(write, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("broken data stream")
 
-    monkeypatch.setattr(Image, "open", broken)
+    if backend == "openjp2":
+        if not openjp2.available():
+            pytest.skip("no libopenjp2 2.5 or later to call directly")
+        monkeypatch.setattr(openjp2, "decode", broken)
+    else:
+        monkeypatch.setattr(openjp2, "available", lambda: False)
+        monkeypatch.setattr(Image, "open", broken)
     assert_same_as_full_resolution(path)
 
 
