@@ -69,6 +69,18 @@ def test_a_body_part_map_matches_trimmed_and_in_any_case(tmp_path):
     config.check_routes(CLASSES)  # chest_ai and pacs are known routes in shadow mode
 
 
+def test_status_says_the_router_is_in_a_trial(tmp_path, capsys):
+    from utils.routing import service
+    from utils.routing.queue import SpoolQueue
+
+    for settings, shown in (({}, False), ({"mode": "shadow", **BODY_PART_MAP}, True)):
+        config = load_config(write(tmp_path, spool_dir=str(tmp_path / "spool"), **settings))
+        SpoolQueue(config.spool_dir).close()
+        assert service.print_status(config) == 0
+        out = capsys.readouterr().out
+        assert ("mode: shadow, shadow rule body_part_map" in out) is shown, out
+
+
 def test_a_fixed_destination_takes_everything(tmp_path):
     rule = load_config(write(tmp_path, mode="shadow", shadow={"destination": "pacs"})).shadow
     assert (rule.route("CHEST"), rule.route(None), rule.decided_by) == ("pacs", "pacs", "shadow:destination")

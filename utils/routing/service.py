@@ -122,6 +122,9 @@ def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
     counts, failed = _queue.read_status(config.spool_dir)
     summary = _queue.read_summary(config.spool_dir, UNREADABLE, latest)
     print(f"spool {config.spool_dir}: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "empty"))
+    if config.shadow is not None:
+        print(f"  mode: shadow, {config.shadow.describe()} (the model is recorded, not followed; "
+              "router.py --shadow-report weighs the trial)")
     state = describe_state(_queue.read_meta(config.spool_dir, STATE_KEY))
     if state:
         print(f"  router (as it last noted): {state}")
