@@ -66,6 +66,7 @@ def test_overrides_win_over_the_file(tmp_path):
     ({"destinations": {"spine": {"ae_title": "X", "host": "h", "port": 0}}},
      "destinations.spine.port must be between 1 and 65535, got 0"),
     ({"decode_pool": "auto"}, r"decode_pool must be one of \('processes', 'threads'\)"),
+    ({"decode_threads": 65}, r"decode_threads must be"),
     ({"model": None}, "'model' is required"),
 ])
 def test_bad_settings_are_refused_with_the_key(tmp_path, settings, message):
@@ -130,7 +131,19 @@ def test_every_router_setting_is_a_config_field():
     """Each ROUTER_* constant is a YAML key (its name without the prefix) and a RouterConfig field; the
     ROUTER_ORTHANC_* constants are the keys of the orthanc_source block instead."""
     assert set(_settings()) == {f.name for f in dataclasses.fields(RouterConfig)}
-    assert {"port", "batch_size", "max_classify_attempts", "threshold", "decode_timeout_s"} <= set(RANGED)
+    assert {"port", "batch_size", "max_classify_attempts", "threshold", "decode_timeout_s",
+            "decode_threads"} <= set(RANGED)
+
+
+def test_decode_threads_reach_the_classifiers_decoding_pool(tmp_path):
+    """JPEG 2000 / HTJ2K: OpenJPEG threads per frame, set in the YAML like the other decode_* keys."""
+    from utils.io.isolation import PoolSettings
+
+    config = load_config(write(tmp_path, decode_threads=2))
+    assert config.decode_threads == 2 and load_config(write(tmp_path)).decode_threads == 0
+    pool = PoolSettings(config.decode_pool, config.decode_workers, config.decode_timeout_s,
+                        config.decode_memory_limit_mb, config.decode_threads)
+    assert pool.thread_count == 2
 
 
 @pytest.mark.parametrize("value", ["auto", "AUTO", " auto "])

@@ -75,6 +75,7 @@ _CONSTANTS: dict[str, str] = {
     "decode_workers": "DECODE_WORKERS",
     "decode_timeout_s": "DECODE_TIMEOUT_S",
     "decode_memory_limit_mb": "DECODE_MEMORY_LIMIT_MB",
+    "decode_threads": "DECODE_THREADS",  # OpenJPEG threads per JPEG 2000 / HTJ2K frame (0: cores / processes)
 }
 # Settings without a constant: YAML key -> (type, default).
 _OTHERS: dict[str, tuple[type, Any]] = {
@@ -145,6 +146,7 @@ class RouterConfig:
     decode_pool: str = constants.DECODE_POOL
     decode_timeout_s: float = constants.DECODE_TIMEOUT_S
     decode_memory_limit_mb: int = constants.DECODE_MEMORY_LIMIT_MB
+    decode_threads: int = constants.DECODE_THREADS
     min_free_mb: int = constants.ROUTER_MIN_FREE_MB  # free-space reserve of the spool's filesystem (utils/routing/space.py)
     min_free_percent: float = constants.ROUTER_MIN_FREE_PERCENT
     rules: tuple[Rule, ...] = ()  # the configured routing rules, in order (the built-in default follows them)

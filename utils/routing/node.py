@@ -166,7 +166,8 @@ class RouterNode:
         self.classifier = Classifier(self.queue, model, self.audit, threshold=self.threshold,
                                      batch_size=config.batch_size, batch_wait_ms=config.batch_wait_ms,
                                      pool=PoolSettings(config.decode_pool, config.decode_workers,
-                                                       config.decode_timeout_s, config.decode_memory_limit_mb),
+                                                       config.decode_timeout_s, config.decode_memory_limit_mb,
+                                                       config.decode_threads),
                                      on_classified=lambda routes: [by_route[r].wake() for r in routes if r in by_route],
                                      rules=rules)
         self.classifier.max_classify_attempts = config.max_classify_attempts
