@@ -170,7 +170,7 @@ def test_a_kill_between_a_commit_and_its_audit_line_loses_no_line(tmp_path, poin
         assert lines[0]["item"] == row.id
         if point == "forwarded":  # written before the commit: no reconstruction needed
             assert row.state == q.FORWARDED and "reconciled" not in lines[0] and lines[0]["status"] == "stored"
-            assert written == {"received": 0, "classified": 0, "delivered": 0}
+            assert written == {"received": 0, "classified": 0, "delivered": 0, "reviewed": 0}
         else:  # reconstructed from the queue at the restart
             assert lines[0]["reconciled"] is True and lines[0]["at"]
             assert written[event] == 1 and sum(written.values()) == 1
@@ -182,8 +182,56 @@ def test_a_kill_between_a_commit_and_its_audit_line_loses_no_line(tmp_path, poin
         audit.close()
         spool.close()
         spool, audit, written = _start(tmp_path)  # another start writes nothing twice
-        assert written == {"received": 0, "classified": 0, "delivered": 0}
+        assert written == {"received": 0, "classified": 0, "delivered": 0, "reviewed": 0}
         assert len([r for r in read_audit(audit.path) if r["event"] == event and r["sop_instance_uid"] == uid_]) == 1
+    finally:
+        audit.close()
+        spool.close()
+
+
+def _correct_and_die(root: Path, ready) -> None:
+    """One router run: an operator corrects an object from the review list; killed right after the commit that
+    records the correction, before its ``corrected`` audit line."""
+    from utils.routing.review import ReviewDesk
+
+    spool, audit, _ = _start(root)
+    item, _ = spool.store(b"object 4.1", sop_instance_uid="4.1", sop_class_uid="1.2",
+                          transfer_syntax="1.2.840.10008.1.2.1")
+    spool.set_classified([Classification(item.id, "uncertain", 0.4, "m", "uncertain")])
+    share = {route: Destination(route, folder=root / "share") for route in ("spine", "others")}
+    desk = ReviewDesk(spool, audit, ("spine", "others"), share, root / "review", root / "corrections")
+    desk.correct(item.id, "others", who="alice")  # a first correction, its line written
+    _die_after(spool, "mark_reviewed")
+    ready.set()
+    desk.correct(item.id, "spine", who="bob")  # the second: committed, then killed
+
+
+def test_a_kill_between_an_operators_correction_and_its_audit_line_loses_no_line(tmp_path):
+    spool, audit, _ = _start(tmp_path)
+    audit.close()
+    spool.close()
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    child = context.Process(target=_correct_and_die, args=(tmp_path, ready))
+    child.start()
+    child.join(TIMEOUT)
+    assert ready.is_set() and child.exitcode == -signal.SIGKILL
+
+    spool, audit, written = _start(tmp_path)
+    try:
+        lines = [r for r in read_audit(audit.path) if r["event"] == "corrected"]
+        assert [(r["label"], r["who"], r.get("reconciled", False)) for r in lines] == [
+            ("others", "alice", False), ("spine", "bob", True)]  # the lost one rebuilt, the first not twice
+        [row] = [i for i in spool.items() if i.sop_instance_uid == "4.1" and i.reviewed]
+        assert lines[1]["item"] == row.id and lines[1]["previous_label"] == "uncertain"
+        assert lines[1]["new_item"] and lines[1]["destination"] == "folder:" + str(tmp_path / "share")
+        assert lines[1]["reviewed_at"] == row.reviewed_at and lines[1]["at"]
+        assert written["reviewed"] == 1
+        audit.close()
+        spool.close()
+        spool, audit, written = _start(tmp_path)  # another start writes nothing twice
+        assert written["reviewed"] == 0
+        assert len([r for r in read_audit(audit.path) if r["event"] == "corrected"]) == 2
     finally:
         audit.close()
         spool.close()
@@ -201,7 +249,7 @@ def test_a_delivery_committed_without_its_line_is_reconstructed(tmp_path):
     spool.close()
     spool, audit, written = _start(tmp_path)
     try:
-        assert written == {"received": 0, "classified": 0, "delivered": 1}
+        assert written == {"received": 0, "classified": 0, "delivered": 1, "reviewed": 0}
         [line] = [r for r in read_audit(audit.path) if r["event"] == "forwarded"]
         assert line["reconciled"] is True and line["destination"] == "SPINE@folder" and line["status"] == "confirmed"
     finally:

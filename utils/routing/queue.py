@@ -88,7 +88,9 @@ CREATE TABLE IF NOT EXISTS items (
     study_instance_uid TEXT NOT NULL DEFAULT '',
     patient_id TEXT NOT NULL DEFAULT '',
     tag_disagrees INTEGER,
-    reviewed TEXT NOT NULL DEFAULT ''
+    reviewed TEXT NOT NULL DEFAULT '',
+    reviewed_at REAL NOT NULL DEFAULT 0,
+    review_note TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS items_state ON items (state, route, next_attempt);
 CREATE INDEX IF NOT EXISTS items_sop ON items (sop_instance_uid);
@@ -101,7 +103,8 @@ _ADDED_COLUMNS = (("classify_attempts", "INTEGER NOT NULL DEFAULT 0"), ("classif
                   # for the console (utils/routing/console.py, review.py): what the classifier saw, and review
                   ("probs", "TEXT NOT NULL DEFAULT ''"), ("body_part_examined", "TEXT NOT NULL DEFAULT ''"),
                   ("study_instance_uid", "TEXT NOT NULL DEFAULT ''"), ("patient_id", "TEXT NOT NULL DEFAULT ''"),
-                  ("tag_disagrees", "INTEGER"), ("reviewed", "TEXT NOT NULL DEFAULT ''"))
+                  ("tag_disagrees", "INTEGER"), ("reviewed", "TEXT NOT NULL DEFAULT ''"),
+                  ("reviewed_at", "REAL NOT NULL DEFAULT 0"), ("review_note", "TEXT NOT NULL DEFAULT ''"))
 # Indexes on added columns: created by migrate(), once the columns exist.
 _ADDED_INDEXES = ("CREATE INDEX IF NOT EXISTS items_study ON items (study_instance_uid)",
                   "CREATE INDEX IF NOT EXISTS items_patient ON items (patient_id)")
@@ -157,6 +160,8 @@ class QueueItem:
     patient_id: str = ""
     tag_disagrees: int | None = None  # 1: BodyPartExamined contradicts the top class; 0: agrees; None: no tag / model
     reviewed: str = ""  # what an operator did from the review list: "corrected", "requeued" (utils/routing/review.py)
+    reviewed_at: float = 0.0  # when (the latest action)
+    review_note: str = ""  # its audit line's fields, JSON: a line a crash cost is rebuilt from it (reconcile.py)
 
 
 @dataclass(frozen=True)
@@ -429,10 +434,17 @@ class SpoolQueue:
                                     f"{changes} WHERE id = ? AND state = ?",
                                     (CLASSIFIED, time.time(), *values, item_id, FAILED)).rowcount == 1
 
-    def mark_reviewed(self, item_id: int, what: str) -> None:
-        """Note what an operator did with an item of the review list (it leaves the list)."""
+    def mark_reviewed(self, item_id: int, what: str, note: dict | None = None) -> float:
+        """Note what an operator did with an item of the review list (it leaves the list), and the fields of the
+        audit line that says so (``note``, written after this commit: utils/routing/reconcile.py rebuilds a line a
+        crash cost from them). Returns the time recorded (``reviewed_at``)."""
+        import json
+
+        now = time.time()
         with self._lock, self._writing(f"note the review of item {item_id}"):
-            self._db.execute("UPDATE items SET reviewed = ? WHERE id = ?", (what, item_id))
+            self._db.execute("UPDATE items SET reviewed = ?, reviewed_at = ?, review_note = ? WHERE id = ?",
+                             (what, now, json.dumps(note or {}, default=str, separators=(",", ":")), item_id))
+        return now
 
     # --- start-up -------------------------------------------------------------------------
 

@@ -12,7 +12,11 @@ line marked ``"reconciled": true`` with ``at``, the time the queue recorded for 
 - ``classified`` for every decision the previous run committed (``classified_at``) without a line;
 - ``forwarded`` / ``quarantined`` (status ``confirmed``) for every delivery the previous run
   committed without a line (the forwarders write these lines before the commit, so this only
-  catches an audit write that failed or an older router's crash).
+  catches an audit write that failed or an older router's crash);
+- ``corrected`` / ``requeued`` for every action an operator took from the console's review list
+  (utils/routing/review.py) that the previous run committed without its line: the row keeps the
+  line's fields (``review_note``) and its time (``reviewed_at``, also in the line, which tells an
+  item's second correction from its first).
 
 Only the previous run is compared, so the cost is one read of the lines it wrote, whatever the age
 of the log: each start notes in the queue (table ``meta``, key ``audit_mark``) where the log ended,
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MARK_KEY = "audit_mark"
 _DELIVERED = ("forwarded", "quarantined")
+_REVIEWED = ("corrected", "requeued")  # the console's actions (utils/routing/review.py)
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ def logged_items(audit: AuditLog, mark: AuditMark) -> dict[str, set[int]] | None
         log.warning("audit log %s was replaced since the last start (rotated or moved?); the lines a crash may "
                     "have cost are not looked for this time", audit.path)
         return None
-    seen: dict[str, set[int]] = {"received": set(), "classified": set(), "delivered": set()}
+    seen: dict[str, set] = {"received": set(), "classified": set(), "delivered": set(), "reviewed": set()}
     with open(audit.path, "rb") as handle:
         handle.seek(mark.offset)
         for line in handle:
@@ -99,6 +104,8 @@ def logged_items(audit: AuditLog, mark: AuditMark) -> dict[str, set[int]] | None
                 seen[event].add(item)
             elif event in _DELIVERED and record.get("status") not in ("retry", "failed"):
                 seen["delivered"].add(item)
+            elif event in _REVIEWED:
+                seen["reviewed"].add((event, item, record.get("reviewed_at")))
     return seen
 
 
@@ -110,7 +117,7 @@ def reconcile_audit(queue: SpoolQueue, audit: AuditLog, destination_of: Callable
     ``orphans`` (default: ``queue.recovered_orphans``) are the objects registered by this recovery.
     """
     orphans = queue.recovered_orphans if orphans is None else orphans
-    written = {"received": 0, "classified": 0, "delivered": 0}
+    written = {"received": 0, "classified": 0, "delivered": 0, "reviewed": 0}
     for item in orphans:
         _received(audit, item, orphan=True)
         written["received"] += 1
@@ -136,6 +143,16 @@ def reconcile_audit(queue: SpoolQueue, audit: AuditLog, destination_of: Callable
                             destination=destination_of(item.route), status="confirmed", detail=item.reason or None,
                             reconciled=True, at=_iso(item.updated_at))
                 written["delivered"] += 1
+        for item in queue.rows_where("reviewed != '' AND reviewed_at >= ?", (mark.time,)):
+            if item.reviewed in _REVIEWED and (item.reviewed, item.id, item.reviewed_at) not in seen["reviewed"]:
+                try:
+                    fields = json.loads(item.review_note or "{}")
+                except ValueError:
+                    fields = {}
+                fields = {**fields, "sop_instance_uid": item.sop_instance_uid, "item": item.id}
+                audit.write(item.reviewed, **fields, reviewed_at=item.reviewed_at, reconciled=True,
+                            at=_iso(item.reviewed_at))
+                written["reviewed"] += 1
     if any(written.values()):
         log.warning("audit log %s: wrote %s line(s) a crash had cost (marked \"reconciled\": true)", audit.path,
                     ", ".join(f"{n} {k}" for k, n in written.items() if n))
