@@ -275,3 +275,28 @@ def test_in_shadow_mode_a_correction_is_recorded_not_forwarded_and_the_trial_has
     assert page.status_code == 200 and "<table>" in page.text and "Shadow trial" in page.text
     assert client.get("/shadow", params={"since": "not a date"}).status_code == 200  # the error is shown, not a 500
     assert "not a date" in client.get("/shadow", params={"since": "not a date"}).text
+
+
+def test_a_busy_spool_database_is_read_again_not_a_server_error(tmp_path, monkeypatch):
+    """The router starting, or SQLite recovering its WAL after a crash, can refuse a reader for a moment."""
+    import sqlite3
+
+    from utils.routing import review
+    from utils.routing.console import ConsoleContext
+
+    q.SpoolQueue(tmp_path).close()
+    opened, real = [], review.read_only
+
+    def flaky(spool_dir):
+        opened.append(spool_dir)
+        if len(opened) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real(spool_dir)
+
+    monkeypatch.setattr(review, "read_only", flaky)
+    context = ConsoleContext(tmp_path, CLASSES, {}, desk=None)
+    assert context.summary()["total"] == 0 and len(opened) == 3
+    opened.clear()
+    monkeypatch.setattr(review, "read_only", lambda spool_dir: (_ for _ in ()).throw(sqlite3.OperationalError("x")))
+    with pytest.raises(sqlite3.OperationalError):
+        context.summary()  # not forever

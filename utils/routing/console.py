@@ -219,14 +219,26 @@ class ConsoleContext:
         destination = self.destinations.get(route)
         return destination.node if destination is not None else ""
 
-    def _read(self, reader: Callable) -> Any:
+    def _read(self, reader: Callable, attempts: int = 5) -> Any:
+        """``reader(db)`` on a read-only connection; a busy or locked database (the router starting, SQLite
+        recovering its WAL after a crash, a checkpoint) is asked again a few times before the error reaches the
+        page."""
+        import sqlite3
+
         from utils.routing.review import read_only
 
-        db = read_only(self.spool_dir)
-        try:
-            return reader(db)
-        finally:
-            db.close()
+        for attempt in range(attempts):
+            try:
+                db = read_only(self.spool_dir)
+                try:
+                    return reader(db)
+                finally:
+                    db.close()
+            except sqlite3.OperationalError as error:
+                if attempt == attempts - 1:
+                    raise
+                log.info("console: the spool database is busy (%s); reading again", error)
+                time.sleep(0.1 * (attempt + 1))
 
     def summary(self, now: float | None = None) -> dict[str, Any]:
         """Counts by state, label and destination; per destination: health; the last hour in 5-minute bins."""
