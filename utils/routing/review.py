@@ -242,9 +242,8 @@ class ReviewDesk:
                 self._audit_new_row(new, item, who)
                 new_id, what = new.id, f"queued again as item {new.id}, to be classified"
                 self.wake("")
-            self._record(item, "requeued", dict(sop_instance_uid=item.sop_instance_uid, item=item.id, new_item=new_id,
-                                                previous_label=item.label, state=item.state, who=who,
-                                                auth=auth or None))
+            self._record(item, "requeued", sop_instance_uid=item.sop_instance_uid, item=item.id, new_item=new_id,
+                         previous_label=item.label, state=item.state, who=who, auth=auth or None)
             log.info("%s requeued item %d (%s): %s", who, item.id, item.sop_instance_uid, what)
             return Outcome(item.id, new_id, f"item {item.id}: {what}")
 
@@ -259,10 +258,11 @@ class ReviewDesk:
             data = self._kept_copy(item).read_bytes()
             dataset_file = self._add_to_dataset(item, data, label, who)
             if not self.forward:
-                self._record(item, "corrected", dict(
+                self._record(
+                    item, "corrected",
                     sop_instance_uid=item.sop_instance_uid, item=item.id, new_item=None, label=label,
                     previous_label=item.label, top_label=_top_label(item.probs), who=who, auth=auth or None,
-                    route=None, destination=None, forwarded=False, dataset=str(dataset_file)))
+                    route=None, destination=None, forwarded=False, dataset=str(dataset_file))
                 log.info("%s corrected item %d (%s): %s -> %s (shadow mode: recorded, not forwarded)", who, item.id,
                          item.sop_instance_uid, item.label, label)
                 return Outcome(item.id, item.id, f"item {item.id}: corrected to {label} and added to "
@@ -277,19 +277,20 @@ class ReviewDesk:
                 self._audit_new_row(new, item, who)
                 new_id = new.id
             destination = self.destinations[label].node
-            self._record(item, "corrected", dict(
+            self._record(
+                item, "corrected",
                 sop_instance_uid=item.sop_instance_uid, item=item.id, new_item=new_id, label=label,
                 previous_label=item.label, top_label=_top_label(item.probs), who=who, auth=auth or None, route=label,
-                destination=destination, dataset=str(dataset_file)))
+                destination=destination, dataset=str(dataset_file))
             self.wake(label)
             log.info("%s corrected item %d (%s): %s -> %s", who, item.id, item.sop_instance_uid, item.label, label)
             return Outcome(item.id, new_id, f"item {item.id}: corrected to {label}, forwarded to {destination} "
                                             f"as item {new_id}, added to {self.corrections_dir / 'labels.csv'}")
 
-    def _record(self, item: QueueItem, event: str, fields: dict) -> None:
+    def _record(self, row: QueueItem, event: str, /, **fields) -> None:
         """Commit the action on the item's row (with its line's fields), then write the audit line. A kill between
         the two costs the line until the next start, which writes it from the row (utils/routing/reconcile.py)."""
-        at = self.queue.mark_reviewed(item.id, event, fields)
+        at = self.queue.mark_reviewed(row.id, event, fields)
         self.audit.write(event, **fields, reviewed_at=at)
 
     def _audit_new_row(self, new: QueueItem, item: QueueItem, who: str) -> None:
