@@ -44,6 +44,11 @@ THRESHOLD = 0.6
 # --- helpers --------------------------------------------------------------------------------
 
 
+def everywhere(peer) -> dict:
+    """Destinations sending every class and ``uncertain`` to ``peer``."""
+    return {label: peer.node() for label in (*CLASSES, "uncertain")}
+
+
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
     """Poll until ``condition()`` is truthy; fail with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

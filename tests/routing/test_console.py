@@ -19,7 +19,7 @@ from utils.routing.audit import read_audit
 from utils.routing.config import from_dict
 from utils.routing.review import ReviewError, review_path, thumb_path
 
-from .conftest import CLASSES, ROWS_BY_CLASS, UNCERTAIN_ROWS, bright_rows_image, send, wait_for
+from .conftest import CLASSES, ROWS_BY_CLASS, UNCERTAIN_ROWS, bright_rows_image, everywhere, send, wait_for
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -83,7 +83,7 @@ def console_node(router, peers, tmp_path, monkeypatch):
     monkeypatch.setenv("ROUTER_CONSOLE_TOKEN", TOKEN)
     good, refusing = peers("GOOD"), peers("REFUSING", status=0xA700)
     spine = peers("SPINE")
-    destinations = {**{c: good.node() for c in CLASSES}, "uncertain": good.node(), "spine": spine.node(),
+    destinations = {**everywhere(good), "spine": spine.node(),
                     "others": refusing.node()}
     node = router(destinations, console={"port": 0}, max_attempts=1)
     files = {"uncertain": write_image(tmp_path / "u.dcm", UNCERTAIN_ROWS, "CHEST", "PAT-U"),
@@ -251,7 +251,7 @@ def test_in_shadow_mode_a_correction_is_recorded_not_forwarded_and_the_trial_has
 
     monkeypatch.setenv("ROUTER_CONSOLE_TOKEN", TOKEN)
     pacs, spine = peers("PACS"), peers("SPINE")
-    destinations = {**{c: spine.node() for c in CLASSES}, "uncertain": spine.node(), "pacs": pacs.node()}
+    destinations = {**everywhere(spine), "pacs": pacs.node()}
     node = router(destinations, console={"port": 0}, mode="shadow", shadow={"destination": "pacs"})
     path = write_image(tmp_path / "u.dcm", UNCERTAIN_ROWS, "CHEST", "PAT-U")
     assert send(node.port, [path]) == [0]

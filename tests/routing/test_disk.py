@@ -28,8 +28,8 @@ from utils.routing.audit import read_audit
 from utils.routing.scp import OUT_OF_RESOURCES
 from utils.routing.space import MB, ReceptionGate, reserve_bytes
 
-from .conftest import CLASSES, ROWS_BY_CLASS, expected_labels, free_port, send, wait_for
-from .test_poison import everywhere, images, uid
+from .conftest import CLASSES, ROWS_BY_CLASS, everywhere, expected_labels, free_port, send, wait_for
+from .test_poison import images, uid
 
 TIMEOUT = 90
 

@@ -38,6 +38,7 @@ from .conftest import (
     ROOT,
     ROWS_BY_CLASS,
     bright_rows_image,
+    everywhere,
     expected_labels,
     free_port,
     listening,
@@ -62,9 +63,6 @@ def images(folder: Path, count: int = 3) -> list[Path]:
                         bits_stored=12, transfer_syntax=RLELossless if i == 0 else ExplicitVRLittleEndian)
             for i in range(count)]
 
-
-def everywhere(peer) -> dict:
-    return {**{c: peer.node() for c in CLASSES}, "uncertain": peer.node()}
 
 
 def quarantined(node_or_config) -> dict[str, dict]:

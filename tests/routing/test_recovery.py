@@ -25,8 +25,8 @@ from utils.routing.queue import Classification, SpoolQueue
 from utils.routing.reconcile import reconcile_audit
 from utils.routing.scp import StoreHandler
 
-from .conftest import bright_rows_image, write_dicom
-from .test_poison import everywhere, images, uid
+from .conftest import bright_rows_image, everywhere, write_dicom
+from .test_poison import images, uid
 
 TIMEOUT = 60
 

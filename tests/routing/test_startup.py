@@ -29,10 +29,10 @@ from utils.routing.node import EXIT_MODEL_FAILED
 from utils.routing.service import echo
 
 from .conftest import (
-    CLASSES,
     ROOT,
     ROWS_BY_CLASS,
     bright_rows_image,
+    everywhere,
     expected_labels,
     free_port,
     listening,
@@ -44,9 +44,6 @@ from .conftest import (
 TIMEOUT = 120  # generous: the machine is shared and slow
 LONG_S = 120.0  # grace period and network timeouts of the stop test: a stop that waits for them takes this long
 
-
-def everywhere(peer) -> dict:
-    return {label: peer.node() for label in (*CLASSES, "uncertain")}
 
 
 def events(spool: Path, name: str) -> list[dict]:

@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("pynetdicom")
 
-from pynetdicom import AE, evt  # noqa: E402
-from pynetdicom.sop_class import Verification  # noqa: E402
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
 
-from utils.routing import wakeup  # noqa: E402
+from utils.routing import wakeup
 
 
 def _port() -> int:
@@ -90,7 +90,7 @@ def test_both_ends_wait_and_answer(server):
 
 def test_an_idle_connection_does_not_poll(server):
     """pynetdicom's reactor looks at its socket every millisecond; a quiet one waits in select (WAIT_S at most)."""
-    port, accepted = server
+    port, _ = server
     assoc = _associate(port)
     try:
         calls = _count_ready_calls(assoc, 1.0)
