@@ -38,11 +38,10 @@ from utils.infer.decisions import threshold_value
 from utils.io.isolation import PoolSettings
 
 FLAGS = ("DECODE_POOL", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB", "DECODE_THREADS")
-# Flags named without the BACKFILL_ prefix; defaults, help and ranges are the constants'.
-LAYOUT = {"--workers": "BACKFILL_WORKERS", "--inference-workers": "BACKFILL_INFERENCE_WORKERS",
-          "--inference-cpus": "BACKFILL_INFERENCE_CPUS", "--inference-gpus": "BACKFILL_INFERENCE_GPUS",
-          "--rows-per-file": "BACKFILL_ROWS_PER_FILE", "--num-cpus": "BACKFILL_NUM_CPUS",
-          "--correction-threshold": "BACKFILL_CORRECTION_THRESHOLD"}
+# Flags named without the BACKFILL_ prefix (--workers, args.workers); defaults, help and ranges are the constants'.
+LAYOUT = ("BACKFILL_WORKERS", "BACKFILL_INFERENCE_WORKERS", "BACKFILL_INFERENCE_CPUS", "BACKFILL_INFERENCE_GPUS",
+          "BACKFILL_ROWS_PER_FILE", "BACKFILL_NUM_CPUS", "BACKFILL_CORRECTION_THRESHOLD")
+PREFIX = "BACKFILL_"
 
 log = logging.getLogger("backfill")
 
@@ -57,10 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=config.constant_comments()["THRESHOLD"] + "; 'auto': the model's calibrated recommendation")
     parser.add_argument("--batch-size", type=int, default=constants.BATCH_SIZE,
                         help="files per decode call and per model call")
-    comments = config.constant_comments()
-    for flag, name in LAYOUT.items():
-        default = getattr(constants, name)
-        parser.add_argument(flag, type=type(default), default=default, metavar="N", help=comments[name])
+    config.add_flags(parser, LAYOUT, prefix=PREFIX)
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join ('auto': this machine's cluster); default: RAY_ADDRESS, else "
                         "start Ray on this machine")
@@ -69,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:  # the one checker, with constants.py's ranges (BATCH_SIZE_RANGE, BACKFILL_*_RANGE)
         config.check_value("BATCH_SIZE", args.batch_size)
-        for flag, name in LAYOUT.items():
-            config.check_value(name, getattr(args, flag[2:].replace("-", "_")), label=flag)
+        for name in LAYOUT:
+            short = name.removeprefix(PREFIX)
+            config.check_value(name, getattr(args, config.dest_name(short)), label=config.flag_name(short))
     except config.ConfigError as error:
         parser.error(str(error))
     PoolSettings.from_args(parser, args)

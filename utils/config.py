@@ -174,17 +174,20 @@ def given_flags(argv: Sequence[str] | None) -> set[str]:
 
 
 def add_flags(parser: argparse.ArgumentParser, names: Iterable[str],
-              choices: dict[str, Sequence[Any]] | None = None, **defaults: Any) -> None:
+              choices: dict[str, Sequence[Any]] | None = None, *, prefix: str = "", **defaults: Any) -> None:
     """Add one flag per constant name; ``defaults`` overrides a default (by lower-case name),
-    ``choices`` the allowed values (by constant name) where they are known only at run time."""
+    ``choices`` the allowed values (by constant name) where they are known only at run time.
+    ``prefix``: a common prefix of the names that the flags and their destinations leave out
+    (``prefix="BACKFILL_"``: BACKFILL_WORKERS -> ``--workers``, ``args.workers``)."""
     hints, comments = constant_types(), constant_comments()
     choices = choices or {}
     for name in names:
         if name not in hints:
             raise KeyError(f"{name} is not defined in utils/constants.py")
         hint = hints[name]
-        default = defaults.get(dest_name(name), getattr(constants, name))
-        kwargs: dict[str, Any] = {"dest": dest_name(name), "default": default,
+        short = name.removeprefix(prefix)
+        default = defaults.get(dest_name(short), getattr(constants, name))
+        kwargs: dict[str, Any] = {"dest": dest_name(short), "default": default,
                                   "help": comments.get(name, "") or " "}
         allowed = choices.get(name, getattr(constants, f"{name}_CHOICES", None))
         if allowed is not None:
@@ -198,7 +201,7 @@ def add_flags(parser: argparse.ArgumentParser, names: Iterable[str],
             kwargs["metavar"] = name.split("_")[-1][:-1] if name.endswith("S") else "V"
         else:
             kwargs["type"] = hint
-        parser.add_argument(flag_name(name), **kwargs)
+        parser.add_argument(flag_name(short), **kwargs)
 
 
 def resolve(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
