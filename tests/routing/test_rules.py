@@ -250,13 +250,13 @@ def test_ct_and_mr_go_to_pass_through_without_the_model_and_x_rays_are_classifie
     node = router({**{c: body.node() for c in CLASSES}, "uncertain": body.node(), "pass_through": archive.node()},
                   rules=[{"name": "room3-chest", "match": {"calling_ae": "ROOM3"}, "destination": "adult_chest"}])
     seen_by_model: list[str] = []
-    engine_classify = node.classifier.engine.classify
+    engine_decode = node.classifier.engine.decode
 
     def spy(paths):
         seen_by_model.extend(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths)
-        return engine_classify(paths)
+        return engine_decode(paths)
 
-    monkeypatch.setattr(node.classifier.engine, "classify", spy)
+    monkeypatch.setattr(node.classifier.engine, "decode", spy)
     ct = xray(tmp_path / "ct.dcm", "CT", SOPClassUID=CTImageStorage)
     mr = xray(tmp_path / "mr.dcm", "MR", SOPClassUID=MRImageStorage)
     cr, dx = xray(tmp_path / "cr.dcm", "CR"), xray(tmp_path / "dx.dcm", "DX")

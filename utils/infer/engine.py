@@ -3,7 +3,7 @@
     with Engine(predictor.spec, predictor.predict, threshold=0.5, pool=PoolSettings()) as engine:
         for predictions in engine.classify_batches(files, batch_size=32):  # decodes n+1 while the model runs n
             ...
-        predictions = engine.classify(paths)  # one batch (the router); the same workers call after call
+        predictions = engine.classify(paths)  # one batch; the same workers call after call (the router: decode + predict_decoded)
 
 Files are decoded with the model's own preprocessing spec (utils.preprocessing.preprocess_file)
 in a utils.io.isolation pool: worker processes by default, so a file that hangs a codec, crashes

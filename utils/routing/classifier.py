@@ -394,12 +394,8 @@ class Classifier(WakeableThread):
         if not items:
             return routed
         spec = self.model.spec
-        paths = [self.queue.path(item) for item in items]
-        if self.keeper is None:
-            predictions, decoded = self.engine.classify(paths), None
-        else:  # the console's thumbnails are made from the decoded images
-            decoded = self.engine.decode(paths)
-            predictions = self.engine.predict_decoded(decoded)
+        decoded = self.engine.decode([self.queue.path(item) for item in items])  # (the console's thumbnails too)
+        predictions = self.engine.predict_decoded(decoded)
         self.batches += any(p.readable for p in predictions)
         decided_by = f"{MODEL}:{self.model.model_id}" if self.shadow is None else self.shadow.decided_by
         decisions = [Classification(item.id, p.label, p.confidence, self.model.model_id, self._route(p), p.error,
