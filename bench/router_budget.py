@@ -38,21 +38,24 @@ import numpy as np
 from bench.router import _free_port, _listening, _wait, make_files
 
 
-def _cpu() -> float:
-    """CPU seconds of this process (all threads) and the children it reaped."""
+def _cpu(children: bool = True) -> float:
+    """CPU seconds of this process (all threads), and with ``children`` of the children it reaped."""
     import resource
 
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    usages = [resource.getrusage(resource.RUSAGE_SELF)]
+    if children:
+        usages.append(resource.getrusage(resource.RUSAGE_CHILDREN))
+    return sum(u.ru_utime + u.ru_stime for u in usages)
 
 
-def _per_image(fn, count: int, repeats: int) -> float:
-    """Median over ``repeats`` of the CPU ms per image of ``fn()`` (which handles ``count`` images)."""
+def _per_image(fn, count: int, repeats: int, children: bool = True) -> float:
+    """Median over ``repeats`` of the CPU ms per image of ``fn()`` (which handles ``count`` images); without
+    ``children``, the processes it starts and reaps (a sender) are not counted."""
     runs = []
     for _ in range(repeats):
-        start = _cpu()
+        start = _cpu(children)
         fn()
-        runs.append(1000 * (_cpu() - start) / count)
+        runs.append(1000 * (_cpu(children) - start) / count)
     return statistics.median(runs)
 
 
@@ -75,14 +78,11 @@ def receive(files: list[Path], tmp: Path, repeats: int) -> float:
                                            (evt.EVT_CONN_CLOSE, wakeup.close)])
     profile = storescu_profile(files[:1], tmp / "storescu.cfg")
     try:
-        def send():
-            # storescu's own CPU is the sender's, not the router's: take it out (it is reaped, so it is counted)
-            before = _children()
+        def send() -> None:
             subprocess.run(storescu_command(files, "127.0.0.1", port, profile, called="ROUTER"), check=True,
                            env=environment(), capture_output=True)
-            _Excluded.seconds += _children() - before
 
-        return _per_image_excluding(send, len(files), repeats)
+        return _per_image(send, len(files), repeats, children=False)  # storescu's CPU is the sender's
     finally:
         server.shutdown()
 
@@ -91,27 +91,6 @@ class _Plain:
     """The SCP settings build_ae reads, as a router.yaml without TLS would give them."""
 
     ae_title, max_associations, allowed_callers = "ROUTER", 16, ()
-
-
-class _Excluded:
-    seconds = 0.0
-
-
-def _children() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _per_image_excluding(fn, count: int, repeats: int) -> float:
-    runs = []
-    for _ in range(repeats):
-        _Excluded.seconds = 0.0
-        start = _cpu()
-        fn()
-        runs.append(1000 * (_cpu() - start - _Excluded.seconds) / count)
-    return statistics.median(runs)
 
 
 def store(files: list[Path], tmp: Path, repeats: int) -> float:
