@@ -425,9 +425,7 @@ class Classifier(WakeableThread):
         """The audit fields shadow mode adds to a ``classified`` line (none in route mode)."""
         if self.shadow is None:
             return {}
-        probs = (None if prediction.probs is None else
-                 {c: round(float(x), 4) for c, x in zip(class_names, prediction.probs)})
-        return {"mode": "shadow", "model_route": prediction.label, "probabilities": probs}
+        return {"mode": "shadow", "model_route": prediction.label, "probabilities": rounded_probs(prediction, class_names)}
 
     def route_by_rules(self, items: list[QueueItem]) -> tuple[list[Classification], list[QueueItem]]:
         """Record the decisions of the routing rules (header only, nothing decoded); (those, items for the model)."""
@@ -461,6 +459,13 @@ class Classifier(WakeableThread):
         return decisions, for_model
 
 
+def rounded_probs(prediction, class_names) -> dict[str, float] | None:
+    """class -> probability, 4 decimals (the queue row and shadow mode's audit line); None when unreadable."""
+    if prediction.probs is None:
+        return None
+    return {c: round(float(x), 4) for c, x in zip(class_names, prediction.probs)}
+
+
 def seen(prediction, class_names) -> dict:
     """What the classifier saw of one object, for its queue row (the console shows it): the probabilities
     (JSON, 4 decimals), BodyPartExamined, Study Instance UID, Patient ID, and whether the tag disagrees."""
@@ -468,9 +473,8 @@ def seen(prediction, class_names) -> dict:
     tag = str(header.get("BodyPartExamined") or "")
     top = prediction.top_label or None
     disagrees = tag_disagrees(top, tag, class_names) if top else None
-    probs = ("" if prediction.probs is None else
-             json.dumps({c: round(float(x), 4) for c, x in zip(class_names, prediction.probs)}, separators=(",", ":")))
-    return {"probs": probs, "body_part_examined": tag,
+    probs = rounded_probs(prediction, class_names)
+    return {"probs": "" if probs is None else json.dumps(probs, separators=(",", ":")), "body_part_examined": tag,
             "study_instance_uid": str(header.get("StudyInstanceUID") or ""),
             "patient_id": str(header.get("PatientID") or ""),
             "tag_disagrees": None if disagrees is None else int(disagrees)}
