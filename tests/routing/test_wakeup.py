@@ -132,3 +132,41 @@ def test_a_wake_reaches_a_waiting_select():
     finally:
         waker.close()
     waker.wake()  # after close: ignored, no error
+
+
+@pytest.mark.parametrize("partial", [b"", b"\x01\x00\x00\x00\x03\xe8\x00\x01"])  # nothing, or half a PDU header
+def test_a_peer_that_vanishes_mid_pdu_is_timed_out_and_the_server_goes_on(partial):
+    """A quiet connection waits in select, and pynetdicom's timers still fire: a peer that connects, sends nothing or
+    a truncated A-ASSOCIATE-RQ and disappears is dropped after the ACSE / network timeout (1 s here; pynetdicom
+    keeps such a connection until then, quiet or not), and the next association is served as usual."""
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 1
+    accepted = []
+
+    def opened(event):
+        wakeup.quiet(event, reactor=True)
+        accepted.append(event.assoc)
+
+    port = _port()
+    srv = ae.start_server(("127.0.0.1", port), block=False,
+                          evt_handlers=[(evt.EVT_CONN_OPEN, opened), (evt.EVT_CONN_CLOSE, wakeup.close)])
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(partial)  # A-ASSOCIATE-RQ announcing 1000 bytes, of which none come
+            deadline = time.monotonic() + 10
+            while not accepted and time.monotonic() < deadline:
+                time.sleep(0.01)
+        (vanished,) = accepted
+        assert type(vanished.dul.socket).__name__ == "WaitingAssociationSocket"
+        deadline = time.monotonic() + 30
+        while vanished.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not vanished.is_alive()
+        assoc = _associate(port)
+        try:
+            assert assoc.send_c_echo().Status == 0
+        finally:
+            assoc.release()
+    finally:
+        srv.shutdown()
