@@ -1,0 +1,654 @@
+"""A JPEG 2000 codestream with the detail sub-bands a resize averages away left out.
+
+Why: reduced-resolution decoding (``j2k.py``) skips whole wavelet levels, which halves both
+sides at once. A 2000 x 2500 X-ray resized to 512 x 512 can skip one level (1000 x 1250) but
+not two (500 x 625: too narrow). Its rows could still lose a second level, and almost all of
+the decoding time is spent in the code-blocks of the finest level decoded (OpenJPEG's
+entropy decoding costs the same per coefficient at every level). So this module rewrites the
+codestream's packets (ITU-T T.800 Annex B) so that the finest decoded level keeps only the
+sub-bands the resize needs:
+
+- ``keep``: the sub-bands of that level to keep: HL (detail across the columns), LH (detail
+  down the rows), HH (both). Rows that can lose one more level lose LH and HH: what is left is
+  the image low-passed down the rows only, as if reduced one more level in that direction.
+- ``drop_planes``: the lowest bit-planes of the kept code-blocks' coefficients to leave out
+  (their last ``3 * drop_planes`` coding passes; reversible 5/3 wavelet only). The decoder
+  puts each such coefficient in the middle of the interval left, so it is off by less than
+  ``2 ** (drop_planes - 1)`` stored values.
+
+Code-blocks left out are marked "not included" in rewritten packet headers; packets of the
+levels a reduced decode skips become empty packets. Every other packet is copied byte for byte,
+and the rewritten stream is a valid JPEG 2000 codestream any decoder reads.
+
+Anything unusual (several components, POC/PPM/PPT/RGN markers, per-tile coding styles,
+position-driven progressions with several precincts, HTJ2K code-blocks) raises ``Unsupported``,
+and the caller decodes the original codestream instead; so does a codestream that is malformed
+or cut short, where the plain decoder gives its own error.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+# Markers (T.800 Table A.2).
+_SOC, _SIZ, _COD, _COC, _TLM, _PLM, _PLT = 0xFF4F, 0xFF51, 0xFF52, 0xFF53, 0xFF55, 0xFF57, 0xFF58
+_QCD, _QCC, _RGN, _POC, _PPM, _PPT = 0xFF5C, 0xFF5D, 0xFF5E, 0xFF5F, 0xFF60, 0xFF61
+_SOT, _SOP, _EPH, _SOD, _EOC = 0xFF90, 0xFF91, 0xFF92, 0xFF93, 0xFFD9
+_LRCP, _RLCP, _RPCL, _PCRL, _CPRL = range(5)
+# Code-block styles (COD SPcod): selective arithmetic coding bypass, termination on each pass, HTJ2K.
+_BYPASS, _TERMALL, _HT = 0x01, 0x04, 0x40
+HL, LH, HH = 1, 2, 3  # sub-bands of a resolution level above 0, in packet order
+_NEVER = 1 << 30  # tag-tree value of a code-block never included
+_MAX_CODE_BLOCKS = 1 << 20  # per tile: far above real images; bounds the work on a forged header
+
+
+class Unsupported(ValueError):
+    """The codestream uses something this module leaves to the plain decoder (or is malformed)."""
+
+
+@dataclass(frozen=True)
+class _Coding:
+    """What the packet headers depend on: SIZ, COD and QCD of the main header."""
+
+    size: tuple[int, int, int, int]  # Xsiz, Ysiz, XOsiz, YOsiz
+    tiling: tuple[int, int, int, int]  # XTsiz, YTsiz, XTOsiz, YTOsiz
+    sop: bool
+    eph: bool
+    order: int
+    layers: int
+    levels: int
+    block: tuple[int, int]  # code-block width and height exponents
+    style: int
+    reversible: bool
+    precincts: tuple[tuple[int, int], ...]  # (PPx, PPy) per resolution level
+
+
+# --- bits ------------------------------------------------------------------------------------
+
+
+class _BitReader:
+    """Packet-header bits (T.800 B.10.1): after a 0xFF byte the next byte holds 7 bits."""
+
+    __slots__ = ("data", "pos", "end", "buf", "ct")
+
+    def __init__(self, data: bytes, pos: int, end: int):
+        self.data, self.pos, self.end, self.buf, self.ct = data, pos, end, 0, 0
+
+    def bit(self) -> int:
+        if self.ct == 0:
+            if self.pos >= self.end:
+                raise Unsupported("a packet header runs past the end of its tile")
+            self.buf = ((self.buf << 8) & 0xFFFF) | self.data[self.pos]
+            self.ct = 7 if self.buf & 0xFF00 == 0xFF00 else 8
+            self.pos += 1
+        self.ct -= 1
+        return (self.buf >> self.ct) & 1
+
+    def bits(self, count: int) -> int:
+        value = 0
+        for _ in range(count):
+            value = (value << 1) | self.bit()
+        return value
+
+    def align(self) -> int:
+        """Skip to the end of the header (a stuffed byte after a final 0xFF); returns its end."""
+        if self.buf & 0xFF == 0xFF:
+            if self.pos >= self.end:
+                raise Unsupported("a packet header runs past the end of its tile")
+            self.pos += 1
+        self.ct = 0
+        return self.pos
+
+
+class _BitWriter:
+    """The writing side of ``_BitReader`` (OpenJPEG's bio.c)."""
+
+    __slots__ = ("out", "buf", "ct")
+
+    def __init__(self):
+        self.out, self.buf, self.ct = bytearray(), 0, 8
+
+    def _byte(self) -> None:
+        self.buf = (self.buf << 8) & 0xFFFF
+        self.ct = 7 if self.buf == 0xFF00 else 8
+        self.out.append(self.buf >> 8)
+
+    def bit(self, value: int) -> None:
+        if self.ct == 0:
+            self._byte()
+        self.ct -= 1
+        self.buf |= value << self.ct
+
+    def bits(self, value: int, count: int) -> None:
+        for shift in range(count - 1, -1, -1):
+            self.bit((value >> shift) & 1)
+
+    def flush(self) -> bytes:
+        self._byte()
+        if self.ct == 7:
+            self._byte()
+        return bytes(self.out)
+
+
+# --- tag trees (T.800 B.10.2) ----------------------------------------------------------------
+
+
+class _TagTree:
+    """A quad-tree over a grid of code-blocks; leaves first, then each coarser level."""
+
+    __slots__ = ("parent", "value", "low", "known")
+
+    def __init__(self, width: int, height: int):
+        parent: list[int] = []
+        level_start, w, h = 0, width, height
+        while True:
+            count = w * h
+            if count <= 1:
+                parent += [-1] * count
+                break
+            next_start, next_w = level_start + count, (w + 1) // 2
+            parent += [next_start + (j // 2) * next_w + i // 2 for j in range(h) for i in range(w)]
+            level_start, w, h = next_start, next_w, (h + 1) // 2
+        self.parent = parent
+        self.value = [_NEVER] * len(parent)
+        self.low = [0] * len(parent)
+        self.known = [False] * len(parent)
+
+    def _path(self, leaf: int) -> list[int]:
+        path = [leaf]
+        while self.parent[path[-1]] >= 0:
+            path.append(self.parent[path[-1]])
+        return path[::-1]  # root first
+
+    def decode(self, reader: _BitReader, leaf: int, threshold: int) -> bool:
+        """Whether the leaf's value is below ``threshold`` (reading bits as needed)."""
+        low = 0
+        for node in self._path(leaf):
+            low = max(low, self.low[node])
+            while low < threshold and low < self.value[node]:
+                if reader.bit():
+                    self.value[node] = low
+                else:
+                    low += 1
+            self.low[node] = low
+        return self.value[leaf] < threshold
+
+    def set_leaves(self, values: list[int]) -> None:
+        """Encoder side: leaf values, each node the least of its children."""
+        self.value = list(values) + [_NEVER] * (len(self.parent) - len(values))
+        for node, parent in enumerate(self.parent):
+            if parent >= 0 and self.value[node] < self.value[parent]:
+                self.value[parent] = self.value[node]
+
+    def encode(self, writer: _BitWriter, leaf: int, threshold: int) -> None:
+        low = 0
+        for node in self._path(leaf):
+            low = max(low, self.low[node])
+            while low < threshold:
+                if low >= self.value[node]:
+                    if not self.known[node]:
+                        writer.bit(1)
+                        self.known[node] = True
+                    break
+                writer.bit(0)
+                low += 1
+            self.low[node] = low
+
+
+# --- codestream layout -----------------------------------------------------------------------
+
+
+def _segments(data: bytes, position: int, stop: int):
+    """(marker, start, end) of each marker segment from ``position`` until ``stop`` (SOT or SOD)."""
+    while True:
+        if position + 4 > len(data):
+            raise Unsupported("the codestream ends inside a header")
+        marker, length = struct.unpack_from(">HH", data, position)
+        if marker == stop:
+            return
+        if marker >> 8 != 0xFF or length < 2:
+            raise Unsupported(f"no marker segment at byte {position}")
+        yield marker, position, position + 2 + length
+        position += 2 + length
+
+
+def _main_header(data: bytes) -> tuple[_Coding, bytearray, int]:
+    """The coding parameters, the main header to write (TLM/PLM left out), the first SOT."""
+    if data[:4] != b"\xff\x4f\xff\x51":
+        raise Unsupported("not a JPEG 2000 codestream")
+    lsiz = struct.unpack_from(">H", data, 4)[0]
+    xsiz, ysiz, xosiz, yosiz, xtsiz, ytsiz, xtosiz, ytosiz, components = struct.unpack_from(">8IH", data, 8)
+    if components != 1 or data[43:45] != b"\x01\x01" or not (xtsiz and ytsiz):
+        raise Unsupported("only one component without subsampling")
+    header = bytearray(data[: 4 + lsiz])
+    cod = None
+    end = 4 + lsiz
+    for marker, start, end in _segments(data, 4 + lsiz, _SOT):
+        if marker in (_COC, _RGN, _POC, _PPM):
+            raise Unsupported(f"marker {marker:04X} in the main header")
+        if marker == _COD:
+            cod = data[start:end]
+        if marker not in (_TLM, _PLM):
+            header += data[start:end]
+    if cod is None or len(cod) < 14:
+        raise Unsupported("no COD marker")
+    scod, order, layers, _mct, levels, cbw, cbh, style, transform = struct.unpack_from(">BBHBBBBBB", cod, 4)
+    if style & _HT or order > _CPRL or not layers or levels > 32 or cbw + cbh > 8:
+        raise Unsupported("HTJ2K code-blocks, or an invalid COD marker")
+    if scod & 1:
+        if len(cod) < 14 + levels + 1:
+            raise Unsupported("COD marker too short for its precinct sizes")
+        precincts = tuple((b & 0x0F, b >> 4) for b in cod[14 : 14 + levels + 1])
+        if any(ppx == 0 or ppy == 0 for ppx, ppy in precincts[1:]):
+            raise Unsupported("precincts of size 1 above resolution level 0")
+    else:
+        precincts = ((15, 15),) * (levels + 1)
+    coding = _Coding((xsiz, ysiz, xosiz, yosiz), (xtsiz, ytsiz, xtosiz, ytosiz), bool(scod & 2), bool(scod & 4),
+                     order, layers, levels, (cbw + 2, cbh + 2), style, transform == 1, precincts)
+    return coding, header, end
+
+
+@dataclass
+class _Tile:
+    header: bytearray = field(default_factory=bytearray)  # first tile-part's segments, PLT left out
+    body: bytearray = field(default_factory=bytearray)  # all tile-parts' packet data, in order
+
+
+def _tiles(data: bytes, position: int) -> dict[int, _Tile]:
+    """Each tile's header segments and packet data, in order of first appearance."""
+    tiles: dict[int, _Tile] = {}
+    while True:
+        marker = struct.unpack_from(">H", data, position)[0] if position + 2 <= len(data) else None
+        if marker == _EOC:
+            return tiles
+        if marker != _SOT:
+            raise Unsupported(f"expected a tile-part at byte {position}")
+        lsot, index, psot, part, _parts = struct.unpack_from(">HHIBB", data, position + 2)
+        if lsot != 10:
+            raise Unsupported("SOT marker of the wrong length")
+        if (part == 0) == (index in tiles):
+            raise Unsupported(f"tile-part {part} of tile {index} out of order")
+        tile = tiles.setdefault(index, _Tile())
+        if psot == 0 and data[-2:] != b"\xff\xd9":
+            raise Unsupported("the last tile-part runs to an end without an EOC marker")
+        end = position + psot if psot else len(data) - 2
+        if end > len(data) or end <= position:
+            raise Unsupported("a tile-part runs past the end of the codestream")
+        sod = None
+        for marker, start, stop in _segments(data, position + 12, _SOD):
+            if marker in (_COD, _COC, _QCD, _QCC, _POC, _PPT, _RGN):
+                raise Unsupported(f"marker {marker:04X} in a tile-part header")
+            if marker != _PLT and part == 0:
+                tile.header += data[start:stop]
+            sod = stop
+        sod = (sod if sod is not None else position + 12) + 2
+        if sod > end:
+            raise Unsupported("a tile-part header runs past its tile-part")
+        tile.body += data[sod:end]
+        position = end
+
+
+# --- geometry (T.800 B.5-B.7, as OpenJPEG's tcd.c computes it) ------------------------------
+
+
+def _ceil_div_pow2(value: int, power: int) -> int:
+    return -((-value) >> power)
+
+
+@dataclass
+class _Block:
+    included: bool = False  # in the original stream, in a layer before the current one
+    lblock: int = 3
+    segments: list[list[int]] = field(default_factory=list)  # [passes, most passes] per codeword segment
+    zero_planes: int = 0
+    first_layer: int = _NEVER
+    contributions: list[tuple[int, int, list[int], int]] = field(default_factory=list)  # layer, passes, lengths, offset
+
+
+@dataclass
+class _Precinct:
+    """One precinct's code-blocks in each sub-band of its resolution level (empty bands: None)."""
+
+    bands: list[tuple[int, int, int] | None]  # (band number, code-blocks across, down)
+    inclusion: list[_TagTree | None]
+    zero_planes: list[_TagTree | None]
+    blocks: list[list[_Block]]
+
+
+def _precincts(coding: _Coding, tile_box: tuple[int, int, int, int], resolution: int) -> list[_Precinct]:
+    tx0, ty0, tx1, ty1 = tile_box
+    level = coding.levels - resolution
+    rx0, ry0 = _ceil_div_pow2(tx0, level), _ceil_div_pow2(ty0, level)
+    rx1, ry1 = _ceil_div_pow2(tx1, level), _ceil_div_pow2(ty1, level)
+    ppx, ppy = coding.precincts[resolution]
+    start_x, start_y = (rx0 >> ppx) << ppx, (ry0 >> ppy) << ppy
+    across = 0 if rx0 == rx1 else ((_ceil_div_pow2(rx1, ppx) << ppx) - start_x) >> ppx
+    down = 0 if ry0 == ry1 else ((_ceil_div_pow2(ry1, ppy) << ppy) - start_y) >> ppy
+    if resolution == 0:
+        numbers, grid_x, grid_y, cbg_w, cbg_h = [0], start_x, start_y, ppx, ppy
+    else:
+        numbers = [HL, LH, HH]
+        grid_x, grid_y = _ceil_div_pow2(start_x, 1), _ceil_div_pow2(start_y, 1)
+        cbg_w, cbg_h = ppx - 1, ppy - 1
+    cb_w, cb_h = min(coding.block[0], cbg_w), min(coding.block[1], cbg_h)
+    bands = []
+    for number in numbers:
+        if number == 0:
+            bands.append((0, rx0, ry0, rx1, ry1))
+        else:
+            xb, yb = number & 1, number >> 1
+            bands.append((number, _ceil_div_pow2(tx0 - (xb << level), level + 1),
+                          _ceil_div_pow2(ty0 - (yb << level), level + 1),
+                          _ceil_div_pow2(tx1 - (xb << level), level + 1),
+                          _ceil_div_pow2(ty1 - (yb << level), level + 1)))
+    result = []
+    for index in range(across * down):
+        shapes, inclusion, zeros, blocks = [], [], [], []
+        cx, cy = grid_x + (index % across << cbg_w), grid_y + (index // across << cbg_h)
+        for number, bx0, by0, bx1, by1 in bands:
+            if bx1 == bx0 or by1 == by0:  # an empty band has no code-blocks in any precinct
+                shapes.append(None), inclusion.append(None), zeros.append(None), blocks.append([])
+                continue
+            x0, y0 = max(cx, bx0), max(cy, by0)
+            x1, y1 = min(cx + (1 << cbg_w), bx1), min(cy + (1 << cbg_h), by1)
+            w = ((_ceil_div_pow2(x1, cb_w) << cb_w) - ((x0 >> cb_w) << cb_w)) >> cb_w
+            h = ((_ceil_div_pow2(y1, cb_h) << cb_h) - ((y0 >> cb_h) << cb_h)) >> cb_h
+            if w < 0 or h < 0 or (w * h and (x0 >= x1 or y0 >= y1)):
+                raise Unsupported("a precinct outside its sub-band")
+            shapes.append((number, w, h))
+            inclusion.append(_TagTree(w, h) if w * h else None)
+            zeros.append(_TagTree(w, h) if w * h else None)
+            blocks.append([_Block() for _ in range(w * h)])
+        result.append(_Precinct(shapes, inclusion, zeros, blocks))
+    return result
+
+
+def _packet_order(coding: _Coding, counts: list[int]) -> list[tuple[int, int, int]]:
+    """(layer, resolution, precinct) of each packet of a one-component tile, in stream order."""
+    layers, resolutions = range(coding.layers), range(coding.levels + 1)
+    if coding.order == _LRCP:
+        return [(l, r, p) for l in layers for r in resolutions for p in range(counts[r])]
+    if coding.order == _RLCP:
+        return [(l, r, p) for r in resolutions for l in layers for p in range(counts[r])]
+    if coding.order == _RPCL or all(count <= 1 for count in counts):
+        # RPCL visits a resolution's precincts in raster order; PCRL and CPRL do the same
+        # when each resolution has one precinct (their position loops then meet it first).
+        return [(l, r, p) for r in resolutions for p in range(counts[r]) for l in layers]
+    raise Unsupported("a position-driven progression (PCRL, CPRL) with several precincts")
+
+
+# --- packets ---------------------------------------------------------------------------------
+
+
+def _new_segment(block: _Block, style: int) -> list[int]:
+    """T.800 B.10.7: how many passes a codeword segment may hold (OpenJPEG's opj_t2_init_seg)."""
+    if style & _TERMALL:
+        most = 1
+    elif style & _BYPASS:
+        most = 10 if not block.segments else (2 if block.segments[-1][1] in (1, 10) else 1)
+    else:
+        most = 109
+    segment = [0, most]
+    block.segments.append(segment)
+    return segment
+
+
+def _passes(reader: _BitReader) -> int:
+    if not reader.bit():
+        return 1
+    if not reader.bit():
+        return 2
+    value = reader.bits(2)
+    if value != 3:
+        return 3 + value
+    value = reader.bits(5)
+    return 6 + value if value != 31 else 37 + reader.bits(7)
+
+
+def _read_packet(data: bytes, position: int, end: int, precinct: _Precinct, layer: int, coding: _Coding,
+                 record: bool) -> tuple[int, int, int]:
+    """Parse one packet; returns (header start after any SOP, body start, packet end).
+
+    ``record`` keeps each code-block's contribution (passes, segment lengths, where its bytes are).
+    """
+    if coding.sop and data[position : position + 2] == b"\xff\x91":
+        position += 6
+    header_start = position
+    reader = _BitReader(data, position, end)
+    contributions = []
+    if reader.bit():
+        for band, inclusion, zeros, blocks in zip(precinct.bands, precinct.inclusion, precinct.zero_planes,
+                                                  precinct.blocks):
+            if band is None:
+                continue
+            for number, block in enumerate(blocks):
+                if block.included:
+                    if not reader.bit():
+                        continue
+                elif not inclusion.decode(reader, number, layer + 1):
+                    continue
+                first = not block.included
+                if first:
+                    planes = 0
+                    while not zeros.decode(reader, number, planes + 1):
+                        planes += 1
+                        if planes > 74:
+                            raise Unsupported("a zero bit-plane count out of range")
+                    block.zero_planes, block.first_layer, block.included = planes, layer, True
+                passes = _passes(reader)
+                while reader.bit():
+                    block.lblock += 1
+                    if block.lblock > 32:
+                        raise Unsupported("a length indicator out of range")
+                segment = _new_segment(block, coding.style) if first or block.segments[-1][0] == block.segments[-1][1] \
+                    else block.segments[-1]
+                lengths, left = [], passes
+                while True:
+                    take = min(segment[1] - segment[0], left)
+                    lengths.append(reader.bits(block.lblock + take.bit_length() - 1))
+                    segment[0] += take
+                    left -= take
+                    if not left:
+                        break
+                    segment = _new_segment(block, coding.style)
+                contributions.append((block, passes, lengths))
+    body = reader.align()
+    if coding.eph:
+        if data[body : body + 2] != b"\xff\x92":
+            raise Unsupported("an EPH marker is missing")
+        body += 2
+    offset = body
+    for block, passes, lengths in contributions:
+        if record:
+            block.contributions.append((layer, passes, lengths, offset))
+        offset += sum(lengths)
+    if offset > end:
+        raise Unsupported("packet data runs past the end of its tile")
+    return header_start, body, offset
+
+
+def _kept_passes(block: _Block, drop_planes: int) -> int:
+    """Passes to keep when the last ``drop_planes`` bit-planes go: 3 per plane, the first plane
+    has its cleanup pass only."""
+    total = sum(passes for _, passes, _, _ in block.contributions)
+    return max(0, total - 3 * drop_planes) if drop_planes else total
+
+
+def _write_packet(precinct: _Precinct, layer: int, coding: _Coding, keep: frozenset[int], drop_planes: int,
+                  data: bytes, state: dict) -> bytes:
+    """A packet of the level being thinned: the kept bands' code-blocks, the others never included."""
+    if not state:  # the encoder's tag trees: first layer included and zero bit-planes, per band
+        for index, (band, blocks) in enumerate(zip(precinct.bands, precinct.blocks)):
+            if band is None or not blocks:
+                continue
+            kept = band[0] in keep
+            limits = [_kept_passes(block, drop_planes) if kept else 0 for block in blocks]
+            first = []
+            for block, limit in zip(blocks, limits):
+                seen, first_layer = 0, _NEVER
+                for contribution_layer, passes, _, _ in block.contributions:
+                    if seen < limit:
+                        first_layer = min(first_layer, contribution_layer)
+                    seen += passes
+                first.append(first_layer)
+            inclusion, zeros = _TagTree(band[1], band[2]), _TagTree(band[1], band[2])
+            inclusion.set_leaves(first)
+            zeros.set_leaves([block.zero_planes if layer_ != _NEVER else _NEVER
+                              for block, layer_ in zip(blocks, first)])
+            state[index] = (inclusion, zeros, limits, [0] * len(blocks), [3] * len(blocks))
+    writer = _BitWriter()
+    body = bytearray()
+    writer.bit(1)
+    any_included = False
+    for index, (band, blocks) in enumerate(zip(precinct.bands, precinct.blocks)):
+        if band is None or not blocks:
+            continue
+        inclusion, zeros, limits, written, lblocks = state[index]
+        for number, block in enumerate(blocks):
+            contribution = next((c for c in block.contributions if c[0] == layer), None)
+            passes = 0
+            if contribution is not None:
+                before = sum(c[1] for c in block.contributions if c[0] < layer)
+                passes = max(0, min(contribution[1], limits[number] - before))
+            if written[number]:
+                writer.bit(1 if passes else 0)
+            else:
+                inclusion.encode(writer, number, layer + 1)
+                if not passes:
+                    continue
+                zeros.encode(writer, number, _NEVER)
+            if not passes:
+                continue
+            any_included = True
+            _, original_passes, lengths, offset = contribution
+            if passes < original_passes:  # truncated: one segment (no bypass/termall), all its bytes
+                lengths = [sum(lengths)]
+            _write_passes(writer, passes)
+            sizes = _segment_sizes(written[number], passes, original_passes, coding.style)
+            need = max(length.bit_length() - (size.bit_length() - 1) for length, size in zip(lengths, sizes))
+            increment = max(0, need - lblocks[number])
+            writer.bits((1 << (increment + 1)) - 2, increment + 1)  # comma code: ones, then a zero
+            lblocks[number] += increment
+            for length, size in zip(lengths, sizes):
+                writer.bits(length, lblocks[number] + size.bit_length() - 1)
+            body += data[offset : offset + sum(lengths)]
+            written[number] += passes
+    if not any_included:
+        return b"\x00" + (b"\xff\x92" if coding.eph else b"")
+    return writer.flush() + (b"\xff\x92" if coding.eph else b"") + bytes(body)
+
+
+def _segment_sizes(before: int, passes: int, original: int, style: int) -> list[int]:
+    """Passes of each codeword segment a contribution of ``passes`` new passes spans."""
+    if passes < original or not style & (_BYPASS | _TERMALL):
+        return [passes]
+    block = _Block()
+    segment, seen = _new_segment(block, style), 0
+    while seen + segment[1] <= before:  # segments filled by earlier contributions
+        seen += segment[1]
+        segment = _new_segment(block, style)
+    segment[0] = before - seen
+    sizes, left = [], passes
+    while left:
+        take = min(segment[1] - segment[0], left)
+        sizes.append(take)
+        left -= take
+        segment[0] += take
+        if left:
+            segment = _new_segment(block, style)
+    return sizes
+
+
+def _write_passes(writer: _BitWriter, passes: int) -> None:
+    if passes == 1:
+        writer.bit(0)
+    elif passes == 2:
+        writer.bits(2, 2)
+    elif passes <= 5:
+        writer.bits(0xC | (passes - 3), 4)
+    elif passes <= 36:
+        writer.bits(0x1E0 | (passes - 6), 9)
+    else:
+        writer.bits(0xFF80 | (passes - 37), 16)
+
+
+# --- the rewrite -----------------------------------------------------------------------------
+
+
+def thin(codestream: bytes, resolution: int, keep: frozenset[int], drop_planes: int = 0) -> bytes:
+    """``codestream`` with, at ``resolution`` (0 = the lowest), only the sub-bands in ``keep``
+    (``HL``, ``LH``, ``HH``) and their lowest ``drop_planes`` bit-planes left out; resolution
+    levels above it emptied. Decode the result with ``levels - resolution`` levels skipped."""
+    data = bytes(codestream)
+    coding, header, position = _main_header(data)
+    if not 1 <= resolution <= coding.levels:
+        raise Unsupported(f"resolution level {resolution} of {coding.levels}")
+    if drop_planes and (not coding.reversible or coding.style & (_BYPASS | _TERMALL)):
+        raise Unsupported("bit-planes can be left out of reversible single-segment code-blocks only")
+    xsiz, ysiz, xosiz, yosiz = coding.size
+    xtsiz, ytsiz, xtosiz, ytosiz = coding.tiling
+    across = -(-(xsiz - xtosiz) // xtsiz)
+    out = bytearray(header)
+    for index, tile in _tiles(data, position).items():
+        p, q = index % across, index // across
+        box = (max(xtosiz + p * xtsiz, xosiz), max(ytosiz + q * ytsiz, yosiz),
+               min(xtosiz + (p + 1) * xtsiz, xsiz), min(ytosiz + (q + 1) * ytsiz, ysiz))
+        if box[0] >= box[2] or box[1] >= box[3]:
+            raise Unsupported(f"tile {index} outside the image")
+        body = _thin_tile(bytes(tile.body), coding, box, resolution, keep, drop_planes)
+        out += struct.pack(">HHHIBB", _SOT, 10, index, 12 + len(tile.header) + 2 + len(body), 0, 1)
+        out += tile.header + struct.pack(">H", _SOD) + body
+    out += struct.pack(">H", _EOC)
+    return bytes(out)
+
+
+def _thin_tile(data: bytes, coding: _Coding, box, resolution: int, keep: frozenset[int], drop_planes: int) -> bytes:
+    levels: dict[int, list[_Precinct]] = {}  # built when a packet of that level is parsed
+
+    def precincts(r: int) -> list[_Precinct]:
+        if r not in levels:
+            levels[r] = _precincts(coding, box, r)
+            if sum(len(b) for precinct in levels[r] for b in precinct.blocks) * coding.layers > _MAX_CODE_BLOCKS:
+                raise Unsupported("too many code-blocks")
+        return levels[r]
+
+    order = _packet_order(coding, [_precinct_count(coding, box, r) for r in range(coding.levels + 1)])
+    last_needed = max((i for i, (_, r, _) in enumerate(order) if r <= resolution), default=-1)
+    empty = b"\x00" + (b"\xff\x92" if coding.eph else b"")
+    out = bytearray()
+    states: dict[int, dict] = {}
+    thinned = []  # (where in ``out``, SOP bytes, precinct, layer): written once all are parsed
+    position = 0
+    for i, (layer, r, p) in enumerate(order):
+        if i > last_needed:
+            out += empty
+            continue
+        start = position
+        header_start, _, position = _read_packet(data, position, len(data), precincts(r)[p], layer, coding,
+                                                 record=r == resolution)
+        if r < resolution:
+            out += data[start:position]
+        elif r > resolution:  # a skipped level between needed packets (layer-major order)
+            out += empty
+        else:
+            thinned.append((len(out), data[start:header_start], precincts(r)[p], layer))
+    # The kept code-blocks' truncation depends on their passes in all layers: write last.
+    pieces, previous = [], 0
+    for where, sop, precinct, layer in thinned:
+        state = states.setdefault(id(precinct), {})
+        pieces += [out[previous:where], sop, _write_packet(precinct, layer, coding, keep, drop_planes, data, state)]
+        previous = where
+    pieces.append(out[previous:])
+    return b"".join(pieces)
+
+
+def _precinct_count(coding: _Coding, box, resolution: int) -> int:
+    tx0, ty0, tx1, ty1 = box
+    level = coding.levels - resolution
+    ppx, ppy = coding.precincts[resolution]
+    rx0, ry0 = _ceil_div_pow2(tx0, level), _ceil_div_pow2(ty0, level)
+    rx1, ry1 = _ceil_div_pow2(tx1, level), _ceil_div_pow2(ty1, level)
+    across = 0 if rx0 == rx1 else ((_ceil_div_pow2(rx1, ppx) << ppx) - ((rx0 >> ppx) << ppx)) >> ppx
+    down = 0 if ry0 == ry1 else ((_ceil_div_pow2(ry1, ppy) << ppy) - ((ry0 >> ppy) << ppy)) >> ppy
+    return across * down
