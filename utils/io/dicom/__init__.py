@@ -84,8 +84,9 @@ from .reader import (
 # Bump when the pixels ``read_dicom`` returns for some valid file change (a new decoding path,
 # a LUT fix...): prepared caches are keyed on it, so a change re-decodes what it affects.
 # 1: first reader; 2: JPEG 2000 decoded at a reduced resolution level when the output is smaller;
-# 3: HTJ2K too, and libopenjp2 called directly (its version joins the key).
-READER_VERSION = 3
+# 3: HTJ2K too, and libopenjp2 called directly (its version joins the key); 4: JPEG 2000 detail
+# sub-bands and bit-planes the resize averages away left out (j2k_packets).
+READER_VERSION = 4
 # The distributions whose code turns bytes into pixels: their versions are part of the same key.
 DECODER_DISTRIBUTIONS = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
                          "pillow", "numpy")  # Pillow: the reduced-resolution JPEG 2000 path

@@ -71,6 +71,7 @@ def decode_first_frame(
     path: str | None,
     max_pixels: int,
     target_shape: j2k.TargetShape | None = None,
+    gray_step: j2k.GrayStep | None = None,
 ) -> tuple[np.ndarray, str, int]:
     """Stored values of frame 0, the photometric interpretation they came out in, and the
     JPEG 2000 resolution levels skipped (0: full resolution)."""
@@ -89,7 +90,7 @@ def decode_first_frame(
         codestream = _first_codestream(ds, options, tsyntax, path)
         check_frame(codestream, tsyntax, module, path, max_pixels)
         if target_shape is not None and tsyntax in j2k.REDUCIBLE_SYNTAXES:
-            reduced = j2k.decode_reduced(codestream, module, target_shape, path, tsyntax)
+            reduced = j2k.decode_reduced(codestream, module, target_shape, path, tsyntax, gray_step)
             if reduced is not None:
                 return reduced[0], module.photometric, reduced[1]
 

@@ -251,3 +251,43 @@ def _grid_sample(values: np.ndarray, max_samples: int) -> np.ndarray:
     return values[::stride, ::stride]
 
 
+
+
+# --- How fine the display steps are: what a reduced JPEG 2000 decode may leave out ------------
+
+
+def stored_values_per_gray_level(
+    ds: Dataset,
+    coarse: Callable[[], np.ndarray],
+    percentiles: tuple[float, float],
+    max_samples: int,
+    path: str | None = None,
+) -> float | None:
+    """How many stored values make one of the 256 display gray levels where steps 5-6 are
+    steepest; None when that cannot be told before decoding (a Modality LUT Sequence, or any
+    header value these steps would not use).
+
+    The VOI comes from where ``_voi_to_unit`` takes it: a VOI LUT's largest step, the window
+    width (a sigmoid is no steeper at its centre than the linear window), or for the percentile
+    window the range of ``coarse()``, the image at a low resolution level, whose averaged pixels
+    span a narrower range than the full image's (so the estimate errs towards finer steps).
+    """
+    try:
+        if "ModalityLUTSequence" in ds:
+            return None
+        slope = abs(float(_first_value(_present(ds, "RescaleSlope", path)) or 1.0))
+        if not slope:
+            return None
+        if _present(ds, "VOILUTSequence", path):
+            item = ds.VOILUTSequence[0]
+            bits = int(item.LUTDescriptor[2])
+            steepest = float(np.abs(np.diff(np.asarray(item.LUTData, dtype=np.float64))).max()) / (2**bits - 1)
+            return 1.0 / (255.0 * steepest * slope) if steepest > 0 else None
+        if _usable_window(ds, path):
+            return _first_value(ds.WindowWidth) / 255.0 / slope
+        low, high = percentile_range_of(coarse(), percentiles, max_samples, lambda stored: _modality_values(stored, ds, path))
+        return (high - low) / 255.0 / slope if high > low else None
+    except Exception as exc:  # noqa: BLE001 - unknown here only means nothing is left out
+        _reraise_resource_errors(exc)
+        logger.debug("%s: display step unknown (%r)", path, exc)
+        return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,13 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.uid import HTJ2K, JPEG2000, UID, HTJ2KLossless, HTJ2KLosslessRPCL, JPEG2000Lossless
 
-from . import openjp2
+from . import j2k_packets, openjp2
 from .pixel_module import PixelModule
 
 logger = logging.getLogger(__name__)
 
 # (rows, cols) of an image -> (rows, cols) the caller will resize it to.
 TargetShape = Callable[[int, int], tuple[int, int]]
+# coarse() -> stored values per display gray level (None: unknown); coarse() gives the image
+# at its lowest resolution level (grayscale.stored_values_per_gray_level).
+GrayStep = Callable[[Callable[[], np.ndarray]], float | None]
 
 J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
 HTJ2K_SYNTAXES = (HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)  # reduced only through ``openjp2`` (Pillow: no)
@@ -42,6 +46,11 @@ _J2K_EOC = b"\xff\xd9"
 # on 8-bit model inputs with a fixed window, mean |diff| against a full-resolution decode
 # measured <= 0.6 gray levels at 1 level and <= 0.95 at 2, but up to 1.9 at 3 and 3.9 at 4.
 MAX_J2K_REDUCTION = 2
+# Bit-planes left out of the sub-bands kept at the finest level decoded (j2k_packets):
+# OpenJPEG puts a coefficient cut short in the middle of what is left, and one level of the
+# inverse wavelet then spreads the error to at most 2**planes stored values (measured 15 for 4
+# planes); so as many planes go as keep that within one display gray level. Never more than:
+MAX_DROPPED_PLANES = 8
 _MAX_MAIN_HEADER_SEGMENTS = 1000  # real codestreams have a handful before the first tile
 _threads = 1  # OpenJPEG threads per frame; set_decode_threads
 
@@ -72,14 +81,23 @@ class _J2kHeader:
 
 
 def decode_reduced(
-    codestream: bytes, module: PixelModule, target_shape: TargetShape, path: str | None, tsyntax: UID = JPEG2000Lossless
+    codestream: bytes,
+    module: PixelModule,
+    target_shape: TargetShape,
+    path: str | None,
+    tsyntax: UID = JPEG2000Lossless,
+    gray_step: GrayStep | None = None,
 ) -> tuple[np.ndarray, int] | None:
     """Frame 0 at the lowest resolution level that still covers the target, and that level.
 
-    None means "decode at full resolution with pydicom": when no level can be skipped, when
-    the image or codestream is anything but plain grayscale whose header agrees with the
-    DICOM attributes (pydicom has rules for the disagreements), for HTJ2K without ``openjp2``,
-    and when anything fails.
+    When one direction could lose one level more than the other, the finest level decoded
+    keeps only the sub-bands the other direction needs (``thinning``): the same samples as a
+    decode one level coarser down that direction, upsampled by the inverse wavelet.
+
+    None means "decode at full resolution with pydicom": when no level can be skipped nor
+    thinned, when the image or codestream is anything but plain grayscale whose header agrees
+    with the DICOM attributes (pydicom has rules for the disagreements), for HTJ2K without
+    ``openjp2``, and when anything fails.
     """
     try:
         if tsyntax in HTJ2K_SYNTAXES and not openjp2.available():
@@ -89,6 +107,11 @@ def decode_reduced(
             return None
         levels = min(header.levels, MAX_J2K_REDUCTION)
         level = reduction_level(header.rows, header.cols, levels, target_shape)
+        keep = thinning(header.rows, header.cols, level, min(header.levels, MAX_J2K_REDUCTION), target_shape)
+        if openjp2.available() and keep is not None and tsyntax in J2K_SYNTAXES:
+            stream = _thinned(codestream, header, level, keep, gray_step, path)
+            if stream is not None:
+                return _openjp2_decode(stream, level, header, module), level
         if level == 0:
             return None
         if openjp2.available():
@@ -160,6 +183,46 @@ def reduction_level(rows: int, cols: int, levels: int, target_shape: TargetShape
         if tuple(target_shape(*reduced)) == target:
             best = level
     return best
+
+
+def thinning(rows: int, cols: int, level: int, levels: int, target_shape: TargetShape) -> frozenset[int] | None:
+    """The sub-bands to keep at the finest level decoded (``level`` skipped) when the rows or
+    the columns alone could lose one level more (within ``levels``); None when neither can.
+
+    Rows that can: keep HL (the detail across the columns), leave out LH and HH. Columns
+    that can: keep LH."""
+    if level + 1 > levels:
+        return None
+    target_rows, target_cols = target_shape(rows, cols)
+    rows_can = _reduced_size(rows, level + 1) >= target_rows
+    cols_can = _reduced_size(cols, level + 1) >= target_cols
+    if rows_can == cols_can:  # both: the caller skipped as many levels as it may; neither: nothing to do
+        return None
+    return frozenset({j2k_packets.HL}) if rows_can else frozenset({j2k_packets.LH})
+
+
+def dropped_planes(stored_per_gray_level: float | None) -> int:
+    """Bit-planes to leave out of the kept sub-bands: ``2**planes`` stored values within one
+    display gray level (0 when the display step is unknown)."""
+    if not stored_per_gray_level or stored_per_gray_level < 2:
+        return 0
+    return min(MAX_DROPPED_PLANES, math.floor(math.log2(stored_per_gray_level)))
+
+
+def _thinned(codestream: bytes, header: _J2kHeader, level: int, keep: frozenset[int], gray_step: GrayStep | None,
+             path: str | None) -> bytes | None:
+    """The codestream with the detail ``keep`` leaves out dropped (``j2k_packets.thin``), or
+    None when it uses something ``j2k_packets`` leaves to the plain decode."""
+
+    def coarse() -> np.ndarray:
+        return openjp2.decode(codestream, header.levels, 1)[0]
+
+    try:
+        planes = dropped_planes(gray_step(coarse)) if gray_step is not None else 0
+        return j2k_packets.thin(codestream, header.levels - level, keep, planes)
+    except (j2k_packets.Unsupported, openjp2.OpenJpegError) as exc:
+        logger.debug("%s: JPEG 2000 sub-bands not left out (%s)", path, exc)
+        return None
 
 
 def recentre(pixels: np.ndarray, level: int, full_shape: tuple[int, int]) -> np.ndarray:

@@ -40,7 +40,9 @@ _LRCP, _RLCP, _RPCL, _PCRL, _CPRL = range(5)
 _BYPASS, _TERMALL, _HT = 0x01, 0x04, 0x40
 HL, LH, HH = 1, 2, 3  # sub-bands of a resolution level above 0, in packet order
 _NEVER = 1 << 30  # tag-tree value of a code-block never included
+_MAX_TAG = 1000  # above any layer index or zero bit-plane count a header can mean
 _MAX_CODE_BLOCKS = 1 << 20  # per tile: far above real images; bounds the work on a forged header
+_MAX_PACKETS = 1 << 20  # per tile, likewise (a 4000 x 5000 image in 64 px precincts: about 7,000)
 
 
 class Unsupported(ValueError):
@@ -70,7 +72,7 @@ class _Coding:
 class _BitReader:
     """Packet-header bits (T.800 B.10.1): after a 0xFF byte the next byte holds 7 bits."""
 
-    __slots__ = ("data", "pos", "end", "buf", "ct")
+    __slots__ = ("buf", "ct", "data", "end", "pos")
 
     def __init__(self, data: bytes, pos: int, end: int):
         self.data, self.pos, self.end, self.buf, self.ct = data, pos, end, 0, 0
@@ -104,7 +106,7 @@ class _BitReader:
 class _BitWriter:
     """The writing side of ``_BitReader`` (OpenJPEG's bio.c)."""
 
-    __slots__ = ("out", "buf", "ct")
+    __slots__ = ("buf", "ct", "out")
 
     def __init__(self):
         self.out, self.buf, self.ct = bytearray(), 0, 8
@@ -137,7 +139,7 @@ class _BitWriter:
 class _TagTree:
     """A quad-tree over a grid of code-blocks; leaves first, then each coarser level."""
 
-    __slots__ = ("parent", "value", "low", "known")
+    __slots__ = ("known", "low", "parent", "paths", "value")
 
     def __init__(self, width: int, height: int):
         parent: list[int] = []
@@ -154,25 +156,34 @@ class _TagTree:
         self.value = [_NEVER] * len(parent)
         self.low = [0] * len(parent)
         self.known = [False] * len(parent)
+        self.paths: dict[int, list[int]] = {}
 
     def _path(self, leaf: int) -> list[int]:
-        path = [leaf]
-        while self.parent[path[-1]] >= 0:
-            path.append(self.parent[path[-1]])
-        return path[::-1]  # root first
+        path = self.paths.get(leaf)
+        if path is None:
+            path = [leaf]
+            while self.parent[path[-1]] >= 0:
+                path.append(self.parent[path[-1]])
+            path = self.paths[leaf] = path[::-1]  # root first
+        return path
 
     def decode(self, reader: _BitReader, leaf: int, threshold: int) -> bool:
-        """Whether the leaf's value is below ``threshold`` (reading bits as needed)."""
-        low = 0
+        """Whether the leaf's value is below ``threshold`` (reading bits as needed).
+
+        With a threshold above any value this reads the whole value: a node's bits all come
+        before its children's, as when the threshold grows one by one (B.10.2)."""
+        low, value, lows, bit = 0, self.value, self.low, reader.bit
         for node in self._path(leaf):
-            low = max(low, self.low[node])
-            while low < threshold and low < self.value[node]:
-                if reader.bit():
-                    self.value[node] = low
+            low = max(low, lows[node])
+            while low < threshold and low < value[node]:
+                if bit():
+                    value[node] = low
                 else:
                     low += 1
-            self.low[node] = low
-        return self.value[leaf] < threshold
+                    if low > _MAX_TAG:
+                        raise Unsupported("a tag-tree value out of range")
+            lows[node] = low
+        return value[leaf] < threshold
 
     def set_leaves(self, values: list[int]) -> None:
         """Encoder side: leaf values, each node the least of its children."""
@@ -430,11 +441,8 @@ def _read_packet(data: bytes, position: int, end: int, precinct: _Precinct, laye
                     continue
                 first = not block.included
                 if first:
-                    planes = 0
-                    while not zeros.decode(reader, number, planes + 1):
-                        planes += 1
-                        if planes > 74:
-                            raise Unsupported("a zero bit-plane count out of range")
+                    zeros.decode(reader, number, _NEVER)
+                    planes = zeros.value[number]
                     block.zero_planes, block.first_layer, block.included = planes, layer, True
                 passes = _passes(reader)
                 while reader.bit():
@@ -497,45 +505,45 @@ def _write_packet(precinct: _Precinct, layer: int, coding: _Coding, keep: frozen
             zeros.set_leaves([block.zero_planes if layer_ != _NEVER else _NEVER
                               for block, layer_ in zip(blocks, first)])
             state[index] = (inclusion, zeros, limits, [0] * len(blocks), [3] * len(blocks))
-    writer = _BitWriter()
-    body = bytearray()
-    writer.bit(1)
-    any_included = False
+    plan = []  # (state, block number, block, its contribution in this layer, passes kept)
     for index, (band, blocks) in enumerate(zip(precinct.bands, precinct.blocks)):
         if band is None or not blocks:
             continue
-        inclusion, zeros, limits, written, lblocks = state[index]
+        limits = state[index][2]
         for number, block in enumerate(blocks):
             contribution = next((c for c in block.contributions if c[0] == layer), None)
             passes = 0
             if contribution is not None:
                 before = sum(c[1] for c in block.contributions if c[0] < layer)
                 passes = max(0, min(contribution[1], limits[number] - before))
-            if written[number]:
-                writer.bit(1 if passes else 0)
-            else:
-                inclusion.encode(writer, number, layer + 1)
-                if not passes:
-                    continue
-                zeros.encode(writer, number, _NEVER)
-            if not passes:
-                continue
-            any_included = True
-            _, original_passes, lengths, offset = contribution
-            if passes < original_passes:  # truncated: one segment (no bypass/termall), all its bytes
-                lengths = [sum(lengths)]
-            _write_passes(writer, passes)
-            sizes = _segment_sizes(written[number], passes, original_passes, coding.style)
-            need = max(length.bit_length() - (size.bit_length() - 1) for length, size in zip(lengths, sizes))
-            increment = max(0, need - lblocks[number])
-            writer.bits((1 << (increment + 1)) - 2, increment + 1)  # comma code: ones, then a zero
-            lblocks[number] += increment
-            for length, size in zip(lengths, sizes):
-                writer.bits(length, lblocks[number] + size.bit_length() - 1)
-            body += data[offset : offset + sum(lengths)]
-            written[number] += passes
-    if not any_included:
+            plan.append((state[index], number, contribution, passes))
+    if not any(passes for *_, passes in plan):  # an empty packet; the tag trees are left as they are
         return b"\x00" + (b"\xff\x92" if coding.eph else b"")
+    writer = _BitWriter()
+    body = bytearray()
+    writer.bit(1)
+    for (inclusion, zeros, _, written, lblocks), number, contribution, passes in plan:
+        if written[number]:
+            writer.bit(1 if passes else 0)
+        else:
+            inclusion.encode(writer, number, layer + 1)
+            if passes:
+                zeros.encode(writer, number, _NEVER)
+        if not passes:
+            continue
+        _, original_passes, lengths, offset = contribution
+        if passes < original_passes:  # truncated: one segment (no bypass/termall), all its bytes
+            lengths = [sum(lengths)]
+        _write_passes(writer, passes)
+        sizes = _segment_sizes(written[number], passes, original_passes, coding.style)
+        need = max(length.bit_length() - (size.bit_length() - 1) for length, size in zip(lengths, sizes))
+        increment = max(0, need - lblocks[number])
+        writer.bits((1 << (increment + 1)) - 2, increment + 1)  # comma code: ones, then a zero
+        lblocks[number] += increment
+        for length, size in zip(lengths, sizes):
+            writer.bits(length, lblocks[number] + size.bit_length() - 1)
+        body += data[offset : offset + sum(lengths)]
+        written[number] += passes
     return writer.flush() + (b"\xff\x92" if coding.eph else b"") + bytes(body)
 
 
@@ -578,14 +586,23 @@ def _write_passes(writer: _BitWriter, passes: int) -> None:
 
 def thin(codestream: bytes, resolution: int, keep: frozenset[int], drop_planes: int = 0) -> bytes:
     """``codestream`` with, at ``resolution`` (0 = the lowest), only the sub-bands in ``keep``
-    (``HL``, ``LH``, ``HH``) and their lowest ``drop_planes`` bit-planes left out; resolution
-    levels above it emptied. Decode the result with ``levels - resolution`` levels skipped."""
-    data = bytes(codestream)
+    (``HL``, ``LH``, ``HH``), their lowest ``drop_planes`` bit-planes left out, and the
+    resolution levels above emptied. Decode the result with ``levels - resolution`` levels
+    skipped. Bit-planes are left out of reversible (5/3) single-segment code-blocks only;
+    elsewhere ``drop_planes`` is ignored (an irreversible wavelet's bit-planes are steps of
+    its quantiser, whose size this module does not weigh)."""
+    try:
+        return _thin(bytes(codestream), resolution, keep, drop_planes)
+    except (struct.error, IndexError) as exc:  # a header cut short
+        raise Unsupported(f"the codestream ends early ({exc})") from exc
+
+
+def _thin(data: bytes, resolution: int, keep: frozenset[int], drop_planes: int) -> bytes:
     coding, header, position = _main_header(data)
     if not 1 <= resolution <= coding.levels:
         raise Unsupported(f"resolution level {resolution} of {coding.levels}")
-    if drop_planes and (not coding.reversible or coding.style & (_BYPASS | _TERMALL)):
-        raise Unsupported("bit-planes can be left out of reversible single-segment code-blocks only")
+    if not coding.reversible or coding.style & (_BYPASS | _TERMALL):
+        drop_planes = 0  # see the docstring
     xsiz, ysiz, xosiz, yosiz = coding.size
     xtsiz, ytsiz, xtosiz, ytosiz = coding.tiling
     across = -(-(xsiz - xtosiz) // xtsiz)
@@ -613,7 +630,10 @@ def _thin_tile(data: bytes, coding: _Coding, box, resolution: int, keep: frozens
                 raise Unsupported("too many code-blocks")
         return levels[r]
 
-    order = _packet_order(coding, [_precinct_count(coding, box, r) for r in range(coding.levels + 1)])
+    counts = [_precinct_count(coding, box, r) for r in range(coding.levels + 1)]
+    if sum(counts) * coding.layers > _MAX_PACKETS:
+        raise Unsupported(f"{sum(counts) * coding.layers:,} packets in a tile")
+    order = _packet_order(coding, counts)
     last_needed = max((i for i, (_, r, _) in enumerate(order) if r <= resolution), default=-1)
     empty = b"\x00" + (b"\xff\x92" if coding.eph else b"")
     out = bytearray()

@@ -19,7 +19,13 @@ from utils.constants import MAX_IMAGE_PIXELS, WINDOW_PERCENTILES
 from .colour import MONOCHROME, check_photometric, colour_to_gray
 from .decode import decode_first_frame
 from .errors import DicomReadError, EmptyImageError, contained
-from .grayscale import monochrome_to_display, percentile_range_of, percentile_to_unit, unit_to_display
+from .grayscale import (
+    monochrome_to_display,
+    percentile_range_of,
+    percentile_to_unit,
+    stored_values_per_gray_level,
+    unit_to_display,
+)
 from .j2k import TargetShape, recentre
 from .parse import (
     BARE_DATASET_STARTS,
@@ -169,7 +175,12 @@ def _read(
     module = read_pixel_module(ds, photometric, path, max_pixels)
     with contained(path, "read the transfer syntax"):
         tsyntax = transfer_syntax(ds)
-    frame, decoded_photometric, reduced_by = decode_first_frame(ds, module, tsyntax, path, max_pixels, target_shape)
+
+    def gray_step(coarse):  # how much a reduced JPEG 2000 decode may leave out
+        return stored_values_per_gray_level(ds, coarse, percentiles, max_samples, path)
+
+    frame, decoded_photometric, reduced_by = decode_first_frame(
+        ds, module, tsyntax, path, max_pixels, target_shape, gray_step if photometric in MONOCHROME else None)
 
     if photometric in MONOCHROME:
         pixels, window_source = monochrome_to_display(frame, ds, percentiles, max_samples, path)

@@ -229,6 +229,131 @@ def test_real_files_with_percentile_windowing(name, tmp_path):
     assert mean <= 0.75 and p99 <= 4 and worst <= 40, (mean, p99, worst)
 
 
+# --- Reduced-resolution JPEG 2000: one direction one level further (j2k_packets) -------------
+
+
+@pytest.fixture
+def thin_calls(monkeypatch) -> list[tuple[int, frozenset, int]]:
+    """(resolution, sub-bands kept, bit-planes left out) of each j2k_packets.thin call."""
+    from utils.io.dicom import j2k_packets
+
+    calls, real = [], j2k_packets.thin
+
+    def spy(codestream, resolution, keep, drop_planes=0):
+        calls.append((resolution, keep, drop_planes))
+        return real(codestream, resolution, keep, drop_planes)
+
+    monkeypatch.setattr(j2k_packets, "thin", spy)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def tall_and_wide(tmp_path_factory) -> dict[str, object]:
+    """12-bit X-rays 1100 x 900 and 900 x 1100: at 256 px one side can lose two levels, the other one.
+    With the full-range window, and without (percentiles)."""
+    folder = tmp_path_factory.mktemp("thin")
+    files = {}
+    for seed, (name, shape) in enumerate([("tall", (1100, 900)), ("wide", (900, 1100))]):
+        pixels = xray(shape, seed + 10, "adult_chest" if name == "tall" else "abdominal")
+        files[name] = write_dicom(folder / f"{name}.dcm", pixels, bits_stored=12, window=(2048.0, 4096.0),
+                                  transfer_syntax=JPEG2000Lossless)
+        files[f"{name}-percentile"] = write_dicom(folder / f"{name}-p.dcm", pixels, bits_stored=12,
+                                                  transfer_syntax=JPEG2000Lossless)
+        files[f"{name}-lossy"] = write_dicom(folder / f"{name}-lossy.dcm", pixels, bits_stored=12,
+                                             window=(2048.0, 4096.0), transfer_syntax=JPEG2000)
+    return files
+
+
+needs_openjp2 = pytest.mark.skipif(not openjp2.available(), reason="no libopenjp2 2.5 or later")
+
+# Measured (mean / 99th percentile / max |diff| in gray levels) against the full-resolution
+# decode: tall 0.29 / 1 / 2 and wide 0.29 / 1 / 2 (HL or LH kept, 4 planes left out: 4096 / 255
+# stored values per gray level); lossy, where no planes are left out: 0.25-0.28 / 1 / 2.
+@needs_openjp2
+@pytest.mark.parametrize(("name", "kept"), [("tall", {1}), ("wide", {2}), ("tall-lossy", {1}), ("wide-lossy", {2})])
+def test_one_direction_thinned_matches_full_resolution(tall_and_wide, thin_calls, name, kept):
+    full, reduced, level = full_and_reduced(tall_and_wide[name], 256)
+    assert level == 1 and len(thin_calls) == 1
+    _, keep, planes = thin_calls[0]
+    assert keep == frozenset(kept) and planes == 4  # 4096 / 255 = 16.06 stored values per gray level
+    mean, p99, worst = gray_level_diffs(full, reduced)
+    assert mean <= 0.75 and p99 <= 3 and worst <= 6, (mean, p99, worst)
+
+
+@needs_openjp2
+def test_one_direction_thinned_with_percentiles(tall_and_wide, thin_calls):
+    # The planes left out come from the percentile range of the coarsest level (8-16 stored
+    # values per gray level here: 3 planes). The range itself then narrows as with any reduced
+    # decode (above), more so without LH and HH's noise: measured 2.76 / 5 / 7 (tall), 1.14 / 4 / 6
+    # (wide), against 1.6 / 3 / 5 for the same kind of image reduced without thinning.
+    full, reduced, level = full_and_reduced(tall_and_wide["tall-percentile"], 256)
+    assert level == 1 and thin_calls[0][2] == 3
+    mean, p99, worst = gray_level_diffs(full, reduced)
+    assert mean <= 4.5 and p99 <= 8 and worst <= 12, (mean, p99, worst)
+
+
+@needs_openjp2
+def test_thinning_without_skipping_a_level(tall_and_wide, thin_calls):
+    # 1100 x 900 to 512: no level can go (450 < 512), but the rows can lose one (550).
+    # Measured 0.36 / 1 / 3.
+    path = tall_and_wide["tall"]
+    image = dicom.read_dicom(path, target_shape=target(512))
+    assert image.reduced_by == 0 and image.pixels.shape == (1100, 900)
+    assert thin_calls and thin_calls[0][1] == frozenset({1})
+    spec = PreprocessSpec(image_size=512)
+    mean, p99, worst = gray_level_diffs(display_to_cache(full_resolution(str(path)), spec).astype(int),
+                                        display_to_cache(image.pixels, spec).astype(int))
+    assert mean <= 0.75 and p99 <= 3 and worst <= 6, (mean, p99, worst)
+
+
+def test_thinning_needs_one_side_to_spare():
+    from utils.io.dicom.j2k import thinning
+
+    assert thinning(1100, 900, 1, 2, target(256)) == frozenset({1})  # rows 275 >= 256, columns 225 < 256
+    assert thinning(900, 1100, 1, 2, target(256)) == frozenset({2})
+    assert thinning(1100, 1100, 1, 2, target(256)) is None  # both could: the caller reduces instead
+    assert thinning(1000, 1000, 1, 2, target(256)) is None  # neither can
+    assert thinning(3000, 2000, 2, 2, target(256)) is None  # no level left to thin
+
+
+@pytest.mark.parametrize(("width", "planes"), [(4096.0, 4), (1024.0, 2), (30000.0, 6), (300.0, 0), (1e9, 8)])
+def test_planes_follow_the_display_step(width, planes):
+    from utils.io.dicom.j2k import dropped_planes
+
+    assert dropped_planes(width / 255) == planes
+    assert dropped_planes(None) == 0
+
+
+def test_gray_level_step_from_the_header():
+    ds = Dataset()
+    ds.WindowCenter, ds.WindowWidth, ds.RescaleSlope, ds.RescaleIntercept = 1000, 4000, 2, -1024
+    coarse = pytest.fail  # a header window needs no pixels
+    assert grayscale.stored_values_per_gray_level(ds, coarse, (0.5, 99.5), 1000) == pytest.approx(4000 / 255 / 2)
+    del ds.WindowCenter, ds.WindowWidth
+    ramp = np.arange(0, 5100, dtype=np.int64).reshape(51, 100)
+    step = grayscale.stored_values_per_gray_level(ds, lambda: ramp, (0.0, 100.0), 10_000)
+    assert step == pytest.approx(5099 / 255)  # rescaled range 10198 / 255 gray levels / slope 2
+    ds.ModalityLUTSequence = _modality_lut(4096, 16)
+    assert grayscale.stored_values_per_gray_level(ds, lambda: ramp, (0.0, 100.0), 10_000) is None
+
+
+@needs_openjp2
+@pytest.mark.parametrize(("name", "crop", "size", "kept"),
+                         [("RG3_J2KR.dcm", (1760, 1500), 400, {1}), ("RG3_J2KR.dcm", (1500, 1760), 400, {2}),
+                          ("RG1_J2KR.dcm", None, 470, {1}), ("RG1_J2KR.dcm", None, 940, {1})])
+def test_thinned_real_files_match_full_resolution(tmp_path, thin_calls, name, crop, size, kept):
+    # Measured: RG3 cropped 0.15 / 1 / 12-15 (2 planes: window 1024 on 10 bits); RG1 0.23 / 1 / 10
+    # at 470 px (6 planes: window 30000) and 0.18 / 1 / 14 at 940 px (no level skipped).
+    ds = pydicom.dcmread(real_file(name))
+    pixels = ds.pixel_array if crop is None else np.ascontiguousarray(ds.pixel_array[: crop[0], : crop[1]])
+    path = write_dicom(tmp_path / name, pixels, bits_stored=ds.BitsStored, transfer_syntax=JPEG2000Lossless,
+                       window=(float(ds.WindowCenter), float(ds.WindowWidth)))
+    full, reduced, level = full_and_reduced(path, size)
+    assert level == (1 if size < 900 else 0) and thin_calls and thin_calls[0][1] == frozenset(kept)
+    mean, p99, worst = gray_level_diffs(full, reduced)
+    assert mean <= 0.5 and p99 <= 4 and worst <= 40, (size, mean, p99, worst)
+
+
 # --- Reduced-resolution JPEG 2000: falling back ---------------------------------------------
 
 
