@@ -88,6 +88,9 @@ class _BitReader:
         return (self.buf >> self.ct) & 1
 
     def bits(self, count: int) -> int:
+        if count <= self.ct:  # all in the byte at hand
+            self.ct -= count
+            return (self.buf >> self.ct) & ((1 << count) - 1)
         value = 0
         for _ in range(count):
             value = (value << 1) | self.bit()
@@ -174,7 +177,8 @@ class _TagTree:
         before its children's, as when the threshold grows one by one (B.10.2)."""
         low, value, lows, bit = 0, self.value, self.low, reader.bit
         for node in self._path(leaf):
-            low = max(low, lows[node])
+            if lows[node] > low:  # noqa: PLR1730 - max() is a function call, this the hot loop
+                low = lows[node]
             while low < threshold and low < value[node]:
                 if bit():
                     value[node] = low
@@ -263,7 +267,14 @@ def _main_header(data: bytes) -> tuple[_Coding, bytearray, int]:
 @dataclass
 class _Tile:
     header: bytearray = field(default_factory=bytearray)  # first tile-part's segments, PLT left out
-    body: bytearray = field(default_factory=bytearray)  # all tile-parts' packet data, in order
+    parts: list[tuple[int, int]] = field(default_factory=list)  # (start, end) of each tile-part's packet data
+
+    def body(self, data: bytes) -> tuple[bytes, int, int]:
+        """(bytes, start, end) of the tile's packet data: the codestream itself for one part."""
+        if len(self.parts) == 1:
+            return data, *self.parts[0]
+        joined = b"".join(data[start:end] for start, end in self.parts)
+        return joined, 0, len(joined)
 
 
 def _tiles(data: bytes, position: int) -> dict[int, _Tile]:
@@ -296,7 +307,7 @@ def _tiles(data: bytes, position: int) -> dict[int, _Tile]:
         sod = (sod if sod is not None else position + 12) + 2
         if sod > end:
             raise Unsupported("a tile-part header runs past its tile-part")
-        tile.body += data[sod:end]
+        tile.parts.append((sod, end))
         position = end
 
 
@@ -307,14 +318,18 @@ def _ceil_div_pow2(value: int, power: int) -> int:
     return -((-value) >> power)
 
 
-@dataclass
 class _Block:
-    included: bool = False  # in the original stream, in a layer before the current one
-    lblock: int = 3
-    segments: list[list[int]] = field(default_factory=list)  # [passes, most passes] per codeword segment
-    zero_planes: int = 0
-    first_layer: int = _NEVER
-    contributions: list[tuple[int, int, list[int], int]] = field(default_factory=list)  # layer, passes, lengths, offset
+    """A code-block's state while its packets are read, and its contributions at the level thinned."""
+
+    __slots__ = ("contributions", "first_layer", "included", "lblock", "segments", "zero_planes")
+
+    def __init__(self):
+        self.included = False  # in the original stream, in a layer before the current one
+        self.lblock = 3
+        self.segments: list[list[int]] = []  # [passes, most passes] per codeword segment
+        self.zero_planes = 0
+        self.first_layer = _NEVER
+        self.contributions: list[tuple[int, int, list[int], int]] = []  # layer, passes, lengths, offset
 
 
 @dataclass
@@ -613,14 +628,16 @@ def _thin(data: bytes, resolution: int, keep: frozenset[int], drop_planes: int) 
                min(xtosiz + (p + 1) * xtsiz, xsiz), min(ytosiz + (q + 1) * ytsiz, ysiz))
         if box[0] >= box[2] or box[1] >= box[3]:
             raise Unsupported(f"tile {index} outside the image")
-        body = _thin_tile(bytes(tile.body), coding, box, resolution, keep, drop_planes)
+        body = _thin_tile(*tile.body(data), coding, box, resolution, keep, drop_planes)
         out += struct.pack(">HHHIBB", _SOT, 10, index, 12 + len(tile.header) + 2 + len(body), 0, 1)
         out += tile.header + struct.pack(">H", _SOD) + body
     out += struct.pack(">H", _EOC)
     return bytes(out)
 
 
-def _thin_tile(data: bytes, coding: _Coding, box, resolution: int, keep: frozenset[int], drop_planes: int) -> bytes:
+def _thin_tile(data: bytes, start: int, end: int, coding: _Coding, box, resolution: int, keep: frozenset[int],
+               drop_planes: int) -> bytes:
+    """The packets of one tile (``data[start:end]``) rewritten."""
     levels: dict[int, list[_Precinct]] = {}  # built when a packet of that level is parsed
 
     def precincts(r: int) -> list[_Precinct]:
@@ -639,20 +656,20 @@ def _thin_tile(data: bytes, coding: _Coding, box, resolution: int, keep: frozens
     out = bytearray()
     states: dict[int, dict] = {}
     thinned = []  # (where in ``out``, SOP bytes, precinct, layer): written once all are parsed
-    position = 0
+    position = start
     for i, (layer, r, p) in enumerate(order):
         if i > last_needed:
             out += empty
             continue
-        start = position
-        header_start, _, position = _read_packet(data, position, len(data), precincts(r)[p], layer, coding,
+        packet_start = position
+        header_start, _, position = _read_packet(data, position, end, precincts(r)[p], layer, coding,
                                                  record=r == resolution)
         if r < resolution:
-            out += data[start:position]
+            out += data[packet_start:position]
         elif r > resolution:  # a skipped level between needed packets (layer-major order)
             out += empty
         else:
-            thinned.append((len(out), data[start:header_start], precincts(r)[p], layer))
+            thinned.append((len(out), data[packet_start:header_start], precincts(r)[p], layer))
     # The kept code-blocks' truncation depends on their passes in all layers: write last.
     pieces, previous = [], 0
     for where, sop, precinct, layer in thinned:
