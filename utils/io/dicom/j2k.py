@@ -249,13 +249,15 @@ def recentre(pixels: np.ndarray, level: int, full_shape: tuple[int, int]) -> np.
 
 def _openjp2_decode(codestream: bytes, level: int, header: _J2kHeader, module: PixelModule) -> np.ndarray:
     """Decode at ``level`` with libopenjp2 itself; the dtype pydicom would give (uint/int 8/16)."""
-    samples, precision, signed = openjp2.decode(codestream, level, _threads)
+    # OpenJPEG clips the samples to the codestream's precision, which must be the header's
+    # (checked below, and Bits Stored <= Bits Allocated before): the DICOM dtype holds them.
+    dtype = f"{'int' if header.signed else 'uint'}{module.bits_allocated}"
+    samples, precision, signed = openjp2.decode(codestream, level, _threads, dtype)
     rows, cols = _reduced_size(header.rows, level), _reduced_size(header.cols, level)
     if samples.shape != (rows, cols) or (precision, signed) != (header.precision, header.signed):
         raise ValueError(f"OpenJPEG returned {samples.shape}, {precision} bits, signed {signed}; expected "
                          f"{(rows, cols)}, {header.precision} bits, signed {header.signed}")
-    kind = "int" if header.signed else "uint"
-    return samples.astype(f"{kind}{module.bits_allocated}")
+    return samples
 
 
 def _pillow_j2k_decode(codestream: bytes, level: int, header: _J2kHeader, module: PixelModule) -> np.ndarray:

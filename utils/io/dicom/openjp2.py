@@ -134,8 +134,11 @@ def has_threads() -> bool:
     return bool(lib is not None and lib.opj_has_thread_support())
 
 
-def decode(codestream: bytes, reduce: int = 0, threads: int = 1) -> tuple[np.ndarray, int, bool]:
-    """One-component codestream -> (int32 samples at 1 / 2**reduce of each side, precision, signed).
+def decode(codestream: bytes, reduce: int = 0, threads: int = 1, dtype=np.int32) -> tuple[np.ndarray, int, bool]:
+    """One-component codestream -> (samples at 1 / 2**reduce of each side, precision, signed).
+
+    The samples come as ``dtype`` (OpenJPEG's int32 by default; a narrower one the caller
+    knows holds the precision saves a copy).
 
     Strict mode: a codestream cut short is an error, not a partly decoded image. Raises
     OpenJpegError (also for several components, or without a usable library)."""
@@ -202,7 +205,7 @@ def decode(codestream: bytes, reduce: int = 0, threads: int = 1) -> tuple[np.nda
         component = image.contents.comps[0]
         if not component.data or component.factor != reduce:
             raise OpenJpegError("OpenJPEG returned no samples at the resolution asked for")
-        samples = np.ctypeslib.as_array(component.data, shape=(component.h, component.w)).copy()
+        samples = np.ctypeslib.as_array(component.data, shape=(component.h, component.w)).astype(dtype)
         return samples, int(component.prec), bool(component.sgnd)
     finally:
         if image:

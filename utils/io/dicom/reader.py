@@ -143,8 +143,10 @@ def read_dicom(
             image is still at least that target and maps to the same target; ``reduced_by``
             says k. Steps 5-8 then run on the smaller image, which is finally shifted by
             (2**k - 1) / 2**(k + 1) of its pixels so that each pixel sits where an area
-            average of its 2**k x 2**k block would. Anything unusual about the codestream,
-            or any failure, falls back to the full-resolution decode.
+            average of its 2**k x 2**k block would. When only one side could lose level
+            k + 1 too, level k keeps just the detail the other side needs (``j2k.thinning``).
+            Anything unusual about the codestream, or any failure, falls back to the
+            full-resolution decode.
         max_pixels: the most samples (Rows x Columns x Samples per Pixel) one frame may
             declare, in the DICOM header or in its codestream; more -> ``image_too_large``.
 

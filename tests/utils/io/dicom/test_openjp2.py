@@ -93,7 +93,8 @@ def test_the_thread_setting_reaches_the_decoder(write, monkeypatch):
     path = write(xray((300, 280), seed=9), bits_stored=12, transfer_syntax=JPEG2000Lossless)
     seen = []
     real = openjp2.decode
-    monkeypatch.setattr(openjp2, "decode", lambda data, level, threads: seen.append(threads) or real(data, level, threads))
+    monkeypatch.setattr(openjp2, "decode",
+                        lambda data, level, threads, *dtype: seen.append(threads) or real(data, level, threads, *dtype))
     try:
         dicom.set_j2k_threads(3)
         dicom.read_dicom(path, target_shape=target(64))
