@@ -11,6 +11,10 @@ machine's drift hits them alike:
 
 - before: OpenJPEG through Pillow (OPENJP2_LIBRARY=none), the default pool (one process per core);
 - after: libopenjp2 direct, the default pool (one process per core, 1 OpenJPEG thread each);
+  "after" includes the thinned decode (utils/io/dicom/j2k_packets.py: at 512 px these files'
+  rows could lose a second level, so level 2 keeps its HL sub-band only, less the bit-planes
+  below one display gray level); Pillow cannot take a rewritten codestream's shortcut, so
+  "before" is the previous path whole;
 - after: libopenjp2 direct, 1 process with 2 OpenJPEG threads;
 - after: libopenjp2 direct, the threads pool (2 per core: ctypes lets go of the GIL while decoding).
 
@@ -139,7 +143,46 @@ def levels(path: str, runs: int = 5) -> str:
                 samples.append((time.perf_counter() - start) * 1000)
             times[threads] = statistics.median(samples)
         lines.append(f"| {level} | 1/{4 ** level} | {times[1]:.1f} | {times[2]:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + thinned_rows(path, codestream, runs))
+
+
+def thinned_rows(path: str, codestream: bytes, runs: int) -> list[str]:
+    """Rows for the decode at 1 level skipped with level 2's LH and HH left out (``j2k_packets``),
+    without and with the bit-planes the reader leaves out for this file; and the rewrite's cost."""
+    import pydicom
+
+    from utils.io.dicom import j2k_packets, openjp2
+    from utils.io.dicom.grayscale import stored_values_per_gray_level
+    from utils.io.dicom.j2k import dropped_planes
+    from utils.preprocessing import PreprocessSpec
+
+    if not openjp2.available():
+        return []
+    levels = codestream[codestream.index(b"\xff\x52") + 9]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    spec = PreprocessSpec()
+    step = stored_values_per_gray_level(ds, lambda: openjp2.decode(codestream, levels)[0], spec.window_percentiles,
+                                        1_000_000)  # read_dicom's default sample count
+    rows = []
+    for planes in sorted({0, dropped_planes(step)}):
+        thinned = j2k_packets.thin(codestream, levels - 1, frozenset({j2k_packets.HL}), planes)
+        times = {}
+        for threads in (1, 2):
+            samples = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                openjp2.decode(thinned, 1, threads)
+                samples.append((time.perf_counter() - start) * 1000)
+            times[threads] = statistics.median(samples)
+        share = f"1/4, level 2: HL only{f', less its {planes} lowest bit-planes' if planes else ''}"
+        rows.append(f"| 1, thinned | {share} | {times[1]:.1f} | {times[2]:.1f} |")
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        j2k_packets.thin(codestream, levels - 1, frozenset({j2k_packets.HL}), dropped_planes(step))
+        samples.append((time.perf_counter() - start) * 1000)
+    rows.append(f"| (rewriting the packets, Python) | | {statistics.median(samples):.1f} | |")
+    return rows
 
 
 def profile(path: str, spec, top: int) -> str:
