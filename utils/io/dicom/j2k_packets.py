@@ -12,18 +12,20 @@ sub-bands the resize needs:
   down the rows), HH (both). Rows that can lose one more level lose LH and HH: what is left is
   the image low-passed down the rows only, as if reduced one more level in that direction.
 - ``drop_planes``: the lowest bit-planes of the kept code-blocks' coefficients to leave out
-  (their last ``3 * drop_planes`` coding passes; reversible 5/3 wavelet only). The decoder
-  puts each such coefficient in the middle of the interval left, so it is off by less than
-  ``2 ** (drop_planes - 1)`` stored values.
+  (their last ``3 * drop_planes`` coding passes; reversible 5/3 wavelet, and only code-blocks
+  coded down to their last bit-plane, 3 * (Mb - zero bit-planes) - 2 passes with Mb from the
+  QCD marker). The decoder puts each such coefficient in the middle of the interval left, so
+  it is off by less than ``2 ** (drop_planes - 1)`` stored values.
 
 Code-blocks left out are marked "not included" in rewritten packet headers; packets of the
 levels a reduced decode skips become empty packets. Every other packet is copied byte for byte,
 and the rewritten stream is a valid JPEG 2000 codestream any decoder reads.
 
-Anything unusual (several components, POC/PPM/PPT/RGN markers, per-tile coding styles,
-position-driven progressions with several precincts, HTJ2K code-blocks) raises ``Unsupported``,
-and the caller decodes the original codestream instead; so does a codestream that is malformed
-or cut short, where the plain decoder gives its own error.
+Anything unusual (several components, POC/PPM/PPT/RGN markers, per-tile coding styles, HTJ2K
+code-blocks) raises ``Unsupported``, and the caller decodes the original codestream instead;
+so does a codestream that is malformed or cut short, where the plain decoder gives its own
+error, and one whose header asks for more code-blocks, packets or passes than real images
+have (the work here is bounded by the codestream's size and those limits).
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ _BYPASS, _TERMALL, _HT = 0x01, 0x04, 0x40
 HL, LH, HH = 1, 2, 3  # sub-bands of a resolution level above 0, in packet order
 _NEVER = 1 << 30  # tag-tree value of a code-block never included
 _MAX_TAG = 1000  # above any layer index or zero bit-plane count a header can mean
-_MAX_CODE_BLOCKS = 1 << 20  # per tile: far above real images; bounds the work on a forged header
-_MAX_PACKETS = 1 << 20  # per tile, likewise (a 4000 x 5000 image in 64 px precincts: about 7,000)
+# Work bounds for the whole codestream (all tiles): code-blocks set up (times layers) and
+# packets. A 4000 x 5000 image in 32 x 32 code-blocks and 10 layers needs about 200,000 and
+# 1,000 of them; a forged header asking for more makes the caller decode the plain way.
+_MAX_CODE_BLOCKS = 1 << 18
+_MAX_PACKETS = 1 << 18
+_MAX_PASSES = 3 * 37 - 2  # coding passes of one code-block: 37 magnitude bit-planes at most (T.800 B.10.5)
 
 
 class Unsupported(ValueError):
@@ -64,6 +70,7 @@ class _Coding:
     style: int
     reversible: bool
     precincts: tuple[tuple[int, int], ...]  # (PPx, PPy) per resolution level
+    magnitude_planes: tuple[int, ...] | None  # Mb per sub-band (QCD order: LL, then HL, LH, HH per level)
 
 
 # --- bits ------------------------------------------------------------------------------------
@@ -236,14 +243,21 @@ def _main_header(data: bytes) -> tuple[_Coding, bytearray, int]:
     xsiz, ysiz, xosiz, yosiz, xtsiz, ytsiz, xtosiz, ytosiz, components = struct.unpack_from(">8IH", data, 8)
     if components != 1 or data[43:45] != b"\x01\x01" or not (xtsiz and ytsiz):
         raise Unsupported("only one component without subsampling")
+    if not (xtosiz <= xosiz < xsiz and ytosiz <= yosiz < ysiz and xtosiz + xtsiz > xosiz
+            and ytosiz + ytsiz > yosiz):
+        raise Unsupported("SIZ marker with an invalid image or tile origin")
     header = bytearray(data[: 4 + lsiz])
-    cod = None
+    cod = qcd = None
     end = 4 + lsiz
     for marker, start, end in _segments(data, 4 + lsiz, _SOT):
         if marker in (_COC, _RGN, _POC, _PPM):
             raise Unsupported(f"marker {marker:04X} in the main header")
         if marker == _COD:
             cod = data[start:end]
+        if marker == _QCD:
+            qcd = data[start:end]
+        if marker == _QCC:  # quantisation of component 0 given apart: the bit-plane counts are unknown
+            qcd = b""
         if marker not in (_TLM, _PLM):
             header += data[start:end]
     if cod is None or len(cod) < 14:
@@ -260,8 +274,20 @@ def _main_header(data: bytes) -> tuple[_Coding, bytearray, int]:
     else:
         precincts = ((15, 15),) * (levels + 1)
     coding = _Coding((xsiz, ysiz, xosiz, yosiz), (xtsiz, ytsiz, xtosiz, ytosiz), bool(scod & 2), bool(scod & 4),
-                     order, layers, levels, (cbw + 2, cbh + 2), style, transform == 1, precincts)
+                     order, layers, levels, (cbw + 2, cbh + 2), style, transform == 1, precincts,
+                     _magnitude_planes(qcd, levels))
     return coding, header, end
+
+
+def _magnitude_planes(qcd: bytes | None, levels: int) -> tuple[int, ...] | None:
+    """Mb = guard bits + exponent - 1 of each sub-band (T.800 E.1), from a QCD without
+    quantisation (the reversible wavelet's); None for anything else."""
+    if not qcd or len(qcd) < 5 or qcd[4] & 0x1F:
+        return None
+    guard, exponents = qcd[4] >> 5, qcd[5:]
+    if len(exponents) < 3 * levels + 1:
+        return None
+    return tuple(guard + (exponent >> 3) - 1 for exponent in exponents[: 3 * levels + 1])
 
 
 @dataclass
@@ -321,10 +347,11 @@ def _ceil_div_pow2(value: int, power: int) -> int:
 class _Block:
     """A code-block's state while its packets are read, and its contributions at the level thinned."""
 
-    __slots__ = ("contributions", "first_layer", "included", "lblock", "segments", "zero_planes")
+    __slots__ = ("contributions", "first_layer", "included", "lblock", "passes", "segments", "zero_planes")
 
     def __init__(self):
         self.included = False  # in the original stream, in a layer before the current one
+        self.passes = 0  # in the original stream so far
         self.lblock = 3
         self.segments: list[list[int]] = []  # [passes, most passes] per codeword segment
         self.zero_planes = 0
@@ -336,13 +363,17 @@ class _Block:
 class _Precinct:
     """One precinct's code-blocks in each sub-band of its resolution level (empty bands: None)."""
 
+    resolution: int
     bands: list[tuple[int, int, int] | None]  # (band number, code-blocks across, down)
     inclusion: list[_TagTree | None]
     zero_planes: list[_TagTree | None]
     blocks: list[list[_Block]]
 
 
-def _precincts(coding: _Coding, tile_box: tuple[int, int, int, int], resolution: int) -> list[_Precinct]:
+def _precincts(coding: _Coding, tile_box: tuple[int, int, int, int], resolution: int,
+               budget: list[int]) -> list[_Precinct]:
+    """The precincts of one resolution level of a tile, their code-blocks counted against
+    ``budget`` ([code-blocks x layers left for the codestream])."""
     tx0, ty0, tx1, ty1 = tile_box
     level = coding.levels - resolution
     rx0, ry0 = _ceil_div_pow2(tx0, level), _ceil_div_pow2(ty0, level)
@@ -382,26 +413,48 @@ def _precincts(coding: _Coding, tile_box: tuple[int, int, int, int], resolution:
             h = ((_ceil_div_pow2(y1, cb_h) << cb_h) - ((y0 >> cb_h) << cb_h)) >> cb_h
             if w < 0 or h < 0 or (w * h and (x0 >= x1 or y0 >= y1)):
                 raise Unsupported("a precinct outside its sub-band")
+            budget[0] -= w * h * coding.layers
+            if budget[0] < 0:
+                raise Unsupported("too many code-blocks")
             shapes.append((number, w, h))
             inclusion.append(_TagTree(w, h) if w * h else None)
             zeros.append(_TagTree(w, h) if w * h else None)
             blocks.append([_Block() for _ in range(w * h)])
-        result.append(_Precinct(shapes, inclusion, zeros, blocks))
+        result.append(_Precinct(resolution, shapes, inclusion, zeros, blocks))
     return result
 
 
-def _packet_order(coding: _Coding, counts: list[int]) -> list[tuple[int, int, int]]:
+def _packet_order(coding: _Coding, counts: list[int], box) -> list[tuple[int, int, int]]:
     """(layer, resolution, precinct) of each packet of a one-component tile, in stream order."""
     layers, resolutions = range(coding.layers), range(coding.levels + 1)
     if coding.order == _LRCP:
         return [(l, r, p) for l in layers for r in resolutions for p in range(counts[r])]
     if coding.order == _RLCP:
         return [(l, r, p) for r in resolutions for l in layers for p in range(counts[r])]
-    if coding.order == _RPCL or all(count <= 1 for count in counts):
-        # RPCL visits a resolution's precincts in raster order; PCRL and CPRL do the same
-        # when each resolution has one precinct (their position loops then meet it first).
+    if coding.order == _RPCL:  # a resolution's precincts in raster order
         return [(l, r, p) for r in resolutions for p in range(counts[r]) for l in layers]
-    raise Unsupported("a position-driven progression (PCRL, CPRL) with several precincts")
+    # PCRL and CPRL (one component: the same): positions on the reference grid, and at each the
+    # resolutions whose precinct starts there. A precinct is met where OpenJPEG's pi.c (T.800
+    # B.12.1.4) meets it: at the tile's first row (column) when that is on the precinct grid or the
+    # resolution's origin is off it, else where the precinct grid line falls.
+    tx0, ty0, tx1, _ = box
+    keyed = []
+    for r in resolutions:
+        if not counts[r]:
+            continue
+        level = coding.levels - r
+        ppx, ppy = coding.precincts[r]
+        rx0, ry0, rx1 = _ceil_div_pow2(tx0, level), _ceil_div_pow2(ty0, level), _ceil_div_pow2(tx1, level)
+        across = ((_ceil_div_pow2(rx1, ppx) << ppx) - ((rx0 >> ppx) << ppx)) >> ppx
+
+        def met(t0: int, r0: int, pp: int, j: int, level: int = level) -> int:
+            if j == 0 and (t0 % (1 << (pp + level)) == 0 or (r0 << level) % (1 << (pp + level))):
+                return t0
+            return (((r0 >> pp) + j) << pp) << level
+
+        keyed += [(met(ty0, ry0, ppy, p // across), met(tx0, rx0, ppx, p % across), r, p) for p in range(counts[r])]
+    keyed.sort()
+    return [(l, r, p) for _, _, r, p in keyed for l in layers]
 
 
 # --- packets ---------------------------------------------------------------------------------
@@ -460,6 +513,9 @@ def _read_packet(data: bytes, position: int, end: int, precinct: _Precinct, laye
                     planes = zeros.value[number]
                     block.zero_planes, block.first_layer, block.included = planes, layer, True
                 passes = _passes(reader)
+                block.passes += passes
+                if block.passes > _MAX_PASSES:
+                    raise Unsupported("a code-block with more coding passes than bit-planes allow")
                 while reader.bit():
                     block.lblock += 1
                     if block.lblock > 32:
@@ -491,11 +547,17 @@ def _read_packet(data: bytes, position: int, end: int, precinct: _Precinct, laye
     return header_start, body, offset
 
 
-def _kept_passes(block: _Block, drop_planes: int) -> int:
-    """Passes to keep when the last ``drop_planes`` bit-planes go: 3 per plane, the first plane
-    has its cleanup pass only."""
+def _kept_passes(block: _Block, drop_planes: int, magnitude_planes: int | None) -> int:
+    """Passes to keep when the last ``drop_planes`` bit-planes go: 3 per plane (the first plane
+    has its cleanup pass only). Only a code-block coded down to its last bit-plane, with
+    3 * (Mb - zero bit-planes) - 2 passes, loses any: an encoder that stopped earlier (lossy
+    coding) already left out more than that."""
     total = sum(passes for _, passes, _, _ in block.contributions)
-    return max(0, total - 3 * drop_planes) if drop_planes else total
+    if not drop_planes or magnitude_planes is None:
+        return total
+    if total != 3 * (magnitude_planes - block.zero_planes) - 2:
+        return total
+    return max(0, total - 3 * drop_planes)
 
 
 def _write_packet(precinct: _Precinct, layer: int, coding: _Coding, keep: frozenset[int], drop_planes: int,
@@ -506,7 +568,9 @@ def _write_packet(precinct: _Precinct, layer: int, coding: _Coding, keep: frozen
             if band is None or not blocks:
                 continue
             kept = band[0] in keep
-            limits = [_kept_passes(block, drop_planes) if kept else 0 for block in blocks]
+            planes = coding.magnitude_planes
+            band_planes = planes[1 + 3 * (precinct.resolution - 1) + band[0] - 1] if planes else None
+            limits = [_kept_passes(block, drop_planes, band_planes) if kept else 0 for block in blocks]
             first = []
             for block, limit in zip(blocks, limits):
                 seen, first_layer = 0, _NEVER
@@ -519,25 +583,28 @@ def _write_packet(precinct: _Precinct, layer: int, coding: _Coding, keep: frozen
             inclusion.set_leaves(first)
             zeros.set_leaves([block.zero_planes if layer_ != _NEVER else _NEVER
                               for block, layer_ in zip(blocks, first)])
-            state[index] = (inclusion, zeros, limits, [0] * len(blocks), [3] * len(blocks))
+            # ..., passes written, length indicators, next contribution, original passes before it
+            state[index] = (inclusion, zeros, limits, [0] * len(blocks), [3] * len(blocks), [0] * len(blocks),
+                            [0] * len(blocks))
     plan = []  # (state, block number, block, its contribution in this layer, passes kept)
     for index, (band, blocks) in enumerate(zip(precinct.bands, precinct.blocks)):
         if band is None or not blocks:
             continue
-        limits = state[index][2]
+        limits, cursors, before = state[index][2], state[index][5], state[index][6]
         for number, block in enumerate(blocks):
-            contribution = next((c for c in block.contributions if c[0] == layer), None)
-            passes = 0
-            if contribution is not None:
-                before = sum(c[1] for c in block.contributions if c[0] < layer)
-                passes = max(0, min(contribution[1], limits[number] - before))
+            contribution, passes = None, 0
+            if cursors[number] < len(block.contributions) and block.contributions[cursors[number]][0] == layer:
+                contribution = block.contributions[cursors[number]]
+                cursors[number] += 1
+                passes = max(0, min(contribution[1], limits[number] - before[number]))
+                before[number] += contribution[1]
             plan.append((state[index], number, contribution, passes))
     if not any(passes for *_, passes in plan):  # an empty packet; the tag trees are left as they are
         return b"\x00" + (b"\xff\x92" if coding.eph else b"")
     writer = _BitWriter()
     body = bytearray()
     writer.bit(1)
-    for (inclusion, zeros, _, written, lblocks), number, contribution, passes in plan:
+    for (inclusion, zeros, _, written, lblocks, _, _), number, contribution, passes in plan:
         if written[number]:
             writer.bit(1 if passes else 0)
         else:
@@ -610,6 +677,8 @@ def thin(codestream: bytes, resolution: int, keep: frozenset[int], drop_planes: 
         return _thin(bytes(codestream), resolution, keep, drop_planes)
     except (struct.error, IndexError) as exc:  # a header cut short
         raise Unsupported(f"the codestream ends early ({exc})") from exc
+    except ArithmeticError as exc:  # sizes the SIZ checks let through
+        raise Unsupported(f"impossible sizes ({exc!r})") from exc
 
 
 def _thin(data: bytes, resolution: int, keep: frozenset[int], drop_planes: int) -> bytes:
@@ -622,13 +691,14 @@ def _thin(data: bytes, resolution: int, keep: frozenset[int], drop_planes: int) 
     xtsiz, ytsiz, xtosiz, ytosiz = coding.tiling
     across = -(-(xsiz - xtosiz) // xtsiz)
     out = bytearray(header)
+    budget = [_MAX_CODE_BLOCKS, _MAX_PACKETS]
     for index, tile in _tiles(data, position).items():
         p, q = index % across, index // across
         box = (max(xtosiz + p * xtsiz, xosiz), max(ytosiz + q * ytsiz, yosiz),
                min(xtosiz + (p + 1) * xtsiz, xsiz), min(ytosiz + (q + 1) * ytsiz, ysiz))
         if box[0] >= box[2] or box[1] >= box[3]:
             raise Unsupported(f"tile {index} outside the image")
-        body = _thin_tile(*tile.body(data), coding, box, resolution, keep, drop_planes)
+        body = _thin_tile(*tile.body(data), coding, box, resolution, keep, drop_planes, budget)
         out += struct.pack(">HHHIBB", _SOT, 10, index, 12 + len(tile.header) + 2 + len(body), 0, 1)
         out += tile.header + struct.pack(">H", _SOD) + body
     out += struct.pack(">H", _EOC)
@@ -636,21 +706,21 @@ def _thin(data: bytes, resolution: int, keep: frozenset[int], drop_planes: int) 
 
 
 def _thin_tile(data: bytes, start: int, end: int, coding: _Coding, box, resolution: int, keep: frozenset[int],
-               drop_planes: int) -> bytes:
-    """The packets of one tile (``data[start:end]``) rewritten."""
+               drop_planes: int, budget: list[int]) -> bytes:
+    """The packets of one tile (``data[start:end]``) rewritten; ``budget``: [code-blocks x layers,
+    packets] left for the codestream, spent here."""
     levels: dict[int, list[_Precinct]] = {}  # built when a packet of that level is parsed
 
     def precincts(r: int) -> list[_Precinct]:
         if r not in levels:
-            levels[r] = _precincts(coding, box, r)
-            if sum(len(b) for precinct in levels[r] for b in precinct.blocks) * coding.layers > _MAX_CODE_BLOCKS:
-                raise Unsupported("too many code-blocks")
+            levels[r] = _precincts(coding, box, r, budget)
         return levels[r]
 
     counts = [_precinct_count(coding, box, r) for r in range(coding.levels + 1)]
-    if sum(counts) * coding.layers > _MAX_PACKETS:
-        raise Unsupported(f"{sum(counts) * coding.layers:,} packets in a tile")
-    order = _packet_order(coding, counts)
+    budget[1] -= sum(counts) * coding.layers
+    if budget[1] < 0:
+        raise Unsupported("too many packets")
+    order = _packet_order(coding, counts, box)
     last_needed = max((i for i, (_, r, _) in enumerate(order) if r <= resolution), default=-1)
     empty = b"\x00" + (b"\xff\x92" if coding.eph else b"")
     out = bytearray()

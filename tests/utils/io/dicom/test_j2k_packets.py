@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import struct
 import subprocess
 
 import cv2
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.io.dicom import openjp2
+from utils.io.dicom import j2k_packets, openjp2
 from utils.io.dicom.j2k_packets import HH, HL, LH, Unsupported, thin
 
 pytestmark = pytest.mark.skipif(not openjp2.available(), reason="no libopenjp2 2.5 or later")
@@ -192,6 +193,14 @@ def test_left_out_bit_planes_cost_at_most_their_weight(planes):
     assert error.mean() < 2 ** (planes - 1)
 
 
+def test_bit_planes_only_leave_code_blocks_coded_to_the_last_plane():
+    # Reversible but rate-limited (lossy): the encoder stopped above the last bit-plane, so
+    # "the last passes" would be high planes; no code-block here is coded to its end.
+    codestream = pillow_j2k(xray_like((240, 200), seed=10), quality_layers=[20], quality_mode="rates")
+    levels = levels_of(codestream)
+    assert thin(codestream, levels, frozenset({HL}), 3) == thin(codestream, levels, frozenset({HL}), 0)
+
+
 def test_bit_planes_only_leave_reversible_code_blocks():
     codestream = pillow_j2k(xray_like((200, 200), seed=6), irreversible=True)
     levels = levels_of(codestream)
@@ -234,6 +243,44 @@ def test_forged_sizes_are_refused_before_any_work():
         thin(bytes(codestream), 1, ALL)
 
 
+def _forged(width: int, height: int, cod: bytes, qcd_bands: int, tiles: list[bytes]) -> bytes:
+    """SOC, SIZ (one 12-bit component, tiles of width x height), ``cod``, a QCD, the tiles' packet data."""
+    siz = struct.pack(">HHH8IH", 0xFF51, 41, 0, width * len(tiles), height, 0, 0, width, height, 0, 0, 1) + bytes([11, 1, 1])
+    qcd = struct.pack(">HHB", 0xFF5C, 3 + qcd_bands, 0x40) + bytes([0x60] * qcd_bands)
+    out = bytearray(b"\xff\x4f" + siz + cod + qcd)
+    for index, packets in enumerate(tiles):
+        out += struct.pack(">HHHIBB", 0xFF90, 10, index, 14 + len(packets), 0, 1) + b"\xff\x93" + packets
+    return bytes(out + b"\xff\xd9")
+
+
+def test_a_forged_header_cannot_make_the_rewrite_work_for_long():
+    # Each of these takes a few hundred bytes; unbounded, they took 3-8 s or minutes to rewrite.
+    # 1. Every code-block coded again in each of 500 layers: more passes than bit-planes allow.
+    cod = struct.pack(">HHBBHBBBBBB", 0xFF52, 12, 0, 0, 500, 0, 1, 4, 4, 0, 1)
+    packets = bytearray()
+    for layer in range(500):
+        writer = j2k_packets._BitWriter()
+        writer.bit(1)
+        for _band in range(3):  # included (layer 0: the tag trees' bits too), 1 pass, length 0
+            writer.bits(0b100010000 if layer == 0 else 0b10000, 9 if layer == 0 else 5)
+        packets += b"\x00" + writer.flush()
+    with pytest.raises(Unsupported, match="passes"):
+        thin(_forged(8, 8, cod, 4, [bytes(packets)]), 1, ALL)
+    # 2. 4 x 4 code-blocks on a 4096 x 4096 tile: a million code-blocks from 16 bytes.
+    cod = struct.pack(">HHBBHBBBBBB", 0xFF52, 12, 0, 0, 1, 0, 1, 0, 0, 0, 1)
+    with pytest.raises(Unsupported, match="code-blocks"):
+        thin(_forged(4096, 4096, cod, 4, [b"\x00\x00"]), 1, ALL)
+    # 3. Tiny precincts in 40 tiles of 16 bytes: 14 million empty packets to write.
+    cod = struct.pack(">HHBBHBBBBBB", 0xFF52, 18, 1, 1, 1, 0, 5, 4, 4, 0, 1) + bytes([0xFF, 0xFF, 0x11, 0x11, 0x11, 0x11])
+    with pytest.raises(Unsupported, match="packets"):
+        thin(_forged(1024, 1024, cod, 16, [b"\x00\x00"] * 40), 1, ALL)
+    # 4. A tile origin beyond the image (T.800 A.5.1).
+    codestream = bytearray(pillow_j2k(xray_like((64, 64))))
+    struct.pack_into(">I", codestream, 32, 65)  # XTOsiz > Xsiz
+    with pytest.raises(Unsupported, match="origin"):
+        thin(bytes(codestream), 1, ALL)
+
+
 def test_cut_or_damaged_codestreams_raise_only_unsupported():
     image = xray_like((200, 180), seed=7)
     codestream = pillow_j2k(image, quality_layers=[20, 0], quality_mode="rates", precinct_size=(64, 64))
@@ -260,9 +307,12 @@ def test_cut_or_damaged_codestreams_raise_only_unsupported():
 
 @pytest.mark.skipif(shutil.which("opj_compress") is None, reason="opj_compress not installed (libopenjp2-tools)")
 @pytest.mark.parametrize("flags", [["-SOP", "-EPH"], ["-M", "1"], ["-M", "4"], ["-M", "63"],
-                                   ["-SOP", "-EPH", "-r", "20,5,1", "-M", "1"], ["-TP", "R", "-t", "64,64"]],
+                                   ["-SOP", "-EPH", "-r", "20,5,1", "-M", "1"], ["-TP", "R", "-t", "64,64"],
+                                   ["-n", "3", "-p", "PCRL", "-t", "63,63", "-c", "[256,256],[32,32],[256,256]"],
+                                   ["-p", "CPRL", "-c", "[32,32],[32,32],[64,64]", "-d", "0,63"],
+                                   ["-p", "PCRL", "-c", "[64,64],[32,32]", "-t", "100,70", "-d", "7,11", "-T", "5,9"]],
                          ids=["SOP+EPH", "bypass", "termall", "all mode switches", "layers, bypass, markers",
-                              "tile-parts"])
+                              "tile-parts", "PCRL, odd tiles", "CPRL, image offset", "PCRL, tile offset"])
 def test_openjpeg_encoder_options(tmp_path, flags):
     image = xray_like((180, 150), seed=9)
     source, target = tmp_path / "in.pgm", tmp_path / "out.j2k"
@@ -274,6 +324,6 @@ def test_openjpeg_encoder_options(tmp_path, flags):
         skipped = levels - resolution
         np.testing.assert_array_equal(openjp2.decode(thin(codestream, resolution, ALL), skipped)[0],
                                       openjp2.decode(codestream, skipped)[0])
-    if "-t" not in flags and "-r" not in flags:
+    if not {"-t", "-r", "-d"} & set(flags):
         np.testing.assert_array_equal(openjp2.decode(thin(codestream, levels, frozenset({LH})))[0],
                                       model_decode(image, 0, frozenset({LH})))
