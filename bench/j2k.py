@@ -159,6 +159,10 @@ def thinned_rows(path: str, codestream: bytes, runs: int) -> list[str]:
     if not openjp2.available():
         return []
     levels = codestream[codestream.index(b"\xff\x52") + 9]
+    try:
+        j2k_packets.thin(codestream, levels - 1, frozenset({j2k_packets.HL}))
+    except j2k_packets.Unsupported:  # HTJ2K code-blocks: decoded the plain way
+        return []
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     spec = PreprocessSpec()
     step = stored_values_per_gray_level(ds, lambda: openjp2.decode(codestream, levels)[0], spec.window_percentiles,

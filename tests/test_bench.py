@@ -71,4 +71,12 @@ def test_j2k_bench_switches_the_decoder_and_times_the_levels(tmp_path):
     assert openjp2.available() == before
     if before:
         table = j2k.levels(str(path), runs=1)
-        assert table.count("\n") == 5 and "| 1 | 1/4 |" in table
+        assert "| 1 | 1/4 |" in table and "| 1, thinned | 1/4, level 2: HL only |" in table
+        assert table.count("\n") in (7, 8)  # header, 4 levels, thinned without (and with) planes, rewrite
+        # HTJ2K code-blocks are not thinned: no such rows
+        import pydicom
+        from pydicom.encaps import get_frame
+
+        codestream = bytearray(get_frame(pydicom.dcmread(path).PixelData, 0, number_of_frames=1))
+        codestream[codestream.index(b"\xff\x52") + 12] |= 0x40
+        assert j2k.thinned_rows(str(path), bytes(codestream), 1) == []
