@@ -306,6 +306,22 @@ def test_thinning_without_skipping_a_level(tall_and_wide, thin_calls):
     assert mean <= 0.75 and p99 <= 3 and worst <= 6, (mean, p99, worst)
 
 
+@needs_openjp2
+def test_a_codestream_the_rewrite_leaves_alone_is_reduced_as_before(tall_and_wide, monkeypatch):
+    from utils.io.dicom import j2k, j2k_packets
+
+    thinned = dicom.read_dicom(tall_and_wide["tall"], target_shape=target(256)).pixels
+
+    def unsupported(*args, **kwargs):
+        raise j2k_packets.Unsupported("a POC marker, say")
+
+    monkeypatch.setattr(j2k_packets, "thin", unsupported)
+    plain = dicom.read_dicom(tall_and_wide["tall"], target_shape=target(256))
+    monkeypatch.setattr(j2k, "thinning", lambda *args: None)
+    np.testing.assert_array_equal(plain.pixels, dicom.read_dicom(tall_and_wide["tall"], target_shape=target(256)).pixels)
+    assert plain.reduced_by == 1 and not np.array_equal(plain.pixels, thinned)
+
+
 def test_thinning_needs_one_side_to_spare():
     from utils.io.dicom.j2k import thinning
 
