@@ -23,11 +23,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server():
-    """A Verification SCP whose connections are made quiet (as the router's SCP does)."""
+def _quiet_server(timeout: float | None = None):
+    """A Verification SCP whose connections are made quiet (as the router's SCP does):
+    (server, port, the associations accepted). ``timeout``: its ACSE and network timeouts."""
     ae = AE(ae_title="SCP")
     ae.add_supported_context(Verification)
+    if timeout is not None:
+        ae.acse_timeout = ae.network_timeout = timeout
     accepted = []
 
     def opened(event):
@@ -37,6 +39,12 @@ def server():
     port = _port()
     srv = ae.start_server(("127.0.0.1", port), block=False,
                           evt_handlers=[(evt.EVT_CONN_OPEN, opened), (evt.EVT_CONN_CLOSE, wakeup.close)])
+    return srv, port, accepted
+
+
+@pytest.fixture
+def server():
+    srv, port, accepted = _quiet_server()
     yield port, accepted
     srv.shutdown()
 
@@ -139,18 +147,7 @@ def test_a_peer_that_vanishes_mid_pdu_is_timed_out_and_the_server_goes_on(partia
     """A quiet connection waits in select, and pynetdicom's timers still fire: a peer that connects, sends nothing or
     a truncated A-ASSOCIATE-RQ and disappears is dropped after the ACSE / network timeout (1 s here; pynetdicom
     keeps such a connection until then, quiet or not), and the next association is served as usual."""
-    ae = AE(ae_title="SCP")
-    ae.add_supported_context(Verification)
-    ae.acse_timeout = ae.network_timeout = 1
-    accepted = []
-
-    def opened(event):
-        wakeup.quiet(event, reactor=True)
-        accepted.append(event.assoc)
-
-    port = _port()
-    srv = ae.start_server(("127.0.0.1", port), block=False,
-                          evt_handlers=[(evt.EVT_CONN_OPEN, opened), (evt.EVT_CONN_CLOSE, wakeup.close)])
+    srv, port, accepted = _quiet_server(timeout=1)
     try:
         with socket.create_connection(("127.0.0.1", port)) as raw:
             raw.sendall(partial)  # A-ASSOCIATE-RQ announcing 1000 bytes, of which none come
