@@ -251,8 +251,6 @@ def _grid_sample(values: np.ndarray, max_samples: int) -> np.ndarray:
     return values[::stride, ::stride]
 
 
-
-
 # --- How fine the display steps are: what a reduced JPEG 2000 decode may leave out ------------
 
 

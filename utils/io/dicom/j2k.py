@@ -107,7 +107,7 @@ def decode_reduced(
             return None
         levels = min(header.levels, MAX_J2K_REDUCTION)
         level = reduction_level(header.rows, header.cols, levels, target_shape)
-        keep = thinning(header.rows, header.cols, level, min(header.levels, MAX_J2K_REDUCTION), target_shape)
+        keep = thinning(header.rows, header.cols, level, levels, target_shape)
         if openjp2.available() and keep is not None and tsyntax in J2K_SYNTAXES:
             stream = _thinned(codestream, header, level, keep, gray_step, path)
             if stream is not None:

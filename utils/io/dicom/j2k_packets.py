@@ -347,7 +347,7 @@ def _ceil_div_pow2(value: int, power: int) -> int:
 class _Block:
     """A code-block's state while its packets are read, and its contributions at the level thinned."""
 
-    __slots__ = ("contributions", "first_layer", "included", "lblock", "passes", "segments", "zero_planes")
+    __slots__ = ("contributions", "included", "lblock", "passes", "segments", "zero_planes")
 
     def __init__(self):
         self.included = False  # in the original stream, in a layer before the current one
@@ -355,7 +355,6 @@ class _Block:
         self.lblock = 3
         self.segments: list[list[int]] = []  # [passes, most passes] per codeword segment
         self.zero_planes = 0
-        self.first_layer = _NEVER
         self.contributions: list[tuple[int, int, list[int], int]] = []  # layer, passes, lengths, offset
 
 
@@ -511,7 +510,7 @@ def _read_packet(data: bytes, position: int, end: int, precinct: _Precinct, laye
                 if first:
                     zeros.decode(reader, number, _NEVER)
                     planes = zeros.value[number]
-                    block.zero_planes, block.first_layer, block.included = planes, layer, True
+                    block.zero_planes, block.included = planes, True
                 passes = _passes(reader)
                 block.passes += passes
                 if block.passes > _MAX_PASSES:
