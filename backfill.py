@@ -13,7 +13,9 @@ Decoding runs in --workers Ray actors (1 CPU each), each with an isolated decodi
 file that hangs past --decode-timeout-s, crashes its decoder or needs more than
 --decode-memory-limit-mb becomes an error row and never stops the run. Inference runs in
 --inference-workers actors holding the model (int8 TFLite or ONNX on CPUs; Keras with
---inference-gpus 1 on GPU nodes). Output: DIR/part-*.parquet with predict.py's CSV columns
+--inference-gpus 1 on GPU nodes). A DICOM whose header is not projection radiography (Modality
+not CR/DX/DR/RG) is an error row with reason not_projection_radiography, never shown to the model
+(--no-projection-only for archives that mis-tag). Output: DIR/part-*.parquet with predict.py's CSV columns
 (path, SOPInstanceUID, StudyInstanceUID, label, confidence, top_label, prob_<class>...,
 BodyPartExamined, tag_disagrees, error, sorted_to [empty]), typed; parts are written atomically,
 so a re-run skips every file already in DIR and a killed run, run again, finishes the rest. At
@@ -37,7 +39,7 @@ from utils import config, constants
 from utils.infer.decisions import threshold_value
 from utils.io.isolation import PoolSettings
 
-FLAGS = ("DECODE_POOL", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB", "DECODE_THREADS")
+FLAGS = ("PROJECTION_ONLY", "DECODE_POOL", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB", "DECODE_THREADS")
 # Flags named without the BACKFILL_ prefix (--workers, args.workers); defaults, help and ranges are the constants'.
 LAYOUT = ("BACKFILL_WORKERS", "BACKFILL_INFERENCE_WORKERS", "BACKFILL_INFERENCE_CPUS", "BACKFILL_INFERENCE_GPUS",
           "BACKFILL_ROWS_PER_FILE", "BACKFILL_NUM_CPUS", "BACKFILL_CORRECTION_THRESHOLD")
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     pool = PoolSettings.from_flags({**settings, "decode_workers": 1, "decode_threads": settings["decode_threads"] or 1})
     layout = pipeline.Settings(workers=args.workers, inference_workers=args.inference_workers,
                                inference_cpus=args.inference_cpus, inference_gpus=args.inference_gpus,
-                               batch_size=args.batch_size, rows_per_file=args.rows_per_file, pool=pool)
+                               batch_size=args.batch_size, rows_per_file=args.rows_per_file, pool=pool,
+                               projection_only=args.projection_only)
     if not args.address and not args.num_cpus and args.workers:  # room for the actors asked for
         import os
 

@@ -9,7 +9,10 @@ INPUT is a file, a folder (searched recursively for images and DICOM files) or a
 (*.txt, *.lst, *.list) listing paths. One CSV row per file: path, SOPInstanceUID,
 StudyInstanceUID, label, confidence, top_label, prob_<class> for each class, BodyPartExamined,
 tag_disagrees (true/false, empty without a tag), error, sorted_to. A file that cannot be read gets
-label "unreadable" and its reason; a prediction below --threshold gets label "uncertain".
+label "unreadable" and its reason; a prediction below --threshold gets label "uncertain". A DICOM
+whose Modality is not projection radiography (CR, DX, DR, RG; without a Modality, a CR or DX SOP
+class) is not shown to the model: label "unreadable", reason not_projection_radiography (the
+router's default rule); --no-projection-only turns that off for archives that mis-tag.
 --threshold auto uses the threshold recommended when the model was calibrated (calibrate.py, or
 the end of training: the lowest confidence whose automatically routed share reached the target
 accuracy, calibrate.py --target-accuracy, on the validation split); a model without one is refused
@@ -31,8 +34,8 @@ from utils import config, constants
 from utils.infer.decisions import threshold_value
 from utils.io.isolation import PoolSettings
 
-FLAGS = ("THRESHOLD", "SORT_MODE", "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LIMIT_MB",
-         "DECODE_THREADS")
+FLAGS = ("THRESHOLD", "SORT_MODE", "PROJECTION_ONLY", "DECODE_POOL", "DECODE_WORKERS", "DECODE_TIMEOUT_S",
+         "DECODE_MEMORY_LIMIT_MB", "DECODE_THREADS")
 # --threshold also takes "auto", so it is checked by its own type (threshold_value), not by config.resolve
 CHECKED_FLAGS = tuple(name for name in FLAGS if name != "THRESHOLD")
 
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
              predictor.metadata.temperature if getattr(predictor, "metadata", None) else 1.0, threshold, len(files))
     summary = batch_predict.run(predictor, files, output=args.output, threshold=threshold,
                                 batch_size=args.batch_size, pool=PoolSettings.from_flags(settings),
-                                sort_into=args.sort_into, sort_mode=args.sort_mode, progress=not args.quiet)
+                                sort_into=args.sort_into, sort_mode=args.sort_mode, progress=not args.quiet,
+                                projection_only=args.projection_only)
     for line in summary.lines():
         print(line)
     print(f"predictions: {args.output}" + (f"; sorted into {args.sort_into}" if args.sort_into else ""))

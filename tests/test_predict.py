@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 import predict
@@ -297,3 +298,38 @@ def test_threshold_flag_takes_a_number_or_auto(capsys):
     out = subprocess.run([sys.executable, "predict.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=False, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert "--threshold auto" in out.stdout and "calibrate.py" in out.stdout
+
+
+def test_header_guard_keeps_what_is_not_projection_radiography_from_the_model(tmp_path, model):
+    """CT / MR / US / no-Modality-SC headers: a row with reason not_projection_radiography, never a body part;
+    CR, DX, RG, a DX SOP class without Modality and PNGs go to the model; --no-projection-only turns it off."""
+    from utils.io.dicom_writer import write_dicom
+
+    from .routing.conftest import bright_rows_image
+
+    image = bright_rows_image(ROWS_BY_CLASS["spine"])
+    folder = tmp_path / "mixed"
+    kept = {m: write_dicom(folder / f"{m}.dcm", image, modality=m, bits_stored=12) for m in ("CR", "DX", "RG")}
+    refused = {m: write_dicom(folder / f"{m}.dcm", image, modality=m, bits_stored=12) for m in ("CT", "MR", "US", "OT")}
+    no_modality = write_dicom(folder / "no_modality_dx_class.dcm", image, modality="DX", bits_stored=12)
+    ds = pydicom.dcmread(no_modality)
+    del ds.Modality
+    ds.save_as(no_modality)
+    sc = write_dicom(folder / "no_modality_sc.dcm", image, modality="OT", bits_stored=12)
+    ds = pydicom.dcmread(sc)
+    del ds.Modality
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.save_as(sc)
+    out = tmp_path / "guarded.csv"
+    assert run(["--model", model, folder, "--output", out, "--threshold", THRESHOLD]) == 0
+    rows = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("path")
+    for path in [*refused.values(), sc]:
+        row = rows.loc[str(path)]
+        assert row["label"] == "unreadable" and row["confidence"] == "" and row["top_label"] == ""
+        assert row["error"].startswith("not_projection_radiography: Modality "), row["error"]
+    assert "SOP class 1.2.840.10008.5.1.4.1.1.7" in rows.loc[str(sc), "error"]
+    for path in [*kept.values(), no_modality]:
+        assert rows.loc[str(path), "label"] == "spine" and rows.loc[str(path), "error"] == ""
+    out_all = tmp_path / "unguarded.csv"
+    assert run(["--model", model, folder, "--output", out_all, "--threshold", THRESHOLD, "--no-projection-only"]) == 0
+    assert set(pd.read_csv(out_all, dtype=str, keep_default_na=False)["label"]) == {"spine"}

@@ -168,6 +168,7 @@ THRESHOLD: float = 0.5  # top probability below this -> label "uncertain" (the m
 THRESHOLD_RANGE: str = "[0, 1]"
 SORT_MODE: str = "copy"  # how --sort-into places files: "copy", "hardlink" (same disk) or "symlink"
 SORT_MODE_CHOICES: tuple[str, ...] = ("copy", "hardlink", "symlink")
+PROJECTION_ONLY: bool = True  # predict/test/backfill: a DICOM whose Modality is not CR/DX/DR/RG is not_projection_radiography, never shown to the model
 DECODE_WORKERS: int = 0  # decoders for predict.py, test.py and the router; 0 = 1 process per core, or 2 threads per core (at most 8)
 DECODE_WORKERS_RANGE: str = "[0, inf)"
 DECODE_POOL: str = "processes"  # "processes": a file that hangs or crashes a codec costs only its row; "threads": trusted files only

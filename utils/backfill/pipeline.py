@@ -58,6 +58,7 @@ class Settings:
     inference_gpus: float = constants.BACKFILL_INFERENCE_GPUS  # GPUs per inference actor (Keras on a GPU node)
     batch_size: int = constants.BATCH_SIZE  # files per decode call and per model call
     rows_per_file: int = constants.BACKFILL_ROWS_PER_FILE  # rows per Parquet part
+    projection_only: bool = constants.PROJECTION_ONLY  # the header guard: not_projection_radiography rows
     # each decoding actor's: one process, one OpenJPEG thread (the actor holds 1 CPU)
     pool: PoolSettings = field(default_factory=lambda: PoolSettings(workers=1, threads=1))
 
@@ -110,11 +111,12 @@ def cluster_cpus() -> float:
 class Decoder:
     """A Ray actor: paths -> decoded images (zeros where unreadable), headers, reasons."""
 
-    def __init__(self, spec: PreprocessSpec, pool: PoolSettings, decode: Callable[..., Decoded] | None = None) -> None:
+    def __init__(self, spec: PreprocessSpec, pool: PoolSettings, decode: Callable[..., Decoded] | None = None,
+                 projection_only: bool = True) -> None:
         from utils.infer.engine import Engine
 
         self.spec = spec
-        self.engine = Engine(spec, pool=pool, decode=decode)
+        self.engine = Engine(spec, pool=pool, decode=decode, projection_only=projection_only)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from utils.backfill.sources import fetched
@@ -193,7 +195,8 @@ def build_dataset(paths: Sequence[str], *, model: str, spec: PreprocessSpec, thr
     rows = max(batch, math.ceil(len(paths) / MAX_INPUT_BLOCKS))
     table = pa.table({"path": pa.array(list(paths), pa.string())})
     ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, len(paths), rows)])
-    ds = ds.map_batches(Decoder, fn_constructor_kwargs={"spec": spec, "pool": settings.pool, "decode": decode},
+    ds = ds.map_batches(Decoder, fn_constructor_kwargs={"spec": spec, "pool": settings.pool, "decode": decode,
+                                                        "projection_only": settings.projection_only},
                         batch_size=batch, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     return ds.map_batches(Classifier, fn_constructor_kwargs={"model": str(model), "threshold": threshold},
@@ -221,7 +224,8 @@ def run(files: Sequence[str], *, model: str | os.PathLike, output: str | os.Path
     metadata = read_metadata(model)  # spec and class names without loading the model here
     spec = metadata.spec
     store = OutputStore(output, spec.class_names,
-                        identity={"model_id": metadata.model_id, "threshold": float(threshold), **(identity or {})})
+                        identity={"model_id": metadata.model_id, "threshold": float(threshold),
+                                  "projection_only": bool(settings.projection_only), **(identity or {})})
     done = store.done_paths()
     todo = [f for f in files if f not in done]
     result = Result(listed=len(files), already_done=len(files) - len(todo))

@@ -158,12 +158,14 @@ def decode_cached(path: str, spec: PreprocessSpec) -> Decoded:
     return Decoded(path, image)
 
 
-def _engine(spec: PreprocessSpec, predict, cached: bool, pool: PoolSettings | None) -> Engine:
-    """Raw files: the isolated pool as set; the prepared cache (our own PNGs): threads."""
+def _engine(spec: PreprocessSpec, predict, cached: bool, pool: PoolSettings | None,
+            projection_only: bool = False) -> Engine:
+    """Raw files: the isolated pool as set, the header guard if asked; the prepared cache (our own PNGs,
+    whose sources prepare.py already judged): threads."""
     pool = pool or PoolSettings()
     if cached:
         return Engine(spec, predict, pool=dataclasses.replace(pool, mode="threads"), decode=decode_cached)
-    return Engine(spec, predict, pool=pool)
+    return Engine(spec, predict, pool=pool, projection_only=projection_only)
 
 
 def iter_batches(files: Sequence[str], spec: PreprocessSpec, *, cached: bool, batch_size: int,
@@ -182,19 +184,21 @@ def iter_batches(files: Sequence[str], spec: PreprocessSpec, *, cached: bool, ba
 
 
 def predict(predictor, files: Sequence[str], *, cached: bool, batch_size: int = 32, progress: bool = True,
-            pool: PoolSettings | None = None) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+            pool: PoolSettings | None = None,
+            projection_only: bool = True) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Softmax probabilities for the readable files: (probs (M, K), kept indices (M,), errors).
 
     ``predictor`` is a utils.infer.predictor.Predictor; its spec decides the preprocessing. Raw files
     are decoded as ``pool`` says (default: isolated worker processes); decoding of batch n+1
-    overlaps inference of batch n.
+    overlaps inference of batch n. ``projection_only``: a raw DICOM that is not projection radiography
+    is left out with reason ``not_projection_radiography`` (counted in the coverage like any skip).
     """
     from tqdm import tqdm
 
     spec = predictor.spec
     probs, kept, errors = [], [], []
     bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not progress)
-    with _engine(spec, predictor.predict, cached, pool) as engine:
+    with _engine(spec, predictor.predict, cached, pool, projection_only) as engine:
         start = 0
         for predictions in engine.classify_batches(files, batch_size):
             for index, p in enumerate(predictions, start):

@@ -33,7 +33,8 @@ def evaluate_model(model_arg: str, data: str | None, settings: dict, output_dir:
     log.info("%s (%s): %d images from %s", model_arg, info.model_id, len(subset.files), subset.description)
     probs, kept, errors = evaluation.predict(info, subset.files, cached=subset.cached,
                                              batch_size=settings["batch_size"], progress=progress,
-                                             pool=PoolSettings.from_flags(settings))
+                                             pool=PoolSettings.from_flags(settings),
+                                             projection_only=settings.get("projection_only", True))
     for path, reason in subset.skipped + errors:
         log.warning("left out %s: %s", path, reason)
     coverage = evaluation.Coverage.of(subset, len(kept), errors, settings["max_skipped_share"])

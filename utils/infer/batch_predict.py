@@ -173,10 +173,12 @@ class Summary:
 
 def run(predictor, files: Sequence[str], *, output: str | os.PathLike, threshold: float, batch_size: int = 32,
         pool: PoolSettings | None = None, sort_into: str | os.PathLike | None = None, sort_mode: str = "copy",
-        progress: bool = True) -> Summary:
+        progress: bool = True, projection_only: bool = True) -> Summary:
     """Classify ``files``, write one CSV row per file to ``output`` as batches finish; a Summary.
 
     ``pool`` sets how files are decoded (default: worker processes, utils/constants.py DECODE_*).
+    ``projection_only``: a DICOM whose header is not projection radiography gets label ``unreadable``
+    with reason ``not_projection_radiography`` instead of a body part (utils.infer.decisions.not_projection).
     """
     from tqdm import tqdm
 
@@ -188,7 +190,7 @@ def run(predictor, files: Sequence[str], *, output: str | os.PathLike, threshold
     start = time.perf_counter()
     bar = tqdm(total=len(files), desc="classifying", unit="file", disable=not progress)
     with open(output, "w", newline="") as handle, \
-            Engine(spec, predictor.predict, threshold=threshold, pool=pool) as engine:
+            Engine(spec, predictor.predict, threshold=threshold, pool=pool, projection_only=projection_only) as engine:
         writer = csv.DictWriter(handle, fieldnames=csv_columns(class_names))
         writer.writeheader()
         for predictions in engine.classify_batches(files, batch_size):

@@ -14,6 +14,16 @@ import numpy as np
 UNCERTAIN = "uncertain"  # top probability below the threshold: route to manual review
 UNREADABLE = "unreadable"  # not an image the model can see (broken, non-image object, not DICOM)
 AUTO_THRESHOLD = "auto"  # --threshold auto / threshold: auto: the model's calibrated recommendation
+NOT_PROJECTION = "not_projection_radiography"  # reason of a DICOM the header guard keeps from the model
+
+# The header guard (predict.py, test.py on raw files, backfill.py; the router's built-in rules): a
+# DICOM goes to the model when its Modality is one of these, or, without a Modality, when its SOP
+# class is Computed Radiography or Digital X-Ray (For Presentation / For Processing). Mammography,
+# intra-oral and panoramic dental X-rays (MG, IO, PX) are projection images too, but no body part
+# this model knows. Modality is written by the sender: the model's out-of-distribution score is what
+# catches a photo or a CT slice tagged DX.
+PROJECTION_MODALITIES = ("CR", "DX", "DR", "RG")  # DR: retired term older devices still send; RG: digitised film
+PROJECTION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1")
 
 # Body Part Examined values (DICOM PS3.16 CID 4031 defined terms and common variants, compared
 # upper-case without separators) that agree with each default class. Classes not listed here
@@ -65,6 +75,29 @@ def tag_classes(tag: str | None, class_names: Sequence[str]) -> frozenset[str]:
         return frozenset()
     claimed = frozenset(c for c in class_names if tag in BODY_PART_TAGS.get(c, frozenset({_normalise_tag(c)})))
     return claimed or frozenset(c for c in class_names if c in OTHER_CLASSES)
+
+
+def not_projection(header: dict[str, str] | None) -> str:
+    """Why the header guard keeps a DICOM from the model ("" when it may go): its Modality is not
+    projection radiography (PROJECTION_MODALITIES), or it has none and its SOP class is not one of
+    PROJECTION_SOP_CLASSES. ``header`` is the reader's HEADER_FIELDS; an empty one (PNG, JPEG: no
+    header to judge) passes."""
+    if not header:
+        return ""
+    modality = str(header.get("Modality") or "").strip().upper()
+    sop_class = str(header.get("SOPClassUID") or "").strip()
+    if modality in PROJECTION_MODALITIES or (not modality and sop_class in PROJECTION_SOP_CLASSES):
+        return ""
+    shown_modality = _printable(modality) or "(none)"
+    shown_class = _printable(sop_class) or "(none)"
+    return (f"Modality {shown_modality}, SOP class {shown_class}: not projection radiography "
+            f"({'/'.join(PROJECTION_MODALITIES)}); --no-projection-only sends it to the model anyway")
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    """A header value as it may appear in a message: printable ASCII only, at most ``limit`` characters."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def threshold_value(text: str) -> float | str:

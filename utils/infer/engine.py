@@ -19,7 +19,10 @@ one :class:`Prediction`); decoding never raises for a bad file. ``reason`` is on
   ``not_dicom``, ``no_pixel_data``, ``truncated_pixel_data``, ``codec_panic`` (a codec's
   panic the reader caught), ``unreadable_image``...);
 - ``unexpected_error``: anything else, an exception or a BaseException such as a Rust panic
-  that the reader did not classify.
+  that the reader did not classify;
+- ``not_projection_radiography``: with ``projection_only`` (predict.py, test.py and backfill.py by
+  default; the router applies the same guard in its rules), a DICOM whose header says it is not
+  projection radiography (utils.infer.decisions.not_projection): decoded, but never shown to the model.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from utils.infer.decisions import UNREADABLE, decide
+from utils.infer.decisions import NOT_PROJECTION, UNREADABLE, decide, not_projection
 from utils.io.isolation import Failure, IsolatedPool, PoolSettings
 from utils.preprocessing import PreprocessSpec, is_raster, preprocess_file, to_model_input
 
@@ -165,14 +168,17 @@ class Engine:
     ``predict`` maps a float32 batch (N, S, S, C) to probabilities (N, K) (a Predictor's
     ``predict``, or the router's chunked call); without one, only the decode methods work.
     ``decode(path, spec) -> Decoded`` replaces :func:`decode_file` (picklable in processes mode).
+    ``projection_only``: the header guard; a DICOM that is not projection radiography comes out of
+    :meth:`decode` without an image, reason ``not_projection_radiography``.
     The pool starts on first use and is kept until :meth:`close`.
     """
 
     def __init__(self, spec: PreprocessSpec, predict: Callable[[np.ndarray], np.ndarray] | None = None, *,
                  threshold: float = 0.0, pool: PoolSettings | None = None,
-                 decode: Callable[..., Decoded] | None = None) -> None:
+                 decode: Callable[..., Decoded] | None = None, projection_only: bool = False) -> None:
         self.spec = spec
         self.threshold = threshold
+        self.projection_only = projection_only
         self.settings = pool or PoolSettings()
         self._predict = predict
         self._decode = functools.partial(decode or decode_file, spec=spec)
@@ -209,6 +215,8 @@ class Engine:
         for i, (path, outcome) in enumerate(zip(paths, outcomes)):
             if isinstance(outcome, Failure):
                 outcome = Decoded(path, None, headers.get(i, {}), *failure_reason(outcome, self.settings.timeout_s))
+            elif self.projection_only and outcome.image is not None and (why := not_projection(outcome.header)):
+                outcome = Decoded(path, None, outcome.header, NOT_PROJECTION, why)
             out.append(outcome)
         return out
 

@@ -48,18 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from utils.config import ConfigError
-from utils.infer.decisions import UNREADABLE
+from utils.infer.decisions import NOT_PROJECTION, PROJECTION_MODALITIES, PROJECTION_SOP_CLASSES, UNREADABLE
 
 MODEL = "model"  # a rule's destination that sends the object on to the classifier
 PASS_THROUGH = "pass_through"  # the destination of what the default keeps from the model
-NOT_PROJECTION = "not_projection_radiography"  # reason code when no pass_through destination is configured
 HEADER_UNREADABLE = "header_unreadable"  # reason code (and decided_by) of a file whose header cannot be read
 ROUTED_BY_RULE = "routed_by_rule"  # reason code of an object a configured rule sent to ``unreadable``
 
-PROJECTION_MODALITIES = ("CR", "DX", "DR", "RG")  # DR: retired term older devices still send; RG: digitised film
-# Computed Radiography; Digital X-Ray For Presentation / For Processing. Mammography, intra-oral and
-# panoramic dental X-rays (MG, IO, PX) are projection images too, but no body part this model knows.
-PROJECTION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1")
+# NOT_PROJECTION, PROJECTION_MODALITIES, PROJECTION_SOP_CLASSES: utils.infer.decisions (the same guard as predict.py's)
 
 QUEUE_FIELDS = ("sop_class_uid", "calling_ae", "transfer_syntax")  # recorded by the SCP: no file access needed
 UID_FIELDS = ("sop_class_uid", "transfer_syntax")

@@ -136,3 +136,18 @@ def test_a_csv_source_counts_only_the_rejects_of_the_evaluated_split(tmp_path):
     subset = evaluation.eval_set(tmp_path / "list.csv", "test", SPEC)
     assert subset.files == [str(tmp_path / "img" / names[0])]
     assert sorted(p for p, _ in subset.skipped) == ["img/gone_nosplit.dcm", "img/gone_test.dcm"]
+
+
+def test_raw_files_that_are_not_projection_radiography_are_left_out_with_their_reason(tmp_path, predictor):
+    from utils.io.dicom_writer import write_dicom
+
+    image = np.tile(np.arange(40, dtype=np.uint8) * 5, (40, 1))
+    files = [str(write_dicom(tmp_path / f"{m}.dcm", image, modality=m))
+             for m in ("DX", "CT", "CR")]
+    probs, kept, errors = evaluation.predict(predictor, files, cached=False, progress=False,
+                                             pool=PoolSettings(mode="threads"))
+    assert kept.tolist() == [0, 2] and [(p, e.split(":")[0]) for p, e in errors] == [
+        (files[1], "not_projection_radiography")]
+    _, kept, errors = evaluation.predict(predictor, files, cached=False, progress=False,
+                                         pool=PoolSettings(mode="threads"), projection_only=False)
+    assert kept.tolist() == [0, 1, 2] and not errors
