@@ -47,6 +47,7 @@ parse.py         steps 1-2: bounded reading, dcmread, preamble-less files, no pi
 pixel_module.py  the Image Pixel module as checked integers; the pixel budget; native length
 codestream.py    frame 0's JPEG / JPEG-LS / JPEG 2000 (JP2) / RLE header checks
 decode.py        step 3: decoder choice and install hints, first-frame decoding
+fallback.py      step 3 for what the primary decoders refuse: GDCM (python-gdcm, optional)
 j2k.py           step 3 at reduced resolution for JPEG 2000 and HTJ2K
 openjp2.py       libopenjp2 through ctypes: from memory, reduced, with OpenJPEG's threads
 colour.py        step 4: Photometric Interpretation, colour and palette to luminance
@@ -88,8 +89,10 @@ from .reader import (
 # sub-bands and bit-planes the resize averages away left out (j2k_packets).
 READER_VERSION = 4
 # The distributions whose code turns bytes into pixels: their versions are part of the same key.
+# python-gdcm: the fallback (fallback.py); only files the others refuse reach it, but a cache key
+# cannot know that before decoding.
 DECODER_DISTRIBUTIONS = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
-                         "pillow", "numpy")  # Pillow: the reduced-resolution JPEG 2000 path
+                         "pillow", "numpy", "python-gdcm")  # Pillow: the reduced-resolution JPEG 2000 path
 
 
 @functools.cache

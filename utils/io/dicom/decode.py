@@ -4,9 +4,14 @@ Uncompressed data must hold every declared frame; compressed frame 0 goes throug
 ``codestream.check_frame`` (sizes against the header and the budget, JP2 boxes, RLE offsets).
 Then pydicom decodes with the checked Image Pixel values, or, with a ``target_shape``, a
 grayscale JPEG 2000 or HTJ2K frame is decoded at a reduced resolution (``j2k``).
+
+pydicom's plugins are tried in ``PRIMARY_PLUGINS`` order, never GDCM; when they all fail with
+``decode_failed`` (or none is installed), GDCM gets the frame (``fallback``, if installed).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -28,7 +33,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from . import j2k
+from . import fallback, j2k, openjp2
 from .codestream import check_frame
 from .errors import (
     DicomReadError,
@@ -62,6 +67,19 @@ _NO_DECODER_HINT = (
     "pydicom has no decoder for it; convert the file to an uncompressed transfer syntax "
     "first (e.g. dcmtk's dcmconv/dcmdjpeg or gdcmconv --raw)"
 )
+# pydicom's plugins in the order pydicom itself tries them, less GDCM (its first choice for JPEG
+# and JPEG 2000), which is only the fallback here; plugins not named go last, by name.
+PRIMARY_PLUGINS = ("pylibjpeg", "pyjpegls", "pillow", "pydicom")
+
+
+class DecodedFrame(NamedTuple):
+    """Frame 0's stored values and where they came from."""
+
+    pixels: np.ndarray  # rows x columns (x samples), Bits Allocated / Pixel Representation's dtype
+    photometric: str  # the photometric interpretation they came out in
+    reduced_by: int  # JPEG 2000 resolution levels skipped (0: full resolution)
+    decoder: str  # pydicom's plugin ("pylibjpeg", "pillow"...), "gdcm" (the fallback), "native",
+    #               or "openjp2"/"pillow" for a reduced JPEG 2000 decode
 
 
 def decode_first_frame(
@@ -72,9 +90,9 @@ def decode_first_frame(
     max_pixels: int,
     target_shape: j2k.TargetShape | None = None,
     gray_step: j2k.GrayStep | None = None,
-) -> tuple[np.ndarray, str, int]:
-    """Stored values of frame 0, the photometric interpretation they came out in, and the
-    JPEG 2000 resolution levels skipped (0: full resolution)."""
+) -> DecodedFrame:
+    """Stored values of frame 0, the photometric interpretation they came out in, the JPEG 2000
+    resolution levels skipped (0: full resolution) and the decoder that made them."""
     if not getattr(ds, "file_meta", None):
         ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = tsyntax  # pydicom's decoders need it
@@ -92,20 +110,79 @@ def decode_first_frame(
         if target_shape is not None and tsyntax in j2k.REDUCIBLE_SYNTAXES:
             reduced = j2k.decode_reduced(codestream, module, target_shape, path, tsyntax, gray_step)
             if reduced is not None:
-                return reduced[0], module.photometric, reduced[1]
+                used = "openjp2" if openjp2.available() else "pillow"
+                return DecodedFrame(reduced[0], module.photometric, reduced[1], used)
 
     try:
-        frame, meta = decoder.as_array(ds, index=0, validate=True, **options)
+        frame, meta, used = _decode_primary(decoder, ds, tsyntax, options)
     except BaseException as exc:  # codecs raise RuntimeError/ValueError/..., Rust ones panic
         if passes_through(exc):
             raise
-        raise _decode_error(exc, tsyntax, path) from exc
+        error = _decode_error(exc, tsyntax, path)
+        if error.reason != "decode_failed" or tsyntax not in fallback.SYNTAXES:
+            raise error from exc
+        frame, meta = _decode_fallback(ds, tsyntax, options, path, error)
+        used = fallback.NAME
     expected = (module.rows, module.columns) + ((module.samples,) if module.samples > 1 else ())
     if frame.shape != expected:
         raise DicomReadError(
             f"the decoder returned an array of shape {frame.shape}, expected {expected}", path, reason="decode_failed"
         )
-    return frame, str(meta.get("photometric_interpretation", module.photometric)), 0
+    return DecodedFrame(frame, str(meta.get("photometric_interpretation", module.photometric)), 0, used)
+
+
+def _primary_plugins(decoder) -> list[str]:
+    """pydicom's installed plugins for the syntax but GDCM, in ``PRIMARY_PLUGINS`` order."""
+    names = [name for name in decoder.available_plugins if name != fallback.NAME]
+    return sorted(names, key=lambda name: (PRIMARY_PLUGINS.index(name) if name in PRIMARY_PLUGINS
+                                           else len(PRIMARY_PLUGINS), name))
+
+
+def _decode_primary(decoder, ds: Dataset, tsyntax: UID, options: dict) -> tuple[np.ndarray, dict, str]:
+    """Frame 0 through the first primary plugin that decodes it: (array, pixel properties, plugin).
+
+    As pydicom's own loop over plugins: an Exception moves on to the next plugin, anything else
+    (a Rust panic) leaves at once. When every plugin failed, the one failure, or a RuntimeError
+    listing them all."""
+    if decoder.is_native:
+        return *decoder.as_array(ds, index=0, validate=True, **options), "native"
+    plugins = _primary_plugins(decoder)
+    if not plugins:
+        raise RuntimeError(f"no decoding plugin but {fallback.NAME} is installed")
+    failures: list[tuple[str, Exception]] = []
+    for name in plugins:
+        try:
+            return *decoder.as_array(ds, index=0, validate=True, decoding_plugin=name, **options), name
+        except MemoryError:
+            raise
+        except Exception as exc:
+            failures.append((name, exc))
+    if len(failures) == 1:
+        raise failures[0][1]
+    prefix = "exceptions were raised by all available plugins:"  # pydicom's words for one plugin's failure
+    texts = "; ".join(str(exc).split(prefix, 1)[-1].strip() for _, exc in failures)
+    raise RuntimeError(f"every decoding plugin failed: {texts}") from failures[0][1]
+
+
+def _decode_fallback(
+    ds: Dataset, tsyntax: UID, options: dict, path: str | None, primary: DicomReadError
+) -> tuple[np.ndarray, dict]:
+    """Frame 0 through GDCM after the primary plugins failed with ``primary``."""
+    if not fallback.available():
+        raise DicomReadError(
+            f"{primary.message}; the fallback decoder ({fallback.NAME}) is not installed: {fallback.INSTALL_HINT}",
+            path, reason="decode_failed") from None
+    try:
+        return fallback.decode(ds, tsyntax, options)
+    except BaseException as exc:
+        if passes_through(exc):
+            raise
+        second = _decode_error(exc, tsyntax, path)
+        if second.reason not in ("decode_failed", "unsupported_transfer_syntax"):
+            raise second from exc  # out_of_memory, truncated_pixel_data: what the fallback found
+        raise DicomReadError(
+            f"{primary.message}; the fallback decoder ({fallback.NAME}) failed too [{exception_label(exc)}]",
+            path, reason="decode_failed") from exc
 
 
 def _first_codestream(ds: Dataset, options: dict, tsyntax: UID, path: str | None) -> bytes:
@@ -124,6 +201,7 @@ def _first_codestream(ds: Dataset, options: dict, tsyntax: UID, path: str | None
 
 
 def decoder_for(tsyntax: UID, path: str | None):
+    """pydicom's decoder for ``tsyntax``, when a primary plugin or the fallback can decode it."""
     hint = _INSTALL_HINTS.get(tsyntax, _NO_DECODER_HINT)
     try:
         decoder = get_decoder(tsyntax)
@@ -132,14 +210,14 @@ def decoder_for(tsyntax: UID, path: str | None):
             f"cannot decode {_syntax_label(tsyntax)}: {_NO_DECODER_HINT}",
             path,
         ) from None
-    if not decoder.is_available:
-        missing = "; ".join(decoder.missing_dependencies) or "no plugin installed"
-        raise UnsupportedTransferSyntaxError(
-            f"cannot decode {_syntax_label(tsyntax)}: no decoder "
-            f"plugin is available ({missing}); {hint}",
-            path,
-        )
-    return decoder
+    if decoder.is_native or _primary_plugins(decoder) or fallback.is_available(tsyntax):
+        return decoder
+    missing = "; ".join(decoder.missing_dependencies) or "no plugin installed"
+    raise UnsupportedTransferSyntaxError(
+        f"cannot decode {_syntax_label(tsyntax)}: no decoder "
+        f"plugin is available ({missing}); {hint}",
+        path,
+    )
 
 
 def _syntax_label(tsyntax: UID) -> str:

@@ -68,6 +68,10 @@ class DicomImage:
     # JPEG 2000 resolution levels skipped when decoding (see read_dicom's target_shape); each
     # halves rows and columns, rounding up, so pixels is smaller than Rows x Columns when > 0.
     reduced_by: int = 0
+    # What turned the pixel data into stored values: "native" (uncompressed), pydicom's plugin
+    # ("pylibjpeg", "pillow", "pyjpegls", "pydicom" for RLE), "gdcm" (the fallback, after the
+    # others failed), "openjp2"/"pillow" (a reduced JPEG 2000 decode).
+    decoder: str = ""
 
 
 def read_dicom(
@@ -94,7 +98,9 @@ def read_dicom(
        Pixel Representation, Number of Frames: one integer each, in range, else
        ``invalid_pixel_module``; zero rows/columns -> ``EmptyImageError``) and the size of one
        frame against ``max_pixels`` (``image_too_large``), before anything is allocated.
-       Then decode only the first frame (pydicom's decoder with ``index=0``). A transfer
+       Then decode only the first frame (pydicom's decoder with ``index=0``; its plugins but
+       GDCM, and GDCM only as a fallback for a compressed frame they all refuse, e.g. 12-bit
+       JPEG Extended with a scan header of Se = 0; see ``fallback``). A transfer
        syntax without an installed decoder -> ``UnsupportedTransferSyntaxError`` saying what
        to install; pixel data shorter than Rows x Columns x frames needs (or encapsulated
        pixel data cut off by the end of the file) -> ``TruncatedPixelDataError``. Compressed
@@ -181,7 +187,7 @@ def _read(
     def gray_step(coarse):  # how much a reduced JPEG 2000 decode may leave out
         return stored_values_per_gray_level(ds, coarse, percentiles, max_samples, path)
 
-    frame, decoded_photometric, reduced_by = decode_first_frame(
+    frame, decoded_photometric, reduced_by, decoder = decode_first_frame(
         ds, module, tsyntax, path, max_pixels, target_shape, gray_step if photometric in MONOCHROME else None)
 
     if photometric in MONOCHROME:
@@ -203,7 +209,8 @@ def _read(
             f"after the {window_source} step",
             path,
         )
-    return DicomImage(pixels=pixels, window_source=window_source, metadata=metadata, reduced_by=reduced_by)
+    return DicomImage(pixels=pixels, window_source=window_source, metadata=metadata, reduced_by=reduced_by,
+                      decoder=decoder)
 
 
 def read_dicom_header(source: Source) -> dict[str, str]:

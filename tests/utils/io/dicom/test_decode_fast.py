@@ -70,7 +70,7 @@ def decode_frame_0(path, target_shape):
     """(frame, photometric, level) from the decode step alone, before steps 4-8."""
     ds = pydicom.dcmread(path)
     module = read_pixel_module(ds, check_photometric(ds, str(path)), str(path), MAX_IMAGE_PIXELS)
-    return decode_first_frame(ds, module, transfer_syntax(ds), str(path), MAX_IMAGE_PIXELS, target_shape)
+    return decode_first_frame(ds, module, transfer_syntax(ds), str(path), MAX_IMAGE_PIXELS, target_shape)[:3]
 
 
 def gray_level_diffs(a: np.ndarray, b: np.ndarray) -> tuple[float, float, int]:
