@@ -28,6 +28,7 @@ pytest.importorskip("python_multipart")
 pytest.importorskip("httpx2")  # Starlette's TestClient
 
 TOKEN = "test-token-0123456789abcdef"
+LOCAL = ("127.0.0.1", 50000)  # the TestClient's client address: a loopback one (pages open without login)
 TIMEOUT = 60
 
 
@@ -52,18 +53,34 @@ def test_console_block_is_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("ROUTER_CONSOLE_TOKEN", "short")
     with pytest.raises(ConfigError, match="at least 16 characters"):
         config({})
+    monkeypatch.setenv("ROUTER_CONSOLE_TOKEN", "ab" * 12)  # long, but two letters
+    with pytest.raises(ConfigError, match="too easy to guess: it has 2 distinct characters, at least 8"):
+        config({})
+    monkeypatch.setenv("ROUTER_CONSOLE_TOKEN", "0123456789012345678")  # digits only: ~63 bits
+    with pytest.raises(ConfigError, match="about 63 bits, at least 64"):
+        config({})
     monkeypatch.setenv("ROUTER_CONSOLE_TOKEN", TOKEN)
     settings = config({"host": "0.0.0.0"}).console
-    assert settings.token == TOKEN and not settings.loopback and "every page needs authentication" in settings.describe()
+    assert settings.token == TOKEN and not settings.loopback and "every other needs authentication" in settings.describe()
+    assert {"localhost", "127.0.0.1", "::1"} <= settings.hosts() and "0.0.0.0" not in settings.hosts()
+    proxied = config({"allowed_hosts": ["Router.Example.ORG", "[::1]"], "trusted_proxies": ["10.0.0.0/8"]}).console
+    assert proxied.hosts() == {"router.example.org", "::1"} and "behind a proxy" in proxied.describe()
+    for bad in ({"allowed_hosts": ["*"]}, {"allowed_hosts": ["evil.example:80"]}, {"trusted_proxies": ["proxy"]},
+                {"idle_minutes": 0}, {"max_failures": 0}, {"tls": {"cert": "missing.crt", "key": "missing.key"}}):
+        with pytest.raises(ConfigError, match=f"console.{next(iter(bad))}"):
+            config(bad)
     token_file = tmp_path / "console.token"
     token_file.write_text("from-a-file-0123456789\n")
     users = tmp_path / "users"
-    from utils.routing.console import check_password, hash_password
+    from utils.routing.console import check_password, hash_password, pbkdf2_hash
 
-    line = "alice:" + hash_password("correct horse", iterations=1000)
-    users.write_text(f"# operators\n{line}\n")
+    line = "alice:" + hash_password("correct horse", time_cost=1, memory_kib=1024)
+    assert line.startswith("alice:$argon2id$")
+    users.write_text(f"# operators\n{line}\nolder:{pbkdf2_hash('battery staple', iterations=1000)}\n")
     settings = config({"token_file": str(token_file), "users_file": str(users)}).console
     assert settings.token == "from-a-file-0123456789" and check_password("correct horse", settings.users["alice"])
+    assert check_password("battery staple", settings.users["older"])  # files of before argon2 still work
+    assert not check_password("battery staple", settings.users["alice"])
     assert TOKEN not in repr(settings) and "from-a-file" not in str(config({"token_file": str(token_file)}).to_dict())
     users.write_text("bob:plaintext\n")
     with pytest.raises(ConfigError, match="line 1"):
@@ -168,7 +185,7 @@ def test_app_shows_the_queue_and_refuses_actions_without_token_or_csrf(console_n
     node, items, spine = console_node
     uncertain = items["uncertain"]
     app = build_app(node.config.console, node.console.context)
-    client = TestClient(app, base_url="http://127.0.0.1")
+    client = TestClient(app, base_url="http://127.0.0.1", client=LOCAL)
     home = client.get("/")
     assert home.status_code == 200 and 'data-count-state="forwarded">3<' in home.text
     assert "nonce-" in home.headers["content-security-policy"] and home.headers["x-frame-options"] == "DENY"
@@ -201,9 +218,13 @@ def test_app_shows_the_queue_and_refuses_actions_without_token_or_csrf(console_n
     assert corrected[0]["who"] == "alice" and corrected[0]["auth"] == "token"
 
     bearer = TestClient(app, base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {TOKEN}"})
-    assert bearer.post(f"/items/{items['disagrees'].id}/requeue", follow_redirects=False).status_code == 303
-    wrong = TestClient(app, base_url="http://127.0.0.1", headers={"Authorization": "Bearer nope"})
-    assert wrong.post(f"/items/{items['disagrees'].id}/requeue", follow_redirects=False).status_code == 401
+    url = f"/items/{items['disagrees'].id}/requeue"
+    assert bearer.post(url, follow_redirects=False).status_code == 400  # who is acting?
+    assert bearer.post(url, headers={"X-Operator": "cron"}, follow_redirects=False).status_code == 303
+    requeued = [r for r in read_audit(node.config.audit_log) if r["event"] == "requeued"]
+    assert requeued[-1]["who"] == "cron" and requeued[-1]["auth"] == "bearer"
+    wrong = TestClient(app, base_url="http://127.0.0.1", headers={"Authorization": "Bearer nope", "X-Operator": "x"})
+    assert wrong.post(url, follow_redirects=False).status_code == 401
 
 
 def test_pages_need_authentication_away_from_loopback(console_node):
@@ -215,8 +236,8 @@ def test_pages_need_authentication_away_from_loopback(console_node):
     from utils.routing.console import build_app, hash_password
 
     node, items, _ = console_node
-    settings = dataclasses.replace(node.config.console, host="0.0.0.0",
-                                   users={"dana": hash_password("s3cret-pass", iterations=1000)})
+    settings = dataclasses.replace(node.config.console, host="0.0.0.0", allowed_hosts=("10.0.0.2",),
+                                   users={"dana": hash_password("s3cret-pass", time_cost=1, memory_kib=1024)})
     client = TestClient(build_app(settings, node.console.context), base_url="http://10.0.0.2:8108")
     assert client.get("/").status_code == 401  # users configured: a basic auth challenge
     auth = {"Authorization": "Basic " + base64.b64encode(b"dana:s3cret-pass").decode()}
@@ -269,7 +290,8 @@ def test_in_shadow_mode_a_correction_is_recorded_not_forwarded_and_the_trial_has
     labels = node.config.console.corrections_dir / "labels.csv"
     assert [(r["sop_instance_uid"], r["label"]) for r in csv.DictReader(labels.open())] == [(uid, "spine")]
 
-    client = TestClient(build_app(node.config.console, node.console.context), base_url="http://127.0.0.1")
+    client = TestClient(build_app(node.config.console, node.console.context), base_url="http://127.0.0.1",
+                        client=LOCAL)
     assert 'href="/shadow"' in client.get("/").text
     page = client.get("/shadow")
     assert page.status_code == 200 and "<table>" in page.text and "Shadow trial" in page.text
@@ -278,25 +300,239 @@ def test_in_shadow_mode_a_correction_is_recorded_not_forwarded_and_the_trial_has
 
 
 def test_a_busy_spool_database_is_read_again_not_a_server_error(tmp_path, monkeypatch):
-    """The router starting, or SQLite recovering its WAL after a crash, can refuse a reader for a moment."""
+    """The router starting, or SQLite recovering its WAL after a crash, can refuse a reader for a moment: read again
+    once, then ConsoleUnavailable (the pages answer 503), never a wait of tens of seconds."""
     import sqlite3
 
     from utils.routing import review
-    from utils.routing.console import ConsoleContext
+    from utils.routing.console import ConsoleContext, ConsoleUnavailable
 
     q.SpoolQueue(tmp_path).close()
     opened, real = [], review.read_only
 
     def flaky(spool_dir):
         opened.append(spool_dir)
-        if len(opened) <= 2:
+        if len(opened) <= 1:
             raise sqlite3.OperationalError("database is locked")
         return real(spool_dir)
 
     monkeypatch.setattr(review, "read_only", flaky)
     context = ConsoleContext(tmp_path, CLASSES, {}, desk=None)
-    assert context.summary()["total"] == 0 and len(opened) == 3
-    opened.clear()
-    monkeypatch.setattr(review, "read_only", lambda spool_dir: (_ for _ in ()).throw(sqlite3.OperationalError("x")))
-    with pytest.raises(sqlite3.OperationalError):
+    assert context.summary()["total"] == 0 and len(opened) == 2
+    monkeypatch.setattr(review, "read_only", lambda spool_dir: (_ for _ in ()).throw(
+        sqlite3.OperationalError("database is locked")))
+    with pytest.raises(ConsoleUnavailable, match="the spool database is busy") as busy:
         context.summary()  # not forever
+    assert busy.value.busy
+    monkeypatch.setattr(review, "read_only", lambda spool_dir: (_ for _ in ()).throw(sqlite3.OperationalError("x")))
+    with pytest.raises(ConsoleUnavailable, match="cannot be read: x"):
+        context.summary()
+
+
+# --- attacks on the console: each was tried against the console before it was closed ---------------------------
+
+
+class FakeDesk:
+    """The review desk without a router: records who did what."""
+
+    def __init__(self):
+        self.done = []
+
+    def requeue(self, item, *, who, auth=""):
+        from utils.routing.review import Outcome
+
+        self.done.append(("requeue", item, who, auth))
+        return Outcome(item, item, f"requeued {item}")
+
+    def correct(self, item, label, *, who, auth=""):
+        from utils.routing.review import Outcome
+
+        self.done.append(("correct", item, who, auth))
+        return Outcome(item, item, f"corrected to {label}")
+
+
+@pytest.fixture
+def console_app(tmp_path, monkeypatch):
+    """``make(client=LOCAL, base_url=..., app=None, **settings) -> (TestClient, app, desk)`` on an empty spool (no
+    router); with ``app``, another client of that console."""
+    import dataclasses
+
+    from starlette.testclient import TestClient
+
+    from utils.routing.console import ConsoleContext, build_app
+
+    monkeypatch.setenv("ROUTER_CONSOLE_TOKEN", TOKEN)
+    q.SpoolQueue(tmp_path).close()
+
+    def make(client=LOCAL, base_url="http://127.0.0.1:8108", spool=tmp_path, app=None, **changes):
+        desk = FakeDesk()
+        if app is None:
+            settings = dataclasses.replace(config({"port": 0}).console, **changes)
+            app = build_app(settings, ConsoleContext(spool, CLASSES, {}, desk=desk))
+        return TestClient(app, base_url=base_url, client=client, follow_redirects=False), app, desk
+
+    return make
+
+
+def csrf_of(page) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+
+
+def log_in(client, name="alice") -> str:
+    """Logs in through the form; the session's CSRF token."""
+    login = client.post("/login", data={"name": name, "token": TOKEN, "csrf": csrf_of(client.get("/login"))})
+    assert login.status_code == 303, login.text
+    return csrf_of(client.get("/review"))
+
+
+def test_dns_rebinding_another_host_name_is_refused_before_anything(console_app):
+    """A page on evil.example that rebinds its name to 127.0.0.1 sends Host: evil.example: 400, nothing read."""
+    client, _, _ = console_app()
+    assert client.get("/search", params={"q": "PAT-A"}, headers={"Host": "evil.example:8108"}).status_code == 400
+    assert client.post("/login", headers={"Host": "evil.example"}).status_code == 400
+    for host in ("127.0.0.1:8108", "localhost", "[::1]:8108", "LOCALHOST.:80"):
+        assert client.get("/search", params={"q": "x"}, headers={"Host": host}).status_code == 200, host
+    named, _, _ = console_app(allowed_hosts=("router.example.org",), base_url="http://router.example.org")
+    assert named.get("/").status_code == 200 and named.get("/", headers={"Host": "127.0.0.1"}).status_code == 400
+
+
+def test_pages_are_open_only_to_loopback_clients_without_a_proxy(console_app):
+    local, _, _ = console_app()
+    assert local.get("/").status_code == 200
+    assert local.get("/", headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 303  # an undeclared proxy
+    remote, _, _ = console_app(client=("203.0.113.9", 40000), host="0.0.0.0")
+    assert remote.get("/").status_code == 303 and remote.get("/").headers["location"] == "/login"
+    proxied, _, _ = console_app(trusted_proxies=("127.0.0.1",))  # the proxy connects from loopback
+    assert proxied.get("/search", params={"q": "x"}).status_code == 303
+    log_in(proxied)
+    assert proxied.get("/search", params={"q": "x"}).status_code == 200
+
+
+def test_empty_csrf_tokens_never_match(console_app):
+    import base64
+
+    from utils.routing.console import hash_password
+
+    client, _, desk = console_app()
+    assert client.post("/login", data={"name": "alice", "token": TOKEN, "csrf": ""}).status_code == 403  # no cookie
+    client.cookies.set("router_console_form", "")
+    assert client.post("/login", data={"name": "alice", "token": TOKEN, "csrf": ""}).status_code == 403
+    auth = {"Authorization": "Basic " + base64.b64encode(b"dana:s3cret-pass").decode()}
+    basic, _, desk = console_app(users={"dana": hash_password("s3cret-pass", time_cost=1, memory_kib=1024)})
+    assert basic.post("/items/1/requeue", headers=auth).status_code == 403  # no cookie, no field, no Origin
+    assert basic.post("/items/1/requeue", data={"csrf": ""}, headers=auth).status_code == 403
+    assert basic.post("/items/1/requeue", headers={**auth, "Origin": "http://evil.example"}).status_code == 403
+    assert desk.done == []
+    assert basic.post("/items/1/requeue", headers={**auth, "Origin": "http://127.0.0.1:8108"}).status_code == 303
+    assert basic.post("/items/2/requeue", data={"csrf": csrf_of(basic.get("/login", headers=auth))},
+                      headers=auth).status_code == 303
+    assert desk.done == [("requeue", 1, "dana", "basic"), ("requeue", 2, "dana", "basic")]
+
+
+def test_logout_needs_csrf_and_same_origin_and_ends_the_session_server_side(console_app):
+    client, app, desk = console_app()
+    csrf = log_in(client)
+    copied = client.cookies["router_console"]
+    assert "alice" in client.get("/review").text
+    assert client.get("/").headers.get("set-cookie") is None  # nothing re-signed per response
+    assert client.post("/logout", data={"csrf": csrf}, headers={"Origin": "http://evil.example"}).status_code == 403
+    assert client.post("/logout", data={"csrf": ""}).status_code == 403
+    assert "alice" in client.get("/review").text  # still logged in
+    assert client.post("/logout", data={"csrf": csrf}).status_code == 303
+    assert len(app.state.sessions) == 0
+    thief, _, _ = console_app(app=app)
+    thief.cookies.set("router_console", copied)  # a cookie copied before the logout
+    assert thief.post("/items/1/requeue", data={"csrf": csrf}).status_code == 401 and desk.done == []
+
+
+def test_sessions_end_after_their_lifetime_and_when_idle_and_are_secure_over_https(console_app):
+    now = [1000.0]
+    client, app, desk = console_app(session_hours=1.0, idle_minutes=10.0)
+    app.state.sessions.clock = lambda: now[0]
+    log_in(client)
+    for _ in range(6):  # in use every 9 minutes ...
+        now[0] += 9 * 60
+        assert "alice" in client.get("/review").text
+    now[0] += 9 * 60  # ... but an hour after the login it is over
+    assert "alice" not in client.get("/review").text
+    log_in(client)
+    now[0] += 11 * 60
+    assert "alice" not in client.get("/review").text  # idle
+    secure, _, _ = console_app(base_url="https://127.0.0.1:8108")
+    login = secure.get("/login")
+    assert "secure" in login.headers["set-cookie"].lower()
+    answer = secure.post("/login", data={"name": "alice", "token": TOKEN, "csrf": csrf_of(login)})
+    cookie = answer.headers["set-cookie"].lower()
+    assert "router_console=" in cookie and {"secure", "httponly", "samesite=strict"} <= {
+        p.strip() for p in cookie.split(";")}
+    plain, _, _ = console_app()
+    assert "secure" not in plain.get("/login").headers["set-cookie"].lower()
+
+
+def test_a_locked_or_missing_spool_database_answers_503_with_the_reason(console_app, tmp_path, monkeypatch):
+    import sqlite3
+    import time
+
+    from utils.routing import review
+
+    client, _, _ = console_app()
+    monkeypatch.setattr(review, "read_only", lambda spool_dir: (_ for _ in ()).throw(
+        sqlite3.OperationalError("database is locked")))
+    start = time.monotonic()
+    busy = client.get("/", headers={"Accept": "text/html"})
+    assert busy.status_code == 503 and "the spool database is busy" in busy.text and busy.headers["retry-after"]
+    assert time.monotonic() - start < 5
+    assert client.get("/api/summary").status_code == 503
+    missing, _, _ = console_app(spool=tmp_path / "nowhere")
+    page = missing.get("/review", headers={"Accept": "text/html"})
+    assert page.status_code == 503 and f"was not found at {tmp_path / 'nowhere'}" in page.text
+
+
+def test_guessing_is_throttled_logged_and_bearer_actions_name_their_operator(console_app, caplog):
+    import logging
+
+    client, app, desk = console_app(max_failures=3)
+    wrong = {"Authorization": "Bearer wrong-token-0123456789", "X-Operator": "mallory"}
+    with caplog.at_level(logging.INFO, logger="utils.routing.console"):
+        assert [client.post("/items/1/requeue", headers=wrong).status_code for _ in range(4)] == [401, 401, 401, 429]
+        right = {"Authorization": f"Bearer {TOKEN}", "X-Operator": "cron"}
+        refused = client.post("/items/1/requeue", headers=right)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0  # right or wrong: wait
+        login = client.post("/login", data={"name": "m", "token": TOKEN, "csrf": csrf_of(client.get("/login"))})
+        assert login.status_code == 429
+        other, _, _ = console_app(client=("127.0.0.2", 1), app=app)  # the same console, another address
+        assert other.post("/items/1/requeue", headers=right).status_code == 303
+        assert other.post("/items/1/requeue", headers={**right, "X-Operator": "x" * 65}).status_code == 400
+    assert desk.done == [("requeue", 1, "cron", "bearer")]
+    text = caplog.text
+    assert text.count("failed bearer authentication from 127.0.0.1 (name 'mallory')") == 3
+    assert "'cron' authenticated (bearer) from 127.0.0.2" in text and "wrong-token" not in text and TOKEN not in text
+
+
+def test_basic_auth_checks_unknown_names_as_long_and_off_the_event_loop(console_app, monkeypatch):
+    import base64
+    import threading
+
+    from utils.routing import console
+    from utils.routing.console import hash_password
+
+    users = {"dana": hash_password("s3cret-pass", time_cost=1, memory_kib=1024)}
+    checked, real = [], console.check_password
+
+    def spy(password, hashed):
+        checked.append((hashed, threading.current_thread().name))
+        return real(password, hashed)
+
+    monkeypatch.setattr(console, "check_password", spy)
+    client, _, _ = console_app(client=("203.0.113.9", 1), host="0.0.0.0", users=users)
+
+    def basic(user):
+        return {"Authorization": "Basic " + base64.b64encode(user).decode()}
+
+    assert client.get("/", headers=basic(b"nobody:s3cret-pass")).status_code == 401
+    assert len(checked) == 1 and checked[0][0].startswith("$argon2id$") and checked[0][0] != users["dana"]
+    assert client.get("/", headers=basic(b"dana:wrong")).status_code == 401 and checked[1][0] == users["dana"]
+    for _ in range(3):
+        assert client.get("/", headers=basic(b"dana:s3cret-pass")).status_code == 200
+    assert len(checked) == 3  # a right password is verified once, then remembered (bounded)
+    assert all(name != threading.current_thread().name and "MainThread" not in name for _, name in checked)

@@ -3,9 +3,17 @@
     console:                         # in the router's YAML; off without this block
       host: 127.0.0.1                # default (keys and defaults: ROUTER_CONSOLE_* in utils/constants.py)
       port: 8108
+      allowed_hosts: [router.example.org]  # names the browser may use (default: the bind address, localhost,
+                                           # 127.0.0.1, ::1, and this machine's hostname when not bound to loopback)
+      trusted_proxies: [127.0.0.1]   # a reverse proxy in front: every page needs login; its X-Forwarded-For/-Proto
+      tls: {cert: tls/console.crt, key: tls/console.key}   # optional: HTTPS (TLS 1.2+), session cookie marked Secure
       token_env: ROUTER_CONSOLE_TOKEN   # the operators' token is read from this environment variable ...
       token_file: console.token         # ... or from this file (never written in the YAML itself)
-      users_file: console.users         # optional: HTTP basic auth, lines "name:pbkdf2_sha256$..." (hash-password)
+      users_file: console.users         # optional: HTTP basic auth, lines "name:$argon2id$..." (hash-password)
+      session_hours: 8                  # a login lasts this long from the login, however much it is used ...
+      idle_minutes: 30                  # ... and ends earlier after this long without a request
+      max_failures: 10                  # failed authentications per client address before 429 ...
+      failure_window_s: 300             # ... refilled at max_failures per this many seconds
       review_days: 30                   # review copies (spool/review/) kept this long ...
       review_max_mb: 2000               # ... and at most this much
       corrections_dir: corrections      # the corrections dataset (default: <spool_dir>/corrections)
@@ -16,31 +24,65 @@ error, backlog, next retry), throughput and classification latency over the last
 thumbnail, probabilities, BodyPartExamined, who decided and where the object went; ``/search?q=`` by SOP or Study
 Instance UID or Patient ID; ``/review`` the review list (utils/routing/review.py) with its actions.
 
-Security: actions (POST only) need the token, entered once on ``/login`` with the operator's name (kept in a
-signed session cookie, HttpOnly, SameSite=Strict, signed with a key made at each start), or HTTP basic auth of a
-user of ``users_file``, or ``Authorization: Bearer <token>`` (scripts). Forms carry a CSRF token tied to the
-session (hidden field compared with the session's); a request whose Origin is another site is refused. Without a
-token or users the console is read-only. Reading pages needs no login while the console listens on a loopback
-address only; on any other address every page (they show patient IDs and images) needs the same authentication.
-Responses carry a Content-Security-Policy (scripts only with the page's nonce, no framing).
+Security (each point answers an attack that was tried):
+
+- Host: a request whose ``Host`` name (the port is not compared) is not in ``allowed_hosts`` gets 400 before
+  anything else runs, so a web page that rebinds its own DNS name to 127.0.0.1 cannot read the console.
+- Reading: pages (patient IDs, images) are open without login only to a client on a loopback address, with no
+  ``trusted_proxies`` declared and no X-Forwarded-For/Forwarded/X-Real-IP header on the request. Behind a reverse
+  proxy, declare it in ``trusted_proxies`` (addresses or networks): every page then needs authentication, and
+  the client address (rate limits, logs) and scheme come from the proxy's X-Forwarded-For and X-Forwarded-Proto.
+- Who may act (POST only): the operators' token entered once on ``/login`` with the operator's name; a user of
+  ``users_file`` by HTTP basic auth; or a script with ``Authorization: Bearer <token>`` and ``X-Operator: <name>``
+  (1-64 printable characters, audited as who=<name>, auth=bearer; a bearer request without it gets 400). The token
+  and the login name are a claim of who acts, as on the login form; basic auth names the user by password. Without
+  a token or users the console is read-only. The token must have at least 16 characters, 8 distinct ones and an
+  estimated 64 bits (length x log2 of the character classes used); otherwise the router does not start.
+- Sessions: the cookie holds a random session id (HttpOnly, SameSite=Strict, Secure over HTTPS) that names a
+  record kept in the router's memory (operator, creation, last use, CSRF token); ``/logout`` (a POST) deletes it,
+  so a copied cookie stops working; a session ends ``session_hours`` after the login and after ``idle_minutes``
+  unused; at most SESSIONS_MAX are kept (the least recently used goes first). A restart logs everyone out.
+- CSRF: a logged-in form carries its session's CSRF token; the login form and basic-auth users carry one bound to
+  a random cookie (HMAC with a key made at each start). A missing or empty token never matches. A basic-auth
+  action (browsers resend basic credentials on their own) needs that token or an ``Origin`` of this console; a
+  bearer request needs neither (a browser cannot add an Authorization header to another site's form). Any request
+  whose Origin is another site is refused, ``/login`` and ``/logout`` included.
+- Guessing: each failed authentication (login form, basic, bearer) is logged with the client address and the
+  name (escaped; never the password or token) and spends one of ``max_failures`` per client address, refilled over
+  ``failure_window_s``; an address with none left gets 429 with Retry-After for any credentials, right or wrong.
+  Successful authentications are logged (a login each time; basic and bearer once per address and name).
+- Passwords: ``hash-password`` writes argon2id (argon2-cffi); ``pbkdf2_sha256$`` lines of older files still
+  verify. Verification runs in worker threads, VERIFY_THREADS at a time, so guessing does not stall the pages;
+  an unknown user is checked against a dummy hash of the same kind (the same time as a known one); the last
+  VERIFIED_CACHED successful checks are remembered (keyed by an HMAC of name and password with a per-start key)
+  for VERIFIED_CACHE_S, so a page's thumbnails do not each cost a verification.
+- The spool database is read in worker threads with a DB_TIMEOUT_S busy timeout, DB_ATTEMPTS times; a busy,
+  missing or unreadable database answers 503 with the reason ("the spool database is busy ...", "... was not
+  found at ..."), never a bare 500.
+- Responses carry a Content-Security-Policy (scripts only with the page's nonce, no framing) and no-store.
 
 The console runs in a thread of the router process (uvicorn on a socket the node binds at start, so a taken port
-fails the start), reads the queue through its own read-only SQLite connection and stops first when the router
-stops. starlette, uvicorn, jinja2 and python-multipart are imported only when the console is configured.
+fails the start), reads the queue through its own read-only SQLite connections and stops first when the router
+stops. starlette, uvicorn, jinja2 and python-multipart are imported only when the console is configured;
+argon2-cffi only when it has a users_file.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import hmac
 import importlib.util
 import ipaddress
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,15 +96,30 @@ from utils.config import ConfigError, check_value, refuse_unknown_keys
 log = logging.getLogger(__name__)
 
 PREFIX = "ROUTER_CONSOLE_"  # the constants of the block's keys (the key is the name without the prefix)
-_KEYS = {"host", "port", "token_env", "token_file", "users_file", "review_days", "review_max_mb", "corrections_dir"}
+_SCALARS = ("host", "port", "token_env", "session_hours", "idle_minutes", "max_failures", "failure_window_s",
+            "review_days", "review_max_mb")
+_LISTS = ("allowed_hosts", "trusted_proxies")
+_KEYS = {*_SCALARS, *_LISTS, "tls", "token_file", "users_file", "corrections_dir"}
 _PACKAGES = {"starlette": "starlette", "uvicorn": "uvicorn", "jinja2": "jinja2", "python_multipart": "python-multipart"}
 MIN_TOKEN_CHARS = 16  # a shorter token is refused (guessable)
-HASH_ITERATIONS = 200_000  # pbkdf2_sha256 iterations of hash-password (verified once per process and password)
-SESSION_HOURS = 8  # an operator's login lasts this long
+MIN_TOKEN_DISTINCT = 8  # ... and one with fewer distinct characters ("aaaaaaaaaaaaaaaa")
+MIN_TOKEN_BITS = 64  # ... and one whose estimate (length x log2 of the character classes' size) is below this
+HASH_ITERATIONS = 200_000  # pbkdf2_sha256 iterations of the older users files (still verified; not written)
+VERIFY_THREADS = 2  # password verifications at once (argon2 takes ~50 ms and 64 MiB each)
+VERIFIED_CACHED = 256  # successful basic-auth checks remembered (least recently used dropped) ...
+VERIFIED_CACHE_S = 600  # ... for at most this long
+SESSIONS_MAX = 1000  # logged-in sessions kept; beyond, the least recently used ends
+CLIENTS_TRACKED = 10_000  # client addresses with failed authentications remembered (oldest dropped)
+DB_TIMEOUT_S = 1.0  # a page waits this long for a busy spool database ...
+DB_ATTEMPTS = 2  # ... this many times, then answers 503
 LATEST = 30  # decisions on the front page
 LISTED = 200  # rows of the review list and of a search at most
 LIVE_REFRESH_S = 3  # the front page reloads its live part this often
+MAX_NAME_CHARS = 64  # an operator's name (login form, X-Operator)
 TEMPLATES = Path(__file__).parent / "templates" / "console"
+SESSION_COOKIE = "router_console"  # the session id
+FORM_COOKIE = "router_console_form"  # the random value the login form's CSRF token is bound to
+_FORWARDING = ("x-forwarded-for", "forwarded", "x-real-ip")  # a proxy's headers: never an open page
 
 
 @dataclass(frozen=True)
@@ -71,33 +128,63 @@ class ConsoleSettings:
 
     host: str = constants.ROUTER_CONSOLE_HOST
     port: int = constants.ROUTER_CONSOLE_PORT
+    allowed_hosts: tuple[str, ...] = constants.ROUTER_CONSOLE_ALLOWED_HOSTS  # (): the defaults of hosts()
+    trusted_proxies: tuple[str, ...] = constants.ROUTER_CONSOLE_TRUSTED_PROXIES
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     token_env: str = constants.ROUTER_CONSOLE_TOKEN_ENV
     token_file: Path | None = None
     users_file: Path | None = None
+    session_hours: float = constants.ROUTER_CONSOLE_SESSION_HOURS
+    idle_minutes: float = constants.ROUTER_CONSOLE_IDLE_MINUTES
+    max_failures: int = constants.ROUTER_CONSOLE_MAX_FAILURES
+    failure_window_s: float = constants.ROUTER_CONSOLE_FAILURE_WINDOW_S
     review_days: float = constants.ROUTER_CONSOLE_REVIEW_DAYS
     review_max_mb: int = constants.ROUTER_CONSOLE_REVIEW_MAX_MB
     corrections_dir: Path | None = None  # None: <spool_dir>/corrections
     token: str | None = field(default=None, repr=False, compare=False)
-    users: dict[str, str] = field(default_factory=dict, repr=False, compare=False)  # name -> pbkdf2 hash
+    users: dict[str, str] = field(default_factory=dict, repr=False, compare=False)  # name -> argon2/pbkdf2 hash
 
     def to_dict(self) -> dict[str, Any]:
-        return {"host": self.host, "port": self.port, "token_env": self.token_env,
-                "token_file": str(self.token_file) if self.token_file else None,
-                "users_file": str(self.users_file) if self.users_file else None, "review_days": self.review_days,
-                "review_max_mb": self.review_max_mb,
+        return {"host": self.host, "port": self.port, "allowed_hosts": list(self.allowed_hosts),
+                "trusted_proxies": list(self.trusted_proxies),
+                "tls": {"cert": str(self.tls_cert), "key": str(self.tls_key)} if self.tls_cert else None,
+                "token_env": self.token_env, "token_file": str(self.token_file) if self.token_file else None,
+                "users_file": str(self.users_file) if self.users_file else None,
+                "session_hours": self.session_hours, "idle_minutes": self.idle_minutes,
+                "max_failures": self.max_failures, "failure_window_s": self.failure_window_s,
+                "review_days": self.review_days, "review_max_mb": self.review_max_mb,
                 "corrections_dir": str(self.corrections_dir) if self.corrections_dir else None}
 
     @property
     def loopback(self) -> bool:
         return is_loopback(self.host)
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    def hosts(self) -> frozenset[str]:
+        """The Host names served: ``allowed_hosts``, or the bind address, localhost, 127.0.0.1, ::1 and (not bound to
+        loopback) this machine's hostname."""
+        if self.allowed_hosts:
+            return frozenset(h.lower() for h in self.allowed_hosts)
+        names = {self.host.lower(), "localhost", "127.0.0.1", "::1"}
+        if not self.loopback:
+            names.add(socket.gethostname().lower())
+        return frozenset(names - {"0.0.0.0", "::", ""})
+
     def describe(self, port: int | None = None) -> str:
         who = ([f"token ({'file ' + str(self.token_file) if self.token_file else '$' + self.token_env})"]
                if self.token else []) + ([f"{len(self.users)} users (basic auth)"] if self.users else [])
         actions = "actions need " + " or ".join(who) if who else (
             f"read-only: no token (set ${self.token_env} or token_file) and no users_file")
-        reads = "pages open on loopback" if self.loopback else "every page needs authentication"
-        return f"web console on http://{self.host}:{self.port if port is None else port}/ ({actions}; {reads})"
+        reads = ("behind a proxy: every page needs authentication" if self.trusted_proxies else
+                 "pages open to loopback clients" if self.loopback else
+                 "pages open to loopback clients, every other needs authentication")
+        hosts = ", ".join(sorted(self.hosts()))
+        return (f"web console on {self.scheme}://{self.host}:{self.port if port is None else port}/ ({actions}; "
+                f"{reads}; Host: {hosts})")
 
 
 def is_loopback(host: str) -> bool:
@@ -118,7 +205,7 @@ def parse_settings(raw: Any, base: Path, where: str) -> ConsoleSettings:
         raise ConfigError(f"{where}: expected a mapping (host, port, token_env, ...), got {type(raw).__name__}")
     refuse_unknown_keys(raw, _KEYS, where)
     values: dict[str, Any] = {}
-    for key in ("host", "port", "token_env", "review_days", "review_max_mb"):
+    for key in _SCALARS:
         name = PREFIX + key.upper()
         value, default = raw.get(key, getattr(constants, name)), getattr(constants, name)
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -129,24 +216,85 @@ def parse_settings(raw: Any, base: Path, where: str) -> ConsoleSettings:
         values[key] = value.strip() if isinstance(value, str) else value
     if not values["host"]:
         raise ConfigError(f"{where}.host: expected an address to listen on (e.g. 127.0.0.1)")
+    for key in _LISTS:
+        value = raw.get(key, getattr(constants, PREFIX + key.upper()))
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(f"{where}.{key}: expected a list of names or addresses, got {value!r}")
+        values[key] = tuple(v.strip() for v in value)
+    for name in values["allowed_hosts"]:
+        if not (_is_ip(name.strip("[]")) or re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?", name)):
+            raise ConfigError(f"{where}.allowed_hosts: {name!r} is not a host name or address (no '*', no port)")
+    values["allowed_hosts"] = tuple(h.strip("[]").rstrip(".").lower() for h in values["allowed_hosts"])
+    for proxy in values["trusted_proxies"]:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError as error:
+            raise ConfigError(f"{where}.trusted_proxies: {proxy!r} is not an address or network ({error})") from error
     paths = {}
     for key in ("token_file", "users_file", "corrections_dir"):
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise ConfigError(f"{where}.{key}: expected a path, got {value!r}")
         paths[key] = None if value is None else _path(value, base)
+    tls_cert, tls_key = _read_tls(raw.get("tls"), base, f"{where}.tls")
     token = _read_token(paths["token_file"], values["token_env"], where)
-    users = _read_users(paths["users_file"], where) if paths["users_file"] else {}
     missing = [pip for module, pip in _PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if paths["users_file"] and importlib.util.find_spec("argon2") is None:
+        missing.append("argon2-cffi")
     if missing:
         raise ConfigError(f"{where}: the console needs {' '.join(missing)} (pip install {' '.join(missing)}); "
                           f"install them or remove the console block")
-    return ConsoleSettings(**values, **paths, token=token, users=users)
+    users = _read_users(paths["users_file"], where) if paths["users_file"] else {}
+    return ConsoleSettings(**values, **paths, tls_cert=tls_cert, tls_key=tls_key, token=token, users=users)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _path(value: str, base: Path) -> Path:
     path = Path(os.path.expanduser(value))
     return path if path.is_absolute() else base / path
+
+
+def _read_tls(raw: Any, base: Path, where: str) -> tuple[Path | None, Path | None]:
+    """``tls: {cert, key}`` -> paths, loaded once here so that a wrong file stops the start with its name."""
+    if raw is None:
+        return None, None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with cert and key, got {raw!r}")
+    refuse_unknown_keys(raw, {"cert", "key"}, where)
+    if not all(isinstance(raw.get(k), str) and raw[k].strip() for k in ("cert", "key")):
+        raise ConfigError(f"{where}: expected cert and key (paths of PEM files), got {raw!r}")
+    cert, key = _path(raw["cert"], base), _path(raw["key"], base)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"{where}: cannot use certificate {cert} with key {key}: {error}") from error
+    return cert, key
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` is too weak to guard patient data, or None: fewer than MIN_TOKEN_CHARS characters, fewer than
+    MIN_TOKEN_DISTINCT distinct ones, or an estimate below MIN_TOKEN_BITS bits (length x log2 of the size of the
+    character classes it uses: lower case, upper case, digits, others)."""
+    if len(token) < MIN_TOKEN_CHARS:
+        return f"it has {len(token)} characters, at least {MIN_TOKEN_CHARS} characters are needed"
+    if len(set(token)) < MIN_TOKEN_DISTINCT:
+        return (f"it has {len(set(token))} distinct characters, at least {MIN_TOKEN_DISTINCT} distinct characters "
+                f"are needed")
+    pool = (26 * any(c.islower() for c in token) + 26 * any(c.isupper() for c in token)
+            + 10 * any(c.isdigit() for c in token) + 33 * any(not c.isalnum() for c in token))
+    bits = len(token) * math.log2(max(pool, 2))
+    if bits < MIN_TOKEN_BITS:
+        return f"it carries about {bits:.0f} bits, at least {MIN_TOKEN_BITS} bits are needed"
+    return None
 
 
 def _read_token(token_file: Path | None, env: str, where: str) -> str | None:
@@ -160,9 +308,10 @@ def _read_token(token_file: Path | None, env: str, where: str) -> str | None:
         token, what = os.environ.get(env, "").strip(), f"environment variable {env}"
     if not token:
         return None
-    if len(token) < MIN_TOKEN_CHARS:
-        raise ConfigError(f"{what}: the console's token must have at least {MIN_TOKEN_CHARS} characters "
-                          f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+    problem = token_problem(token)
+    if problem:
+        raise ConfigError(f"{what}: the console's token is too easy to guess: {problem} "
+                          f"(make one with python -c 'import secrets; print(secrets.token_urlsafe(24))')")
     return token
 
 
@@ -176,20 +325,55 @@ def _read_users(path: Path, where: str) -> dict[str, str]:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         name, _, hashed = line.strip().partition(":")
-        if not name or not hashed.startswith("pbkdf2_sha256$") or len(hashed.split("$")) != 4:
-            raise ConfigError(f"{where}.users_file {path}, line {number}: expected name:pbkdf2_sha256$... "
-                              f"(python -m utils.routing.console hash-password NAME)")
+        if not name or not _known_hash(hashed):
+            raise ConfigError(f"{where}.users_file {path}, line {number}: expected name:$argon2id$... "
+                              f"(python -m utils.routing.console hash-password NAME) or name:pbkdf2_sha256$...")
         users[name] = hashed
     return users
 
 
-def hash_password(password: str, iterations: int = HASH_ITERATIONS) -> str:
+def _known_hash(hashed: str) -> bool:
+    if hashed.startswith("pbkdf2_sha256$"):
+        return len(hashed.split("$")) == 4
+    if hashed.startswith("$argon2"):
+        import argon2
+
+        try:
+            argon2.extract_parameters(hashed)
+        except argon2.exceptions.InvalidHashError:
+            return False
+        return True
+    return False
+
+
+def hash_password(password: str, *, time_cost: int | None = None, memory_kib: int | None = None) -> str:
+    """An argon2id hash (argon2-cffi's defaults: RFC 9106's low-memory profile) for users_file; tests pass cheaper
+    costs."""
+    import argon2
+
+    default = argon2.PasswordHasher()
+    hasher = argon2.PasswordHasher(time_cost=time_cost or default.time_cost,
+                                   memory_cost=memory_kib or default.memory_cost,
+                                   parallelism=1 if memory_kib else default.parallelism)
+    return hasher.hash(password)
+
+
+def pbkdf2_hash(password: str, iterations: int = HASH_ITERATIONS) -> str:
+    """The older users_file format (still verified, no longer written by hash-password)."""
     salt = secrets.token_bytes(16)
     digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
     return f"pbkdf2_sha256${iterations}${salt.hex()}${digest.hex()}"
 
 
 def check_password(password: str, hashed: str) -> bool:
+    """Whether ``password`` matches an argon2 or pbkdf2_sha256 hash (slow on purpose: call it in a thread)."""
+    if hashed.startswith("$argon2"):
+        import argon2
+
+        try:
+            return argon2.PasswordHasher().verify(hashed, password)
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            return False
     try:
         _, iterations, salt, digest = hashed.split("$")
         computed = hashlib.pbkdf2_hmac("sha256", password.encode(), bytes.fromhex(salt), int(iterations))
@@ -198,7 +382,28 @@ def check_password(password: str, hashed: str) -> bool:
     return hmac.compare_digest(computed.hex(), digest)
 
 
+def dummy_hash(users: dict[str, str]) -> str:
+    """A hash of the same kind and cost as the users' (argon2 if any is), to check an unknown name against: it
+    answers in the same time as a known one."""
+    argon = next((h for h in users.values() if h.startswith("$argon2")), None)
+    if argon is not None:
+        import argon2
+
+        parameters = argon2.extract_parameters(argon)
+        return argon2.PasswordHasher.from_parameters(parameters).hash(secrets.token_urlsafe(16))
+    iterations = int(next(iter(users.values())).split("$")[1]) if users else HASH_ITERATIONS
+    return pbkdf2_hash(secrets.token_urlsafe(16), iterations)
+
+
 # --- what the console reads --------------------------------------------------------------------
+
+
+class ConsoleUnavailable(Exception):
+    """The spool database cannot be read now: the pages answer 503 with this text (``busy``: try again soon)."""
+
+    def __init__(self, text: str, busy: bool = False) -> None:
+        super().__init__(text)
+        self.busy = busy
 
 
 @dataclass
@@ -219,26 +424,37 @@ class ConsoleContext:
         destination = self.destinations.get(route)
         return destination.node if destination is not None else ""
 
-    def _read(self, reader: Callable, attempts: int = 5) -> Any:
-        """``reader(db)`` on a read-only connection; a busy or locked database (the router starting, SQLite
-        recovering its WAL after a crash, a checkpoint) is asked again a few times before the error reaches the
-        page."""
+    def _read(self, reader: Callable, attempts: int = DB_ATTEMPTS) -> Any:
+        """``reader(db)`` on a read-only connection (call it in a worker thread, not the event loop). A busy or
+        locked database (the router starting, SQLite recovering its WAL after a crash, a checkpoint) is waited for
+        DB_TIMEOUT_S, ``attempts`` times; then, or when the database is missing or unreadable, ConsoleUnavailable
+        says what is wrong."""
         import sqlite3
 
         from utils.routing.review import read_only
 
+        path = self.spool_dir / "queue.sqlite3"
         for attempt in range(attempts):
+            if not path.is_file():
+                raise ConsoleUnavailable(f"the spool database was not found at {path} (has the router started with "
+                                         f"this spool_dir?)")
             try:
                 db = read_only(self.spool_dir)
                 try:
+                    db.execute(f"PRAGMA busy_timeout = {int(DB_TIMEOUT_S * 1000)}")
                     return reader(db)
                 finally:
                     db.close()
             except sqlite3.OperationalError as error:
+                if "locked" not in str(error) and "busy" not in str(error):
+                    raise ConsoleUnavailable(f"the spool database at {path} cannot be read: {error}") from error
                 if attempt == attempts - 1:
-                    raise
+                    raise ConsoleUnavailable(f"the spool database is busy ({error}); the page will answer again "
+                                             f"when the router lets go of it", busy=True) from error
                 log.info("console: the spool database is busy (%s); reading again", error)
-                time.sleep(0.1 * (attempt + 1))
+                time.sleep(0.1)
+            except sqlite3.Error as error:
+                raise ConsoleUnavailable(f"the spool database at {path} cannot be read: {error}") from error
 
     def summary(self, now: float | None = None) -> dict[str, Any]:
         """Counts by state, label and destination; per destination: health; the last hour in 5-minute bins."""
@@ -340,20 +556,140 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 @dataclass(frozen=True)
 class Operator:
-    """Who is asking: a name, how they proved it, and whether their request needs a CSRF token (cookies and basic
-    auth are sent by the browser on its own; a bearer token is not)."""
+    """Who is asking: a name, how they proved it, and the CSRF token of their session (login form only)."""
 
     who: str
-    auth: str  # "token" (login form), "basic", "bearer"
-    needs_csrf: bool
+    auth: str  # "token" (login form, a session), "basic", "bearer"
+    csrf: str = ""
+
+
+@dataclass
+class Session:
+    who: str
+    created: float
+    seen: float
+    csrf: str
+    address: str
+
+
+class SessionStore:
+    """Logged-in sessions by random id, in memory: an absolute lifetime from the login, an idle timeout, at most
+    ``limit`` (the least recently used goes first). ``clock`` is time.monotonic (tests move it)."""
+
+    def __init__(self, hours: float, idle_minutes: float, limit: int = SESSIONS_MAX,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.lifetime_s, self.idle_s, self.limit, self.clock = hours * 3600, idle_minutes * 60, limit, clock
+        self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, who: str, address: str) -> tuple[str, Session]:
+        now = self.clock()
+        for sid in [s for s, record in self._sessions.items() if not self._alive(record, now)]:
+            del self._sessions[sid]
+        while len(self._sessions) >= self.limit:
+            self._sessions.popitem(last=False)
+        sid = secrets.token_urlsafe(32)
+        self._sessions[sid] = session = Session(who, now, now, secrets.token_urlsafe(32), address)
+        return sid, session
+
+    def get(self, sid: str | None) -> Session | None:
+        """The live session of ``sid`` (its last use now), or None (unknown, ended or revoked)."""
+        session = self._sessions.get(sid) if sid else None
+        if session is None:
+            return None
+        now = self.clock()
+        if not self._alive(session, now):
+            del self._sessions[sid]
+            return None
+        session.seen = now
+        self._sessions.move_to_end(sid)
+        return session
+
+    def revoke(self, sid: str | None) -> Session | None:
+        return self._sessions.pop(sid, None) if sid else None
+
+    def _alive(self, session: Session, now: float) -> bool:
+        return now - session.created < self.lifetime_s and now - session.seen < self.idle_s
+
+
+class FailureLimiter:
+    """A token bucket per client address: ``burst`` failed authentications, refilled at ``burst`` per ``window_s``;
+    ``wait_s`` says how long an address must wait (0: it may try). At most ``limit`` addresses are remembered."""
+
+    def __init__(self, burst: int, window_s: float, limit: int = CLIENTS_TRACKED,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.rate, self.limit, self.clock = burst, burst / window_s, limit, clock
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def _level(self, address: str, now: float) -> float:
+        level, stamp = self._buckets.get(address, (self.burst, now))
+        return min(self.burst, level + (now - stamp) * self.rate)
+
+    def wait_s(self, address: str) -> float:
+        level = self._level(address, self.clock())
+        return 0.0 if level >= 1 else (1 - level) / self.rate
+
+    def failed(self, address: str) -> None:
+        now = self.clock()
+        self._buckets[address] = (self._level(address, now) - 1, now)
+        self._buckets.move_to_end(address)
+        while len(self._buckets) > self.limit:
+            self._buckets.popitem(last=False)
+
+
+class _AllowedHosts:
+    """ASGI middleware: 400 for a Host name not in ``hosts`` (the port is not compared), before anything else."""
+
+    def __init__(self, app, hosts: frozenset[str]) -> None:
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if host_name(host) not in self.hosts:
+                from starlette.responses import PlainTextResponse
+
+                log.warning("console: refused a request for Host %r from %s (not in allowed_hosts)", host[:100],
+                            (scope.get("client") or ("?",))[0])
+                response = PlainTextResponse("refused: this console does not answer to that host name (see "
+                                             "allowed_hosts in the console block)", 400, headers=_security_headers(""))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """The name of a Host header without its port: ``[::1]:8108`` -> ``::1``, ``Router.Example:80`` ->
+    ``router.example``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else ""
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def operator_name(value: str) -> str | None:
+    """A name for the audit log (login form, X-Operator): 1-64 printable characters, or None."""
+    value = value.strip()
+    return value if 0 < len(value) <= MAX_NAME_CHARS and value.isprintable() else None
+
+
+def _matches(expected: str, given: str) -> bool:
+    """Constant-time comparison where an empty or missing value never matches."""
+    return bool(expected) and bool(given) and hmac.compare_digest(expected.encode(), given.encode())
 
 
 def build_app(settings: ConsoleSettings, context: ConsoleContext):
-    """The Starlette application of the console."""
+    """The Starlette application of the console (``app.state.sessions`` and ``app.state.failures`` are its session
+    store and failure limiter)."""
+    import anyio
     import jinja2
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.middleware import Middleware
-    from starlette.middleware.sessions import SessionMiddleware
     from starlette.requests import Request
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
     from starlette.routing import Route
@@ -363,102 +699,205 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
     env.filters["when"] = _when
     env.filters["ago"] = lambda t, now=None: _ago(t, now)
     env.filters["seconds"] = lambda s: "-" if s is None else f"{s:.2f} s"
-    verified: dict[tuple[str, str], bool] = {}  # (user, sha256 of the password) -> checked, so pbkdf2 runs once
+    key = secrets.token_bytes(32)  # this start's: form CSRF tokens and the verified-password cache
+    sessions = SessionStore(settings.session_hours, settings.idle_minutes)
+    failures = FailureLimiter(settings.max_failures, settings.failure_window_s)
+    verifying = anyio.CapacityLimiter(VERIFY_THREADS)
+    acting = anyio.CapacityLimiter(1)  # one review action at a time, as on a single thread before
+    verified: collections.OrderedDict[bytes, float] = collections.OrderedDict()  # HMAC(name, password) -> when
+    announced: collections.OrderedDict[tuple[str, str, str], None] = collections.OrderedDict()
+    dummy: list[str] = []  # the dummy hash, made on first need (in a thread: it costs one hashing)
+    bearer_digest = hashlib.sha256(settings.token.encode()).digest() if settings.token else b""
+    challenge = {"WWW-Authenticate": 'Basic realm="router console", charset="UTF-8"'} if settings.users else {}
 
-    def operator(request: Request) -> Operator | None:
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and settings.token:
-            if hmac.compare_digest(value.strip().encode(), settings.token.encode()):
-                return Operator("token", "bearer", False)
-            return None
-        if scheme.lower() == "basic" and settings.users:
+    class Refusal(Exception):
+        def __init__(self, status: int, text: str, headers: dict | None = None) -> None:
+            super().__init__(text)
+            self.status, self.text, self.headers = status, text, headers or {}
+
+    def address(request: Request) -> str:
+        return request.client.host if request.client else "?"
+
+    def announce(request: Request, who: str, auth: str) -> None:
+        entry = (address(request), who, auth)
+        if entry not in announced:
+            log.info("console: %r authenticated (%s) from %s", who, auth, entry[0])
+            announced[entry] = None
+            if len(announced) > CLIENTS_TRACKED:
+                announced.popitem(last=False)
+
+    def failed(request: Request, auth: str, name: str, status: int = 401, text: str = "") -> Refusal:
+        failures.failed(address(request))
+        log.warning("console: failed %s authentication from %s (name %r)", auth, address(request),
+                    name[:MAX_NAME_CHARS])
+        return Refusal(status, text or "refused: wrong credentials", challenge if auth == "basic" else {})
+
+    def throttle(request: Request) -> None:
+        wait = failures.wait_s(address(request))
+        if wait > 0:
+            raise Refusal(429, f"refused: too many failed authentications from {address(request)}; try again in "
+                               f"{math.ceil(wait)} s", {"Retry-After": str(math.ceil(wait))})
+
+    async def password_ok(name: str, password: str) -> bool:
+        mark = hmac.new(key, name.encode() + b"\0" + password.encode(), hashlib.sha256).digest()
+        when = verified.get(mark)
+        if when is not None and time.monotonic() - when < VERIFIED_CACHE_S:
+            verified.move_to_end(mark)
+            return True
+        hashed = settings.users.get(name)
+        if hashed is None:  # the same work as for a known name
+            if not dummy:
+                dummy.append(await anyio.to_thread.run_sync(dummy_hash, settings.users, limiter=verifying))
+            await anyio.to_thread.run_sync(check_password, password, dummy[0], limiter=verifying)
+            return False
+        if not await anyio.to_thread.run_sync(check_password, password, hashed, limiter=verifying):
+            return False
+        verified[mark] = time.monotonic()
+        verified.move_to_end(mark)
+        while len(verified) > VERIFIED_CACHED:
+            verified.popitem(last=False)
+        return True
+
+    async def operator(request: Request) -> Operator | None:
+        """The operator of the request (Authorization header first, then the session cookie); Refusal for wrong
+        credentials (401), a bearer without X-Operator (400) or an address with too many failures (429)."""
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer" and settings.token:
+            throttle(request)
+            digest = hashlib.sha256(value.strip().encode()).digest()
+            if not hmac.compare_digest(digest, bearer_digest):
+                raise failed(request, "bearer", request.headers.get("x-operator", ""))
+            name = operator_name(request.headers.get("x-operator", ""))
+            if name is None:
+                raise Refusal(400, f"refused: a bearer request names its operator in the X-Operator header "
+                                   f"(1-{MAX_NAME_CHARS} printable characters); it goes into the audit log")
+            announce(request, name, "bearer")
+            return Operator(name, "bearer")
+        if scheme == "basic" and settings.users:
+            throttle(request)
             try:
-                name, _, password = base64.b64decode(value.strip()).decode().partition(":")
+                name, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
-                return None
-            key = (name, hashlib.sha256(password.encode()).hexdigest())
-            if key not in verified:
-                verified[key] = name in settings.users and check_password(password, settings.users[name])
-            return Operator(name, "basic", True) if verified[key] else None
-        who = request.session.get("who")
-        if who and settings.token and request.session.get("token") == _token_mark(settings.token):
-            return Operator(who, "token", True)
-        return None
+                raise failed(request, "basic", "") from None
+            if not await password_ok(name, password):
+                raise failed(request, "basic", name)
+            announce(request, name, "basic")
+            return Operator(name, "basic")
+        session = sessions.get(request.cookies.get(SESSION_COOKIE)) if settings.token else None
+        return Operator(session.who, "token", session.csrf) if session else None
 
-    def csrf_token(request: Request) -> str:
-        if "csrf" not in request.session:
-            request.session["csrf"] = secrets.token_urlsafe(32)
-        return request.session["csrf"]
+    def form_token(request: Request) -> str:
+        """The CSRF token of the login form and basic-auth users: an HMAC of the request's form cookie."""
+        value = request.cookies.get(FORM_COOKIE, "") or getattr(request.state, "form_cookie", "")
+        return hmac.new(key, value.encode(), hashlib.sha256).hexdigest() if value else ""
+
+    def set_cookie(request: Request, response, name: str, value: str, max_age: int | None = None) -> None:
+        response.set_cookie(name, value, max_age=max_age, path="/", httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https")
 
     def page(request: Request, template: str, status: int = 200, **values) -> HTMLResponse:
         nonce = secrets.token_urlsafe(16)
+        who = getattr(request.state, "operator", None)
+        if not request.cookies.get(FORM_COOKIE):
+            request.state.form_cookie = secrets.token_urlsafe(24)
         html = env.get_template(template).render({
-            "title": context.title, "csrf": csrf_token(request), "operator": operator(request), "nonce": nonce,
-            "can_act": bool(settings.token or settings.users), "message": request.query_params.get("message", ""),
-            "error": request.query_params.get("error", ""), "refresh_s": LIVE_REFRESH_S,
-            "classes": context.class_names, "shadow_mode": context.shadow_report is not None, **values})
-        return HTMLResponse(html, status, headers=_security_headers(nonce))
+            "title": context.title, "csrf": who.csrf if who and who.csrf else form_token(request), "operator": who,
+            "nonce": nonce, "can_act": bool(settings.token or settings.users),
+            "message": request.query_params.get("message", ""), "error": request.query_params.get("error", ""),
+            "refresh_s": LIVE_REFRESH_S, "classes": context.class_names,
+            "shadow_mode": context.shadow_report is not None, **values})
+        response = HTMLResponse(html, status, headers=_security_headers(nonce))
+        if getattr(request.state, "form_cookie", None):
+            set_cookie(request, response, FORM_COOKIE, request.state.form_cookie)
+        return response
+
+    def refuse(request: Request, status: int, text: str, headers: dict | None = None):
+        if "text/html" in request.headers.get("accept", ""):
+            response = page(request, "refused.html", status, reason=text)
+        else:
+            response = PlainTextResponse(text, status, headers=_security_headers(""))
+        response.headers.update(headers or {})
+        return response
+
+    def open_to(request: Request) -> bool:
+        """Pages without login: a loopback client, no proxy declared, no proxy's header on the request."""
+        return (not settings.trusted_proxies and is_loopback(address(request))
+                and not any(h in request.headers for h in _FORWARDING))
 
     def reader(handler):
-        """Read-only pages: open on loopback; elsewhere they need an operator too."""
+        """Read-only pages: open to loopback clients (no proxy); otherwise they need an operator too."""
         async def wrapped(request: Request):
-            if not settings.loopback and operator(request) is None:
+            try:
+                request.state.operator = await operator(request)
+            except Refusal as refusal:
+                return refuse(request, refusal.status, refusal.text, refusal.headers)
+            if request.state.operator is None and not open_to(request):
                 if settings.users:
-                    return PlainTextResponse("authentication required", 401,
-                                             headers={"WWW-Authenticate": 'Basic realm="router console"'})
+                    return refuse(request, 401, "authentication required", challenge)
                 return RedirectResponse("/login", 303)
-            return await handler(request)
+            try:
+                return await handler(request)
+            except ConsoleUnavailable as error:
+                headers = {"Retry-After": "2"} if error.busy else {}
+                if "text/html" in request.headers.get("accept", ""):
+                    response = page(request, "unavailable.html", 503, reason=str(error))
+                    response.headers.update(headers)
+                    return response
+                return PlainTextResponse(f"unavailable: {error}", 503, headers={**_security_headers(""), **headers})
         return wrapped
 
-    async def refuse(request: Request, status: int, text: str):
-        if "text/html" in request.headers.get("accept", ""):
-            return page(request, "refused.html", status, reason=text)
-        return PlainTextResponse(text, status, headers=_security_headers(""))
-
     def action(handler):
-        """POST actions: an operator, the CSRF token of their session, and no other site's Origin."""
+        """POST actions: an operator, and the CSRF token of their session (login), that token or this console's
+        Origin (basic auth) or nothing more (bearer); never another site's Origin."""
         async def wrapped(request: Request):
             if not _same_origin(request):
-                return await refuse(request, 403, "refused: the request comes from another site")
+                return refuse(request, 403, "refused: the request comes from another site")
             if not (settings.token or settings.users):
-                return await refuse(request, 403, "refused: the console is read-only (no token or users configured)")
-            who = operator(request)
+                return refuse(request, 403, "refused: the console is read-only (no token or users configured)")
+            try:
+                who = await operator(request)
+            except Refusal as refusal:
+                return refuse(request, refusal.status, refusal.text, refusal.headers)
+            request.state.operator = who
             if who is None:
-                headers = {"WWW-Authenticate": 'Basic realm="router console"'} if settings.users else {}
-                response = await refuse(request, 401, "refused: log in with the operators' token first")
-                response.headers.update(headers)
-                return response
+                return refuse(request, 401, "refused: log in with the operators' token first", challenge)
             form = await request.form()
-            if who.needs_csrf and not hmac.compare_digest(str(form.get("csrf", "")).encode(),
-                                                          str(request.session.get("csrf", "")).encode()):
-                return await refuse(request, 403, "refused: the form's CSRF token does not match your session "
-                                                  "(reload the page and try again)")
+            given = str(form.get("csrf", ""))
+            if who.auth == "token" and not _matches(who.csrf, given) or who.auth == "basic" and not (
+                    _matches(form_token(request), given) or request.headers.get("origin")):
+                return refuse(request, 403, "refused: the form's CSRF token does not match your session "
+                                            "(reload the page and try again)")
             return await handler(request, who, form)
         return wrapped
 
+    async def read(call, *args):
+        return await run_in_threadpool(call, *args)
+
     async def home(request: Request):
-        return page(request, "home.html", summary=context.summary(), latest=context.latest())
+        summary, latest = await read(context.summary), await read(context.latest)
+        return page(request, "home.html", summary=summary, latest=latest)
 
     async def live(request: Request):
-        return page(request, "live.html", summary=context.summary(), latest=context.latest())
+        summary, latest = await read(context.summary), await read(context.latest)
+        return page(request, "live.html", summary=summary, latest=latest)
 
     async def summary_json(request: Request):
-        return JSONResponse(context.summary(), headers=_security_headers(""))
+        return JSONResponse(await read(context.summary), headers=_security_headers(""))
 
     async def search(request: Request):
         text = request.query_params.get("q", "")
-        return page(request, "search.html", q=text, rows=context.search(text))
+        return page(request, "search.html", q=text, rows=await read(context.search, text))
 
     async def review(request: Request):
-        return page(request, "review.html", rows=context.review_list())
+        return page(request, "review.html", rows=await read(context.review_list))
 
     async def shadow(request: Request):
         if context.shadow_report is None:
             return PlainTextResponse("the router runs in route mode: no shadow trial to report", 404)
         since, until = request.query_params.get("since") or None, request.query_params.get("until") or None
         try:
-            report, problem = context.shadow_report(since, until), ""
+            report, problem = await read(context.shadow_report, since, until), ""
         except (ValueError, FileNotFoundError) as error:
             report, problem = "", str(error)
         return page(request, "shadow.html", report=report, error=problem, since=since or "", until=until or "")
@@ -476,37 +915,64 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
 
     async def login(request: Request):
         form = await request.form()
-        if not _same_origin(request) or not hmac.compare_digest(str(form.get("csrf", "")).encode(),
-                                                                 str(request.session.get("csrf", "")).encode()):
-            return await refuse(request, 403, "refused: the form's CSRF token does not match your session")
-        name = str(form.get("name", "")).strip()
-        token = str(form.get("token", ""))
-        if not settings.token or not hmac.compare_digest(token.encode(), settings.token.encode()):
-            log.warning("console: a login with a wrong token (name %r)", name[:64])
+        if not _same_origin(request) or not _matches(form_token(request), str(form.get("csrf", ""))):
+            return refuse(request, 403, "refused: the form's CSRF token does not match your session "
+                                        "(reload the login page and try again)")
+        if not settings.token:
+            return refuse(request, 403, "refused: no operators' token is configured (the console is read-only "
+                                        "or uses basic auth)")
+        name = str(form.get("name", ""))
+        try:
+            throttle(request)
+        except Refusal as refusal:
+            return refuse(request, refusal.status, refusal.text, refusal.headers)
+        given = hashlib.sha256(str(form.get("token", "")).encode()).digest()
+        if not hmac.compare_digest(given, bearer_digest):
+            failed(request, "login", name)
             return page(request, "login.html", 401, failed="wrong token")
-        if not name or len(name) > 64 or not name.isprintable():
-            return page(request, "login.html", 400, failed="give your name (1-64 characters): it goes into the audit log")
-        request.session.update(who=name, token=_token_mark(settings.token), csrf=secrets.token_urlsafe(32))
-        return RedirectResponse("/review", 303)
+        who = operator_name(name)
+        if who is None:
+            return page(request, "login.html", 400,
+                        failed=f"give your name (1-{MAX_NAME_CHARS} characters): it goes into the audit log")
+        sessions.revoke(request.cookies.get(SESSION_COOKIE))
+        sid, _ = sessions.create(who, address(request))
+        log.info("console: %r logged in from %s", who, address(request))
+        response = RedirectResponse("/review", 303)
+        set_cookie(request, response, SESSION_COOKIE, sid, max_age=int(settings.session_hours * 3600))
+        return response
 
     async def logout(request: Request):
-        request.session.clear()
-        return RedirectResponse("/", 303)
+        if not _same_origin(request):
+            return refuse(request, 403, "refused: the request comes from another site")
+        sid = request.cookies.get(SESSION_COOKIE)
+        session = sessions.get(sid)
+        if session is not None:
+            form = await request.form()
+            if not _matches(session.csrf, str(form.get("csrf", ""))):
+                return refuse(request, 403, "refused: the form's CSRF token does not match your session "
+                                            "(reload the page and try again)")
+            sessions.revoke(sid)
+            log.info("console: %r logged out from %s", session.who, address(request))
+        response = RedirectResponse("/", 303)
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
+                               secure=request.url.scheme == "https")
+        return response
 
     async def do_requeue(request: Request, who: Operator, form):
-        return _act(lambda: context.desk.requeue(request.path_params["item"], who=who.who, auth=who.auth))
+        item = request.path_params["item"]
+        return await _act(lambda: context.desk.requeue(item, who=who.who, auth=who.auth))
 
     async def do_correct(request: Request, who: Operator, form):
-        label = str(form.get("label", ""))
-        return _act(lambda: context.desk.correct(request.path_params["item"], label, who=who.who, auth=who.auth))
+        item, label = request.path_params["item"], str(form.get("label", ""))
+        return await _act(lambda: context.desk.correct(item, label, who=who.who, auth=who.auth))
 
-    def _act(call):
+    async def _act(call):
         from urllib.parse import urlencode
 
         from utils.routing.review import ReviewError
 
         try:
-            outcome = call()
+            outcome = await anyio.to_thread.run_sync(call, limiter=acting)
         except ReviewError as error:
             return RedirectResponse("/review?" + urlencode({"error": str(error)}), 303)
         return RedirectResponse("/review?" + urlencode({"message": outcome.message}), 303)
@@ -520,22 +986,17 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
         Route("/items/{item:int}/requeue", action(do_requeue), methods=["POST"]),
         Route("/items/{item:int}/correct", action(do_correct), methods=["POST"]),
     ]
-    middleware = [Middleware(SessionMiddleware, secret_key=secrets.token_hex(32), session_cookie="router_console",
-                             max_age=SESSION_HOURS * 3600, same_site="strict", https_only=False)]
-    return Starlette(routes=routes, middleware=middleware)
-
-
-def _token_mark(token: str) -> str:
-    """What the session keeps of the token: a hash (a new token logs everyone out)."""
-    return hashlib.sha256(token.encode()).hexdigest()[:16]
+    app = Starlette(routes=routes, middleware=[Middleware(_AllowedHosts, hosts=settings.hosts())])
+    app.state.sessions, app.state.failures = sessions, failures
+    return app
 
 
 def _same_origin(request) -> bool:
-    """No Origin (not a browser's cross-site form), or this console's own."""
+    """No Origin (not a browser's cross-site form), or this console's own (the Host was checked first)."""
     from urllib.parse import urlsplit
 
     origin = request.headers.get("origin")
-    return not origin or urlsplit(origin).netloc == request.headers.get("host", "")
+    return not origin or urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower()
 
 
 def _security_headers(nonce: str) -> dict[str, str]:
@@ -593,8 +1054,13 @@ class Console:
             sock.close()
             raise
         self._socket = sock
+        proxies = list(self.settings.trusted_proxies)
+        tls = {"ssl_certfile": str(self.settings.tls_cert), "ssl_keyfile": str(self.settings.tls_key),
+               "ssl_context_factory": _tls_context} if self.settings.tls_cert else {}
+        # X-Forwarded-For/-Proto are believed from the declared proxies only (uvicorn's default trusts 127.0.0.1)
         config = uvicorn.Config(build_app(self.settings, self.context), log_level="warning", access_log=False,
-                                lifespan="off", server_header=False, timeout_graceful_shutdown=2)
+                                lifespan="off", server_header=False, timeout_graceful_shutdown=2,
+                                proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None, **tls)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="console-http",
                                         daemon=True)
@@ -616,18 +1082,25 @@ class Console:
         self.server = None
 
 
+def _tls_context(config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """uvicorn's context from the cert and key, offering TLS 1.2 at the oldest (as the DICOM port)."""
+    context = default()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m utils.routing.console hash-password NAME``: a line for the console's users_file."""
+    """``python -m utils.routing.console hash-password NAME``: a line for the console's users_file (argon2id)."""
     import argparse
     import getpass
 
     parser = argparse.ArgumentParser(prog="python -m utils.routing.console", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    hashing = sub.add_parser("hash-password", help="print NAME:pbkdf2_sha256$... for users_file")
+    hashing = sub.add_parser("hash-password", help="print NAME:$argon2id$... for users_file")
     hashing.add_argument("name")
     args = parser.parse_args(argv)
-    if ":" in args.name or not args.name.strip():
-        parser.error("NAME must not be empty or contain ':'")
+    if ":" in args.name or operator_name(args.name) != args.name:
+        parser.error(f"NAME must be 1-{MAX_NAME_CHARS} printable characters without ':' or surrounding spaces")
     password = getpass.getpass(f"password for {args.name}: ")
     if len(password) < 8 or password != getpass.getpass("again: "):
         print("error: passwords differ or are shorter than 8 characters")
