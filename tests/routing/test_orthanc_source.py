@@ -8,6 +8,8 @@ change feed behind the cursor (a new Orthanc database), and the cursor in one tr
 
 from __future__ import annotations
 
+import hashlib
+
 import pydicom
 import pytest
 
@@ -25,6 +27,12 @@ from utils.routing.queue import SpoolQueue
 from .conftest import bright_rows_image, wait_for, write_dicom
 
 
+def orthanc_id(name: str) -> str:
+    """An identifier of Orthanc's shape (a SHA-1 in five groups of 8 hex digits) for a test's short name."""
+    digest = hashlib.sha1(name.encode()).hexdigest()
+    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
+
+
 class FakeOrthanc:
     """Orthanc's change feed and instances in memory: ``add`` stores an instance and logs its changes."""
 
@@ -34,12 +42,19 @@ class FakeOrthanc:
         self.modality: dict[str, str] = {}
         self.remote: dict[str, str] = {}
         self.down = False
+        self.asked: list[str] = []  # every path asked for
 
-    def add(self, instance: str, data: bytes, modality: str = "DX", remote: str = "MODALITY") -> None:
+    def add(self, name: str, data: bytes, modality: str = "DX", remote: str = "MODALITY", *,
+            raw_id: str | None = None) -> None:
+        """An instance named ``name`` (its ID: orthanc_id(name)); ``raw_id``: the ID Orthanc's answer carries."""
+        instance = orthanc_id(name) if raw_id is None else raw_id
         self.files[instance], self.modality[instance], self.remote[instance] = data, modality, remote
         for kind, resource in (("NewInstance", "Instance"), ("NewSeries", "Series")):
             self.changes_log.append({"Seq": len(self.changes_log) + 1, "ChangeType": kind, "ResourceType": resource,
                                      "ID": instance})
+
+    def delete(self, name: str) -> None:
+        del self.files[orthanc_id(name)]
 
     def _check(self) -> None:
         if self.down:
@@ -57,6 +72,7 @@ class FakeOrthanc:
 
     def get_json(self, path: str) -> dict:
         self._check()
+        self.asked.append(path)
         instance = path.split("/")[2]
         if instance not in self.files:
             raise OrthancNotFound(f"GET {path}: 404 not found")
@@ -66,6 +82,7 @@ class FakeOrthanc:
 
     def get(self, path: str) -> bytes:
         self._check()
+        self.asked.append(path)
         instance = path.split("/")[2]
         if instance not in self.files:
             raise OrthancNotFound(f"GET {path}: 404 not found")
@@ -106,7 +123,7 @@ def test_cursor_advances_with_each_row_and_resumes_after_a_restart(tmp_path, ima
 
     orthanc.add("b", images[3][0])
     orthanc.add("gone", images[3][0])
-    del orthanc.files["gone"]  # deleted from Orthanc before the router fetched it
+    orthanc.delete("gone")  # deleted from Orthanc before the router fetched it
     source, queue, audit = make_source(tmp_path, orthanc)
     drain(source)
     assert [i.sop_instance_uid for i in queue.items()] == [images[0][1], images[3][1]]  # "a" not fetched again
@@ -170,3 +187,21 @@ def test_the_cursor_is_committed_with_the_row_or_not_at_all(tmp_path):
                     meta=(CURSOR_KEY, '{"seq": 9}'))
     assert read_cursor(queue.get_meta(CURSOR_KEY)) == 7 and not queue._db.in_transaction
     queue.close()
+
+
+@pytest.mark.parametrize("hostile", ["../../system", "a/../../tools/reset", "x?expand", "", "..",
+                                     orthanc_id("a").upper(), orthanc_id("a") + "/../../system", "id\r\nX-Header: 1"])
+def test_an_id_not_of_orthancs_shape_is_never_put_into_a_url(tmp_path, images, hostile, caplog):
+    orthanc = FakeOrthanc()
+    orthanc.add("bad", images[0][0], raw_id=hostile)
+    orthanc.add("good", images[1][0])
+    source, queue, audit = make_source(tmp_path, orthanc, start_from="beginning")
+    drain(source)
+    assert [i.sop_instance_uid for i in queue.items()] == [images[1][1]]  # the next instance is fetched
+    assert orthanc.asked and all(path.split("/")[2] == orthanc_id("good") for path in orthanc.asked)
+    assert read_cursor(queue.get_meta(CURSOR_KEY)) == 4 and source.skipped == 1 and source.down_since is None
+    [skipped] = [r for r in read_audit(tmp_path / "spool" / "audit.jsonl") if r["event"] == "orthanc_skipped"]
+    assert skipped["orthanc_id"] == hostile and skipped["reason"] == "not an Orthanc identifier"
+    assert not any("\n" in r.getMessage() or "\r" in r.getMessage() for r in caplog.records)
+    queue.close()
+    audit.close()

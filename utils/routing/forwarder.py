@@ -22,11 +22,16 @@ states what the destination answered, so a kill between the two leaves the line 
 a second delivery with a second line after the restart), never a delivered object without one.
 
 A folder copy is written as ``.<32 hex digits>.part`` and linked to its name once complete and
-fsynced; :func:`remove_partial_copies` deletes what a kill left of those at start-up.
+fsynced; :func:`remove_partial_copies` deletes what a kill left of those at start-up. Its name is the SOP
+Instance UID when that is a valid UID, else ``invalid-uid-...`` (utils/untrusted.py): a peer's UID never
+chooses a folder, and every write is checked to stay inside the destination's folder. A copy that cannot be
+written while the folder itself can (a name the filesystem refuses, a spool file gone) is that object's
+failure (retried, then ``failed`` with the reason), not the destination's: the other objects go on.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -43,6 +48,7 @@ from utils.routing.metrics import NO_METRICS
 from utils.routing.queue import FORWARDED, QUARANTINED, QueueItem, SpoolQueue, SpoolWriteError, fsync_dir
 from utils.routing.scp import set_tcp_nodelay
 from utils.routing.worker import FATAL, WakeableThread
+from utils.untrusted import UnsafePathError, contained, is_safe_component, log_safe, safe_component, safe_uid
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ BATCH = 64  # objects sent per association at most
 MAX_CONTEXTS = 127  # presentation contexts one association may propose (128, PS3.8), less Verification
 TIMEOUT_S = 60  # ACSE / DIMSE / network timeout towards a destination
 PARTIAL_COPY = re.compile(r"\.[0-9a-f]{32}\.part")  # the name of a folder copy being written (_copy_durably)
+# A failed write with one of these means the folder cannot take anything now: the destination is down.
+FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENFILE, errno.EMFILE})
 
 
 def backoff(attempt: int, initial: float, maximum: float) -> float:
@@ -180,8 +188,8 @@ class _Worker(WakeableThread):
         attempts = item.attempts + 1
         give_up = attempts >= self.config.max_attempts
         delay = backoff(attempts, self.config.retry_initial_s, self.config.retry_max_s)
-        log.warning("%s refused %s (attempt %d%s): %s", self.destination.node, item.sop_instance_uid, attempts,
-                    ", giving up" if give_up else "", reason)
+        log.warning("%s refused %s (attempt %d%s): %s", self.destination.node, log_safe(item.sop_instance_uid),
+                    attempts, ", giving up" if give_up else "", log_safe(reason))
         self.audit.write("forwarded", sop_instance_uid=item.sop_instance_uid, item=item.id, label=item.label,
                          destination=self.destination.node, status="failed" if give_up else "retry",
                          detail=reason, attempts=attempts)
@@ -265,22 +273,52 @@ class FolderForwarder(_Worker):
                 break
             target = None
             try:
-                target = _copy_durably(self.queue.path(item), folder, item.sop_instance_uid or Path(item.file).stem)
+                target = _copy_durably(self.queue.path(item), folder, copy_stem(item))
                 sidecar = {k: getattr(item, k) for k in ("sop_instance_uid", "sop_class_uid", "transfer_syntax",
                                                          "calling_ae", "label", "confidence", "model_id", "reason")}
                 sidecar["received_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(item.received_at))
-                target.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+                _write_durably(target.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
             except OSError as error:
                 if target is not None:  # no copy without its reason: the retry writes both again
-                    for path in (target, target.with_suffix(".json")):
-                        path.unlink(missing_ok=True)
-                return f"cannot write into {folder}: {error}"
+                    target.unlink(missing_ok=True)
+                if not _objects_own(error, folder):
+                    return f"cannot write into {folder}: {error}"
+                self._refused(item, f"cannot write into {folder}: {error}")  # this object's failure only
+                continue
             self._done(item, "stored", str(target))
         return None
 
 
+def copy_stem(item: QueueItem) -> str:
+    """The name (without ``.dcm``) of an object's copy in a folder destination: its SOP Instance UID when that is
+    a valid UID, else a name derived from it (utils/untrusted.py); without a UID, the spool file's name."""
+    if item.sop_instance_uid:
+        return safe_uid(item.sop_instance_uid)
+    return safe_component(Path(item.file).stem)
+
+
+def _objects_own(error: OSError, folder: Path) -> bool:
+    """Whether a failed write is the object's own problem (its name, its spool file), not the folder's: the
+    folder takes a small file now and the error is not one that says the whole folder is unusable."""
+    if isinstance(error, UnsafePathError):
+        return True
+    if error.errno in FOLDER_ERRNOS:
+        return False
+    probe = folder / f".{uuid.uuid4().hex}.part"  # PARTIAL_COPY: a kill leaves nothing remove_partial_copies misses
+    try:
+        with open(probe, "xb") as handle:
+            handle.write(b"probe")
+        probe.unlink()
+    except OSError:
+        return False
+    return True
+
+
 def _copy_durably(source: Path, folder: Path, stem: str) -> Path:
-    """Copy into ``folder`` as ``stem.dcm`` (``stem_1.dcm``... if taken), fsynced; never overwrites."""
+    """Copy into ``folder`` as ``stem.dcm`` (``stem_1.dcm``... if taken), fsynced; never overwrites, never writes
+    through a link. ``stem`` must be one harmless path component (UnsafePathError otherwise)."""
+    if not is_safe_component(stem):
+        raise UnsafePathError(f"{log_safe(stem)!r} is not a safe file name")
     temporary = folder / f".{uuid.uuid4().hex}.part"  # PARTIAL_COPY; what a kill leaves: remove_partial_copies
     try:
         with open(source, "rb") as src, open(temporary, "xb") as dst:
@@ -288,9 +326,14 @@ def _copy_durably(source: Path, folder: Path, stem: str) -> Path:
             dst.flush()
             os.fsync(dst.fileno())
         for n in range(10_000):
-            target = folder / (f"{stem}.dcm" if n == 0 else f"{stem}_{n}.dcm")
+            name = f"{stem}.dcm" if n == 0 else f"{stem}_{n}.dcm"
             try:
-                os.link(temporary, target)
+                contained(folder, name)
+            except UnsafePathError:  # a link of that name points out of the folder: taken
+                continue
+            target = folder / name
+            try:
+                os.link(temporary, target)  # a new name: fails on anything already there, a link included
             except FileExistsError:
                 continue
             fsync_dir(folder)
@@ -298,6 +341,21 @@ def _copy_durably(source: Path, folder: Path, stem: str) -> Path:
         raise FileExistsError(f"{folder}: too many files named {stem}")
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _write_durably(target: Path, text: str) -> None:
+    """Write ``text`` as ``target`` through a temporary file and a rename: an existing file or link of that name
+    is replaced, never written through."""
+    temporary = target.with_name(f".{uuid.uuid4().hex}.part")
+    try:
+        with open(temporary, "x") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    fsync_dir(target.parent)
 
 
 def remove_partial_copies(folder: Path) -> list[Path]:

@@ -35,7 +35,10 @@ other modalities, the router's own objects) advance the cursor once per page.
 When Orthanc cannot be reached (connection refused, a timeout, HTTP 5xx, 401) the source logs and
 audits ``orthanc_source_down`` once and retries with the router's backoff (``retry_initial_s`` ..
 ``retry_max_s``) for as long as it takes; ``orthanc_source_up`` follows. An instance Orthanc
-deleted before the router fetched it (404) is skipped with an ``orthanc_skipped`` audit line.
+deleted before the router fetched it (404) is skipped with an ``orthanc_skipped`` audit line, and so is a
+change whose ``ID`` is not of the shape of Orthanc's identifiers (:data:`ORTHANC_ID`, five groups of 8 hex
+digits): an ID goes into the URL paths the router asks for, so anything else (``../system``, ``a?b``) is never
+asked for.
 Below the spool's free-space reserve the source waits (nothing is skipped). A change feed that is
 behind the cursor (``Last`` < cursor: Orthanc was given a new database) restarts from 0 with an
 ``orthanc_cursor_reset`` audit line.
@@ -49,6 +52,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -62,6 +66,7 @@ from utils.routing.audit import AuditLog, AuditWriteError
 from utils.routing.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue, SpoolWriteError
 from utils.routing.worker import FATAL, WakeableThread
+from utils.untrusted import log_safe
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ CURSOR_KEY = "orthanc_source_cursor"  # queue meta: {"seq": N, "url": ...}, adva
 NOTE_KEY = "orthanc_source_state"  # queue meta: what the source last saw of Orthanc (for --status)
 NEW_INSTANCE = "NewInstance"
 PREFIX = "ROUTER_ORTHANC_"  # the constants of the block's keys (the key is the name without the prefix)
+ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")  # Orthanc's resource identifiers (a SHA-1, grouped)
 _KEYS = {"url", "username", "password", "poll_s", "batch", "timeout_s", "start_from", "modalities"}
 
 
@@ -311,19 +317,25 @@ class OrthancSource(WakeableThread):
     def _take(self, instance: str, seq: int) -> bool:
         """Fetch one instance and store it with the cursor; False when stopping before it was stored."""
         client, settings = self.client, self.settings
+        if not ORTHANC_ID.fullmatch(instance):  # it would become part of a URL path: never asked for
+            log.warning("Orthanc change %d names an instance %r that is not an Orthanc identifier: skipped", seq,
+                        log_safe(instance, 80))
+            self._audit("orthanc_skipped", orthanc_id=instance[:200], seq=seq, reason="not an Orthanc identifier")
+            self.skipped += 1
+            return True
         try:
             if settings.modalities:
                 series = client.get_json(f"/instances/{instance}/series")
                 modality = str(series.get("MainDicomTags", {}).get("Modality", "")).strip()
                 if modality not in settings.modalities:
-                    log.debug("Orthanc instance %s: Modality %r not in %s, skipped", instance, modality,
+                    log.debug("Orthanc instance %s: Modality %r not in %s, skipped", instance, log_safe(modality, 40),
                               settings.modalities)
                     self.skipped += 1
                     return True
             metadata = client.get_json(f"/instances/{instance}/metadata?expand")
             remote = str(metadata.get("RemoteAET", "")).strip()
             if remote and remote == self.own_ae_title:
-                log.debug("Orthanc instance %s came from this router (%s): skipped", instance, remote)
+                log.debug("Orthanc instance %s came from this router (%s): skipped", instance, log_safe(remote))
                 self.skipped += 1
                 return True
             data = client.get(f"/instances/{instance}/file")
@@ -336,7 +348,8 @@ class OrthancSource(WakeableThread):
         try:
             sop_instance_uid, sop_class_uid, transfer_syntax = _file_uids(data)
         except Exception as error:  # noqa: BLE001 - kept all the same: the classifier quarantines what it cannot read
-            log.warning("Orthanc instance %s: unreadable file meta (%s); stored all the same", instance, error)
+            log.warning("Orthanc instance %s: unreadable file meta (%s); stored all the same", instance,
+                        log_safe(error))
             sop_instance_uid = sop_class_uid = ""
             transfer_syntax = str(metadata.get("TransferSyntax", ""))
         sop_class_uid = sop_class_uid or str(metadata.get("SopClassUid", ""))

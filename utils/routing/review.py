@@ -27,10 +27,12 @@ model and rules. Correct: the object goes to the destination of the corrected la
 once, audited ``forwarded``), and is added to the corrections dataset::
 
     <corrections_dir>/labels.csv        path,label,group,sop_instance_uid,previous_label,who,time
-    <corrections_dir>/files/<SOP Instance UID>.dcm
+    <corrections_dir>/files/<SOP Instance UID>.dcm     (invalid-uid-<...>.dcm when it is not a valid UID)
 
 ``labels.csv`` is a source prepare.py reads (layout (c), ``path,label[,group]``; group = Patient ID, so that a
-grouped split keeps a patient's images together); correcting the same object again replaces its row. Audit
+grouped split keeps a patient's images together); correcting the same object again replaces its row. The file
+name comes from utils/untrusted.py's ``safe_uid`` (a sender's UID never chooses the folder) and the values a sender
+chose (UID, Patient ID) are written with their control characters escaped, one row per line. Audit
 events: ``corrected`` (sop_instance_uid, item, new_item, label, previous_label, top_label, who, auth, route,
 destination, dataset) and ``requeued`` (sop_instance_uid, item, new_item, previous_label, state, who, auth); a new
 row also gets its ``received`` line (``source: "review"``, ``copy_of``) and, when corrected, its ``classified`` line.
@@ -42,7 +44,6 @@ import csv
 import datetime as _dt
 import logging
 import os
-import re
 import shutil
 import sqlite3
 import threading
@@ -54,6 +55,7 @@ from pathlib import Path
 
 from utils.infer.decisions import UNCERTAIN
 from utils.routing.queue import CLASSIFIED, FAILED, PENDING, Classification, QueueItem, fsync_dir
+from utils.untrusted import UnsafePathError, contained, log_safe, safe_uid
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ THUMBNAIL_PX = 128  # longest side of a thumbnail
 THUMBNAIL_QUALITY = 80  # JPEG quality
 PRUNE_EVERY_S = 3600.0  # the keeper prunes at start and then at most this often
 CORRECTIONS_COLUMNS = ("path", "label", "group", "sop_instance_uid", "previous_label", "who", "time")
+CELL_MAX = 1024  # characters of a sender's value in a labels.csv cell
 REVIEW_CONDITION = f"(label = '{UNCERTAIN}' OR state = '{FAILED}' OR tag_disagrees = 1) AND reviewed = ''"
 
 
@@ -244,7 +247,7 @@ class ReviewDesk:
                 self.wake("")
             self._record(item, "requeued", sop_instance_uid=item.sop_instance_uid, item=item.id, new_item=new_id,
                          previous_label=item.label, state=item.state, who=who, auth=auth or None)
-            log.info("%s requeued item %d (%s): %s", who, item.id, item.sop_instance_uid, what)
+            log.info("%s requeued item %d (%s): %s", log_safe(who), item.id, log_safe(item.sop_instance_uid), what)
             return Outcome(item.id, new_id, f"item {item.id}: {what}")
 
     def correct(self, item_id: int, label: str, *, who: str, auth: str = "") -> Outcome:
@@ -263,8 +266,8 @@ class ReviewDesk:
                     sop_instance_uid=item.sop_instance_uid, item=item.id, new_item=None, label=label,
                     previous_label=item.label, top_label=_top_label(item.probs), who=who, auth=auth or None,
                     route=None, destination=None, forwarded=False, dataset=str(dataset_file))
-                log.info("%s corrected item %d (%s): %s -> %s (shadow mode: recorded, not forwarded)", who, item.id,
-                         item.sop_instance_uid, item.label, label)
+                log.info("%s corrected item %d (%s): %s -> %s (shadow mode: recorded, not forwarded)", log_safe(who),
+                         item.id, log_safe(item.sop_instance_uid), item.label, label)
                 return Outcome(item.id, item.id, f"item {item.id}: corrected to {label} and added to "
                                                  f"{self.corrections_dir / 'labels.csv'}; not forwarded (shadow mode: "
                                                  f"the site's rule delivered it)")
@@ -283,7 +286,8 @@ class ReviewDesk:
                 previous_label=item.label, top_label=_top_label(item.probs), who=who, auth=auth or None, route=label,
                 destination=destination, dataset=str(dataset_file))
             self.wake(label)
-            log.info("%s corrected item %d (%s): %s -> %s", who, item.id, item.sop_instance_uid, item.label, label)
+            log.info("%s corrected item %d (%s): %s -> %s", log_safe(who), item.id, log_safe(item.sop_instance_uid),
+                     item.label, label)
             return Outcome(item.id, new_id, f"item {item.id}: corrected to {label}, forwarded to {destination} "
                                             f"as item {new_id}, added to {self.corrections_dir / 'labels.csv'}")
 
@@ -308,11 +312,16 @@ class ReviewDesk:
         """Write the file (durably) and its row of labels.csv (replacing an earlier correction of the same object)."""
         files = self.corrections_dir / "files"
         files.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(r"[^0-9A-Za-z._-]", "_", item.sop_instance_uid) or f"item-{item.id}"
-        target = files / f"{stem}.dcm"
-        _write_durably(target, data)
-        row = {"path": f"files/{target.name}", "label": label, "group": item.patient_id,
-               "sop_instance_uid": item.sop_instance_uid, "previous_label": item.label, "who": who,
+        name = f"{safe_uid(item.sop_instance_uid) if item.sop_instance_uid else f'item-{int(item.id)}'}.dcm"
+        try:
+            contained(files, name)
+        except UnsafePathError as error:  # a link of that name pointing out of the folder: tampering
+            raise ReviewError(f"cannot add item {item.id} to the corrections dataset: {error}") from error
+        target = files / name
+        _write_durably(target, data)  # a rename: an existing file or link of that name is replaced, not followed
+        row = {"path": f"files/{target.name}", "label": label, "group": log_safe(item.patient_id, CELL_MAX),
+               "sop_instance_uid": log_safe(item.sop_instance_uid, CELL_MAX), "previous_label": item.label,
+               "who": log_safe(who, CELL_MAX),
                "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
         labels = self.corrections_dir / "labels.csv"
         rows = []

@@ -55,6 +55,7 @@ from utils.routing.config import RouterConfig
 from utils.routing.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue
 from utils.routing.space import ReceptionGate
+from utils.untrusted import log_safe
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class StoreHandler:
 
     def handle_store(self, event) -> int:
         if not self._enter(event.assoc):
-            log.info("refused %s: the router is stopping", event.request.AffectedSOPInstanceUID)
+            log.info("refused %s: the router is stopping", log_safe(event.request.AffectedSOPInstanceUID))
             self.metrics.refused("stopping")
             return OUT_OF_RESOURCES  # nothing written; the sender keeps it and sends it again later
         try:
@@ -144,7 +145,8 @@ class StoreHandler:
         try:
             data = event.encoded_dataset(include_meta=True)  # in memory: nothing written yet
             if self.gate is not None and self.gate.admit(len(data)) is not None:
-                log.debug("refused %s from %s: below the free-space reserve", sop_instance_uid, calling_ae)
+                log.debug("refused %s from %s: below the free-space reserve", log_safe(sop_instance_uid),
+                          log_safe(calling_ae))
                 self.metrics.refused("disk_reserve")
                 return OUT_OF_RESOURCES  # logged and audited once per pause by the gate
             try:
@@ -155,7 +157,7 @@ class StoreHandler:
                 if self.gate is not None:
                     self.gate.release(len(data))
         except Exception as error:  # noqa: BLE001 - disk full, I/O error: refuse, the sender keeps its copy
-            log.error("could not store %s from %s: %s", sop_instance_uid, calling_ae, error)
+            log.error("could not store %s from %s: %s", log_safe(sop_instance_uid), log_safe(calling_ae), error)
             self.metrics.refused("store_failed")
             self._audit("receive_failed", sop_instance_uid=sop_instance_uid, calling_ae=calling_ae, reason=str(error))
             return OUT_OF_RESOURCES
@@ -319,7 +321,7 @@ def close_scp(server, handler: StoreHandler | None, grace_s: float) -> None:
                 continue
             if busy:
                 log.warning("association with %s still receiving after %.0f s: aborted (the object is not "
-                            "acknowledged)", assoc.requestor.ae_title, grace_s)
+                            "acknowledged)", log_safe(assoc.requestor.ae_title), grace_s)
             if assoc.is_established:
                 assoc.abort(block=False)  # between two objects: the sender keeps what it did not send
                 closed[key] = now

@@ -17,6 +17,7 @@ from utils.routing.config import RouterConfig, load_config  # noqa: F401 (router
 from utils.routing.node import EXIT_MODEL_FAILED, EXIT_WORKER_FAILED, STATE_KEY, RouterNode  # noqa: F401
 from utils.routing.queue import SpoolLockedError  # noqa: F401
 from utils.routing.shadow import describe_mode
+from utils.untrusted import EscapeControlCharacters
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ def configure_logging(level: str = "INFO") -> None:
     pynetdicom_log.addFilter(_DropRepeats())
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropRepeats())
+        if not any(isinstance(f, EscapeControlCharacters) for f in handler.filters):
+            handler.addFilter(EscapeControlCharacters())  # a peer's CR/LF or ESC never forges or hides a log line
 
 
 def echo(ae_title: str, host: str, port: int, called: str, timeout: float = 10, tls=None) -> str | None:
