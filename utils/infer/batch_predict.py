@@ -6,7 +6,9 @@
 Files go through utils.infer.engine (decoded in isolated worker processes, batch n+1 while the model
 runs on batch n). Every input becomes one CSV row: a file that cannot be read, hangs or crashes
 its decoder gets label ``unreadable`` and its reason instead of stopping the run. ``--sort-into``
-copies (or links) each file into ``DIR/<label>/`` and never overwrites or touches a source file.
+copies (or links) each file into ``DIR/<label>/`` and never overwrites or touches a source file. The label (a
+class name from the model file) and the file name become one harmless path component each
+(utils/untrusted.py): a hostile class name or file name never places a file outside ``DIR``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from utils.infer.decisions import UNREADABLE, tag_disagrees
 from utils.infer.engine import Engine, Prediction
 from utils.io.isolation import PoolSettings
 from utils.preprocessing import PreprocessSpec, is_raster
+from utils.untrusted import contained, safe_component, safe_filename
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,8 @@ def place(source: str | os.PathLike, folder: str | os.PathLike, mode: str = "cop
         raise ValueError(f"sort mode must be one of {SORT_MODES}, got {mode!r}")
     source, folder = Path(source), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    stem, suffix = source.stem, source.suffix
+    name = Path(safe_filename(source.name))  # unchanged unless it could not be a file name of its own
+    stem, suffix = name.stem, name.suffix
     for n in range(10_000):
         target = folder / (f"{stem}{suffix}" if n == 0 else f"{stem}_{n}{suffix}")
         if target.exists() or target.is_symlink():
@@ -197,7 +201,7 @@ def run(predictor, files: Sequence[str], *, output: str | os.PathLike, threshold
             for prediction in predictions:
                 row = row_of(prediction, class_names, summary)
                 if sort_into is not None:
-                    row["sorted_to"] = _sort(prediction.path, Path(sort_into) / row["label"], sort_mode, row, summary)
+                    row["sorted_to"] = _sort(prediction.path, sort_into, row["label"], sort_mode, row, summary)
                 writer.writerow(row)
             handle.flush()
             bar.update(len(predictions))
@@ -229,8 +233,10 @@ def row_of(p: Prediction, class_names: list[str], summary: Summary) -> dict:
     return row
 
 
-def _sort(path: str, folder: Path, mode: str, row: dict, summary: Summary) -> str:
+def _sort(path: str, sort_into: str | os.PathLike, label: str, mode: str, row: dict, summary: Summary) -> str:
+    folder = Path(sort_into) / safe_component(label)  # a class name from the model file: one harmless component
     try:
+        contained(sort_into, folder.name)  # UnsafePathError (an OSError): a link there pointing out of sort_into
         target, new = place(path, folder, mode)
     except OSError as error:  # a missing source or a full disk is reported in the row, not fatal
         log.warning("could not place %s into %s: %s", path, folder, error)
