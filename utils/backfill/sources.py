@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from utils.infer.batch_predict import DICOM_SUFFIXES, LIST_SUFFIXES, collect_inputs
 from utils.preprocessing import is_raster
+from utils.untrusted import safe_filename
 
 MANIFEST_SUFFIX = ".csv"
 MANIFEST_PATH_COLUMN = "path"  # else the manifest's first column
@@ -133,7 +134,8 @@ def fetched(paths: Sequence[str]) -> Iterator[tuple[list[str | None], dict[int, 
             if not is_url(path):
                 local.append(path)
                 continue
-            target = os.path.join(tmp, f"{i}_{posixpath.basename(path.rstrip('/')) or 'file'}")
+            name = safe_filename(posixpath.basename(path.rstrip("/")) or "file")  # a manifest's name: one component
+            target = os.path.join(tmp, f"{i}_{name}")
             try:
                 import fsspec
 

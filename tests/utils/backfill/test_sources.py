@@ -29,6 +29,17 @@ def test_memory_url_folder_and_list():
     assert not os.path.exists(local[0])  # the temporary copies go with the block
 
 
+@pytest.mark.parametrize("name", ["..", "x" * 300 + ".png", "a\r\nb.dcm", "\u202egpj.dcm", "..\\..\\x.dcm"])
+def test_a_fetched_copy_stays_in_the_temporary_folder_under_a_harmless_name(name):
+    fs = fsspec.filesystem("memory")
+    url = f"memory:///backfill-hostile/{name}"
+    fs.pipe(url[len("memory://"):], b"data")
+    with fetched([url]) as (local, errors):
+        assert not errors and Path(local[0]).read_bytes() == b"data"
+        assert Path(local[0]).parent.name.startswith("backfill-") and len(Path(local[0]).name.encode()) < 255
+        assert Path(local[0]).name.isprintable() and Path(local[0]).suffix == Path(name).suffix
+
+
 def test_local_folder_manifest_file_url_and_duplicates(tmp_path):
     (tmp_path / "scans").mkdir()
     (tmp_path / "scans" / "x.dcm").write_bytes(b"not dicom")
