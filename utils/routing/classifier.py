@@ -60,6 +60,7 @@ from utils.routing.metrics import NO_METRICS
 from utils.routing.queue import Classification, QueueItem, SpoolQueue, SpoolWriteError
 from utils.routing.rules import MODEL, RuleSet
 from utils.routing.worker import FATAL, WakeableThread
+from utils.untrusted import log_safe
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +313,9 @@ class Classifier(WakeableThread):
             if classified or not isinstance(error, Exception) or item.reason:
                 reason = describe(error)
                 self.queue.note_classification_failure(item, reason)
-                log.warning("classifying %s failed (attempt %d of %d): %s", item.sop_instance_uid or item.file,
-                            item.classify_attempts, self.max_classify_attempts, reason, exc_info=error)
+                log.warning("classifying %s failed (attempt %d of %d): %s",
+                            log_safe(item.sop_instance_uid or item.file), item.classify_attempts,
+                            self.max_classify_attempts, reason, exc_info=error)
                 self.audit.write("classification_failed", sop_instance_uid=item.sop_instance_uid, item=item.id,
                                  attempt=item.classify_attempts, max_attempts=self.max_classify_attempts,
                                  error=reason)
@@ -350,7 +352,8 @@ class Classifier(WakeableThread):
         self.queue.set_classified(decisions)
         for item, decision in zip(items, decisions):
             log.error("%s: classification failed or did not finish %d times; routed to %s (%s)",
-                      item.sop_instance_uid or item.file, item.classify_attempts, UNREADABLE, decision.reason)
+                      log_safe(item.sop_instance_uid or item.file), item.classify_attempts, UNREADABLE,
+                      decision.reason)
             self.audit.write("poisoned", sop_instance_uid=item.sop_instance_uid, item=item.id,
                              attempts=item.classify_attempts, route=UNREADABLE, reason=decision.reason)
             self.audit.write("classified", sop_instance_uid=item.sop_instance_uid, item=item.id, label=UNREADABLE,
