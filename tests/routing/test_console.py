@@ -536,3 +536,59 @@ def test_basic_auth_checks_unknown_names_as_long_and_off_the_event_loop(console_
         assert client.get("/", headers=basic(b"dana:s3cret-pass")).status_code == 200
     assert len(checked) == 3  # a right password is verified once, then remembered (bounded)
     assert all(name != threading.current_thread().name and "MainThread" not in name for _, name in checked)
+
+
+def test_served_over_tls_the_cookies_are_secure_and_a_slow_password_check_does_not_stall_pages(tmp_path,
+                                                                                                 monkeypatch):
+    """The real server (uvicorn in its thread) with ``tls``: HTTPS only, the cookies marked Secure, another Host
+    refused; a basic-auth check that takes a second runs in a worker thread while a page is served."""
+    import base64
+    import dataclasses
+    import http.client
+    import ssl
+    import threading
+    import time
+
+    from utils.routing import console
+    from utils.routing.console import Console, ConsoleContext, hash_password
+
+    from .test_tls import CA  # skips without the cryptography package
+
+    ca = CA(tmp_path, "console-ca")
+    cert, key = ca.issue("console")
+    monkeypatch.setenv("ROUTER_CONSOLE_TOKEN", TOKEN)
+    settings = config({"port": 0, "tls": {"cert": str(cert), "key": str(key)}}).console
+    settings = dataclasses.replace(settings, users={"dana": hash_password("pw", time_cost=1, memory_kib=1024)})
+    q.SpoolQueue(tmp_path).close()
+    real = console.check_password
+    monkeypatch.setattr(console, "check_password", lambda p, h: time.sleep(1.0) or real(p, h))
+    server = Console(settings, ConsoleContext(tmp_path, CLASSES, {}, desk=FakeDesk()))
+    server.serve()
+    context = ssl.create_default_context(cafile=str(ca.pem))
+
+    def get(path, headers=None):
+        connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10)
+        try:
+            connection.request("GET", path, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.getheader("set-cookie") or "", response.read()
+        finally:
+            connection.close()
+
+    try:
+        status, cookie, _ = get("/login")
+        assert status == 200 and "; secure" in cookie.lower() and "httponly" in cookie.lower()
+        assert get("/", {"Host": "evil.example"})[0] == 400
+        slow = threading.Thread(target=get, args=("/", {"Authorization": "Basic " + base64.b64encode(
+            b"dana:pw").decode()}))
+        slow.start()
+        time.sleep(0.2)
+        assert get("/")[0] == 200 and slow.is_alive()  # served while the password is being checked
+        slow.join()
+        plain = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            plain.request("GET", "/")
+            plain.getresponse()
+        plain.close()
+    finally:
+        server.close()
