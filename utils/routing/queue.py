@@ -52,6 +52,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from utils.untrusted import log_safe
+
 log = logging.getLogger(__name__)
 
 RECEIVED, CLASSIFIED, FORWARDED, QUARANTINED, FAILED = "received", "classified", "forwarded", "quarantined", "failed"
@@ -495,7 +497,7 @@ class SpoolQueue:
             uids = ("", "", "")
         data = path.read_bytes()
         item = self._insert(path.name, *uids, "", hashlib.sha256(data).hexdigest(), len(data))
-        log.info("recovered %s (%s) from the spool", path.name, uids[0])
+        log.info("recovered %s (%s) from the spool", path.name, log_safe(uids[0]))
         return item
 
     def close(self) -> None:
