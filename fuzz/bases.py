@@ -4,7 +4,8 @@
   encodes (explicit, implicit and deflated VR little endian, RLE, JPEG 2000 lossless and
   lossy), MONOCHROME1/2, rescale, window, sigmoid, VOI LUT, Modality LUT, palette, RGB and
   multi-frame, and one without preamble;
-- pydicom's own small JPEG-LS and JPEG baseline files (no encoder for them is installed);
+- pydicom's own small JPEG-LS and JPEG baseline files (no encoder for them is installed), and
+  its 12-bit JPEG Extended file whose scan header says Se = 0 (decoded by the GDCM fallback);
 - real CR files from pydicom-data (RG1 chest, RG3 extremity) cropped to 128 x 128 (native)
   and 256 x 256 (JPEG 2000) with their real headers, when pydicom-data is installed.
 
@@ -211,6 +212,8 @@ def _pydicom_bases() -> dict[str, Base]:
         "jpegls_lossless": ("MR_small_jpeg_ls_lossless.dcm", JPEG_LS),
         "jpegls_near_8bit": ("JPEGLSNearLossless_08.dcm", JPEG_LS_NEAR),
         "jpeg_baseline_ybr": ("SC_rgb_jpeg_dcmtk.dcm", JPEG_BASELINE),
+        # 12-bit, scan header Se = 0 (older encoders): libjpeg refuses it, the GDCM fallback decodes it
+        "jpeg_extended_se0": ("JPEG-lossy.dcm", JPEG_EXTENDED),
     }
     bases = {}
     for name, (filename, syntax) in files.items():

@@ -39,6 +39,7 @@ KINDS: dict[str, str] = {
     "not_dicom": "DICOM-named files that are not DICOM: empty, text, PNG, JPEG, gzip, random bytes",
     "codec_panic": "RLE frames with impossible segment headers (panics in the Rust RLE plugin)",
     "j2k_box": "JPEG 2000 frames wrapped in JP2 boxes, with zero-length or cut boxes",
+    "jpeg_fallback": "the Se = 0 12-bit JPEG the GDCM fallback decodes, its codestream or pixel header broken",
     "voi_lut": "VOI LUT Sequences with bad descriptors or LUT data",
     "modality_lut": "Modality LUT Sequences and Rescale Slope/Intercept that cannot be applied",
     "window": "extreme, non-finite or contradictory Window Center/Width and VOI LUT Function",
@@ -276,6 +277,83 @@ def _j2k_box(bases: Mapping[str, Base], rng: random.Random) -> Iterator[Sample]:
     for (what, recipe), base in _cycle(recipes, targets):
         start, end = _frame(base.data)
         yield base.name, _replace_first_fragment(base.data, recipe(base.data[start:end])), what
+
+
+def _jpeg_marker(frame: bytes, marker: int) -> int:
+    """Offset of the first 0xFF ``marker`` segment of a JPEG codestream (its 0xFF byte)."""
+    return bytes(frame).index(bytes((0xFF, marker)))
+
+
+def _jpeg_fallback(bases: Mapping[str, Base], rng: random.Random) -> Iterator[Sample]:
+    """The Se = 0 12-bit JPEG (libjpeg refuses it, so every sample reaches the GDCM fallback)
+    with its codestream, or the pixel header describing it, broken."""
+    if "jpeg_extended_se0" not in bases:
+        return
+    base = bases["jpeg_extended_se0"]
+    start, end = _frame(base.data)
+    frame = base.data[start:end]
+    sof, sos = _jpeg_marker(frame, 0xC1), _jpeg_marker(frame, 0xDA)
+    scan = sos + 2 + struct.unpack_from(">H", frame, sos + 2)[0]  # entropy-coded data starts here
+
+    def patched(position: int, value: bytes) -> Callable[[], bytes]:
+        out = bytearray(frame)
+        out[position : position + len(value)] = value
+        return lambda: _replace_first_fragment(base.data, bytes(out))
+
+    def header(*changes: tuple[int, str, bytes]) -> Callable[[], bytes]:
+        def apply() -> bytes:
+            data = base.data
+            for tag, vr, value in changes:
+                data = raw.put(data, tag, vr, value)
+            return data
+
+        return apply
+
+    def both_rows(rows: int) -> Callable[[], bytes]:
+        out = bytearray(frame)
+        struct.pack_into(">H", out, sof + 5, rows)
+        return lambda: raw.put(_replace_first_fragment(base.data, bytes(out)), ROWS, "US", _us(rows))
+
+    def segment_garbage(marker: int) -> Callable[[], bytes]:
+        at = _jpeg_marker(frame, marker)
+        length = struct.unpack_from(">H", frame, at + 2)[0]
+        noise = bytes(rng.randrange(256) for _ in range(length - 2))
+        return patched(at + 4, noise)
+
+    recipes: list[tuple[str, Callable[[], bytes]]] = [
+        ("SOF precision 8, header 12 bits", patched(sof + 4, b"\x08")),
+        ("SOF precision 16, header 12 bits", patched(sof + 4, b"\x10")),
+        ("SOF precision 0", patched(sof + 4, b"\x00")),
+        ("header Bits Allocated/Stored 8, codestream 12-bit",
+         header((BITS_ALLOCATED, "US", _us(8)), (BITS_STORED, "US", _us(8)), (HIGH_BIT, "US", _us(7)))),
+        ("header Bits Stored 16, codestream 12-bit", header((BITS_STORED, "US", _us(16)), (HIGH_BIT, "US", _us(15)))),
+        ("header Pixel Representation 1 (signed)", header((PIXEL_REPRESENTATION, "US", _us(1)))),
+        ("header Bits Allocated 32, codestream 12-bit", header((BITS_ALLOCATED, "US", _us(32)))),
+        ("header and SOF 512 rows, data for 1024", both_rows(512)),
+        ("header and SOF 4096 rows, data for 1024", both_rows(4096)),
+        ("Huffman tables overwritten with random bytes", segment_garbage(0xC4)),
+        ("quantisation table overwritten with random bytes", segment_garbage(0xDB)),
+        ("codestream cut right after the scan header", lambda: _replace_first_fragment(base.data, frame[:scan])),
+        ("codestream cut in the middle of the scan", lambda: _replace_first_fragment(base.data, frame[: len(frame) // 2])),
+        ("scan header component count 4", patched(sos + 4, b"\x04")),
+        ("scan header Ss 63, Se 0, Ah/Al 0xFF", patched(scan - 3, b"\x3f\x00\xff")),
+        ("entropy-coded data all 0xFF", lambda: _replace_first_fragment(
+            base.data, frame[:scan] + b"\xff" * (len(frame) - scan - 2) + frame[-2:])),
+    ]
+    def flipped() -> Sample:
+        out = bytearray(frame)
+        positions = sorted(rng.randrange(len(frame)) for _ in range(rng.randrange(1, 9)))
+        for position in positions:
+            out[position] ^= 1 << rng.randrange(8)
+        where = ", ".join(str(position) for position in positions)
+        return base.name, _replace_first_fragment(base.data, bytes(out)), f"codestream bits flipped at {where}"
+
+    for index, (what, make) in enumerate(recipes):  # two recipes, then random bits of the codestream flipped
+        yield base.name, make(), what
+        if index % 2:
+            yield flipped()
+    while True:
+        yield flipped()
 
 
 def _lut_recipes(entries: int, bits: int) -> list[tuple[str, Callable[[], bytes]]]:
@@ -1052,6 +1130,7 @@ MAKERS: dict[str, Callable[[Mapping[str, Base], random.Random], Iterator[Sample]
     "not_dicom": _not_dicom,
     "codec_panic": _codec_panic,
     "j2k_box": _j2k_box,
+    "jpeg_fallback": _jpeg_fallback,
     "voi_lut": _voi_lut,
     "modality_lut": _modality_lut,
     "window": _window,

@@ -52,6 +52,7 @@ class FrameHeader:
     rows: int | None  # None for RLE, which declares no size
     columns: int | None
     components: int
+    precision: int | None = None  # bits per sample (JPEG P, JPEG-LS P, JPEG 2000's largest Ssiz + 1)
 
 
 class _Malformed(ValueError):
@@ -159,12 +160,12 @@ def _sof(data: bytes, position: int, length: int, marker: int, codec: str) -> Fr
         raise _Malformed(f"frame header FF{marker:02X} is not a {codec} frame header")
     if length < 8:
         raise _Malformed(f"frame header of length {length}")
-    _, rows, columns, components = struct.unpack_from(">BHHB", data, position + 4)
+    precision, rows, columns, components = struct.unpack_from(">BHHB", data, position + 4)
     if rows == 0 or columns == 0:  # JPEG: height from a DNL marker; JPEG-LS: sizes in an LSE segment
         raise _Malformed(f"frame header declares {rows} x {columns} pixels (size set elsewhere), not supported")
     if components == 0:
         raise _Malformed("frame header declares 0 components")
-    return FrameHeader(codec, rows, columns, components)
+    return FrameHeader(codec, rows, columns, components, precision)
 
 
 # --- JPEG 2000 ------------------------------------------------------------------------------
@@ -224,11 +225,13 @@ def j2k_frame_header(codestream: bytes) -> FrameHeader:
     tiles = math.ceil((xsiz - xtosiz) / xtsiz) * math.ceil((ysiz - ytosiz) / ytsiz)
     if tiles > _MAX_J2K_TILES:
         raise _Malformed(f"SIZ declares {tiles:,} tiles, more than {_MAX_J2K_TILES:,}")
+    precision = 0
     for component in range(csiz):
         ssiz, xrsiz, yrsiz = struct.unpack_from(">BBB", codestream, 42 + 3 * component)
         if (ssiz & 0x7F) + 1 > 38 or not xrsiz or not yrsiz:
             raise _Malformed(f"SIZ component {component} has precision {(ssiz & 0x7F) + 1} or subsampling 0")
-    return FrameHeader("JPEG 2000", ysiz - yosiz, xsiz - xosiz, csiz)
+        precision = max(precision, (ssiz & 0x7F) + 1)
+    return FrameHeader("JPEG 2000", ysiz - yosiz, xsiz - xosiz, csiz, precision)
 
 
 # --- RLE ------------------------------------------------------------------------------------

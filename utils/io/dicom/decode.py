@@ -102,11 +102,12 @@ def decode_first_frame(
     with contained(path, "read the Pixel Data and its offset tables"):
         options = as_pixel_options(ds, **module.decoding_options())
 
+    header = None  # frame 0's codestream header, for the fallback
     if not tsyntax.is_compressed:
         check_native_length(ds, module, path)
     else:
         codestream = _first_codestream(ds, options, tsyntax, path)
-        check_frame(codestream, tsyntax, module, path, max_pixels)
+        header = check_frame(codestream, tsyntax, module, path, max_pixels)
         if target_shape is not None and tsyntax in j2k.REDUCIBLE_SYNTAXES:
             reduced = j2k.decode_reduced(codestream, module, target_shape, path, tsyntax, gray_step)
             if reduced is not None:
@@ -121,7 +122,7 @@ def decode_first_frame(
         error = _decode_error(exc, tsyntax, path)
         if error.reason != "decode_failed" or tsyntax not in fallback.SYNTAXES:
             raise error from exc
-        frame, meta = _decode_fallback(ds, tsyntax, options, path, error)
+        frame, meta = _decode_fallback(ds, tsyntax, options, path, error, fallback.refusal(module, header))
         used = fallback.NAME
     expected = (module.rows, module.columns) + ((module.samples,) if module.samples > 1 else ())
     if frame.shape != expected:
@@ -159,19 +160,29 @@ def _decode_primary(decoder, ds: Dataset, tsyntax: UID, options: dict) -> tuple[
             failures.append((name, exc))
     if len(failures) == 1:
         raise failures[0][1]
-    prefix = "exceptions were raised by all available plugins:"  # pydicom's words for one plugin's failure
-    texts = "; ".join(str(exc).split(prefix, 1)[-1].strip() for _, exc in failures)
+    texts = "; ".join(_plugin_failure(exc) for _, exc in failures)
     raise RuntimeError(f"every decoding plugin failed: {texts}") from failures[0][1]
 
 
+def _plugin_failure(exc: BaseException) -> str:
+    """"plugin: what went wrong" out of pydicom's "Unable to decode as exceptions were raised by
+    all available plugins: ..." (the whole text when it is something else)."""
+    text = " ".join(str(exc).split("raised by all available plugins:", 1)[-1].split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _decode_fallback(
-    ds: Dataset, tsyntax: UID, options: dict, path: str | None, primary: DicomReadError
+    ds: Dataset, tsyntax: UID, options: dict, path: str | None, primary: DicomReadError, refusal: str | None
 ) -> tuple[np.ndarray, dict]:
-    """Frame 0 through GDCM after the primary plugins failed with ``primary``."""
+    """Frame 0 through GDCM after the primary plugins failed with ``primary``, unless
+    ``fallback.refusal`` gave a reason not to."""
     if not fallback.available():
         raise DicomReadError(
             f"{primary.message}; the fallback decoder ({fallback.NAME}) is not installed: {fallback.INSTALL_HINT}",
             path, reason="decode_failed") from None
+    if refusal is not None:
+        raise DicomReadError(f"{primary.message}; the fallback decoder ({fallback.NAME}) was not tried: {refusal}",
+                             path, reason="decode_failed") from None
     try:
         return fallback.decode(ds, tsyntax, options)
     except BaseException as exc:
@@ -181,7 +192,7 @@ def _decode_fallback(
         if second.reason not in ("decode_failed", "unsupported_transfer_syntax"):
             raise second from exc  # out_of_memory, truncated_pixel_data: what the fallback found
         raise DicomReadError(
-            f"{primary.message}; the fallback decoder ({fallback.NAME}) failed too [{exception_label(exc)}]",
+            f"{primary.message}; the fallback decoder failed too [{_plugin_failure(exc)}]",
             path, reason="decode_failed") from exc
 
 

@@ -30,6 +30,9 @@ import numpy as np
 from pydicom import uid
 from pydicom.dataset import Dataset
 
+from .codestream import FrameHeader
+from .pixel_module import PixelModule
+
 NAME = "gdcm"  # the label it has in pydicom's decoders, and the DicomImage.decoder it gives
 INSTALL_HINT = "pip install python-gdcm"
 SYNTAXES = (
@@ -69,6 +72,22 @@ def is_available(syntax: str) -> bool:
 def version() -> str:
     """GDCM's version, "" when not installed."""
     return str(_gdcm().Version.GetVersion()) if available() else ""
+
+
+def refusal(module: PixelModule, header: FrameHeader | None) -> str | None:
+    """Why GDCM must not see this frame, or None. GDCM aborts the whole process (a C++
+    exception nothing catches) on pixel descriptions its codecs have no case for, found by
+    fuzzing: Bits Allocated other than 8 or 16, Bits Stored below Bits Allocated 8. So it gets
+    only frames whose container fits the codestream's precision."""
+    if module.bits_allocated not in (8, 16):
+        return f"it decodes only 8- or 16-bit containers, not Bits Allocated {module.bits_allocated}"
+    if module.bits_allocated == 8 and module.bits_stored != 8:
+        return f"Bits Stored {module.bits_stored} in Bits Allocated 8"
+    if header is None or header.precision is None or header.components != module.samples:
+        return "the codestream's frame header does not describe the image"
+    if not 1 < header.precision <= 16 or (header.precision <= 8) != (module.bits_allocated == 8):
+        return f"a {header.precision}-bit codestream in Bits Allocated {module.bits_allocated}"
+    return None
 
 
 def decode(ds: Dataset, syntax: uid.UID, options: dict) -> tuple[np.ndarray, dict]:
@@ -113,15 +132,20 @@ def _decode_jpeg_12_bit(src: bytes, runner) -> bytes:
     if runner.samples_per_pixel > 1:
         image.SetPlanarConfiguration(runner.planar_configuration)
     image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(str(uid.JPEGExtended12Bit))))
+    # The JPEG samples as they are (unsigned); a signed image's are sign-extended below, as
+    # pydicom does with pylibjpeg's (GDCM's own signed path gives other values).
     bits = runner.bits_stored
-    image.SetPixelFormat(
-        gdcm.PixelFormat(runner.samples_per_pixel, runner.bits_allocated, bits, bits - 1, runner.pixel_representation)
-    )
+    image.SetPixelFormat(gdcm.PixelFormat(runner.samples_per_pixel, runner.bits_allocated, bits, bits - 1, 0))
     buffer = image.GetBuffer()  # char* as str (surrogate-escaped), None when decoding failed
     if buffer is None:
         raise ValueError("GDCM could not decode the 12-bit JPEG frame")
     frame = buffer.encode("utf-8", "surrogateescape")
     expected = runner.rows * runner.columns * runner.samples_per_pixel * (runner.bits_allocated // 8)
-    if len(frame) != expected:
-        raise ValueError(f"GDCM returned {len(frame)} bytes for the 12-bit JPEG frame, expected {expected}")
-    return frame
+    if len(frame) != expected or runner.bits_allocated != 16:
+        raise ValueError(f"GDCM returned {len(frame)} bytes for the 12-bit JPEG frame, expected {expected} "
+                         f"(Bits Allocated {runner.bits_allocated})")
+    if not runner.pixel_representation:
+        return frame
+    samples = np.frombuffer(frame, "<u2").astype(np.int32)
+    signed = np.where(samples >= 1 << (bits - 1), samples - (1 << bits), samples)
+    return signed.astype("<i2").tobytes()
