@@ -427,3 +427,14 @@ def test_the_commented_shadow_example_is_valid(tmp_path):
     config = load_config(path)
     assert config.mode == "shadow" and config.shadow.route(" chest") == "adult_chest"
     assert config.shadow.route("KNEE") == "others"
+
+
+def test_a_senders_tag_cannot_break_the_markdown_report(tmp_path):
+    day = "2026-03-01T"
+    path = tmp_path / "audit.jsonl"
+    records = [classified("X", day + "10:00:00.000+00:00", "spine", "spine", 0.9, "CHEST\r\n| forged | row |\x1b[2J",
+                          "pacs")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = build_report(path, class_names=list(CLASSES), threshold=0.5).to_markdown()
+    [row] = [line for line in text.splitlines() if line.startswith("| CHEST")]
+    assert row.startswith("| CHEST\\r\\n\\| FORGED \\| ROW \\|\\x1b[2J |") and "\x1b" not in text

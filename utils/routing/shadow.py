@@ -48,6 +48,7 @@ from typing import Any
 
 from utils.config import ConfigError, refuse_unknown_keys
 from utils.infer.decisions import OTHER_CLASSES, UNCERTAIN, UNREADABLE, tag_classes
+from utils.untrusted import log_safe
 
 ROUTE, SHADOW = "route", "shadow"  # the values of ``mode`` (utils/constants.py ROUTER_MODE_CHOICES)
 DESTINATION, BODY_PART_MAP = "destination", "body_part_map"  # the two kinds of shadow rule
@@ -330,7 +331,8 @@ def _render(blocks: list[tuple], *, markdown: bool) -> str:
             if not rows:
                 out.append("(none)" if markdown else "<p>(none)</p>")
             elif markdown:
-                lines = ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in [header, *rows]]
+                # a cell may hold a sender's BodyPartExamined: escaped, so it cannot break the table or the terminal
+                lines = ["| " + " | ".join(log_safe(c).replace("|", "\\|") for c in r) + " |" for r in [header, *rows]]
                 lines.insert(1, "|" + "---|" * len(header))
                 out.append("\n".join(lines))
             else:
