@@ -39,6 +39,7 @@ pytestmark = [needs_dcmtk, pytest.mark.skipif(CHROMIUM is None, reason="chromium
                                                                       "(apt-get install chromium)")]
 
 TOKEN = "browser-test-token-0123456789"
+REBOUND = "rebound.example"  # an attacker's name that resolves to the console's address (DNS rebinding)
 TIMEOUT_MS = 60_000
 
 
@@ -46,7 +47,8 @@ TIMEOUT_MS = 60_000
 def browser():
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+                                    args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                                          f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1"])
         try:
             yield browser
         finally:
@@ -123,3 +125,27 @@ def test_console_in_a_browser_counts_refuses_and_corrects(processes, browser, sa
     assert [(r["sop_instance_uid"], r["label"], r["previous_label"], r["who"]) for r in rows] == [
         (uncertain.sop_instance_uid, "spine", "uncertain", "alice")]
     assert_same_object(corrections.parent / rows[0]["path"], uncertain.path)
+
+    # another site's page posts a logout form and a correction to the console: refused (its Origin; and the
+    # SameSite=Strict cookie is not sent), the operator is still logged in, nothing corrected
+    attacker = "http://attacker.example"
+    for target in ("/logout", "/items/1/correct"):
+        form = (f'<form id="f" method="post" action="{console}{target}"><input name="csrf" value="guess">'
+                f'<input name="label" value="adult_chest"></form><script>document.getElementById("f").submit()</script>')
+        page.route(attacker + "/**", _serving(form))
+        page.goto(attacker + "/")
+        expect(page.locator("#refused")).to_contain_text("another site")
+        page.unroute(attacker + "/**")
+    page.goto(console + "/review")
+    expect(page.locator("header")).to_contain_text("alice")
+    assert len(list(csv.DictReader(corrections.open()))) == 1
+    # a page whose name was rebound to 127.0.0.1 reads nothing: the console refuses that Host
+    rebound = page.goto(f"http://{REBOUND}:{ports['console']}/search?q={uncertain.sop_instance_uid}")
+    assert rebound.status == 400 and uncertain.sop_instance_uid not in page.content()
+
+
+def _serving(html: str):
+    """A Playwright route handler answering ``html`` (one parameter: with two, Playwright passes the request)."""
+    def handler(route):
+        route.fulfill(content_type="text/html", body=html)
+    return handler
