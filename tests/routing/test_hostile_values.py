@@ -216,3 +216,30 @@ def test_corrections_of_hostile_objects_stay_inside_the_dataset(tmp_path, spool)
     assert {r["who"] for r in rows} == {"alice\\r\\nmallory"}
     listing = list_source(corrections / "labels.csv", ("spine", "others"))
     assert len(listing.items) == len(uids) and not listing.rejects
+
+
+def test_status_shows_hostile_uids_escaped(tmp_path, model_file, capsys):
+    """``router.py --status`` prints UIDs and reasons to an operator's terminal: a sender's escape sequence or
+    line break there is shown, not obeyed."""
+    import router as router_script
+
+    from .conftest import CLASSES, free_port, write_config
+
+    config_file = write_config(tmp_path / "router.yaml", port=free_port(), spool=tmp_path / "spool",
+                               model=model_file, destinations={c: {"folder": "out"} for c in [*CLASSES, "uncertain"]})
+    queue = SpoolQueue(tmp_path / "spool")
+    try:
+        hostile = "1.2\x1b[2J\r\nFAKE"
+        unreadable, failed = (queue.store(f"object {n}".encode(), sop_instance_uid=hostile + str(n),
+                                          sop_class_uid="1.2", transfer_syntax="1.2.840.10008.1.2.1")[0]
+                              for n in (1, 2))
+        queue.set_classified([Classification(unreadable.id, "unreadable", None, "m", "unreadable", "no_pixel_data"),
+                              Classification(failed.id, "spine", 0.9, "m", "spine")])
+        queue.defer(queue.get(failed.id), "C-STORE status 0xA700: comment\x1b]0;title\x07", delay=0, give_up=True)
+        assert router_script.main(["--config", str(config_file), "--status"]) == 0
+    finally:
+        queue.close()
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\nFAKE" not in out
+    assert "1.2\\x1b[2J\\r\\nFAKE1 (classified): no_pixel_data" in out
+    assert "failed 1.2\\x1b[2J\\r\\nFAKE2 -> spine: C-STORE status 0xA700: comment\\x1b]0;title\\x07" in out

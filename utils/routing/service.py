@@ -17,7 +17,7 @@ from utils.routing.config import RouterConfig, load_config  # noqa: F401 (router
 from utils.routing.node import EXIT_MODEL_FAILED, EXIT_WORKER_FAILED, STATE_KEY, RouterNode  # noqa: F401
 from utils.routing.queue import SpoolLockedError  # noqa: F401
 from utils.routing.shadow import describe_mode
-from utils.untrusted import EscapeControlCharacters
+from utils.untrusted import EscapeControlCharacters, log_safe
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +142,14 @@ def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
         print(f"  unreadable {total} by reason: " + ", ".join(f"{k} {v}" for k, v in summary.unreadable_by_reason.items()))
         print("  latest unreadable (newest first):")
         for item in summary.latest_unreadable:
-            print(f"    {_utc(item.updated_at)} {item.sop_instance_uid or item.file} ({item.state}): "
+            print(f"    {_utc(item.updated_at)} {_cut(item.sop_instance_uid or item.file)} ({item.state}): "
                   f"{_cut(item.classify_reason)}")
     for item in summary.classify_retries:  # (also the objects being classified right now)
         print(f"  classification tried {item.classify_attempts} of {config.max_classify_attempts} times:"
-              f" {item.sop_instance_uid or item.file}" + (f", last error {_cut(item.reason)}" if item.reason else ""))
+              f" {_cut(item.sop_instance_uid or item.file)}"
+              + (f", last error {_cut(item.reason)}" if item.reason else ""))
     for item in failed:
-        print(f"  failed {item.sop_instance_uid} -> {item.route}: {item.reason} (file {item.file})")
+        print(f"  failed {_cut(item.sop_instance_uid)} -> {item.route}: {_cut(item.reason, 1000)} (file {item.file})")
     if config.orthanc_source is not None:
         from utils.routing.orthanc_source import CURSOR_KEY, NOTE_KEY, describe_status
 
@@ -181,6 +182,8 @@ def _utc(timestamp: float) -> str:
 
 
 def _cut(text: str, limit: int = 200) -> str:
+    """``text`` for the terminal: a sender's control characters escaped (utils/untrusted.py), at most ``limit``."""
+    text = log_safe(text, len(text) * 10)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
