@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.infer.decisions import OTHER_CLASSES
+from utils.untrusted import log_safe
 
 MISSING_TAG = "(missing)"
 # The BodyPartExamined value proposed for each default class; a class not listed proposes its own
@@ -85,12 +86,17 @@ def _counts(series) -> dict[str, int]:
     return {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))}
 
 
+def _cell(value: Any) -> str:
+    """A Markdown table cell: a file's tag escaped (control characters, ``|``), so it cannot break the table."""
+    return log_safe(value).replace("|", "\\|")
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = ["# Backfill report", "", f"{report['files']} files, {report['readable']} readable.", "",
              "## Labels", "", "| label | files |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in report["labels"].items()]
     lines += ["", "## BodyPartExamined", "", "| tag | files |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in report["body_part_examined"].items()]
+    lines += [f"| {_cell(k)} | {v} |" for k, v in report["body_part_examined"].items()]
     if report["unreadable_reasons"]:
         lines += ["", "## Unreadable files by reason", "", "| reason | files |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in report["unreadable_reasons"].items()]
@@ -100,7 +106,7 @@ def markdown(report: dict[str, Any]) -> str:
               (f"Rows: BodyPartExamined; columns: predicted class. The tag contradicts the prediction for "
                f"{report['tag_contradicts_prediction']} files; {report['tag_missing']} have no tag."), "",
               "| tag | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    lines += [f"| {tag} | " + " | ".join(str(row[c]) for c in columns) + " |" for tag, row in counts.items()]
+    lines += [f"| {_cell(tag)} | " + " | ".join(str(row[c]) for c in columns) + " |" for tag, row in counts.items()]
     c = report["corrections"]
     lines += ["", "## Proposed tag corrections", "",
               (f"{c['proposed']} files at confidence >= {c['threshold']:g} ({c['missing']} missing tags, "

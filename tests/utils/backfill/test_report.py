@@ -65,3 +65,12 @@ def test_every_proposed_tag_agrees_with_its_class():
         if tag:
             assert tag_disagrees(name, tag, CLASSES) is False
     assert proposed_tag("knee") == "KNEE" and tag_disagrees("knee", "KNEE", ("knee", "others")) is False
+
+
+def test_a_files_tag_cannot_break_the_markdown_report(tmp_path):
+    rows = pd.DataFrame([row("a", "adult_chest", "CHEST | forged | 9 |\r\n| x"), row("b", "spine", "\x1b[2JSPINE")])
+    report, corrections = build_report(rows, CLASSES, correction_threshold=0.95)
+    _, md_path, _ = write_report(report, corrections, tmp_path)
+    text = md_path.read_text()
+    assert "\x1b" not in text and "\r" not in text and "| x" not in text
+    assert "| CHEST \\| FORGED \\| 9 \\|\\r\\n\\| X | 1 |" in text
