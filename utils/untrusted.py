@@ -74,10 +74,11 @@ def is_uid(value: object) -> bool:
 
 
 def safe_uid(value: object) -> str:
-    """``value`` itself when it is a valid UID, else ``invalid-uid-[<readable part>-]<digest>`` (see the module)."""
+    """``value`` itself when it is a valid UID (without the NUL or space padding DICOM allows at the end), else
+    ``invalid-uid-[<readable part>-]<digest>`` (see the module)."""
     text = _text(value)
-    if is_uid(text):
-        return text
+    if is_uid(text.rstrip("\x00 ")):
+        return text.rstrip("\x00 ")
     readable = re.sub(r"\.{2,}", ".", re.sub(r"[^0-9A-Za-z.]+", "_", text)).strip("._")[:32].strip("._")
     return f"invalid-uid-{readable}-{digest(text)}" if readable else f"invalid-uid-{digest(text)}"
 

@@ -64,6 +64,7 @@ def test_a_valid_uid_is_kept_and_anything_else_is_derived():
         assert not is_uid(bad)
         assert safe_uid(bad).startswith("invalid-uid-"), bad
     assert safe_uid(None) == safe_uid("")
+    assert safe_uid("1.2.3\x00") == safe_uid("1.2.3 ") == "1.2.3"  # the padding DICOM allows at the end
     assert safe_uid("../../x").startswith("invalid-uid-x-")  # a readable part, then the digest
 
 
