@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -54,6 +55,7 @@ KINDS = ("real", "ct", "mr", "ultrasound", "nuclear", "document", "photo", "scre
 SYNTHETIC_KINDS = KINDS[1:]
 PER_KIND = 10  # synthetic images per kind (each written twice); with the real files about 450 files in all
 MANIFEST = "manifest.csv"
+REFUSED = "reader refuses: "  # how a note starts when the project's reader refuses the file
 COLUMNS = ("path", "kind", "source", "modality", "retagged", "image_id", "group", "sop_class", "photometric",
            "rows", "columns", "frames", "bits_stored", "transfer_syntax", "detail", "note")
 # Modalities of projection radiography (and its dental/mammography relatives): real files with these
@@ -62,7 +64,7 @@ PROJECTION_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "MG", "IO", "PX"})
 MAX_SIDE = 512  # synthetic images stay at most this many pixels per side
 
 # SOP classes (PS3.4 B.5)
-DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1"
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -310,7 +312,8 @@ def _draw_ultrasound(rng: np.random.Generator, index: int) -> _Image:
     img = np.where(sector, np.clip(img, 0, 255), 0).astype(np.float32)
     # annotations: text, depth scale, grey bar
     labels = [f"{_pick(rng, ('ABD', 'OB', 'THY', 'CARD', 'VASC'))} {rng.uniform(2, 12):.1f}MHz",
-              f"MI {rng.uniform(0.2, 1.4):.1f}  TIS {rng.uniform(0.1, 1.0):.1f}", f"G {int(rng.integers(30, 80))}  DR 60",
+              f"MI {rng.uniform(0.2, 1.4):.1f}  TIS {rng.uniform(0.1, 1.0):.1f}",
+              f"G {int(rng.integers(30, 80))}  DR 60",
               "SYNTHETIC", f"{int(rng.integers(1, 29)):02d}/{int(rng.integers(1, 13)):02d}/2024"]
     for k, line in enumerate(labels):
         _text(img, line, (6, 16 + 15 * k), 0.4, 230)
@@ -340,7 +343,8 @@ def _draw_ultrasound(rng: np.random.Generator, index: int) -> _Image:
         edge = (box.astype(np.uint8) - cv2.erode(box.astype(np.uint8), np.ones((3, 3), np.uint8))) > 0
         rgb[edge] = 200
         cbar = np.linspace(0, 1, rows // 4)[:, None]
-        rgb[20:20 + cbar.size, cols - 45:cols - 38] = np.concatenate([cbar * 255, cbar * 0, (1 - cbar) * 255], 1)[:, None]
+        scale = np.concatenate([cbar * 255, cbar * 0, (1 - cbar) * 255], axis=1)  # red (top) to blue
+        rgb[20:20 + cbar.size, cols - 45:cols - 38] = scale[:, None]
     syntax = _pick(rng, ("explicit", "jpeg", "rle"))
     return _Image(_to_u8(rgb), "US", US_IMAGE, photometric="RGB", syntax=syntax, extra={"ConversionType": None},
                   detail=f"{'doppler' if doppler else 'rgb grey'} {rows}x{cols} {syntax}")
@@ -366,8 +370,8 @@ def _draw_nuclear(rng: np.random.Generator, index: int) -> _Image:
             _ellipse(body, (cx, rows * y), (width * 0.04, rows * 0.01), 0.7)
         for side in (-1, 1):
             _ellipse(body, (cx + side * width * 0.17, rows * 0.3), (width * 0.14, rows * 0.1), 0.25)  # ribs/lungs
-            body_line = [(int(cx + side * width * 0.12), int(rows * 0.58)), (int(cx + side * width * 0.14), int(rows * 0.97))]
-            _cv2().line(body, body_line[0], body_line[1], 0.6, max(2, width // 20))  # legs
+            hip, foot = (int(cx + side * width * 0.12), int(rows * 0.58)), (int(cx + side * width * 0.14), int(rows * 0.97))
+            _cv2().line(body, hip, foot, 0.6, max(2, width // 20))  # legs
             _cv2().line(body, (int(cx + side * width * 0.2), int(rows * 0.2)),
                         (int(cx + side * width * 0.4), int(rows * 0.5)), 0.5, max(2, width // 25))  # arms
             _ellipse(body, (cx + side * width * 0.08, rows * 0.4), (width * 0.05, rows * 0.03), 0.9)  # kidneys
@@ -638,7 +642,8 @@ def _draw_colour(rng: np.random.Generator, index: int) -> _Image:
             if shape < 0.4:
                 cv2.circle(img, p, int(rng.integers(5, 60)), colour, -1, lineType=16)
             elif shape < 0.7:
-                cv2.rectangle(img, p, (p[0] + int(rng.integers(10, 120)), p[1] + int(rng.integers(10, 120))), colour, -1)
+                corner = (p[0] + int(rng.integers(10, 120)), p[1] + int(rng.integers(10, 120)))
+                cv2.rectangle(img, p, corner, colour, -1)
             else:
                 cv2.line(img, p, (int(rng.integers(0, cols)), int(rng.integers(0, rows))), colour,
                          int(rng.integers(1, 8)), lineType=16)
@@ -709,7 +714,8 @@ def _draw_fluoroscopy(rng: np.random.Generator, index: int) -> _Image:
     pixels = pixels.astype(np.uint8 if top == 255 else np.uint16)
     xa = index % 2 == 0
     extra = {"ImageType": ["ORIGINAL", "PRIMARY", "SINGLE PLANE"], "ConversionType": None, "KVP": 75,
-             "PositionerPrimaryAngle": float(rng.uniform(-40, 40)), "PositionerSecondaryAngle": float(rng.uniform(-20, 20))}
+             "PositionerPrimaryAngle": float(rng.uniform(-40, 40)),
+             "PositionerSecondaryAngle": float(rng.uniform(-20, 20))}
     if frames > 1:
         extra.update({"FrameIncrementPointer": 0x00181063, "FrameTime": 66.7})
     syntax = ("explicit", "rle", "j2k")[index % 3] if min(pixels.shape[-2:]) >= 32 else "explicit"
@@ -844,6 +850,8 @@ def _row(folder: Path, path: Path, kind: str, source: str, retagged: bool, image
     with _quiet_pydicom():
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     syntax = ds.file_meta.TransferSyntaxUID
+    if retagged and not str(ds.get("PhotometricInterpretation", "")).startswith("MONOCHROME") and not note:
+        note = "colour under the DX SOP class: non-conformant on purpose"
     return {"path": path.relative_to(folder).as_posix(), "kind": kind, "source": source,
             "modality": str(ds.get("Modality", "")), "retagged": retagged, "image_id": image_id, "group": group,
             "sop_class": str(getattr(ds.SOPClassUID, "name", ds.SOPClassUID)) if "SOPClassUID" in ds else "",
@@ -882,6 +890,13 @@ class RealFile:
 
 
 def real_candidates() -> tuple[list[RealFile], list[tuple[str, str]]]:
+    """See :func:`_real_candidates` (computed once per process: the test files do not change)."""
+    found, skipped = _real_candidates()
+    return list(found), list(skipped)
+
+
+@functools.cache
+def _real_candidates() -> tuple[tuple[RealFile, ...], tuple[tuple[str, str], ...]]:
     """pydicom's and pydicom-data's test files that hold a non-projection image the project's
     reader decodes here, and (source, why) for each image file left out.
 
@@ -934,7 +949,7 @@ def real_candidates() -> tuple[list[RealFile], list[tuple[str, str]]]:
                                   pixels.shape, thumbnail))
     for source, why in skipped:
         log.info("left out %s: %s", source, why)
-    return found, skipped
+    return tuple(found), tuple(skipped)
 
 
 def _first_line(exc: BaseException, path: Path, limit: int = 200) -> str:
@@ -1011,12 +1026,21 @@ def _write_real(real: RealFile, path: Path, retagged: bool, seed: int) -> None:
 def write_ood_set(folder: str | os.PathLike, seed: int = 0, per_kind: int = PER_KIND,
                   kinds: tuple[str, ...] = KINDS):
     """Write the set into ``folder`` (``<kind>/<image_id>-sent.dcm`` and ``-dx.dcm``) and
-    ``folder/manifest.csv``; return the manifest as a DataFrame (columns ``COLUMNS``).
+    ``folder/manifest.csv``; return the manifest as a DataFrame with columns ``COLUMNS``.
 
     ``per_kind`` synthetic images per synthetic kind; ``real`` takes every usable pydicom and
     pydicom-data file whatever ``per_kind`` is. Every image is written twice: as sent
-    (``retagged`` False) and re-tagged DX (``retagged`` True); ``image_id`` pairs them, ``group``
-    joins near-duplicate real files, ``note`` says why the project's reader refuses a file.
+    (``retagged`` False) and re-tagged DX (``retagged`` True). Columns: ``path`` (relative to
+    ``folder``), ``kind``, ``source`` (``pydicom:<file>``, ``pydicom-data:<file>``, ``synthetic``,
+    ``sklearn:<photo>``, ``demo:<class>``...), ``modality`` and ``sop_class`` as written,
+    ``image_id`` (the same for both copies), ``group`` (real files showing the same picture in
+    several encodings share one; weight rates per group to count each picture once), the pixel
+    module (``photometric``, ``rows``, ``columns``, ``frames``, ``bits_stored``),
+    ``transfer_syntax``, ``detail`` (how the image was drawn or reduced) and ``note``: a remark,
+    or ``reader refuses: <reason>`` for a file ``utils.io.dicom.read_dicom`` refuses (none at
+    present: real files it cannot decode are left out and logged, every synthetic one reads).
+    Files of an earlier run in the kind folders that this run does not write are removed, so
+    the folder always matches its manifest.
     """
     import pandas as pd
 
@@ -1027,6 +1051,7 @@ def write_ood_set(folder: str | os.PathLike, seed: int = 0, per_kind: int = PER_
         raise ValueError(f"per_kind must be >= 0, not {per_kind}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    stale = {p for kind in KINDS for p in (folder / kind).glob("*-*.dcm") if p.stem.endswith(("-sent", "-dx"))}
     rows: list[dict[str, Any]] = []
     if "real" in kinds:
         files, _ = real_candidates()
@@ -1051,6 +1076,10 @@ def write_ood_set(folder: str | os.PathLike, seed: int = 0, per_kind: int = PER_
                 _write_synthetic(path, image, retagged,
                                  (study, _uid(seed, image_id, copy, "series"), _uid(seed, image_id, copy, "sop")))
                 rows.append(_row(folder, path, kind, image.source, retagged, image_id, image_id, image.detail, ""))
+    written = {folder / row["path"] for row in rows}
+    for path in sorted(stale - written):  # left by an earlier run with other kinds or a larger per_kind
+        log.info("removing %s: not part of this set", path)
+        path.unlink()
     manifest = pd.DataFrame(rows, columns=list(COLUMNS))
     manifest.to_csv(folder / MANIFEST, index=False)
     return manifest
@@ -1075,20 +1104,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "and re-tagged as DX, plus manifest.csv. Used to measure how many an out-of-distribution score "
                     "flags; nothing is fitted on it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--output", required=True, help="folder to write into (e.g. data/ood)")
+    parser.add_argument("--output", required=True, default=argparse.SUPPRESS,
+                        help="folder to write into, e.g. data/ood (required)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and of all UIDs")
     parser.add_argument("--per-kind", type=int, default=PER_KIND,
                         help="synthetic images per synthetic kind (each written as sent and re-tagged)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), metavar="KIND",
+                        help=f"kinds to write, of: {' '.join(KINDS)}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import pandas as pd
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    manifest = write_ood_set(args.output, seed=args.seed, per_kind=args.per_kind)
-    counts = manifest.groupby(["kind", "retagged"]).size().unstack(fill_value=0)
-    counts = counts.rename(columns={False: "as_sent", True: "retagged"}).reindex(list(KINDS)).fillna(0).astype(int)
-    refused = manifest[manifest["note"] != ""]
+    if args.per_kind < 0:
+        build_parser().error("--per-kind must be >= 0")
+    kinds = tuple(k for k in KINDS if k in args.kinds)
+    manifest = write_ood_set(args.output, seed=args.seed, per_kind=args.per_kind, kinds=kinds)
+    counts = pd.crosstab(manifest["kind"], manifest["retagged"]).reindex(index=list(kinds), columns=[False, True])
+    counts = counts.fillna(0).astype(int).rename(columns={False: "as_sent", True: "retagged"})
+    counts.columns.name = None
+    refused = manifest[manifest["note"].str.startswith(REFUSED)]
     print(counts.to_string())
     print(f"total {len(manifest)} files in {args.output}; {len(refused)} refused by the reader "
           f"(see the note column of {MANIFEST})")
