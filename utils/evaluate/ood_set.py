@@ -370,7 +370,8 @@ def _draw_nuclear(rng: np.random.Generator, index: int) -> _Image:
             _ellipse(body, (cx, rows * y), (width * 0.04, rows * 0.01), 0.7)
         for side in (-1, 1):
             _ellipse(body, (cx + side * width * 0.17, rows * 0.3), (width * 0.14, rows * 0.1), 0.25)  # ribs/lungs
-            hip, foot = (int(cx + side * width * 0.12), int(rows * 0.58)), (int(cx + side * width * 0.14), int(rows * 0.97))
+            hip = (int(cx + side * width * 0.12), int(rows * 0.58))
+            foot = (int(cx + side * width * 0.14), int(rows * 0.97))
             _cv2().line(body, hip, foot, 0.6, max(2, width // 20))  # legs
             _cv2().line(body, (int(cx + side * width * 0.2), int(rows * 0.2)),
                         (int(cx + side * width * 0.4), int(rows * 0.5)), 0.5, max(2, width // 25))  # arms
@@ -510,7 +511,7 @@ def _scene(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
         cv2.rectangle(img, (int(x), int(y - s)), (int(x + s), int(y)), _colour(rng), -1)
         cv2.fillPoly(img, [np.array([[x - s * 0.1, y - s], [x + s / 2, y - 1.6 * s], [x + 1.1 * s, y - s]], np.int32)],
                      _colour(rng, 0, 160))
-    img += 25 * _smooth_noise(rng, (rows, cols), rng.uniform(3, 20))[:, :, None]
+    img += 12 * _smooth_noise(rng, (rows, cols), rng.uniform(6, 40))[:, :, None]  # texture
     return np.clip(_blur(img, rng.uniform(0.4, 1.2)) + rng.normal(0, 3, img.shape), 0, 255).astype(np.float32)
 
 
