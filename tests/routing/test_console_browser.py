@@ -131,7 +131,8 @@ def test_console_in_a_browser_counts_refuses_and_corrects(processes, browser, sa
     attacker = "http://attacker.example"
     for target in ("/logout", "/items/1/correct"):
         form = (f'<form id="f" method="post" action="{console}{target}"><input name="csrf" value="guess">'
-                f'<input name="label" value="adult_chest"></form><script>document.getElementById("f").submit()</script>')
+                f'<input name="label" value="adult_chest"></form>'
+                f'<script>document.getElementById("f").submit()</script>')
         page.route(attacker + "/**", _serving(form))
         page.goto(attacker + "/")
         expect(page.locator("#refused")).to_contain_text("another site")

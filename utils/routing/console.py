@@ -41,7 +41,8 @@ Security (each point answers an attack that was tried):
 - Sessions: the cookie holds a random session id (HttpOnly, SameSite=Strict, Secure over HTTPS) that names a
   record kept in the router's memory (operator, creation, last use, CSRF token); ``/logout`` (a POST) deletes it,
   so a copied cookie stops working; a session ends ``session_hours`` after the login and after ``idle_minutes``
-  unused; at most SESSIONS_MAX are kept (the least recently used goes first). A restart logs everyone out.
+  unused (the overview's automatic reloads do not count); at most SESSIONS_MAX are kept (the least recently used
+  goes first). A restart logs everyone out.
 - CSRF: a logged-in form carries its session's CSRF token; the login form and basic-auth users carry one bound to
   a random cookie (HMAC with a key made at each start). A missing or empty token never matches. A basic-auth
   action (browsers resend basic credentials on their own) needs that token or an ``Origin`` of this console; a
@@ -120,6 +121,7 @@ TEMPLATES = Path(__file__).parent / "templates" / "console"
 SESSION_COOKIE = "router_console"  # the session id
 FORM_COOKIE = "router_console_form"  # the random value the login form's CSRF token is bound to
 _FORWARDING = ("x-forwarded-for", "forwarded", "x-real-ip")  # a proxy's headers: never an open page
+_POLLED = {"/live", "/api/summary"}  # asked for by the page itself every few seconds: not a use of the session
 
 
 @dataclass(frozen=True)
@@ -594,8 +596,8 @@ class SessionStore:
         self._sessions[sid] = session = Session(who, now, now, secrets.token_urlsafe(32), address)
         return sid, session
 
-    def get(self, sid: str | None) -> Session | None:
-        """The live session of ``sid`` (its last use now), or None (unknown, ended or revoked)."""
+    def get(self, sid: str | None, touch: bool = True) -> Session | None:
+        """The live session of ``sid`` (with ``touch``, its last use now), or None (unknown, ended or revoked)."""
         session = self._sessions.get(sid) if sid else None
         if session is None:
             return None
@@ -603,8 +605,9 @@ class SessionStore:
         if not self._alive(session, now):
             del self._sessions[sid]
             return None
-        session.seen = now
-        self._sessions.move_to_end(sid)
+        if touch:
+            session.seen = now
+            self._sessions.move_to_end(sid)
         return session
 
     def revoke(self, sid: str | None) -> Session | None:
@@ -739,7 +742,7 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
                                f"{math.ceil(wait)} s", {"Retry-After": str(math.ceil(wait))})
 
     async def password_ok(name: str, password: str) -> bool:
-        mark = hmac.new(key, name.encode() + b"\0" + password.encode(), hashlib.sha256).digest()
+        mark = hmac.new(key, f"{len(name)}:{name}:{password}".encode(), hashlib.sha256).digest()
         when = verified.get(mark)
         if when is not None and time.monotonic() - when < VERIFIED_CACHE_S:
             verified.move_to_end(mark)
@@ -784,7 +787,8 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
                 raise failed(request, "basic", name)
             announce(request, name, "basic")
             return Operator(name, "basic")
-        session = sessions.get(request.cookies.get(SESSION_COOKIE)) if settings.token else None
+        sid = request.cookies.get(SESSION_COOKIE)
+        session = sessions.get(sid, touch=request.url.path not in _POLLED) if settings.token else None
         return Operator(session.who, "token", session.csrf) if session else None
 
     def form_token(request: Request) -> str:
