@@ -115,7 +115,7 @@ def decode_first_frame(
                 return DecodedFrame(reduced[0], module.photometric, reduced[1], used)
 
     try:
-        frame, meta, used = _decode_primary(decoder, ds, tsyntax, options)
+        frame, meta, used = _decode_primary(decoder, ds, options)
     except BaseException as exc:  # codecs raise RuntimeError/ValueError/..., Rust ones panic
         if passes_through(exc):
             raise
@@ -139,7 +139,7 @@ def _primary_plugins(decoder) -> list[str]:
                                            else len(PRIMARY_PLUGINS), name))
 
 
-def _decode_primary(decoder, ds: Dataset, tsyntax: UID, options: dict) -> tuple[np.ndarray, dict, str]:
+def _decode_primary(decoder, ds: Dataset, options: dict) -> tuple[np.ndarray, dict, str]:
     """Frame 0 through the first primary plugin that decodes it: (array, pixel properties, plugin).
 
     As pydicom's own loop over plugins: an Exception moves on to the next plugin, anything else
@@ -150,18 +150,18 @@ def _decode_primary(decoder, ds: Dataset, tsyntax: UID, options: dict) -> tuple[
     plugins = _primary_plugins(decoder)
     if not plugins:
         raise RuntimeError(f"no decoding plugin but {fallback.NAME} is installed")
-    failures: list[tuple[str, Exception]] = []
+    failures: list[Exception] = []
     for name in plugins:
         try:
             return *decoder.as_array(ds, index=0, validate=True, decoding_plugin=name, **options), name
         except MemoryError:
             raise
         except Exception as exc:
-            failures.append((name, exc))
+            failures.append(exc)
     if len(failures) == 1:
-        raise failures[0][1]
-    texts = "; ".join(_plugin_failure(exc) for _, exc in failures)
-    raise RuntimeError(f"every decoding plugin failed: {texts}") from failures[0][1]
+        raise failures[0]
+    texts = "; ".join(_plugin_failure(exc) for exc in failures)
+    raise RuntimeError(f"every decoding plugin failed: {texts}") from failures[0]
 
 
 def _plugin_failure(exc: BaseException) -> str:
