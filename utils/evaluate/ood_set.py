@@ -11,7 +11,8 @@ them away by their Modality, but a sender can tag anything DX. So every image is
   has to tell them apart by the pixels alone.
 
 Kinds (``KINDS``): ``real`` (every non-projection image in pydicom's own test files and in
-pydicom-data, first frame only, original pixels and transfer syntax), and ten synthetic kinds
+pydicom-data that the project's reader decodes, first frame only, original pixels, size and
+transfer syntax; about 140 files, whatever ``per_kind`` is), and ten synthetic kinds
 drawn with NumPy/OpenCV: ``ct``, ``mr``, ``ultrasound``, ``nuclear``, ``document``, ``photo``
 (scikit-learn's two bundled sample photos, cropped and resized, plus procedural scenes),
 ``screen_photo`` (a cartoon X-ray from ``utils.data.demo`` or a scene photographed on a monitor),
@@ -27,7 +28,8 @@ models; a detector can learn to spot the drawing style), the real files are few 
 near-duplicates, so rates can be weighted per group), and a fluoroscopy frame or a photo of an
 X-ray on a screen is arguably X-ray content: flagging them is a policy, not a law of physics.
 As-sent copies of real files keep the original attributes except a fresh SOP Instance UID (so
-the set can be sent through a PACS without collisions); all UIDs are derived from the seed.
+the set can be sent through a PACS without collisions); every UID this module makes is derived
+from the seed, so a rerun writes the same pixels under the same UIDs.
 
     python -m utils.evaluate.ood_set --output data/ood [--seed 0] [--per-kind N]
 """
@@ -1057,13 +1059,20 @@ def write_ood_set(folder: str | os.PathLike, seed: int = 0, per_kind: int = PER_
     if "real" in kinds:
         files, _ = real_candidates()
         groups = _group_real(files)
+        detail = "original pixels"
         for real in files:
-            for retagged in (False, True):
-                path = folder / "real" / f"{real.image_id}-{'dx' if retagged else 'sent'}.dcm"
-                _write_real(real, path, retagged, seed)
-                detail = "original pixels" + (f", first of {real.frames} frames" if real.frames > 1 else "")
+            paths = [folder / "real" / f"{real.image_id}-{copy}.dcm" for copy in ("sent", "dx")]
+            try:
+                for path, retagged in zip(paths, (False, True)):
+                    _write_real(real, path, retagged, seed)
+            except (ValueError, TypeError, AttributeError, KeyError) as exc:  # pydicom cannot write it back
+                log.warning("left out %s: cannot be written back (%s: %s)", real.source, type(exc).__name__, exc)
+                for path in paths:
+                    path.unlink(missing_ok=True)
+                continue
+            for path, retagged in zip(paths, (False, True)):
                 rows.append(_row(folder, path, "real", real.source, retagged, real.image_id, groups[real.image_id],
-                                 detail, ""))
+                                 detail + (f", first of {real.frames} frames" if real.frames > 1 else ""), ""))
     for kind in SYNTHETIC_KINDS:
         if kind not in kinds:
             continue
