@@ -926,8 +926,8 @@ def _real_candidates() -> tuple[tuple[RealFile, ...], tuple[tuple[str, str], ...
                 source = f"pydicom:{path.relative_to(root).as_posix()}"
             except ValueError:
                 source = f"pydicom-data:{path.name}"
-            try:
-                ds = pydicom.dcmread(path, defer_size="1 KB")
+            try:  # force: a few files have no preamble or file meta (the reader accepts them too)
+                ds = pydicom.dcmread(path, defer_size="1 KB", force=True)
             except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
                 log.debug("%s: not a DICOM dataset (%s)", source, exc)
                 continue
@@ -1003,13 +1003,29 @@ def _first_frame(ds) -> None:
         del ds.PerFrameFunctionalGroupsSequence[1:]
 
 
+def _ensure_file_meta(ds) -> None:
+    """A file read without file meta (no preamble) gets one naming the encoding it was read with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if not hasattr(ds, "file_meta") or ds.file_meta is None:
+        ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit
+                                          else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    if "SOPClassUID" in ds:
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+
+
 def _write_real(real: RealFile, path: Path, retagged: bool, seed: int) -> None:
     import pydicom
 
     with _quiet_pydicom():
-        ds = pydicom.dcmread(real.path)
+        ds = pydicom.dcmread(real.path, force=True)
         for _ in ds.iterall():  # convert every raw element (a file that says explicit VR but is implicit)
             pass
+        _ensure_file_meta(ds)
         _first_frame(ds)
         copy = "dx" if retagged else "sent"
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(seed, real.image_id, copy, "sop")
