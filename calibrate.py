@@ -20,6 +20,13 @@ metadata file of an export. Training does this by itself at the end of a run; th
 runs trained before, or to calibrate on other data or another target. Calibrating again replaces
 the earlier calibration. A model calibrated after it was exported must be exported again (exports
 copy the metadata of their source).
+
+It also fits the model's out-of-distribution score (utils/infer/ood.py; ``ood`` in the metadata): a
+Mahalanobis distance on the pooled features of the dataset's train split, with its threshold at
+--ood-quantile of the --split images' scores, so that about 1 - that share of real radiographs is
+flagged. Images above it become "uncertain" with reason out_of_distribution in predict.py, test.py,
+backfill.py and the router. Exports made before the score existed have no features output and get
+none: re-export them from the .keras file.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import sys
 
 from utils import config, constants
 
-FLAGS = ("TARGET_ACCURACY", "CALIBRATION_BINS")
+FLAGS = ("TARGET_ACCURACY", "CALIBRATION_BINS", "OOD_QUANTILE", "OOD_COMPONENTS")
 
 log = logging.getLogger("calibrate")
 
@@ -65,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.split)
     try:
         result = calibrate_run(args.model, args.data, args.split, target_accuracy=settings["target_accuracy"],
-                               bins=settings["calibration_bins"], batch_size=args.batch_size)
+                               bins=settings["calibration_bins"], batch_size=args.batch_size,
+                               ood_quantile=settings["ood_quantile"], ood_components=settings["ood_components"])
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -85,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     print(result.summary())
     print(f"stored in {result.path}:")
     print(json.dumps(result.entry, indent=2))
+    if result.ood is not None:
+        shown = {k: v for k, v in result.ood.items() if k not in ("mean", "projection", "centres")}
+        print("out-of-distribution detector (its arrays left out):")
+        print(json.dumps(shown, indent=2))
     if not result.entry["threshold"]["reachable"]:
         print(f"warning: target accuracy {settings['target_accuracy']} unreachable on these data; --threshold auto "
               "would send (nearly) every image to review", file=sys.stderr)

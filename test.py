@@ -12,7 +12,10 @@ worker processes (--decode-pool), so one that hangs or crashes a codec is left o
 reason. Outputs per model: results.json, results.md, predictions.csv, confusion_matrix.png,
 roc_curves.png, error_gallery.png/.csv (the most confident errors, with Grad-CAM for Keras
 models; beside the model, or in --output/<model name>), and skipped.csv (file, reason,
-message) when a listed file was left out; with several models, comparison.md/.csv as well. Every
+message) when a listed file was left out; ood.json/ood.md (the share of real radiographs the model's
+out-of-distribution score flags, the auto-routed share with and without it; with --ood-set DIR also
+AUROC and the share flagged of images that are not radiographs, as sent and re-tagged DX, per kind,
+and ood.csv); with several models, comparison.md/.csv as well. Every
 report says how many images were listed, evaluated and skipped (by reason). When more than
 --max-skipped-share of the listed files cannot be read (or none can), no result is written: only
 skipped.csv, an error naming the counts and reasons, and exit status 2.
@@ -46,6 +49,10 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--output", default=None, help="where results go (default: beside each model)")
     parser.add_argument("--timing-runs", type=int, default=50,
                         help="batch-1 inference repetitions for the latency figure; 0 skips timing")
+    parser.add_argument("--ood-set", default=None, metavar="DIR",
+                        help="also score a set of images that are not projection radiographs (a folder written by "
+                             "`python -m utils.evaluate.ood_set --output DIR`): AUROC and share flagged by the "
+                             "model's out-of-distribution score, as sent and re-tagged DX (default: off)")
     parser.add_argument("--demo", action="store_true", help="evaluate runs/demo on the synthetic demo test split")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     config.add_flags(parser, FLAGS)
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 results = runner.evaluate_cv(model_arg, settings, output_dir)
             else:
                 results = runner.evaluate_model(model_arg, args.data, settings, output_dir, progress=not args.quiet,
-                                                timing_runs=args.timing_runs)
+                                                timing_runs=args.timing_runs, ood_set=args.ood_set)
         except (FileNotFoundError, ValueError, runner.CoverageError) as error:
             print(f"error: {model_arg}: {error}", file=sys.stderr)
             return 2
@@ -95,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{name} on {cov['evaluated']} of {cov['listed']} listed images, {cov['skipped']} skipped "
               f"(split: {results['split']}):")
         print(reports.comparison_table([results], [name]))
+        if "ood" in results:
+            from utils.evaluate import ood_eval
+
+            print(ood_eval.markdown(results["ood"]).rstrip())
         print(f"details: {output_dir / reports.RESULTS_MD}")
     if len(all_results) > 1:
         target = Path(args.output or ".") / reports.COMPARISON_MD

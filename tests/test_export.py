@@ -35,7 +35,7 @@ def small_cnn():
     x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.5)(x))
     x = layers.DepthwiseConv2D(3, strides=2)(x)
     x = layers.Conv2D(16, 1, activation="relu")(x)
-    x = layers.Flatten()(layers.AveragePooling2D(4)(x))
+    x = layers.Flatten(name="avg_pool")(layers.AveragePooling2D(4)(x))  # the features the OOD score reads
     return keras.Model(inputs, layers.Dense(len(CLASSES))(x))
 
 
@@ -73,7 +73,22 @@ def run(tmp_path_factory):
     run_dir.mkdir()
     save_model(model, run_dir / "best.keras", SPEC, model_id="t", backbone="small_cnn", extra={"epoch": 6})
     (run_dir / "config.json").write_text(json.dumps({"config": {"data": str(data)}}))
+    from utils.evaluate.calibration import calibrate_run
+
+    assert calibrate_run(run_dir, ood_quantile=0.9).ood is not None  # temperature and OOD detector, as training does
     return run_dir
+
+
+def assert_same_ood(run, predictor, check, agreement=1.0, tolerance=1e-3):
+    """The export computes the model's OOD score from its own features output, as the Keras model does."""
+    from utils.infer.predictor import load_predictor
+
+    assert check["ood_available"] is True and check["ood_flag_agreement"] >= agreement
+    images = val_images(run)
+    reference = load_predictor(run).score(images)
+    got = predictor.score(images)
+    assert got.ood is not None and got.ood_threshold == reference.ood_threshold
+    assert np.abs(got.ood - reference.ood).max() <= tolerance * reference.ood_threshold
 
 
 def keras_probs(run, images):
@@ -116,13 +131,14 @@ def test_tflite_fp32_matches_keras_and_carries_its_spec(run, tmp_path):
     legacy = {key: sidecar[key] for key in ("spec", "model_id", "backbone", "source", "format", "quantization",
                                             "io", "check")}
     (tmp_path / "m.tflite.json").write_text(json.dumps(legacy, indent=2) + "\n")
-    assert load_predictor(tmp_path / "m.tflite").metadata == result.metadata.replace(extra={})
+    assert load_predictor(tmp_path / "m.tflite").metadata == result.metadata.replace(extra={}, calibration=None, ood=None)
     images = val_images(run)
     reference = keras_probs(run, images)
     for batch in (images, images[:3], images[:1]):  # the batch size may change between calls
         assert np.abs(predictor.predict(batch) - reference[:len(batch)]).max() < 1e-4
     with pytest.raises(ValueError, match="differs"):
         predictor.predict(np.zeros((1, 32, 32, 1), np.float32))
+    assert_same_ood(run, predictor, result.check)
 
     # without its metadata the artifact is refused, with a message that says what is missing
     shutil.copy(tmp_path / "m.tflite", tmp_path / "bare.tflite")
@@ -153,7 +169,8 @@ def test_tflite_fp16_and_int8_stay_close(run, tmp_path):
     assert predictor._input["dtype"] == np.float32  # float input, as every artifact
     assert predictor.quantization == "int8" and predictor.spec == SPEC
     assert (predictor.predict(images).argmax(1) == reference.argmax(1)).mean() >= 0.9
-
+    assert_same_ood(run, load_predictor(tmp_path / "h.tflite"), fp16.check, tolerance=0.05)
+    assert int8.check["ood_available"] and int8.check["ood_flag_agreement"] >= 0.8
 
 def test_saved_model_export_loads_and_matches(run, tmp_path):
     from utils.artifacts.export import export_model
@@ -167,6 +184,7 @@ def test_saved_model_export_loads_and_matches(run, tmp_path):
     assert predictor.metadata == result.metadata and predictor.metadata.format == "saved_model"
     images = val_images(run)
     assert np.abs(predictor.predict(images) - keras_probs(run, images)).max() < 1e-5
+    assert_same_ood(run, predictor, result.check)
 
 
 def test_onnx_matches_keras_and_describes_itself(run, tmp_path):
@@ -186,6 +204,7 @@ def test_onnx_matches_keras_and_describes_itself(run, tmp_path):
     assert predictor.metadata == result.metadata.replace(check=None)  # embedded before the check ran
     assert np.abs(predictor.predict(images) - reference).max() < 1e-4
     assert np.abs(predictor.predict(images[:2]) - reference[:2]).max() < 1e-4
+    assert_same_ood(run, predictor, result.check)
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         load_predictor(tmp_path / "broken.onnx")

@@ -76,7 +76,7 @@ def test_csv_rows_labels_errors_and_tags(tmp_path, scans, model):
     frame = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert list(frame.columns) == (["path", "SOPInstanceUID", "StudyInstanceUID", "label", "confidence", "top_label"]
                                    + [f"prob_{c}" for c in CLASSES]
-                                   + ["BodyPartExamined", "tag_disagrees", "error", "sorted_to"])
+                                   + ["ood_score", "BodyPartExamined", "tag_disagrees", "error", "sorted_to"])
     assert len(frame) == 16  # 13 DICOMs, 2 PNGs, 1 listed missing file; not the README
     rows = frame.set_index("SOPInstanceUID", drop=False)
     for uid, sample in expected.items():

@@ -137,6 +137,10 @@ TARGET_ACCURACY: float = 0.995  # calibration recommends the lowest confidence t
 TARGET_ACCURACY_RANGE: str = "(0, 1]"
 CALIBRATION_BINS: int = 15  # equal-width confidence bins of the expected calibration error and the reliability diagram
 CALIBRATION_BINS_RANGE: str = "[1, 1000]"
+OOD_QUANTILE: float = 0.99  # the out-of-distribution threshold: this quantile of the validation split's scores (about 1 - this of real radiographs flagged)
+OOD_QUANTILE_RANGE: str = "[0.5, 1)"
+OOD_COMPONENTS: int = 64  # principal components of the pooled features the OOD score's Mahalanobis distance uses
+OOD_COMPONENTS_RANGE: str = "[1, 4096]"
 
 # --- Backfill (backfill.py: an archive on Ray Data; flags keep these names without the prefix) ----
 BACKFILL_WORKERS: int = 0  # decoding actors, 1 CPU each; 0: the cluster's CPUs less the inference actors'

@@ -21,10 +21,15 @@ int8 weights and activations, calibrated on a representative set drawn from the 
 of the prepared dataset. Input and output stay float32 in every case (the quantize/dequantize ops
 are inside the model), so every artifact takes the same float32 0..255 batch and returns logits.
 
+Every artifact has two outputs, the logits and the pooled features the logits layer reads
+(utils.infer.predictor.with_features), so that the out-of-distribution score stored in the metadata
+(``ood``, utils.infer.ood) is computed by every runtime; predictors tell the outputs apart by shape.
+
 The check runs the artifact (through its predictor) and the Keras model on one batch from the
 validation split (else test, else train; random images when no dataset is found) and reports the
-largest absolute probability difference and the top-1 agreement; it is printed, stored in the
-metadata and written to ``<artifact>.check.json``.
+largest absolute probability difference and the top-1 agreement, and, for a model with an OOD
+score, the largest score difference relative to the threshold and how often both sides of the
+threshold agree; it is printed, stored in the metadata and written to ``<artifact>.check.json``.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import numpy as np
 from utils.artifacts.model_file import ARTIFACT_KEY, ModelMetadata, write_sidecar
 from utils.artifacts.run_dir import training_data
 from utils.data import files
-from utils.infer.predictor import KerasPredictor, load_predictor
+from utils.infer.predictor import KerasPredictor, load_predictor, with_features
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +57,9 @@ FORMATS = ("saved_model", "tflite", "onnx")
 ONNX_OPSET = 17
 QUANTIZATIONS = ("none", "fp16", "int8")
 CHECK_SPLITS = ("val", "test", "train")
-IO_CONTRACT = ("input float32 (B, S, S, C) 0..255; output logits float32 (B, K), softmax(logits / "
-               "calibration.temperature) applied by the predictor")
+IO_CONTRACT = ("input float32 (B, S, S, C) 0..255; outputs logits float32 (B, K), softmax(logits / "
+               "calibration.temperature) applied by the predictor, and the pooled features float32 (B, D) the "
+               "out-of-distribution score (metadata 'ood') is computed from")
 
 
 @dataclass
@@ -122,6 +128,22 @@ def compare(reference: np.ndarray, candidate: np.ndarray, source: str) -> dict[s
 
 def predict_in_batches(predictor, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     return np.concatenate([predictor.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def compare_ood(reference, candidate, images: np.ndarray, batch_size: int = 32) -> dict[str, Any] | None:
+    """The OOD scores of the artifact against the Keras model's on ``images`` (None without a detector)."""
+    metadata = reference.metadata
+    if metadata is None or metadata.ood is None:
+        return None
+    chunks = [(reference.score(images[i:i + batch_size]), candidate.score(images[i:i + batch_size]))
+              for i in range(0, len(images), batch_size)]
+    if any(c.ood is None for _, c in chunks):
+        return {"ood_available": False}
+    ref = np.concatenate([r.ood for r, _ in chunks])
+    got = np.concatenate([c.ood for _, c in chunks])
+    threshold = metadata.ood["threshold"]
+    return {"ood_available": True, "max_abs_ood_diff_over_threshold": float(np.abs(ref - got).max() / threshold),
+            "ood_flag_agreement": float(np.mean((ref > threshold) == (got > threshold)))}
 
 
 def representative_dataset(data_dir: Path, spec, samples: int) -> Iterator[list[np.ndarray]]:
@@ -205,21 +227,27 @@ def export_model(model_path: str | os.PathLike, fmt: str, *, quantize: str = "no
     out.parent.mkdir(parents=True, exist_ok=True)
 
     metadata = info.replace(source=str(source), format=fmt, quantization=quantize, check=None, io=IO_CONTRACT)
+    serving = with_features(model) or model  # (logits, features): the OOD score is computed by every runtime
+    if serving is model:
+        log.warning("%s has no '%s' layer: the export has no features output, so no out-of-distribution score",
+                    source, "avg_pool")
     if fmt == "saved_model":
-        write_saved_model(model, out)
+        write_saved_model(serving, out)
     elif fmt == "onnx":
-        convert_onnx(model, spec, metadata, out)
+        convert_onnx(serving, spec, metadata, out)
     else:
-        content = convert_tflite(model, quantize, data_dir, spec, calibration_images)
+        content = convert_tflite(serving, quantize, data_dir, spec, calibration_images)
         temporary = out.with_name(out.name + ".tmp")
         temporary.write_bytes(content)
         os.replace(temporary, out)
     write_sidecar(out, metadata)  # load_predictor reads it for the check below
 
     images, where = check_batch(data_dir, spec, check_images)
-    reference = predict_in_batches(KerasPredictor.from_metadata(model, info), images)
-    candidate = predict_in_batches(load_predictor(out), images)
+    keras_predictor, exported = KerasPredictor.from_metadata(model, info), load_predictor(out)
+    reference = predict_in_batches(keras_predictor, images)
+    candidate = predict_in_batches(exported, images)
     check = compare(reference, candidate, where)
+    check.update(compare_ood(keras_predictor, exported, images) or {})
     metadata = metadata.replace(check=check)
     write_sidecar(out, metadata)
     check_file = out / "check.json" if out.is_dir() else out.with_name(out.name + ".check.json")

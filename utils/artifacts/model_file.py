@@ -20,6 +20,10 @@ Every model artifact of this project describes itself with the same JSON object,
         "nll_before": 0.31, "nll_after": 0.12, "ece_before": 0.06, "ece_after": 0.01, "bins": 15,
         "threshold": {"target_accuracy": 0.995, "value": 0.93, "coverage": 0.88, "accuracy": 0.996,
                       "reachable": true, ...}       # the recommendation --threshold auto uses
+      },
+      "ood": {                        # optional (utils.infer.ood; end of training, calibrate.py): the
+        "method": "...",              # out-of-distribution detector on the pooled features, its
+        "threshold": 12.3, ...        # parameters and the score above which an image is out_of_distribution
       }
     }
 
@@ -28,7 +32,8 @@ before the version field (the .keras payload {spec, model_id, backbone, extra}; 
 {spec, model_id, backbone, source, format, quantization, io, check}) are this schema without
 ``schema_version`` and read as version 1; and readers older than the field ignore the new keys.
 Optional keys added later without a version bump, since older files simply lack them and older
-readers keep them as unknown keys (and write them back): ``calibration`` (a file without it reads
+readers keep them as unknown keys (and write them back): ``ood`` (a file without it has no
+out-of-distribution score; older code serves the model without one), ``calibration`` (a file without it reads
 as temperature 1.0, no recommended threshold; code older than it serves a calibrated model as it
 always did, uncalibrated, and has no ``--threshold auto`` to misuse). A change that an older reader
 would misread (a key whose meaning changes, a new required key) bumps METADATA_VERSION.
@@ -90,6 +95,7 @@ class ModelMetadata:
     io: str | None = None
     check: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None  # utils.evaluate.calibration; None: uncalibrated (temperature 1)
+    ood: dict[str, Any] | None = None  # utils.infer.ood: the out-of-distribution detector; None: no OOD score
     other: dict[str, Any] = field(default_factory=dict)  # keys this code does not know, kept as they were
 
     def replace(self, **changes: Any) -> ModelMetadata:
@@ -111,7 +117,7 @@ class ModelMetadata:
         """The JSON object; optional fields that are None are left out."""
         data: dict[str, Any] = {**self.other, "schema_version": METADATA_VERSION, "spec": self.spec.to_dict(),
                                 "model_id": self.model_id, "backbone": self.backbone, "extra": dict(self.extra)}
-        for name in ("format", "quantization", "source", "io", "check", "calibration"):
+        for name in ("format", "quantization", "source", "io", "check", "calibration", "ood"):
             value = getattr(self, name)
             if value is not None:
                 data[name] = value
@@ -140,11 +146,15 @@ class ModelMetadata:
         for name in ("model_id", "backbone", "format", "quantization", "source", "io"):
             if name in values and not isinstance(values[name], str):
                 raise ValueError(f"model metadata: {name!r} must be a string, not {values[name]!r}")
-        for name in ("extra", "check", "calibration"):
+        for name in ("extra", "check", "calibration", "ood"):
             if name in values and not isinstance(values[name], dict):
                 raise ValueError(f"model metadata: {name!r} must be an object, not {values[name]!r}")
         if "calibration" in values:
             _check_calibration(values["calibration"])
+        if "ood" in values:
+            from utils.infer.ood import check_detector
+
+            check_detector(values["ood"])
         try:
             spec = PreprocessSpec.from_dict(data["spec"])
         except (KeyError, TypeError) as error:

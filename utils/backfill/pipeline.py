@@ -158,12 +158,12 @@ class Classifier:
 
     def __init__(self, model: str, threshold: float) -> None:
         from utils.infer.engine import Engine
-        from utils.infer.predictor import load_predictor
+        from utils.infer.predictor import load_predictor, scorer
 
         self.predictor = load_predictor(model)
         self.class_names = list(self.predictor.spec.class_names)
         # the engine's decisions only: its decoding pool is never used, so never started
-        self.engine = Engine(self.predictor.spec, self.predictor.predict, threshold=threshold)
+        self.engine = Engine(self.predictor.spec, scorer(self.predictor), threshold=threshold)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa

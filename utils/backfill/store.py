@@ -43,7 +43,7 @@ def output_schema(class_names: Sequence[str]):
 
     fields = []
     for name in csv_columns(class_names):
-        if name == "confidence" or name.startswith(FLOAT_PREFIX):
+        if name in ("confidence", "ood_score") or name.startswith(FLOAT_PREFIX):
             fields.append(pa.field(name, pa.float64()))
         elif name == "tag_disagrees":
             fields.append(pa.field(name, pa.bool_()))
@@ -60,6 +60,7 @@ def typed_record(row: Mapping[str, str], confidence: float | None, probs: Sequen
     for i, name in enumerate(class_names):
         record[f"{FLOAT_PREFIX}{name}"] = None if probs is None else float(probs[i])
     record["tag_disagrees"] = {"true": True, "false": False}.get(row.get("tag_disagrees", ""))
+    record["ood_score"] = float(row["ood_score"]) if row.get("ood_score") else None
     return record
 
 

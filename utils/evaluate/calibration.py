@@ -217,8 +217,15 @@ class CalibrationResult:
     logits: np.ndarray  # (N, K)
     probs_before: np.ndarray  # softmax(logits)
     probs_after: np.ndarray  # softmax(logits / T), as every predictor now returns them
+    features: np.ndarray | None = None  # (N, D) pooled features (None: the model exposes none)
+    ood: dict[str, Any] | None = None  # the out-of-distribution detector stored with it (utils.infer.ood), if fitted
 
     def summary(self) -> str:
+        from utils.infer.ood import describe
+
+        return self._temperature_summary() + "\n" + describe(self.ood)
+
+    def _temperature_summary(self) -> str:
         e, t = self.entry, self.entry["threshold"]
         line = (f"temperature {e['temperature']:.3f} on {e['n_images']} images ({e['fitted_on']}): "
                 f"NLL {e['nll_before']:.4f} -> {e['nll_after']:.4f}, ECE {e['ece_before']:.4f} -> {e['ece_after']:.4f}; ")
@@ -268,7 +275,6 @@ def calibrate_images(model_path: str | os.PathLike, files: Sequence[str], labels
     directory: its best.keras; rewritten atomically) or an export's metadata (sidecar, and the
     copy embedded in an .onnx file). ValueError when no image could be read."""
     from utils.artifacts.model_file import read_metadata, write_metadata
-    from utils.evaluate.evaluation import iter_batches
     from utils.infer.predictor import load_predictor
 
     predictor = predictor if predictor is not None else load_predictor(model_path)
@@ -277,33 +283,74 @@ def calibrate_images(model_path: str | os.PathLike, files: Sequence[str], labels
         raise ValueError(f"{len(files)} files for {len(labels)} labels")
     if not len(files):
         raise ValueError(f"no images to calibrate on ({fitted_on})")
-    chunks, kept, errors = [], [], []
-    for batch, indices, failed in iter_batches(list(files), predictor.spec, cached=cached, batch_size=batch_size):
-        if batch is not None:
-            chunks.append(predictor.logits(batch))
-            kept += indices
-        errors += failed
-    if errors:
-        log.warning("calibration: %d of %d images could not be read and were left out (e.g. %s)", len(errors),
-                    len(files), errors[0][1])
-    if not kept:
-        raise ValueError(f"no readable image to calibrate on ({fitted_on})")
-    logits, labels = np.concatenate(chunks), labels[kept]
+    logits, features, kept = model_outputs(predictor, files, cached=cached, batch_size=batch_size, what="calibration")
+    labels = labels[kept]
     entry, before, after = calibration_entry(logits, labels, fitted_on=fitted_on, target_accuracy=target_accuracy,
                                              bins=bins)
     metadata = read_metadata(model_path)
     written = write_metadata(model_path, metadata.replace(calibration=entry))
-    return CalibrationResult(written, entry, labels, logits, before, after)
+    return CalibrationResult(written, entry, labels, logits, before, after, features)
+
+
+def model_outputs(predictor, files: Sequence[str], *, cached: bool, batch_size: int = 32, what: str = "calibration"
+                  ) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+    """(logits (M, K), pooled features (M, D) or None, the indices of the M readable files) of ``files``;
+    unreadable files are left out (logged); ValueError when none is readable."""
+    from utils.evaluate.evaluation import iter_batches
+
+    logits, features, kept, errors = [], [], [], []
+    for batch, indices, failed in iter_batches(list(files), predictor.spec, cached=cached, batch_size=batch_size):
+        if batch is not None:
+            out = predictor.outputs(batch) if hasattr(predictor, "outputs") else (predictor.logits(batch), None)
+            logits.append(out[0])
+            features.append(out[1])
+            kept += indices
+        errors += failed
+    if errors:
+        log.warning("%s: %d of %d images could not be read and were left out (e.g. %s)", what, len(errors),
+                    len(files), errors[0][1])
+    if not kept:
+        raise ValueError(f"no readable image for {what}")
+    pooled = None if any(f is None for f in features) else np.concatenate(features)
+    return np.concatenate(logits), pooled, kept
+
+
+def fit_ood(model_path: str | os.PathLike, result: CalibrationResult, train_files: Sequence[str], train_labels: Any,
+            *, fitted_on: str, cached: bool = True, quantile: float = constants.OOD_QUANTILE,
+            components: int = constants.OOD_COMPONENTS, batch_size: int = 32, predictor=None) -> dict[str, Any] | None:
+    """Fit the out-of-distribution detector (utils.infer.ood) on the training images' pooled features,
+    threshold it on the calibration images' (``result``: the held-out split calibrate_images just
+    used), and store it in the model's metadata next to the calibration. None, logged, when the model
+    exposes no features (a .keras file from elsewhere, an export made before the score existed)."""
+    from utils.artifacts.model_file import read_metadata, write_metadata
+    from utils.infer.ood import fit_detector
+    from utils.infer.predictor import load_predictor
+
+    if result.features is None:
+        log.warning("out-of-distribution score: %s exposes no pooled features (an export made before the score "
+                    "existed, or a model without the project's head); re-export it from its .keras file", model_path)
+        return None
+    predictor = predictor if predictor is not None else load_predictor(model_path)
+    train_labels = np.asarray(train_labels).astype(np.int64)
+    _, features, kept = model_outputs(predictor, train_files, cached=cached, batch_size=batch_size,
+                                      what="out-of-distribution fit")
+    entry = fit_detector(features, train_labels[kept], result.features, fitted_on=fitted_on, quantile=quantile,
+                         components=components)
+    write_metadata(model_path, read_metadata(model_path).replace(ood=entry))
+    result.ood = entry
+    return entry
 
 
 def calibrate_run(model_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, split: str = "val", *,
                   target_accuracy: float = constants.TARGET_ACCURACY, bins: int = constants.CALIBRATION_BINS,
-                  batch_size: int = 32) -> CalibrationResult:
+                  batch_size: int = 32, ood: bool = True, ood_quantile: float = constants.OOD_QUANTILE,
+                  ood_components: int = constants.OOD_COMPONENTS) -> CalibrationResult:
     """Fit the temperature of a model (a run directory -> its best.keras, a .keras file, or an
     export) on one split of a dataset, recommend the threshold for ``target_accuracy``, and store
     both in the model's metadata. ``data_dir``: a prepared dataset (its cached PNGs when they match
     the model's spec), a CSV or a folder per class, as test.py's ``--data``; default: the dataset
-    the run was trained on (its config.json). ValueError for an empty or unusable split."""
+    the run was trained on (its config.json). ValueError for an empty or unusable split. With ``ood``, the
+    out-of-distribution detector is fitted too: on the dataset's train split, thresholded on ``split``."""
     from utils.artifacts.model_file import artifact_format, resolve_model_path
     from utils.artifacts.run_dir import training_data
     from utils.evaluate.evaluation import eval_set
@@ -319,21 +366,37 @@ def calibrate_run(model_path: str | os.PathLike, data_dir: str | os.PathLike | N
     subset = eval_set(data_dir, split, predictor.spec)
     for path, reason in subset.skipped:
         log.warning("calibration: %s left out (%s)", path, reason)
-    return calibrate_images(model_path, subset.files, subset.labels, fitted_on=f"{data_dir} split={split}",
-                            cached=subset.cached, target_accuracy=target_accuracy, bins=bins,
-                            batch_size=batch_size, predictor=predictor)
+    result = calibrate_images(model_path, subset.files, subset.labels, fitted_on=f"{data_dir} split={split}",
+                              cached=subset.cached, target_accuracy=target_accuracy, bins=bins,
+                              batch_size=batch_size, predictor=predictor)
+    if ood:
+        train = eval_set(data_dir, "train", predictor.spec)
+        if split == "train":
+            log.warning("out-of-distribution score: thresholded on the split it is fitted on (train): it will flag "
+                        "fewer real radiographs there than on new images")
+        fit_ood(model_path, result, train.files, train.labels, fitted_on=f"{data_dir} split=train",
+                cached=train.cached, quantile=ood_quantile, components=ood_components, batch_size=batch_size,
+                predictor=predictor)
+    return result
 
 
 def calibrate_after_training(run_dir: str | os.PathLike, data_dir: str | os.PathLike, val_rows: Any,
-                             target_accuracy: float = constants.TARGET_ACCURACY) -> CalibrationResult | None:
+                             target_accuracy: float = constants.TARGET_ACCURACY, train_rows: Any = None,
+                             ood_quantile: float = constants.OOD_QUANTILE,
+                             ood_components: int = constants.OOD_COMPONENTS) -> CalibrationResult | None:
     """The last step of a completed training run: calibrate its best.keras on the validation images
-    the run used (``val_rows``: the run's rows with ``abs_path`` and ``y``). Never fails the run: a
-    missing or unusable validation split is a logged warning, and calibrate.py can do it later."""
+    the run used (``val_rows``: the run's rows with ``abs_path`` and ``y``) and, given ``train_rows``, fit
+    its out-of-distribution detector on them. Never fails the run: a missing or unusable validation
+    split is a logged warning, and calibrate.py can do it later."""
     try:
         if val_rows is None or len(val_rows) == 0:
             raise ValueError("the validation split is empty")
         result = calibrate_images(run_dir, list(val_rows["abs_path"]), np.asarray(val_rows["y"]),
                                   fitted_on=f"{data_dir} split=val", cached=True, target_accuracy=target_accuracy)
+        if train_rows is not None and len(train_rows):
+            fit_ood(run_dir, result, list(train_rows["abs_path"]), np.asarray(train_rows["y"]),
+                    fitted_on=f"{data_dir} split=train", cached=True, quantile=ood_quantile,
+                    components=ood_components)
     except Exception as error:  # noqa: BLE001 - the run is complete and saved; calibration must not fail it
         log.warning("calibration skipped (%s); run `python calibrate.py %s --data DIR` to calibrate it later",
                     error, run_dir)

@@ -21,7 +21,7 @@ class CoverageError(Exception):
 
 
 def evaluate_model(model_arg: str, data: str | None, settings: dict, output_dir: Path, *, progress: bool = True,
-                   timing_runs: int = 50) -> dict:
+                   timing_runs: int = 50, ood_set: str | None = None) -> dict:
     """One model (run directory or artifact) on ``data`` (default: the data it was trained on):
     every output of test.py for it, or CoverageError when too much of the data cannot be read."""
     from utils.artifacts.run_dir import training_data
@@ -31,10 +31,9 @@ def evaluate_model(model_arg: str, data: str | None, settings: dict, output_dir:
     data = data or training_data(model_arg) or constants.DATA_DIR
     subset = evaluation.eval_set(data, settings["split"], info.spec)
     log.info("%s (%s): %d images from %s", model_arg, info.model_id, len(subset.files), subset.description)
-    probs, kept, errors = evaluation.predict(info, subset.files, cached=subset.cached,
-                                             batch_size=settings["batch_size"], progress=progress,
-                                             pool=PoolSettings.from_flags(settings),
-                                             projection_only=settings.get("projection_only", True))
+    probs, ood_scores, kept, errors = evaluation.predict_with_ood(
+        info, subset.files, cached=subset.cached, batch_size=settings["batch_size"], progress=progress,
+        pool=PoolSettings.from_flags(settings), projection_only=settings.get("projection_only", True))
     for path, reason in subset.skipped + errors:
         log.warning("left out %s: %s", path, reason)
     coverage = evaluation.Coverage.of(subset, len(kept), errors, settings["max_skipped_share"])
@@ -59,8 +58,42 @@ def evaluate_model(model_arg: str, data: str | None, settings: dict, output_dir:
         coverage=coverage.to_dict(), stored_calibration=getattr(getattr(info, "metadata", None), "calibration", None),
         target_accuracy=settings["target_accuracy"], calibration_bins=settings["calibration_bins"])
     write_gallery(info, [subset.files[i] for i in kept], subset.cached, subset.labels[kept], probs, output_dir)
-    config.save_config({**settings, "model": model_arg, "data": str(data)}, output_dir / reports.CONFIG_FILENAME)
+    results["ood"] = report_ood(info, ood_scores, subset.labels[kept], probs, settings, output_dir, progress=progress,
+                                ood_set=ood_set)
+    config.save_config({**settings, "model": model_arg, "data": str(data), "ood_set": ood_set},
+                       output_dir / reports.CONFIG_FILENAME)
     return results
+
+
+def report_ood(info, real_scores, y_true, probs, settings: dict, output_dir: Path, *, progress: bool,
+               ood_set: str | None) -> dict:
+    """The out-of-distribution section (utils.evaluate.ood_eval): written to ood.json / ood.md (appended to
+    results.md) / ood.csv, added to results.json, and returned."""
+    import json
+
+    from utils.evaluate import ood_eval
+
+    metadata = getattr(info, "metadata", None)
+    entry = getattr(metadata, "ood", None)
+    recommended = getattr(metadata, "recommended_threshold", None)
+    set_scores, rows, reasons = None, [], []
+    if ood_set and entry is not None and real_scores is not None:
+        set_scores, rows, reasons = ood_eval.evaluate_set(info, ood_set, batch_size=settings["batch_size"],
+                                                          pool=PoolSettings.from_flags(settings), progress=progress)
+    elif ood_set:
+        log.warning("--ood-set %s: the model has no out-of-distribution score to evaluate", ood_set)
+    summary = ood_eval.summarise(entry, real_scores, y_true, probs, recommended["value"] if recommended else None,
+                                 set_scores=set_scores, set_rows=rows, guard_reasons=reasons)
+    ood_eval.write(output_dir, summary, rows)
+    results_md = output_dir / reports.RESULTS_MD
+    if results_md.is_file():
+        results_md.write_text(results_md.read_text().rstrip("\n") + "\n\n" + ood_eval.markdown(summary))
+    results_json = output_dir / reports.RESULTS_JSON
+    if results_json.is_file():
+        stored = json.loads(results_json.read_text())
+        stored["ood"] = summary
+        results_json.write_text(json.dumps(stored, indent=2) + "\n")
+    return summary
 
 
 def write_gallery(predictor, files: list[str], cached: bool, y_true, probs, output_dir: Path) -> None:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from utils.infer.decisions import UNREADABLE, tag_disagrees
 from utils.infer.engine import Engine, Prediction
+from utils.infer.ood import OUT_OF_DISTRIBUTION
+from utils.infer.predictor import scorer
 from utils.io.isolation import PoolSettings
 from utils.preprocessing import PreprocessSpec, is_raster
 from utils.untrusted import contained, safe_component, safe_filename
@@ -149,7 +151,7 @@ def _same_content(a: Path, b: Path) -> bool:
 def csv_columns(class_names: Sequence[str]) -> list[str]:
     return (["path", "SOPInstanceUID", "StudyInstanceUID", "label", "confidence", "top_label"]
             + [f"prob_{c}" for c in class_names]
-            + ["BodyPartExamined", "tag_disagrees", "error", "sorted_to"])
+            + ["ood_score", "BodyPartExamined", "tag_disagrees", "error", "sorted_to"])
 
 
 @dataclass
@@ -159,6 +161,7 @@ class Summary:
     errors: Counter = field(default_factory=Counter)  # unreadable files by reason
     disagreements: int = 0  # readable files whose BodyPartExamined contradicts the prediction
     missing_tag: int = 0  # readable files without a BodyPartExamined tag
+    out_of_distribution: int = 0  # readable files the model's OOD score flagged (label uncertain)
     placed: int = 0  # files copied/linked by --sort-into (not counting ones already there)
     seconds: float = 0.0
 
@@ -168,6 +171,9 @@ class Summary:
         out += [f"  {label:<18} {n}" for label, n in sorted(self.labels.items())]
         if self.errors:
             out.append("unreadable: " + ", ".join(f"{r} {n}" for r, n in sorted(self.errors.items())))
+        if self.out_of_distribution:
+            out.append(f"uncertain because unlike the training radiographs ({OUT_OF_DISTRIBUTION}): "
+                       f"{self.out_of_distribution}")
         out.append(f"BodyPartExamined contradicts the prediction: {self.disagreements}; "
                    f"tag missing: {self.missing_tag}")
         if self.placed:
@@ -194,7 +200,7 @@ def run(predictor, files: Sequence[str], *, output: str | os.PathLike, threshold
     start = time.perf_counter()
     bar = tqdm(total=len(files), desc="classifying", unit="file", disable=not progress)
     with open(output, "w", newline="") as handle, \
-            Engine(spec, predictor.predict, threshold=threshold, pool=pool, projection_only=projection_only) as engine:
+            Engine(spec, scorer(predictor), threshold=threshold, pool=pool, projection_only=projection_only) as engine:
         writer = csv.DictWriter(handle, fieldnames=csv_columns(class_names))
         writer.writeheader()
         for predictions in engine.classify_batches(files, batch_size):
@@ -215,14 +221,17 @@ def row_of(p: Prediction, class_names: list[str], summary: Summary) -> dict:
     tag = p.header.get("BodyPartExamined", "")
     row = {"path": p.path, "SOPInstanceUID": p.header.get("SOPInstanceUID", ""),
            "StudyInstanceUID": p.header.get("StudyInstanceUID", ""), "BodyPartExamined": tag,
-           "error": "", "sorted_to": "", "tag_disagrees": "", "confidence": "", "top_label": ""}
+           "error": "", "sorted_to": "", "tag_disagrees": "", "confidence": "", "top_label": "", "ood_score": ""}
     if not p.readable:
         row.update(label=UNREADABLE, error=p.error)
         row.update({f"prob_{c}": "" for c in class_names})
         summary.errors[p.reason] += 1
     else:
-        row.update(label=p.label, top_label=p.top_label, confidence=f"{p.confidence:.6f}")
+        row.update(label=p.label, top_label=p.top_label, confidence=f"{p.confidence:.6f}", error=p.error)
         row.update({f"prob_{c}": f"{q:.6f}" for c, q in zip(class_names, p.probs)})
+        if p.ood_score is not None:
+            row["ood_score"] = f"{p.ood_score:.6g}"
+        summary.out_of_distribution += int(p.reason == OUT_OF_DISTRIBUTION)
         disagrees = tag_disagrees(p.top_label, tag, class_names)
         if disagrees is None:
             summary.missing_tag += 1

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from utils.infer.decisions import NOT_PROJECTION, UNREADABLE, decide, not_projection
+from utils.infer.decisions import NOT_PROJECTION, UNCERTAIN, UNREADABLE, decide, not_projection
+from utils.infer.ood import OUT_OF_DISTRIBUTION
 from utils.io.isolation import Failure, IsolatedPool, PoolSettings
 from utils.preprocessing import PreprocessSpec, is_raster, preprocess_file, to_model_input
 
@@ -69,8 +70,9 @@ class Prediction:
     top_label: str = ""  # the most probable class ("" when unreadable)
     confidence: float | None = None  # its probability
     probs: np.ndarray | None = None  # (K,) softmax, None when unreadable
-    reason: str = ""
+    reason: str = ""  # why it is unreadable, or out_of_distribution (readable, label uncertain)
     message: str = ""
+    ood_score: float | None = None  # the model's out-of-distribution score (utils.infer.ood); None without one
 
     @property
     def readable(self) -> bool:
@@ -78,7 +80,7 @@ class Prediction:
 
     @property
     def error(self) -> str:
-        """"reason: message", or "" for a readable file."""
+        """"reason: message", or "" for a readable file the model could judge."""
         return f"{self.reason}: {self.message}" if self.reason else ""
 
 
@@ -166,7 +168,10 @@ class Engine:
     """Decoding pool + model + decisions for one model; see the module docstring.
 
     ``predict`` maps a float32 batch (N, S, S, C) to probabilities (N, K) (a Predictor's
-    ``predict``, or the router's chunked call); without one, only the decode methods work.
+    ``predict``, or the router's chunked call), or to a utils.infer.predictor.Scored (a Predictor's
+    ``score``: probabilities, out-of-distribution scores and their threshold): an image above the
+    threshold gets label ``uncertain`` with reason ``out_of_distribution`` (its probabilities kept).
+    Without ``predict``, only the decode methods work.
     ``decode(path, spec) -> Decoded`` replaces :func:`decode_file` (picklable in processes mode).
     ``projection_only``: the header guard; a DICOM that is not projection radiography comes out of
     :meth:`decode` without an image, reason ``not_projection_radiography``.
@@ -241,8 +246,13 @@ class Engine:
             raise ValueError("this engine has no model: give Engine a predict function")
         class_names = list(self.spec.class_names)
         readable = [d for d in decoded if d.image is not None]
+        ood = ood_threshold = None
         if readable:
-            probs = np.asarray(self._predict(to_model_input(np.stack([d.image for d in readable]), self.spec.channels)))
+            result = self._predict(to_model_input(np.stack([d.image for d in readable]), self.spec.channels))
+            if hasattr(result, "probs"):  # a Scored
+                ood, ood_threshold = result.ood, result.ood_threshold
+                result = result.probs
+            probs = np.asarray(result)
             if probs.shape != (len(readable), len(class_names)):
                 raise ValueError(f"the model returned {probs.shape} for {len(readable)} images of "
                                  f"{len(class_names)} classes")
@@ -253,9 +263,16 @@ class Engine:
         for d in decoded:
             if d.image is None:
                 out.append(Prediction(d.path, d.header, UNREADABLE, reason=d.reason, message=d.message))
-            else:
-                out.append(Prediction(d.path, d.header, labels[j], top_labels[j], float(confidence[j]), probs[j]))
-                j += 1
+                continue
+            prediction = Prediction(d.path, d.header, labels[j], top_labels[j], float(confidence[j]), probs[j])
+            if ood is not None:
+                prediction.ood_score = float(ood[j])
+                if ood_threshold is not None and prediction.ood_score > ood_threshold:
+                    prediction.label, prediction.reason = UNCERTAIN, OUT_OF_DISTRIBUTION
+                    prediction.message = (f"the image is unlike the radiographs the model was trained on "
+                                          f"(OOD score {prediction.ood_score:.4g} > {ood_threshold:.4g})")
+            out.append(prediction)
+            j += 1
         return out
 
 

@@ -25,7 +25,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -57,6 +57,50 @@ class Predictor(Protocol):
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 (B, S, S, C) with values 0..255 -> the model's logits float32 (B, K)."""
+
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits (B, K), the pooled features the logits are computed from (B, D), or None when the
+        artifact has no features output: exported before the out-of-distribution score existed)."""
+
+    def score(self, batch: np.ndarray) -> Scored:
+        """One model call: probabilities and the out-of-distribution score (None without one)."""
+
+
+class Scored(NamedTuple):
+    """What the engine gets for a batch: calibrated probabilities (B, K) and, when the model carries an
+    out-of-distribution detector (utils.infer.ood) and exposes its features, one score per image (B,)."""
+
+    probs: np.ndarray
+    ood: np.ndarray | None = None
+    ood_threshold: float | None = None  # above it: out_of_distribution
+
+
+def scored(outputs: tuple[np.ndarray, np.ndarray | None], metadata: ModelMetadata | None) -> Scored:
+    """(logits, features) -> Scored: probabilities(logits), and the OOD score when both the detector
+    (``metadata.ood``) and the features are there."""
+    from utils.infer.ood import detector_of, ood_score
+
+    logits, features = outputs
+    probs = probabilities(logits, metadata)
+    detector = metadata.ood if metadata is not None else None
+    if detector is None or features is None:
+        return Scored(probs)
+    return Scored(probs, ood_score(detector, features, logits), detector_of(detector).threshold)
+
+
+def scorer(predictor):
+    """The call the engine should make: ``predictor.score`` (probabilities and the OOD score) when the
+    predictor has one, else ``predictor.predict`` (stand-ins, predictors from elsewhere)."""
+    return getattr(predictor, "score", None) or predictor.predict
+
+
+def concatenate(parts: list) -> Scored | np.ndarray:
+    """Chunks of one batch (each probabilities or a Scored) joined back into one."""
+    if not parts or not all(isinstance(part, Scored) for part in parts):
+        return np.concatenate([getattr(part, "probs", part) for part in parts])
+    oods = [part.ood for part in parts]
+    ood = None if any(o is None for o in oods) else np.concatenate(oods)
+    return Scored(np.concatenate([part.probs for part in parts]), ood, parts[0].ood_threshold)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -132,14 +176,55 @@ class KerasPredictor:
 
         model = self.model
         self._infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
+        both = with_features(model)
+        self._both = None if both is None else tf.function(
+            lambda x: [tf.cast(t, tf.float32) for t in both(x, training=False)], reduce_retracing=True)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         if batch.shape[1:] != self.spec.input_shape:
             raise ValueError(f"batch shape {batch.shape[1:]} differs from the model's {self.spec.input_shape}")
         return self._infer(np.asarray(batch, dtype=np.float32)).numpy()
 
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._both is None:
+            return self.logits(batch), None
+        if batch.shape[1:] != self.spec.input_shape:
+            raise ValueError(f"batch shape {batch.shape[1:]} differs from the model's {self.spec.input_shape}")
+        logits, features = self._both(np.asarray(batch, dtype=np.float32))
+        return logits.numpy(), features.numpy()
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return probabilities(self.logits(batch), self.metadata)
+
+    def score(self, batch: np.ndarray) -> Scored:
+        return scored(self.outputs(batch), self.metadata)
+
+
+FEATURES_LAYER = "avg_pool"  # models/head.py: the pooled features the logits layer reads
+
+
+def with_features(model):
+    """A Keras model with two outputs, (logits, pooled features), sharing ``model``'s layers; None when
+    the model has no layer named FEATURES_LAYER (a .keras file from elsewhere)."""
+    import keras
+
+    try:
+        pooled = model.get_layer(FEATURES_LAYER).output
+    except (ValueError, AttributeError):
+        return None
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # one tensor, as the model's own signature
+    return keras.Model(inputs, [model.outputs[0], pooled], name=f"{model.name}_with_features")
+
+
+def _split_outputs(arrays: list[np.ndarray], num_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """An artifact's outputs -> (logits, features or None): the (B, K) one is the logits, whatever the
+    order the runtime lists them in (TFLite sorts outputs by name)."""
+    arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
+    logits = [a for a in arrays if a.ndim == 2 and a.shape[1] == num_classes]
+    others = [a for a in arrays if not (a.ndim == 2 and a.shape[1] == num_classes)]
+    if not logits:
+        raise ValueError(f"no output of shape (B, {num_classes}) among {[a.shape for a in arrays]}")
+    return logits[0], (others[0] if others else (logits[1] if len(logits) > 1 else None))
 
 
 def _check_batch(batch: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -181,14 +266,13 @@ class TFLitePredictor:
         self.quantization: str = self.metadata.quantization or ""
         self._interpreter = tflite_interpreter(path, num_threads)
         self._input = self._interpreter.get_input_details()[0]
-        self._output_index = self._interpreter.get_output_details()[0]["index"]
         self._batch = None
         self._lock = threading.Lock()
         shape = tuple(int(d) for d in self._input["shape_signature"][1:])
         if shape != self.spec.input_shape:
             raise ValueError(f"{path}: input shape {shape} differs from its spec's {self.spec.input_shape}")
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         interpreter, detail = self._interpreter, self._input
         if self._batch != len(batch):
             interpreter.resize_tensor_input(detail["index"], batch.shape)
@@ -200,22 +284,30 @@ class TFLitePredictor:
             batch = np.clip(np.round(batch / scale + zero), info.min, info.max).astype(detail["dtype"])
         interpreter.set_tensor(detail["index"], batch)
         interpreter.invoke()
-        out = interpreter.get_output_details()[0]
-        logits = interpreter.get_tensor(self._output_index)
-        if out["dtype"] != np.float32:
-            scale, zero = out["quantization"]
-            logits = (logits.astype(np.float32) - zero) * scale
-        return np.array(logits, dtype=np.float32)  # a copy: the interpreter reuses its output buffer
+        arrays = []
+        for out in interpreter.get_output_details():
+            values = interpreter.get_tensor(out["index"])
+            if out["dtype"] != np.float32:
+                scale, zero = out["quantization"]
+                values = (values.astype(np.float32) - zero) * scale
+            arrays.append(np.array(values, dtype=np.float32))  # a copy: the interpreter reuses its output buffer
+        return arrays
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         batch = _check_batch(batch, self.spec)
         if len(batch) == 0:
-            return np.zeros((0, self.spec.num_classes), np.float32)
+            return np.zeros((0, self.spec.num_classes), np.float32), None
         with self._lock:
-            return self._run(batch)
+            return _split_outputs(self._run(batch), self.spec.num_classes)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.outputs(batch)[0]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return probabilities(self.logits(batch), self.metadata)
+
+    def score(self, batch: np.ndarray) -> Scored:
+        return scored(self.outputs(batch), self.metadata)
 
 
 class SavedModelPredictor:
@@ -233,17 +325,25 @@ class SavedModelPredictor:
         endpoint = getattr(self._module, "serve", None) or self._module.signatures["serving_default"]
         self._infer = endpoint
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import tensorflow as tf
 
         batch = _check_batch(batch, self.spec)
         out = self._infer(tf.constant(batch))
         if isinstance(out, dict):
-            out = next(iter(out.values()))
-        return np.asarray(out, dtype=np.float32)
+            out = [out[k] for k in sorted(out)]
+        elif not isinstance(out, (list, tuple)):
+            out = [out]
+        return _split_outputs([np.asarray(t) for t in out], self.spec.num_classes)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.outputs(batch)[0]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return probabilities(self.logits(batch), self.metadata)
+
+    def score(self, batch: np.ndarray) -> Scored:
+        return scored(self.outputs(batch), self.metadata)
 
 
 class ONNXPredictor:
@@ -266,14 +366,20 @@ class ONNXPredictor:
         self.backbone: str = self.metadata.backbone
         self._input = self._session.get_inputs()[0].name
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         batch = _check_batch(batch, self.spec)
         if len(batch) == 0:
-            return np.zeros((0, self.spec.num_classes), np.float32)
-        return np.asarray(self._session.run(None, {self._input: batch})[0], dtype=np.float32)
+            return np.zeros((0, self.spec.num_classes), np.float32), None
+        return _split_outputs(self._session.run(None, {self._input: batch}), self.spec.num_classes)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.outputs(batch)[0]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return probabilities(self.logits(batch), self.metadata)
+
+    def score(self, batch: np.ndarray) -> Scored:
+        return scored(self.outputs(batch), self.metadata)
 
 
 def load_predictor(path: str | os.PathLike) -> Predictor:

@@ -87,8 +87,11 @@ def chunk_sizes(count: int, batch_size: int) -> list[int]:
 def warm_up(predictor, batch_size: int) -> list[int]:
     """Run every batch shape :func:`chunk_sizes` can produce once; the shapes run."""
     shapes = sorted({s for n in range(1, batch_size + 1) for s in chunk_sizes(n, batch_size)})
+    from utils.infer.predictor import scorer
+
+    call = scorer(predictor)  # the call the classifier makes (with the OOD features when the model has them)
     for size in shapes:
-        predictor.predict(np.zeros((size, *predictor.spec.input_shape), np.float32))
+        call(np.zeros((size, *predictor.spec.input_shape), np.float32))
     return shapes
 
 
@@ -145,12 +148,17 @@ class BackgroundModel:
         return 0.0 if since is None else time.monotonic() - since
 
 
-def predict_in_chunks(predictor, batch: np.ndarray, batch_size: int) -> np.ndarray:
+def predict_in_chunks(predictor, batch: np.ndarray, batch_size: int):
+    """The model on ``batch`` in chunks of at most ``batch_size``: probabilities, or a Scored with the
+    out-of-distribution scores when the predictor has them (utils.infer.predictor.scorer)."""
+    from utils.infer.predictor import concatenate, scorer
+
+    call = scorer(predictor)
     out, start = [], 0
     for size in chunk_sizes(len(batch), batch_size):
-        out.append(predictor.predict(batch[start : start + size]))
+        out.append(call(batch[start : start + size]))
         start += size
-    return np.concatenate(out)
+    return concatenate(out)
 
 
 class Classifier(WakeableThread):
@@ -412,7 +420,8 @@ class Classifier(WakeableThread):
                              label=decision.label, top_label=p.top_label or None, confidence=decision.confidence,
                              model_id=decision.model_id, route=decision.route, reason=decision.reason or None,
                              body_part_examined=decision.body_part_examined, decided_by=decided_by,
-                             tag_disagrees=disagrees, **self._shadow_fields(p, spec.class_names))
+                             tag_disagrees=disagrees, ood_score=None if p.ood_score is None else round(p.ood_score, 4),
+                             **self._shadow_fields(p, spec.class_names))
             self.metrics.classified(decision.label, decided_by)
         log.info("classified %d objects (%s)", len(items), ", ".join(sorted({d.label for d in decisions})))
         self.on_classified({d.route for d in decisions})

@@ -294,7 +294,8 @@ def train(args, settings: dict[str, Any]) -> Path:
                       shuffle=False)  # the tf.data pipeline shuffles
             best = next(c for c in callbacks if isinstance(c, T.Checkpoints)).best
             done = phase.end
-        calibrate_after_training(run_dir, data_dir, val_rows)  # temperature + threshold into best.keras
+        # temperature, threshold and the out-of-distribution detector into best.keras
+        calibrate_after_training(run_dir, data_dir, val_rows, train_rows=train_rows)
         _add_train_seconds(run_dir, time.monotonic() - started)
         return run_dir
 
