@@ -7,12 +7,16 @@
 
 INPUT is a file, a folder (searched recursively for images and DICOM files) or a text file
 (*.txt, *.lst, *.list) listing paths. One CSV row per file: path, SOPInstanceUID,
-StudyInstanceUID, label, confidence, top_label, prob_<class> for each class, BodyPartExamined,
-tag_disagrees (true/false, empty without a tag), error, sorted_to. A file that cannot be read gets
+StudyInstanceUID, label, confidence, top_label, prob_<class> for each class, ood_score,
+BodyPartExamined, tag_disagrees (true/false, empty without a tag), error, sorted_to. A file that cannot be read gets
 label "unreadable" and its reason; a prediction below --threshold gets label "uncertain". A DICOM
 whose Modality is not projection radiography (CR, DX, DR, RG; without a Modality, a CR or DX SOP
 class) is not shown to the model: label "unreadable", reason not_projection_radiography (the
-router's default rule); --no-projection-only turns that off for archives that mis-tag.
+router's default rule); --no-projection-only turns that off for archives that mis-tag. An image
+unlike the radiographs the model was trained on (its out-of-distribution score, stored with the
+model by training or calibrate.py, above the model's threshold: a CT slice, a photo or a document
+even when tagged DX) gets label "uncertain" with error "out_of_distribution: ..."; ood_score is
+empty for a model without one.
 --threshold auto uses the threshold recommended when the model was calibrated (calibrate.py, or
 the end of training: the lowest confidence whose automatically routed share reached the target
 accuracy, calibrate.py --target-accuracy, on the validation split); a model without one is refused

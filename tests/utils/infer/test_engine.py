@@ -160,3 +160,24 @@ def test_router_decode_settings_are_validated(tmp_path):
                 {"decode_workers": -1}, {"decode_pool": 3}):
         with pytest.raises(ConfigError, match="decode_"):
             from_dict({**base, **bad}, base=tmp_path)
+
+
+def test_an_image_above_the_ood_threshold_is_uncertain_with_its_reason(tmp_path):
+    """A Scored from the model: the images whose OOD score is above the threshold become uncertain with reason
+    out_of_distribution, keeping their probabilities and top label; the others are decided as usual."""
+    from utils.infer.ood import OUT_OF_DISTRIBUTION
+    from utils.infer.predictor import Scored
+
+    files = dicoms(tmp_path, count=3)
+
+    def scored(batch):
+        probs = np.tile(np.array([[0.02, 0.98]], np.float32), (len(batch), 1))
+        return Scored(probs, np.array([1.0, 7.5, 5.0])[: len(batch)], 5.0)
+
+    with Engine(SPEC, scored, threshold=0.5, pool=settings("threads")) as engine:
+        first, second, third = engine.classify(files)
+    assert (first.label, first.reason, first.ood_score) == ("bright", "", 1.0)
+    assert second.label == UNCERTAIN and second.reason == OUT_OF_DISTRIBUTION and second.top_label == "bright"
+    assert second.readable and second.confidence == pytest.approx(0.98) and "7.5 > 5" in second.message
+    assert second.error.startswith("out_of_distribution: ")
+    assert third.label == "bright" and third.ood_score == 5.0  # at the threshold: not above it
