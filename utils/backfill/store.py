@@ -118,15 +118,29 @@ class OutputStore:
         return final
 
     def read(self, columns: Sequence[str] | None = None):
-        """Every row written so far as a pandas DataFrame (empty, with the columns, when none)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        """Every row written so far as a pandas DataFrame (empty, with the columns, when none).
 
-        parts = self.parts()
+        A part written before a column existed (``ood_score`` came later) has it as typed nulls."""
+        import pyarrow as pa
+
         names = list(columns) if columns is not None else self.schema.names
-        if not parts:
-            return pa.Table.from_pylist([], schema=pa.schema([self.schema.field(n) for n in names])).to_pandas()
-        return pa.concat_tables(pq.read_table(p, columns=names) for p in parts).to_pandas()
+        schema = pa.schema([self.schema.field(n) for n in names])
+        tables = [_read_part(p, schema) for p in self.parts()]
+        if not tables:
+            return schema.empty_table().to_pandas()
+        return pa.concat_tables(tables).to_pandas()
+
+
+def _read_part(path: Path, schema):
+    """One part with ``schema``'s columns, in its order: the ones the part has, cast to the schema's type; the
+    ones it lacks as nulls of that type."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    present = set(pq.read_schema(path).names)
+    table = pq.read_table(path, columns=[n for n in schema.names if n in present])
+    return pa.table([table.column(f.name).cast(f.type) if f.name in present else pa.nulls(len(table), f.type)
+                     for f in schema], schema=schema)
 
 
 def _fsync(path: Path) -> None:

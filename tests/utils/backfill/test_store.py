@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from utils.backfill.store import OutputMismatch, OutputStore, output_schema, typed_record
@@ -44,3 +46,19 @@ def pd_isna(value) -> bool:
     import pandas as pd
 
     return bool(pd.isna(value))
+
+
+def test_a_part_written_before_the_ood_score_column_is_read_and_resumed(tmp_path):
+    store = OutputStore(tmp_path, CLASSES, identity={"model_id": "m", "threshold": 0.5})
+    old = table(["old.dcm"]).drop_columns(["ood_score"])  # the schema of backfills before the OOD score
+    pq.write_table(old, tmp_path / "part-20240101T000000-1-000001.parquet")
+    again = OutputStore(tmp_path, CLASSES, identity={"model_id": "m", "threshold": 0.5})
+    assert again.done_paths() == {"old.dcm", "bad.dcm"}
+    new = table(["new.dcm"]).set_column(csv_columns(CLASSES).index("ood_score"), "ood_score",
+                                        pa.array([3.5, None], pa.float64()))
+    again.write(new.filter(pc.equal(new.column("path"), "new.dcm")))
+    frame = again.read().set_index("path")
+    assert list(frame.columns) == csv_columns(CLASSES)[1:] and frame.index.tolist() == ["old.dcm", "bad.dcm", "new.dcm"]
+    assert pd_isna(frame.loc["old.dcm", "ood_score"]) and frame.loc["new.dcm", "ood_score"] == 3.5
+    assert frame["ood_score"].dtype == "float64" and frame.loc["old.dcm", "prob_others"] == 0.25
+    assert again.read(columns=["path", "ood_score"])["ood_score"].isna().tolist() == [True, True, False]
