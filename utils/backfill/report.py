@@ -10,7 +10,10 @@ with the number of readable files whose tag contradicts the prediction (predict.
 ``tag_disagrees``). Proposed corrections are the readable files whose tag is missing or
 contradicts the prediction and whose confidence is at least ``correction_threshold``: the
 proposed value is :data:`PROPOSED_TAG` of the predicted class (a DICOM PS3.16 CID 4031 term that
-utils.infer.decisions accepts for it); a catch-all class (``others``) proposes nothing.
+utils.infer.decisions accepts for it); a catch-all class (``others``) proposes nothing, and neither
+does an image the model's out-of-distribution score flagged (label ``uncertain``, error
+``out_of_distribution: ...``): its top class says nothing about what it shows. The report counts
+those rows, and the DICOMs the header guard kept from the model (``not_projection_radiography``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.infer.decisions import OTHER_CLASSES
+from utils.infer.decisions import NOT_PROJECTION, OTHER_CLASSES
+from utils.infer.ood import OUT_OF_DISTRIBUTION
 from utils.untrusted import log_safe
 
 MISSING_TAG = "(missing)"
@@ -56,7 +60,10 @@ def build_report(frame, class_names: Sequence[str], correction_threshold: float)
     contradicts = readable & flag.fillna(False).astype(bool)
     missing = readable & (tags == MISSING_TAG)
     confident = frame["confidence"].fillna(-1.0) >= correction_threshold
-    chosen = frame[(contradicts | missing) & confident].copy()
+    errors = frame["error"].fillna("").astype(str)
+    out_of_distribution = errors.str.startswith(OUT_OF_DISTRIBUTION)
+    not_projection = errors.str.startswith(NOT_PROJECTION)
+    chosen = frame[(contradicts | missing) & confident & ~out_of_distribution].copy()
     chosen["proposed_BodyPartExamined"] = chosen["top_label"].map(proposed_tag)
     chosen = chosen[chosen["proposed_BodyPartExamined"] != ""]
     chosen["predicted"] = chosen["top_label"]
@@ -70,6 +77,8 @@ def build_report(frame, class_names: Sequence[str], correction_threshold: float)
         "body_part_examined": _counts(tags),
         "unreadable_reasons": _counts(reasons),
         "readable": int(readable.sum()),
+        "out_of_distribution": int(out_of_distribution.sum()),
+        "not_projection_radiography": int(not_projection.sum()),
         "tag_contradicts_prediction": int(contradicts.sum()),
         "tag_missing": int(missing.sum()),
         "disagreement_matrix": {"rows": "BodyPartExamined", "columns": "predicted class (top_label)",
@@ -93,6 +102,10 @@ def _cell(value: Any) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = ["# Backfill report", "", f"{report['files']} files, {report['readable']} readable.", "",
+             (f"{report['out_of_distribution']} readable files unlike the training radiographs "
+              f"({OUT_OF_DISTRIBUTION}, label uncertain, no tag correction proposed); "
+              f"{report['not_projection_radiography']} DICOMs not projection radiography ({NOT_PROJECTION}, "
+              "never shown to the model)."), "",
              "## Labels", "", "| label | files |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in report["labels"].items()]
     lines += ["", "## BodyPartExamined", "", "| tag | files |", "|---|---:|"]

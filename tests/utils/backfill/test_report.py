@@ -74,3 +74,23 @@ def test_a_files_tag_cannot_break_the_markdown_report(tmp_path):
     text = md_path.read_text()
     assert "\x1b" not in text and "\r" not in text and "| x" not in text
     assert "| CHEST \\| FORGED \\| 9 \\|\\r\\n\\| X | 1 |" in text
+
+
+def test_out_of_distribution_rows_propose_nothing_and_both_guards_are_counted(tmp_path):
+    """An image the OOD score flagged keeps its confident top class (label uncertain): its tag is not corrected.
+    The report counts those rows and the DICOMs the header guard kept from the model."""
+    rows = pd.DataFrame([
+        row("c", "spine", "CHEST", 0.97),  # contradicts, confident: proposed SPINE
+        row("o", "uncertain", "CHEST", 0.99, top="spine", error="out_of_distribution: OOD score 9 > 5"),
+        row("m", "uncertain", "", 0.99, top="abdominal", error="out_of_distribution: OOD score 7 > 5"),
+        row("n", "unreadable", "HEAD", error="not_projection_radiography: Modality CT, SOP class (none)"),
+    ])
+    report, corrections = build_report(rows, CLASSES, correction_threshold=0.95)
+    assert corrections["path"].tolist() == ["c"]
+    assert report["out_of_distribution"] == 2 and report["not_projection_radiography"] == 1
+    assert report["corrections"]["proposed"] == 1
+    json_path, md_path, _ = write_report(report, corrections, tmp_path)
+    assert json.loads(json_path.read_text())["out_of_distribution"] == 2
+    text = md_path.read_text()
+    assert "2 readable files unlike the training radiographs (out_of_distribution" in text
+    assert "1 DICOMs not projection radiography (not_projection_radiography" in text
