@@ -92,7 +92,7 @@ def test_csv_rows_labels_errors_and_tags(tmp_path, scans, model):
     assert by_name.loc["boundary_0.dcm", "top_label"] in ("abdominal", "adult_chest")
     errors = {name: by_name.loc[name, "error"].split(":")[0] for name in
               ("corrupt.png", "report_sr.dcm", "short_pixels.dcm", "gone.dcm")}
-    assert errors == {"corrupt.png": "unreadable_image", "report_sr.dcm": "no_pixel_data",
+    assert errors == {"corrupt.png": "unreadable_image", "report_sr.dcm": "not_projection_radiography",  # Modality SR
                       "short_pixels.dcm": "truncated_pixel_data", "gone.dcm": "file_not_found"}
     assert (frame.loc[frame["error"] != "", "label"] == "unreadable").all()
     # BodyPartExamined: ABDOMEN / CHEST / LSPINE as written by make_samples; "others" images are tagged CHEST
@@ -243,7 +243,8 @@ def test_summary_counts(tmp_path, scans, model, capsys):
     folder, _ = scans
     assert run(["--model", model, folder, "--output", tmp_path / "p.csv", "--threshold", THRESHOLD]) == 0
     text = capsys.readouterr().out
-    assert "15 files in" in text and "unreadable: no_pixel_data 1, truncated_pixel_data 1, unreadable_image 1" in text
+    assert "15 files in" in text  # the SR: its Modality is not projection radiography, whatever its pixels
+    assert "unreadable: not_projection_radiography 1, truncated_pixel_data 1, unreadable_image 1" in text
     assert batch_predict.Summary().lines()[0].startswith("0 files")
 
 

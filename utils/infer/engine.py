@@ -22,7 +22,10 @@ one :class:`Prediction`); decoding never raises for a bad file. ``reason`` is on
   that the reader did not classify;
 - ``not_projection_radiography``: with ``projection_only`` (predict.py, test.py and backfill.py by
   default; the router applies the same guard in its rules), a DICOM whose header says it is not
-  projection radiography (utils.infer.decisions.not_projection): decoded, but never shown to the model.
+  projection radiography (utils.infer.decisions.not_projection): never shown to the model. The
+  header is read first and its pixels are not decoded; this reason also wins over a decode failure
+  (a CT whose pixel data is truncated, or that crashes a custom decode function) whenever the
+  header is known.
 """
 
 from __future__ import annotations
@@ -87,11 +90,15 @@ class Prediction:
 # --- Decoding one file (runs in a worker) ---------------------------------------------------
 
 
-def decode_file(path: str | os.PathLike, spec: PreprocessSpec) -> Decoded:
+def decode_file(path: str | os.PathLike, spec: PreprocessSpec, projection_only: bool = False) -> Decoded:
     """Preprocess one file with the model's spec. Never raises for a bad file: any exception,
     a BaseException such as a Rust panic included (not KeyboardInterrupt/SystemExit), becomes a
-    Decoded without an image."""
+    Decoded without an image. ``projection_only``: the header guard first; a DICOM whose header is
+    not projection radiography comes back without an image, reason ``not_projection_radiography``,
+    its pixels never decoded (a header that cannot be read is left to the decode to report)."""
     path = os.fspath(path)
+    if projection_only and (why := not_projection(header := header_or_empty(path))):
+        return Decoded(path, None, header, NOT_PROJECTION, why)
     try:
         image, header = preprocess_file(path, spec)
         return Decoded(path, image, dict(header))
@@ -174,7 +181,8 @@ class Engine:
     Without ``predict``, only the decode methods work.
     ``decode(path, spec) -> Decoded`` replaces :func:`decode_file` (picklable in processes mode).
     ``projection_only``: the header guard; a DICOM that is not projection radiography comes out of
-    :meth:`decode` without an image, reason ``not_projection_radiography``.
+    :meth:`decode` without an image, reason ``not_projection_radiography``, whether it decoded or
+    not (decode_file reads its header before its pixels; a custom ``decode`` is checked after).
     The pool starts on first use and is kept until :meth:`close`.
     """
 
@@ -186,7 +194,8 @@ class Engine:
         self.projection_only = projection_only
         self.settings = pool or PoolSettings()
         self._predict = predict
-        self._decode = functools.partial(decode or decode_file, spec=spec)
+        self._decode = (functools.partial(decode, spec=spec) if decode is not None
+                        else functools.partial(decode_file, spec=spec, projection_only=projection_only))
         threads = self.settings.thread_count
         # string form while the default applies: the worker imports this module under its memory cap
         initializer = (f"{__name__}:init_decoder_process" if threads == 1
@@ -220,7 +229,8 @@ class Engine:
         for i, (path, outcome) in enumerate(zip(paths, outcomes)):
             if isinstance(outcome, Failure):
                 outcome = Decoded(path, None, headers.get(i, {}), *failure_reason(outcome, self.settings.timeout_s))
-            elif self.projection_only and outcome.image is not None and (why := not_projection(outcome.header)):
+            # the guard's reason wins over a decode failure too, whenever the header is known
+            if self.projection_only and outcome.reason != NOT_PROJECTION and (why := not_projection(outcome.header)):
                 outcome = Decoded(path, None, outcome.header, NOT_PROJECTION, why)
             out.append(outcome)
         return out

@@ -23,15 +23,16 @@ from utils.preprocessing import PreprocessSpec
 SPEC = PreprocessSpec(class_names=("dark", "bright"), image_size=32)
 
 
-def hostile_decode(path: str, spec: PreprocessSpec) -> Decoded:
+def hostile_decode(path: str, spec: PreprocessSpec, projection_only: bool = False) -> Decoded:
     """decode_file, except that files named hang* hang and die* kill their process (as a codec
-    stuck in a loop or segfaulting would). Module-level: worker processes import it."""
+    stuck in a loop or segfaulting would). Module-level: worker processes import it. Its signature
+    is decode_file's: tests also put it in decode_file's place."""
     name = Path(path).name
     if name.startswith("hang"):
         time.sleep(120)
     elif name.startswith("die"):
         os.kill(os.getpid(), signal.SIGKILL)
-    return decode_file(path, spec)
+    return decode_file(path, spec, projection_only=projection_only)
 
 
 def brightness(batch: np.ndarray) -> np.ndarray:
@@ -181,3 +182,32 @@ def test_an_image_above_the_ood_threshold_is_uncertain_with_its_reason(tmp_path)
     assert second.readable and second.confidence == pytest.approx(0.98) and "7.5 > 5" in second.message
     assert second.error.startswith("out_of_distribution: ")
     assert third.label == "bright" and third.ood_score == 5.0  # at the threshold: not above it
+
+
+def test_the_header_guard_wins_over_decoding_and_its_failures(tmp_path, monkeypatch):
+    """A CT is not_projection_radiography whether its pixels decode, are truncated or crash the decoder; with
+    the built-in decode its pixels are never decoded, and a custom decode function is checked after it ran."""
+    import utils.infer.engine as engine_module
+
+    ct = tmp_path / "ct.dcm"
+    write_dicom(ct, np.arange(64 * 64, dtype=np.uint16).reshape(64, 64), bits_stored=12, modality="CT")
+    data = ct.read_bytes()
+    (tmp_path / "truncated-ct.dcm").write_bytes(data[: len(data) - 4000])
+    (tmp_path / "die-ct.dcm").write_bytes(data)
+    dx = dicoms(tmp_path / "dx", count=1)[0]
+    files = [str(ct), str(tmp_path / "truncated-ct.dcm"), str(tmp_path / "die-ct.dcm"), dx]
+
+    decoded_pixels = []
+    real = engine_module.preprocess_file
+    monkeypatch.setattr(engine_module, "preprocess_file", lambda p, s: decoded_pixels.append(p) or real(p, s))
+    with Engine(SPEC, pool=settings("threads"), projection_only=True) as engine:
+        reasons = [d.reason for d in engine.decode(files[:2] + files[3:])]
+    assert reasons == ["not_projection_radiography", "not_projection_radiography", ""]
+    assert decoded_pixels == [dx]  # the CTs' headers were enough
+
+    with Engine(SPEC, pool=settings(timeout_s=20), decode=hostile_decode, projection_only=True) as engine:
+        decoded = engine.decode(files)
+    assert [d.reason for d in decoded] == ["not_projection_radiography"] * 3 + [""]
+    assert all("Modality CT" in d.message and d.header["SOPInstanceUID"] for d in decoded[:3])
+    with Engine(SPEC, pool=settings(timeout_s=20), decode=hostile_decode) as engine:  # the guard off
+        assert [d.reason for d in engine.decode(files)] == ["", "truncated_pixel_data", "decoder_crashed", ""]
