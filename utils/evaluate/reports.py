@@ -39,12 +39,13 @@ CONFIG_FILENAME = "test_config.json"  # the resolved settings of the evaluation 
 COMPARISON_MD = "comparison.md"  # several models side by side (+ comparison.csv)
 RELIABILITY_PNG = "reliability_diagram.png"
 RISK_COVERAGE_PNG = "risk_coverage.png"
+OOD_FILES = ("ood.json", "ood.md", "ood.csv")  # the out-of-distribution section (utils.evaluate.ood_eval.write)
 # What write_evaluation writes: removed by remove_evaluation_outputs when an evaluation is refused,
 # so that no earlier headline result is left beside the new skipped.csv.
 EVALUATION_FILES: tuple[str, ...] = (RESULTS_JSON, RESULTS_MD, PREDICTIONS_CSV,
                                      "confusion_matrix.png", "roc_curves.png", RELIABILITY_PNG, RISK_COVERAGE_PNG,
                                      "error_gallery.png",
-                                     "error_gallery.csv")
+                                     "error_gallery.csv", *OOD_FILES)
 
 # results.json "metrics" key -> column title, in the paper's column order.
 PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -146,7 +147,7 @@ def write_skipped_csv(output_dir: str | os.PathLike, skipped: Sequence[Sequence[
 
 
 def remove_evaluation_outputs(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete an earlier run's results.json, results.md, predictions.csv and figures in
+    """Delete an earlier run's results.json, results.md, predictions.csv, figures and ood.* files in
     ``output_dir`` (used when an evaluation is refused); return what was removed."""
     removed = []
     for name in EVALUATION_FILES:

@@ -150,7 +150,10 @@ def test_skipped_csv(tmp_path):
     # a refused evaluation removes an earlier run's headline results
     (tmp_path / "out" / "results.json").write_text("{}")
     (tmp_path / "out" / "results.md").write_text("#")
-    assert {p.name for p in reports.remove_evaluation_outputs(tmp_path / "out")} == {"results.json", "results.md"}
+    for name in ("ood.json", "ood.md", "ood.csv"):  # the out-of-distribution section too
+        (tmp_path / "out" / name).write_text("x")
+    assert {p.name for p in reports.remove_evaluation_outputs(tmp_path / "out")} == {
+        "results.json", "results.md", "ood.json", "ood.md", "ood.csv"}
     assert not any((tmp_path / "out").iterdir())
 
 
