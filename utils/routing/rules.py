@@ -24,9 +24,11 @@ case-insensitive), ``missing: true`` (absent or empty; ``false``: present with a
 matches equals / in / regex when one of its values does. UIDs may be written as pydicom keywords
 (``CTImageStorage``).
 
-The built-in default, after the configured rules (:data:`DEFAULT_RULES`): an object goes to the
-model when its Modality is CR, DX, DR or RG, or, when it has no Modality, when its SOP class is
-Computed Radiography or Digital X-Ray (For Presentation / For Processing). Anything else goes to
+The built-in default, after the configured rules (:func:`default_rules`): an object goes to the
+model when its Modality is CR, DX, DR or RG (compared trimmed and upper-case, as predict.py's
+header guard utils.infer.decisions.not_projection does: ``dx`` is DX), or, when it has no Modality,
+when its SOP class is Computed Radiography or Digital X-Ray (For Presentation / For Processing).
+Configured rules compare values exactly as written. Anything else goes to
 the ``pass_through`` destination, or, when none is configured, to ``unreadable`` with reason
 ``not_projection_radiography``: never to a body-part destination.
 
@@ -83,9 +85,12 @@ class Condition:
     pattern: re.Pattern | None = None  # regex
     missing: bool = True  # missing: true / false
     negated: bool = False  # wrapped in not: {...}
+    normalise: bool = False  # values trimmed and upper-cased first: the built-in rules only, as not_projection does
 
     def test(self, values: Sequence[str]) -> bool:
         """``values``: the attribute's values ([] when absent or empty)."""
+        if self.normalise:
+            values = [text for v in values if (text := v.strip().upper())]
         if self.operator == "missing":
             found = not values if self.missing else bool(values)
         elif self.operator == "regex":
@@ -147,9 +152,11 @@ def _builtin(name: str, conditions: tuple[Condition, ...], destination: str) -> 
 def default_rules(pass_through: bool) -> tuple[Rule, ...]:
     """The built-in policy after the configured rules: projection radiography to the model, the rest away."""
     return (
-        _builtin("projection", (Condition("modality", _MODALITY_TAG, "in", PROJECTION_MODALITIES),), MODEL),
-        _builtin("projection-sop-class", (Condition("modality", _MODALITY_TAG, "missing"),
-                                          Condition("sop_class_uid", None, "in", PROJECTION_SOP_CLASSES)), MODEL),
+        _builtin("projection", (Condition("modality", _MODALITY_TAG, "in", PROJECTION_MODALITIES, normalise=True),),
+                 MODEL),
+        _builtin("projection-sop-class", (Condition("modality", _MODALITY_TAG, "missing", normalise=True),
+                                          Condition("sop_class_uid", None, "in", PROJECTION_SOP_CLASSES,
+                                                    normalise=True)), MODEL),
         _builtin("not-projection", (), PASS_THROUGH if pass_through else UNREADABLE),
     )
 
