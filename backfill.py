@@ -20,8 +20,9 @@ not CR/DX/DR/RG) is an error row with reason not_projection_radiography, never s
 BodyPartExamined, tag_disagrees, error, sorted_to [empty]), typed; parts are written atomically,
 so a re-run skips every file already in DIR and a killed run, run again, finishes the rest. At
 the end DIR/report.md, report.json (counts per label and per BodyPartExamined, the tag x
-prediction matrix) and tag_corrections.csv (tags missing or contradicted, at confidence >=
---correction-threshold) cover everything in DIR.
+prediction matrix, the out_of_distribution and not_projection_radiography counts) and
+tag_corrections.csv (tags missing or contradicted, at confidence >= --correction-threshold; none
+for an image the OOD score flagged) cover everything in DIR.
 
 Without --address (or RAY_ADDRESS) Ray starts on this machine with --num-cpus CPUs (default: all
 cores); with --address auto it joins the cluster this machine belongs to (`ray start --head`,
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     pipeline.start_ray(args.address, args.num_cpus or None)
     log.info("model %s, %d classes, threshold %.4g; %d files listed", metadata.model_id,
              metadata.spec.num_classes, threshold, len(files))
+    from utils.infer.ood import describe
+
+    log.info("%s", describe(metadata.ood))  # whether images unlike the training set become out_of_distribution
     try:
         result = pipeline.run(files, model=args.model, output=args.output, threshold=threshold, settings=layout,
                               progress=not args.quiet)

@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("model %s (%s), %d classes, %d px, temperature %.3g, threshold %.4g; %d files", predictor.model_id,
              predictor.backbone, predictor.spec.num_classes, predictor.spec.image_size,
              predictor.metadata.temperature if getattr(predictor, "metadata", None) else 1.0, threshold, len(files))
+    from utils.infer.ood import describe
+
+    log.info("%s", describe(getattr(getattr(predictor, "metadata", None), "ood", None)))  # is the OOD score on?
     summary = batch_predict.run(predictor, files, output=args.output, threshold=threshold,
                                 batch_size=args.batch_size, pool=PoolSettings.from_flags(settings),
                                 sort_into=args.sort_into, sort_mode=args.sort_mode, progress=not args.quiet,

@@ -5,6 +5,7 @@ One Ray start (2 CPUs) for the module; each run starts its actors anew, so the r
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def check_rows(frame: pd.DataFrame, files, expected) -> None:
         assert not mismatched, (path, mismatched)
 
 
-def test_rows_equal_predict_and_a_rerun_writes_nothing(local_ray, archive, model, expected, tmp_path, capsys):
+def test_rows_equal_predict_and_a_rerun_writes_nothing(local_ray, archive, model, expected, tmp_path, capsys,
+                                                       caplog):
     sources, files = archive
     out = tmp_path / "out"
     settings = pipeline.Settings(workers=1, batch_size=4, rows_per_file=8)
@@ -102,8 +104,10 @@ def test_rows_equal_predict_and_a_rerun_writes_nothing(local_ray, archive, model
     assert {"unreadable", "uncertain", *CLASSES} == set(store.read()["label"])
     parts = {p: p.stat().st_mtime_ns for p in store.parts()}
     # the CLI over the same sources: nothing new to do, nothing written; the report covers the output
-    assert backfill.main([*sources, "--model", str(model), "--output", str(out), "--threshold", str(THRESHOLD),
-                          "--quiet"]) == 0
+    with caplog.at_level(logging.INFO, logger="backfill"):
+        assert backfill.main([*sources, "--model", str(model), "--output", str(out), "--threshold", str(THRESHOLD),
+                              "--quiet"]) == 0
+    assert "out-of-distribution score" in caplog.text  # start-up says whether the OOD score is on
     assert {p: p.stat().st_mtime_ns for p in store.parts()} == parts
     printed = capsys.readouterr().out
     assert f"{len(files)} already in the output; 0 classified" in printed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -239,9 +240,11 @@ def test_cli_help_and_refusals(tmp_path, capsys):
     assert predict.main(["--model", "m", str(empty)]) == 2
 
 
-def test_summary_counts(tmp_path, scans, model, capsys):
+def test_summary_counts(tmp_path, scans, model, capsys, caplog):
     folder, _ = scans
-    assert run(["--model", model, folder, "--output", tmp_path / "p.csv", "--threshold", THRESHOLD]) == 0
+    with caplog.at_level(logging.INFO, logger="predict"):
+        assert run(["--model", model, folder, "--output", tmp_path / "p.csv", "--threshold", THRESHOLD]) == 0
+    assert "no out-of-distribution score" in caplog.text  # start-up says whether the OOD score is on
     text = capsys.readouterr().out
     assert "15 files in" in text  # the SR: its Modality is not projection radiography, whatever its pixels
     assert "unreadable: not_projection_radiography 1, truncated_pixel_data 1, unreadable_image 1" in text

@@ -107,6 +107,7 @@ def test_echo_and_store_work_while_the_model_loads_and_what_waited_is_forwarded(
     names = event_names(spool)
     assert names.index("received") < names.index("model_loaded") < names.index("classified")
     assert events(spool, "model_loaded")[0]["runtime"] == "KerasPredictor"
+    assert "out-of-distribution score" in router.output()  # the log says whether the OOD score is on
     assert router.kill(signal.SIGTERM, timeout=60) == 0, router.output()
 
 

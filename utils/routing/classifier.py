@@ -230,6 +230,9 @@ class Classifier(WakeableThread):
         predictor = model.predictor
         log.info("model %s ready in %.1f s (%s; warmed up for batches of %s); classifying", model.model_id,
                  model.seconds, type(predictor).__name__, model.shapes)
+        from utils.infer.ood import describe
+
+        log.info("model %s: %s", model.model_id, describe(getattr(model.metadata, "ood", None)))
         try:
             self.audit.write("model_loaded", model_id=model.model_id, seconds=round(model.seconds, 3),
                              runtime=type(predictor).__name__, batch_shapes=model.shapes)

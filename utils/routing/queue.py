@@ -175,7 +175,7 @@ class Classification:
     confidence: float | None
     model_id: str
     route: str
-    reason: str = ""  # why unreadable
+    reason: str = ""  # "code: message": why unreadable, or out_of_distribution for an uncertain item; "" otherwise
     decided_by: str = ""  # who decided the route: "rule:<name>", "model:<model_id>", ... (QueueItem.decided_by)
     probs: str = ""  # what the classifier saw (QueueItem's fields of the same names)
     body_part_examined: str = ""
