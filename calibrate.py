@@ -21,10 +21,10 @@ runs trained before, or to calibrate on other data or another target. Calibratin
 the earlier calibration. A model calibrated after it was exported must be exported again (exports
 copy the metadata of their source).
 
-It also fits the model's out-of-distribution score (utils/infer/ood.py; ``ood`` in the metadata): a
-Mahalanobis distance on the pooled features of the dataset's train split, with its threshold at
---ood-quantile of the --split images' scores, so that about 1 - that share of real radiographs is
-flagged. Images above it become "uncertain" with reason out_of_distribution in predict.py, test.py,
+It also fits the model's out-of-distribution score (utils/infer/ood.py; ``ood`` in the metadata) on
+the stage statistics of the dataset's train split (a Mahalanobis distance, and a logistic regression
+against synthetic non-radiographs the project generates), each part thresholded at --ood-quantile of
+the --split images' scores, so that a little over 1 - that share of real radiographs is flagged. Images above it become "uncertain" with reason out_of_distribution in predict.py, test.py,
 backfill.py and the router. Exports made before the score existed have no features output and get
 none: re-export them from the .keras file.
 """
@@ -94,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stored in {result.path}:")
     print(json.dumps(result.entry, indent=2))
     if result.ood is not None:
-        shown = {k: v for k, v in result.ood.items() if k not in ("mean", "projection", "centres")}
+        def without_arrays(value):
+            if isinstance(value, dict):
+                return {k: without_arrays(v) for k, v in value.items()
+                        if not (isinstance(v, dict) and "float32_base64" in v)}
+            return value
+
+        shown = without_arrays(result.ood)
         print("out-of-distribution detector (its arrays left out):")
         print(json.dumps(shown, indent=2))
     if not result.entry["threshold"]["reachable"]:

@@ -25,18 +25,23 @@ def pattern(label: int, rng: np.random.Generator) -> np.ndarray:
 
 def small_cnn():
     """The layer types of the backbones (rescaling, conv, batch norm, ReLU6, depthwise conv, dense) in a
-    model small enough to learn the patterns in a second; a from-scratch MobileNet needs minutes."""
+    model small enough to learn the patterns in a second; a from-scratch MobileNet needs minutes. Built as
+    models/registry.py builds models (a nested 'backbone', then avg_pool, head_dropout, logits), so its
+    exports carry the stage statistics the OOD score reads."""
     import keras
 
     layers = keras.layers
-    inputs = keras.Input((SIZE, SIZE, 1))
-    x = layers.Rescaling(1 / 127.5, offset=-1)(inputs)
-    x = layers.Conv2D(8, 3, strides=2, use_bias=False)(x)
+    image = keras.Input((SIZE, SIZE, 1))
+    x = layers.Conv2D(8, 3, strides=2, use_bias=False)(image)
     x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.5)(x))
     x = layers.DepthwiseConv2D(3, strides=2)(x)
     x = layers.Conv2D(16, 1, activation="relu")(x)
-    x = layers.Flatten(name="avg_pool")(layers.AveragePooling2D(4)(x))  # the features the OOD score reads
-    return keras.Model(inputs, layers.Dense(len(CLASSES))(x))
+    x = layers.Flatten()(layers.AveragePooling2D(4)(x))  # where the band is: kept through the head's pooling
+    backbone = keras.Model(image, layers.Reshape((1, 1, -1))(x), name="backbone")
+    inputs = keras.Input((SIZE, SIZE, 1))
+    x = backbone(layers.Rescaling(1 / 127.5, offset=-1, name="preprocess")(inputs))
+    x = layers.Dropout(0.0, name="head_dropout")(layers.GlobalAveragePooling2D(name="avg_pool")(x))
+    return keras.Model(inputs, layers.Dense(len(CLASSES), name="logits")(x))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +80,8 @@ def run(tmp_path_factory):
     (run_dir / "config.json").write_text(json.dumps({"config": {"data": str(data)}}))
     from utils.evaluate.calibration import calibrate_run
 
-    assert calibrate_run(run_dir, ood_quantile=0.9).ood is not None  # temperature and OOD detector, as training does
+    # temperature and OOD detector, as training does (fewer synthetic negatives: 2 per kind)
+    assert calibrate_run(run_dir, ood_quantile=0.9, ood_negatives_per_kind=2).ood is not None
     return run_dir
 
 
@@ -170,7 +176,9 @@ def test_tflite_fp16_and_int8_stay_close(run, tmp_path):
     assert predictor.quantization == "int8" and predictor.spec == SPEC
     assert (predictor.predict(images).argmax(1) == reference.argmax(1)).mean() >= 0.9
     assert_same_ood(run, load_predictor(tmp_path / "h.tflite"), fp16.check, tolerance=0.05)
-    assert int8.check["ood_available"] and int8.check["ood_flag_agreement"] >= 0.8
+    # the int8 artifact's detector is fitted again on its own quantised features: it flags what the float one does
+    assert int8.metadata.ood is not None and "int8 features" in int8.metadata.ood["fitted_on"]
+    assert int8.check["ood_available"] and int8.check["ood_flag_agreement"] >= 0.85
 
 def test_saved_model_export_loads_and_matches(run, tmp_path):
     from utils.artifacts.export import export_model

@@ -137,10 +137,12 @@ TARGET_ACCURACY: float = 0.995  # calibration recommends the lowest confidence t
 TARGET_ACCURACY_RANGE: str = "(0, 1]"
 CALIBRATION_BINS: int = 15  # equal-width confidence bins of the expected calibration error and the reliability diagram
 CALIBRATION_BINS_RANGE: str = "[1, 1000]"
-OOD_QUANTILE: float = 0.99  # the out-of-distribution threshold: this quantile of the validation split's scores (about 1 - this of real radiographs flagged)
+OOD_QUANTILE: float = 0.995  # each part of the out-of-distribution score is thresholded at this quantile of the validation split's scores
 OOD_QUANTILE_RANGE: str = "[0.5, 1)"
-OOD_COMPONENTS: int = 64  # principal components of the pooled features the OOD score's Mahalanobis distance uses
-OOD_COMPONENTS_RANGE: str = "[1, 4096]"
+OOD_COMPONENTS: int = 128  # principal components of the first stage's statistics in the OOD score's Mahalanobis distance
+OOD_COMPONENTS_RANGE: str = "[1, 512]"
+OOD_NEGATIVES_PER_KIND: int = 40  # synthetic non-radiographs per kind (10 kinds) the OOD score's learned part is fitted against; 0 = Mahalanobis only
+OOD_NEGATIVES_PER_KIND_RANGE: str = "[0, 1000]"
 
 # --- Backfill (backfill.py: an archive on Ray Data; flags keep these names without the prefix) ----
 BACKFILL_WORKERS: int = 0  # decoding actors, 1 CPU each; 0: the cluster's CPUs less the inference actors'

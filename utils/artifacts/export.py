@@ -21,9 +21,10 @@ int8 weights and activations, calibrated on a representative set drawn from the 
 of the prepared dataset. Input and output stay float32 in every case (the quantize/dequantize ops
 are inside the model), so every artifact takes the same float32 0..255 batch and returns logits.
 
-Every artifact has two outputs, the logits and the pooled features the logits layer reads
-(utils.infer.predictor.with_features), so that the out-of-distribution score stored in the metadata
-(``ood``, utils.infer.ood) is computed by every runtime; predictors tell the outputs apart by shape.
+Every artifact has two outputs, the logits and the stage statistics of the backbone
+(models/features.py), so that the out-of-distribution score stored in the metadata (``ood``,
+utils.infer.ood) is computed by every runtime; predictors tell the outputs apart by shape. An int8
+artifact's statistics are quantised, so its detector is fitted again on its own features.
 
 The check runs the artifact (through its predictor) and the Keras model on one batch from the
 validation split (else test, else train; random images when no dataset is found) and reports the
@@ -130,6 +131,25 @@ def predict_in_batches(predictor, images: np.ndarray, batch_size: int = 32) -> n
     return np.concatenate([predictor.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
+def refit_int8_ood(out: Path, metadata: ModelMetadata, data_dir: Path | None) -> ModelMetadata:
+    """An int8 artifact's stage statistics are quantised, so the float model's OOD detector does not fit
+    them: it is fitted again on the artifact's own features (same settings, same splits). Without the
+    dataset the artifact is exported without an OOD score, with a warning."""
+    from utils.evaluate.calibration import refit_ood
+
+    try:
+        if data_dir is None:
+            raise ValueError("no prepared dataset (--data) to fit it on")
+        entry = refit_ood(load_predictor(out), data_dir, metadata.ood)
+    except ValueError as error:
+        log.warning("int8 export without an out-of-distribution score: it must be fitted again on the int8 "
+                    "features and could not be (%s)", error)
+        entry = None
+    metadata = metadata.replace(ood=entry)
+    write_sidecar(out, metadata)
+    return metadata
+
+
 def compare_ood(reference, candidate, images: np.ndarray, batch_size: int = 32) -> dict[str, Any] | None:
     """The OOD scores of the artifact against the Keras model's on ``images`` (None without a detector)."""
     metadata = reference.metadata
@@ -229,8 +249,8 @@ def export_model(model_path: str | os.PathLike, fmt: str, *, quantize: str = "no
     metadata = info.replace(source=str(source), format=fmt, quantization=quantize, check=None, io=IO_CONTRACT)
     serving = with_features(model) or model  # (logits, features): the OOD score is computed by every runtime
     if serving is model:
-        log.warning("%s has no '%s' layer: the export has no features output, so no out-of-distribution score",
-                    source, "avg_pool")
+        log.warning("%s is not built as models/registry.py builds models (a nested 'backbone', then the head's "
+                    "layers): the export has no features output, so no out-of-distribution score", source)
     if fmt == "saved_model":
         write_saved_model(serving, out)
     elif fmt == "onnx":
@@ -241,6 +261,8 @@ def export_model(model_path: str | os.PathLike, fmt: str, *, quantize: str = "no
         temporary.write_bytes(content)
         os.replace(temporary, out)
     write_sidecar(out, metadata)  # load_predictor reads it for the check below
+    if quantize == "int8" and metadata.ood is not None:
+        metadata = refit_int8_ood(out, metadata, data_dir)
 
     images, where = check_batch(data_dir, spec, check_images)
     keras_predictor, exported = KerasPredictor.from_metadata(model, info), load_predictor(out)

@@ -151,16 +151,25 @@ class ModelMetadata:
                 raise ValueError(f"model metadata: {name!r} must be an object, not {values[name]!r}")
         if "calibration" in values:
             _check_calibration(values["calibration"])
+        moved = {}
         if "ood" in values:
-            from utils.infer.ood import check_detector
+            from utils.infer.ood import METHOD, check_detector
 
-            check_detector(values["ood"])
+            if values["ood"].get("method") == METHOD:
+                check_detector(values["ood"])
+            else:  # a detector of another version: kept as it is (written back), not used
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "model metadata: out-of-distribution detector %r is not one this code uses (%r): the model is "
+                    "served without an OOD score; run calibrate.py to fit one", values["ood"].get("method"), METHOD)
+                moved["ood"] = values.pop("ood")
         try:
             spec = PreprocessSpec.from_dict(data["spec"])
         except (KeyError, TypeError) as error:
             raise ValueError(f"model metadata: malformed spec ({error!r})") from error
         other = {k: v for k, v in data.items() if k not in known and k != "schema_version"}
-        return cls(spec=spec, other=other, **values)
+        return cls(spec=spec, other={**other, **moved}, **values)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ModelMetadata:

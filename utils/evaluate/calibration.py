@@ -315,36 +315,81 @@ def model_outputs(predictor, files: Sequence[str], *, cached: bool, batch_size: 
     return np.concatenate(logits), pooled, kept
 
 
+NEGATIVES_SEED = 1_000_003  # the synthetic non-radiographs the OOD score learns from (evaluation sets use seed 0)
+
+
+def synthetic_negatives(predictor, *, per_kind: int = constants.OOD_NEGATIVES_PER_KIND, batch_size: int = 32
+                        ) -> tuple[np.ndarray | None, str]:
+    """The model's stage statistics of synthetic images that are not radiographs (utils/evaluate/ood_set.py,
+    its synthetic kinds, one copy of each, seed NEGATIVES_SEED), decoded by the model's own reader and
+    spec; (features or None, a description)."""
+    import tempfile
+
+    from utils.evaluate import ood_set
+
+    if per_kind <= 0:
+        return None, ""
+    with tempfile.TemporaryDirectory(prefix="ood-negatives-") as folder:
+        manifest = ood_set.write_ood_set(folder, seed=NEGATIVES_SEED, per_kind=per_kind,
+                                         kinds=tuple(ood_set.SYNTHETIC_KINDS))
+        sent = manifest[~manifest["retagged"].astype(str).str.lower().isin(["true", "1"])]
+        files = [str(Path(folder) / p) for p in sent["path"]]
+        _, features, _ = model_outputs(predictor, files, cached=False, batch_size=batch_size,
+                                       what="out-of-distribution negatives")
+    return features, (f"{len(files)} synthetic non-radiographs ({', '.join(ood_set.SYNTHETIC_KINDS)}; "
+                      f"utils/evaluate/ood_set.py seed {NEGATIVES_SEED})")
+
+
+def feature_blocks(predictor) -> list[int] | None:
+    """The widths of the blocks of the predictor's features output: from its Keras model, else from a
+    detector its metadata already carries (an export)."""
+    model = getattr(predictor, "model", None)
+    if model is not None:
+        from models.features import stage_sizes
+
+        return stage_sizes(model)
+    ood = getattr(getattr(predictor, "metadata", None), "ood", None)
+    return list(ood["blocks"]) if isinstance(ood, dict) and isinstance(ood.get("blocks"), list) else None
+
+
 def fit_ood(model_path: str | os.PathLike, result: CalibrationResult, train_files: Sequence[str], train_labels: Any,
             *, fitted_on: str, cached: bool = True, quantile: float = constants.OOD_QUANTILE,
-            components: int = constants.OOD_COMPONENTS, batch_size: int = 32, predictor=None) -> dict[str, Any] | None:
-    """Fit the out-of-distribution detector (utils.infer.ood) on the training images' pooled features,
-    threshold it on the calibration images' (``result``: the held-out split calibrate_images just
-    used), and store it in the model's metadata next to the calibration. None, logged, when the model
-    exposes no features (a .keras file from elsewhere, an export made before the score existed)."""
+            components: int = constants.OOD_COMPONENTS, negatives_per_kind: int = constants.OOD_NEGATIVES_PER_KIND,
+            batch_size: int = 32, predictor=None) -> dict[str, Any] | None:
+    """Fit the out-of-distribution detector (utils.infer.ood) on the training images' stage statistics and
+    synthetic non-radiographs, threshold it on the calibration images' (``result``: the held-out split
+    calibrate_images just used), and store it in the model's metadata next to the calibration. None,
+    logged, when the model exposes no features (a .keras file from elsewhere, an export made before
+    the score existed)."""
     from utils.artifacts.model_file import read_metadata, write_metadata
-    from utils.infer.ood import fit_detector
+    from utils.infer.ood import describe, fit_detector
     from utils.infer.predictor import load_predictor
 
-    if result.features is None:
-        log.warning("out-of-distribution score: %s exposes no pooled features (an export made before the score "
-                    "existed, or a model without the project's head); re-export it from its .keras file", model_path)
-        return None
     predictor = predictor if predictor is not None else load_predictor(model_path)
+    blocks = feature_blocks(predictor)
+    if result.features is None or not blocks:
+        log.warning("out-of-distribution score: %s exposes no stage statistics (a model not built by "
+                    "models/registry.py, or an export made before the score existed: fit it on the .keras file "
+                    "and export again)", model_path)
+        return None
     train_labels = np.asarray(train_labels).astype(np.int64)
     _, features, kept = model_outputs(predictor, train_files, cached=cached, batch_size=batch_size,
                                       what="out-of-distribution fit")
-    entry = fit_detector(features, train_labels[kept], result.features, fitted_on=fitted_on, quantile=quantile,
-                         components=components)
+    negatives, described = synthetic_negatives(predictor, per_kind=negatives_per_kind, batch_size=batch_size)
+    entry = fit_detector(features, train_labels[kept], result.features, blocks=blocks, fitted_on=fitted_on,
+                         negatives=negatives, negatives_from=described, quantile=quantile, components=components,
+                         num_classes=len(predictor.spec.class_names))
     write_metadata(model_path, read_metadata(model_path).replace(ood=entry))
     result.ood = entry
+    log.info("%s", describe(entry))
     return entry
 
 
 def calibrate_run(model_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, split: str = "val", *,
                   target_accuracy: float = constants.TARGET_ACCURACY, bins: int = constants.CALIBRATION_BINS,
                   batch_size: int = 32, ood: bool = True, ood_quantile: float = constants.OOD_QUANTILE,
-                  ood_components: int = constants.OOD_COMPONENTS) -> CalibrationResult:
+                  ood_components: int = constants.OOD_COMPONENTS,
+                  ood_negatives_per_kind: int = constants.OOD_NEGATIVES_PER_KIND) -> CalibrationResult:
     """Fit the temperature of a model (a run directory -> its best.keras, a .keras file, or an
     export) on one split of a dataset, recommend the threshold for ``target_accuracy``, and store
     both in the model's metadata. ``data_dir``: a prepared dataset (its cached PNGs when they match
@@ -370,14 +415,62 @@ def calibrate_run(model_path: str | os.PathLike, data_dir: str | os.PathLike | N
                               cached=subset.cached, target_accuracy=target_accuracy, bins=bins,
                               batch_size=batch_size, predictor=predictor)
     if ood:
-        train = eval_set(data_dir, "train", predictor.spec)
-        if split == "train":
-            log.warning("out-of-distribution score: thresholded on the split it is fitted on (train): it will flag "
-                        "fewer real radiographs there than on new images")
-        fit_ood(model_path, result, train.files, train.labels, fitted_on=f"{data_dir} split=train",
-                cached=train.cached, quantile=ood_quantile, components=ood_components, batch_size=batch_size,
-                predictor=predictor)
+        _fit_ood_on_splits(model_path, result, data_dir, split, subset, predictor, quantile=ood_quantile,
+                           components=ood_components, negatives_per_kind=ood_negatives_per_kind,
+                           batch_size=batch_size)
     return result
+
+
+def _fit_ood_on_splits(model_path, result: CalibrationResult, data_dir, split: str, subset, predictor, *,
+                       quantile: float, components: int, negatives_per_kind: int, batch_size: int) -> None:
+    """calibrate.py's OOD fit: on the train split, thresholded on ``split``; skipped (logged, the calibration
+    stays) when the data have no separate train split or it cannot be fitted."""
+    from utils.evaluate.evaluation import eval_set
+
+    if result.features is None:
+        fit_ood(model_path, result, [], [], fitted_on="", predictor=predictor)  # logs why there is none
+        return
+    if split == "train" or subset.split == "all":
+        log.warning("out-of-distribution score not fitted: %s has no training images apart from the %s images "
+                    "its threshold is set on (a prepared dataset with train and val splits is needed); the "
+                    "calibration is stored", data_dir, "train" if split == "train" else "listed")
+        return
+    try:
+        train = eval_set(data_dir, "train", predictor.spec)
+        fit_ood(model_path, result, train.files, train.labels, fitted_on=f"{data_dir} split=train",
+                cached=train.cached, quantile=quantile, components=components,
+                negatives_per_kind=negatives_per_kind, batch_size=batch_size, predictor=predictor)
+    except ValueError as error:
+        log.warning("out-of-distribution score not fitted (%s); the calibration is stored", error)
+
+
+def refit_ood(predictor, data_dir: str | os.PathLike, source: dict[str, Any], *, batch_size: int = 32
+              ) -> dict[str, Any]:
+    """The OOD detector ``source`` (a model's entry) fitted again on ``predictor``'s own features, with the
+    same settings, on the dataset's train split and thresholded on its val split: for an int8 export,
+    whose quantised stage statistics differ from the float model's (export.py)."""
+    from utils.evaluate.evaluation import eval_set
+    from utils.infer.ood import fit_detector
+
+    spec = predictor.spec
+    train, val = eval_set(data_dir, "train", spec), eval_set(data_dir, "val", spec)
+    if train.split == "all":
+        raise ValueError(f"{data_dir} has no train and val splits to fit the OOD score on")
+    _, val_features, _ = model_outputs(predictor, val.files, cached=val.cached, batch_size=batch_size,
+                                       what="out-of-distribution threshold")
+    _, features, kept = model_outputs(predictor, train.files, cached=train.cached, batch_size=batch_size,
+                                      what="out-of-distribution fit")
+    if features is None or val_features is None:
+        raise ValueError("the artifact has no features output")
+    learned = source.get("parts", {}).get("learned") or {}
+    per_kind = -(-int(learned.get("n_negatives", 0)) // 10)  # the 10 synthetic kinds, rounded up
+    negatives, described = synthetic_negatives(predictor, per_kind=per_kind, batch_size=batch_size)
+    return fit_detector(features, np.asarray(train.labels)[kept], val_features, blocks=source["blocks"],
+                        fitted_on=f"{data_dir} split=train ({getattr(predictor, 'quantization', '') or 'export'} "
+                                  f"features)", negatives=negatives, negatives_from=described,
+                        quantile=float(source.get("quantile", constants.OOD_QUANTILE)),
+                        components=int(source["parts"]["mahalanobis"].get("components", constants.OOD_COMPONENTS)),
+                        num_classes=len(spec.class_names))
 
 
 def calibrate_after_training(run_dir: str | os.PathLike, data_dir: str | os.PathLike, val_rows: Any,
@@ -393,13 +486,17 @@ def calibrate_after_training(run_dir: str | os.PathLike, data_dir: str | os.Path
             raise ValueError("the validation split is empty")
         result = calibrate_images(run_dir, list(val_rows["abs_path"]), np.asarray(val_rows["y"]),
                                   fitted_on=f"{data_dir} split=val", cached=True, target_accuracy=target_accuracy)
-        if train_rows is not None and len(train_rows):
-            fit_ood(run_dir, result, list(train_rows["abs_path"]), np.asarray(train_rows["y"]),
-                    fitted_on=f"{data_dir} split=train", cached=True, quantile=ood_quantile,
-                    components=ood_components)
     except Exception as error:  # noqa: BLE001 - the run is complete and saved; calibration must not fail it
         log.warning("calibration skipped (%s); run `python calibrate.py %s --data DIR` to calibrate it later",
                     error, run_dir)
         return None
+    if train_rows is not None and len(train_rows):
+        try:
+            fit_ood(run_dir, result, list(train_rows["abs_path"]), np.asarray(train_rows["y"]),
+                    fitted_on=f"{data_dir} split=train", cached=True, quantile=ood_quantile,
+                    components=ood_components)
+        except Exception as error:  # noqa: BLE001 - as above: the calibration is stored, the run complete
+            log.warning("out-of-distribution score not fitted (%s); the calibration is stored; run `python "
+                        "calibrate.py %s` to try again", error, run_dir)
     log.info("calibration: %s", result.summary())
     return result

@@ -200,20 +200,12 @@ class KerasPredictor:
         return scored(self.outputs(batch), self.metadata)
 
 
-FEATURES_LAYER = "avg_pool"  # models/head.py: the pooled features the logits layer reads
-
-
 def with_features(model):
-    """A Keras model with two outputs, (logits, pooled features), sharing ``model``'s layers; None when
-    the model has no layer named FEATURES_LAYER (a .keras file from elsewhere)."""
-    import keras
+    """A Keras model with two outputs, (logits, the features the OOD score reads), sharing ``model``'s
+    layers (models/features.py); None for a model without the project's backbone and head."""
+    from models.features import with_features as build
 
-    try:
-        pooled = model.get_layer(FEATURES_LAYER).output
-    except (ValueError, AttributeError):
-        return None
-    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # one tensor, as the model's own signature
-    return keras.Model(inputs, [model.outputs[0], pooled], name=f"{model.name}_with_features")
+    return build(model)
 
 
 def _split_outputs(arrays: list[np.ndarray], num_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
