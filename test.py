@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None):
             args.timing_runs = 10
     if not args.models:
         parser.error("give at least one MODEL (a run directory or .keras file), or --demo")
+    if args.ood_set and not (Path(args.ood_set) / "manifest.csv").is_file():
+        parser.error(f"--ood-set {args.ood_set}: no manifest.csv there (write a set with "
+                     f"python -m utils.evaluate.ood_set --output {args.ood_set})")
     return args
 
 
@@ -89,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             output_dir = path / "eval-cv"
         try:
             if cross_validation:
+                if args.ood_set:
+                    log.warning("--ood-set applies to one model, not to a cross-validation's pooled predictions: "
+                                "evaluate a fold's model (CV_DIR/fold-K) for the OOD report")
                 results = runner.evaluate_cv(model_arg, settings, output_dir)
             else:
                 results = runner.evaluate_model(model_arg, args.data, settings, output_dir, progress=not args.quiet,

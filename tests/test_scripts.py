@@ -104,9 +104,10 @@ def test_train_resume_and_evaluate(small_demo, tmp_path):
     raw_results = json.loads((raw / "results.json").read_text())
     assert raw_results["n_images"] == 40
     reasons = sorted(x["reason"].split(":")[0] for x in raw_results["extra"]["left_out"])
-    assert reasons == ["no_pixel_data", "truncated_pixel_data"]
+    assert reasons == ["not_projection_radiography", "truncated_pixel_data"]  # the SR: the header guard's reason
     assert raw_results["coverage"] == {"listed": 42, "evaluated": 40, "skipped": 2, "skipped_share": 2 / 42,
-                                       "skipped_by_reason": {"no_pixel_data": 1, "truncated_pixel_data": 1},
+                                       "skipped_by_reason": {"not_projection_radiography": 1,
+                                                             "truncated_pixel_data": 1},
                                        "max_skipped_share": 0.05}
     assert sorted(pd.read_csv(raw / "skipped.csv")["reason"]) == reasons
 

@@ -93,8 +93,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
     if not summary.get("available"):
         return "\n".join(lines + [summary.get("why", "not available"), ""])
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-    lines.append(f"Threshold {summary['threshold']:.4g} (the {pct(summary.get('quantile'))} quantile of the "
-                 f"validation images' scores; fitted on {summary.get('fitted_on')}).")
+    lines.append(f"Threshold {summary['threshold']:.4g}: each part of the score at the {pct(summary.get('quantile'))} "
+                 f"quantile of the validation images' scores (fitted on {summary.get('fitted_on')}).")
     lines.append("")
     lines.append(f"- real radiographs flagged: {summary['real_flagged']} of {summary['real_images']} "
                  f"({pct(summary['real_flagged_share'])})")
@@ -105,8 +105,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
                      f"{pct(b['routed_share'])} (accuracy {pct(b['accuracy'])}) with it")
     s = summary.get("set")
     if s:
-        lines += [f"- images that are not projection radiographs: {s['images']}; AUROC {s['auroc']:.4f} "
-                  f"(re-tagged DX: {s['auroc_retagged'] or float('nan'):.4f})",
+        auroc = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        lines += [f"- images that are not projection radiographs: {s['images']}; AUROC {auroc(s['auroc'])} "
+                  f"(re-tagged DX: {auroc(s['auroc_retagged'])})",
                   f"- flagged by the score: {pct(s['flagged_share'])} (as sent {pct(s['flagged_share_as_sent'])}, "
                   f"re-tagged DX {pct(s['flagged_share_retagged'])}); as sent, the header guard alone catches "
                   f"{pct(s['header_guard_share_as_sent'])}, guard or score {pct(s['caught_as_sent'])}",
@@ -123,11 +124,13 @@ def write(output_dir: str | os.PathLike, summary: Mapping[str, Any],
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / OOD_JSON, folder / OOD_MD]
-    written[0].write_text(json.dumps(summary, indent=2) + "\n")
+    written[0].write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     written[1].write_text(markdown(summary))
     if rows:
         pd.DataFrame(list(rows)).to_csv(folder / OOD_CSV, index=False)
         written.append(folder / OOD_CSV)
+    else:
+        (folder / OOD_CSV).unlink(missing_ok=True)  # an earlier run's, with a set this run did not score
     return written
 
 

@@ -92,7 +92,9 @@ def report_ood(info, real_scores, y_true, probs, settings: dict, output_dir: Pat
     if results_json.is_file():
         stored = json.loads(results_json.read_text())
         stored["ood"] = summary
-        results_json.write_text(json.dumps(stored, indent=2) + "\n")
+        temporary = results_json.with_name(results_json.name + ".tmp")
+        temporary.write_text(json.dumps(stored, indent=2, allow_nan=False) + "\n")
+        temporary.replace(results_json)
     return summary
 
 
