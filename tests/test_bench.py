@@ -80,3 +80,21 @@ def test_j2k_bench_switches_the_decoder_and_times_the_levels(tmp_path):
         codestream = bytearray(get_frame(pydicom.dcmread(path).PixelData, 0, number_of_frames=1))
         codestream[codestream.index(b"\xff\x52") + 12] |= 0x40
         assert j2k.thinned_rows(str(path), bytes(codestream), 1) == []
+
+
+def test_ood_bench_candidates_score_and_the_table_prints():
+    from bench import ood as ood_bench
+
+    rng = np.random.default_rng(0)
+    blocks = [8, 16, 32]
+    train = (rng.normal(size=(60, 3)), np.abs(rng.normal(1, 0.2, (60, sum(blocks)))))
+    negatives = np.abs(rng.normal(3, 1, (20, sum(blocks))))
+    found = ood_bench.candidates(blocks, train, np.repeat([0, 1, 2], 20), negatives, ["ct", "mr"] * 10)
+    assert {"energy", "Mahalanobis, first stage", "union: the model's score (without ct)"} <= set(found)
+    logits, features = rng.normal(size=(5, 3)), np.abs(rng.normal(1, 0.2, (5, sum(blocks))))
+    for name, score in found.items():
+        values = score[1].scores(features) if isinstance(score, tuple) else score(logits, features)
+        assert values.shape == (5,) and np.all(np.isfinite(values)), name
+    table = ood_bench.markdown([{"score": "energy", "AUROC": 0.5, "radiographs flagged": 0.01,
+                                 "non-radiographs flagged": 0.2, "real files flagged": None}])
+    assert "| energy | 0.500 | 1.0 % | 20.0 % |  |  |" in table
