@@ -45,7 +45,15 @@ from utils.routing import wakeup
 from utils.routing.audit import AuditLog, AuditWriteError
 from utils.routing.config import Destination, RouterConfig
 from utils.routing.metrics import NO_METRICS
-from utils.routing.queue import FORWARDED, QUARANTINED, QueueItem, SpoolQueue, SpoolWriteError, fsync_dir
+from utils.routing.queue import (
+    FORWARDED,
+    QUARANTINED,
+    QueueItem,
+    SpoolQueue,
+    SpoolWriteError,
+    fsync_dir,
+    write_durably,
+)
 from utils.routing.scp import set_tcp_nodelay
 from utils.routing.worker import FATAL, WakeableThread
 from utils.untrusted import UnsafePathError, contained, is_safe_component, log_safe, safe_component, safe_uid
@@ -277,7 +285,7 @@ class FolderForwarder(_Worker):
                 sidecar = {k: getattr(item, k) for k in ("sop_instance_uid", "sop_class_uid", "transfer_syntax",
                                                          "calling_ae", "label", "confidence", "model_id", "reason")}
                 sidecar["received_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(item.received_at))
-                _write_durably(target.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+                write_durably(target.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
             except OSError as error:
                 if target is not None:  # no copy without its reason: the retry writes both again
                     target.unlink(missing_ok=True)
@@ -341,21 +349,6 @@ def _copy_durably(source: Path, folder: Path, stem: str) -> Path:
         raise FileExistsError(f"{folder}: too many files named {stem}")
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def _write_durably(target: Path, text: str) -> None:
-    """Write ``text`` as ``target`` through a temporary file and a rename: an existing file or link of that name
-    is replaced, never written through."""
-    temporary = target.with_name(f".{uuid.uuid4().hex}.part")
-    try:
-        with open(temporary, "x") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
-    fsync_dir(target.parent)
 
 
 def remove_partial_copies(folder: Path) -> list[Path]:

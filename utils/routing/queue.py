@@ -192,6 +192,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_durably(target: Path, data: bytes | str) -> None:
+    """Write ``data`` as ``target`` through a temporary file (``.<32 hex>.part``), fsync and a rename: an
+    existing file or link of that name is replaced, never written through; the folder is fsynced."""
+    import uuid
+
+    temporary = target.with_name(f".{uuid.uuid4().hex}.part")
+    try:
+        with open(temporary, "xb" if isinstance(data, bytes) else "x") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    fsync_dir(target.parent)
+
+
 class SpoolQueue:
     """Thread-safe: one SQLite connection behind a lock (writes are short; SQLite serialises them anyway)."""
 

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.infer.decisions import UNCERTAIN
-from utils.routing.queue import CLASSIFIED, FAILED, PENDING, Classification, QueueItem, fsync_dir
+from utils.routing.queue import CLASSIFIED, FAILED, PENDING, Classification, QueueItem, fsync_dir, write_durably
 from utils.untrusted import UnsafePathError, contained, log_safe, safe_uid
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ class ReviewDesk:
         except UnsafePathError as error:  # a link of that name pointing out of the folder: tampering
             raise ReviewError(f"cannot add item {item.id} to the corrections dataset: {error}") from error
         target = files / name
-        _write_durably(target, data)  # a rename: an existing file or link of that name is replaced, not followed
+        write_durably(target, data)  # a rename: an existing file or link of that name is replaced, not followed
         row = {"path": f"files/{target.name}", "label": label, "group": log_safe(item.patient_id, CELL_MAX),
                "sop_instance_uid": log_safe(item.sop_instance_uid, CELL_MAX), "previous_label": item.label,
                "who": log_safe(who, CELL_MAX),
@@ -339,19 +339,6 @@ class ReviewDesk:
         os.replace(temporary, labels)
         fsync_dir(self.corrections_dir)
         return target
-
-
-def _write_durably(target: Path, data: bytes) -> None:
-    temporary = target.with_name(f".{uuid.uuid4().hex}.part")
-    try:
-        with open(temporary, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
-    fsync_dir(target.parent)
 
 
 def _top_label(probs: str) -> str | None:
