@@ -174,6 +174,8 @@ THRESHOLD: float = 0.5  # top probability below this -> label "uncertain" (the m
 THRESHOLD_RANGE: str = "[0, 1]"
 SORT_MODE: str = "copy"  # how --sort-into places files: "copy", "hardlink" (same disk) or "symlink"
 SORT_MODE_CHOICES: tuple[str, ...] = ("copy", "hardlink", "symlink")
+COLOUR_SHARE_LIMIT: float = 0.02  # a DICOM with more of its pixels coloured is out_of_distribution (X-rays are gray; coloured burned-in marks stay below); 1 = off
+COLOUR_SHARE_LIMIT_RANGE: str = "[0, 1]"
 PROJECTION_ONLY: bool = True  # predict/test/backfill: a DICOM whose Modality is not CR/DX/DR/RG is not_projection_radiography, never shown to the model
 DECODE_WORKERS: int = 0  # decoders for predict.py, test.py and the router; 0 = 1 process per core, or 2 threads per core (at most 8)
 DECODE_WORKERS_RANGE: str = "[0, inf)"

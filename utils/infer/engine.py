@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from utils.infer.decisions import NOT_PROJECTION, UNCERTAIN, UNREADABLE, decide, not_projection
+from utils import constants
 from utils.infer.ood import OUT_OF_DISTRIBUTION
 from utils.io.isolation import Failure, IsolatedPool, PoolSettings
 from utils.preprocessing import PreprocessSpec, is_raster, preprocess_file, to_model_input
@@ -188,10 +189,12 @@ class Engine:
 
     def __init__(self, spec: PreprocessSpec, predict: Callable[[np.ndarray], np.ndarray] | None = None, *,
                  threshold: float = 0.0, pool: PoolSettings | None = None,
-                 decode: Callable[..., Decoded] | None = None, projection_only: bool = False) -> None:
+                 decode: Callable[..., Decoded] | None = None, projection_only: bool = False,
+                 colour_limit: float = constants.COLOUR_SHARE_LIMIT) -> None:
         self.spec = spec
         self.threshold = threshold
         self.projection_only = projection_only
+        self.colour_limit = colour_limit
         self.settings = pool or PoolSettings()
         self._predict = predict
         self._decode = (functools.partial(decode, spec=spec) if decode is not None
@@ -281,9 +284,25 @@ class Engine:
                     prediction.label, prediction.reason = UNCERTAIN, OUT_OF_DISTRIBUTION
                     prediction.message = (f"the image is unlike the radiographs the model was trained on "
                                           f"(OOD score {prediction.ood_score:.4g} > {ood_threshold:.4g})")
+            coloured = _colour_share(d.header)
+            if coloured > self.colour_limit and prediction.reason != OUT_OF_DISTRIBUTION:
+                prediction.label, prediction.reason = UNCERTAIN, OUT_OF_DISTRIBUTION
+                prediction.message = (f"a colour image ({100 * coloured:.1f} % of its pixels coloured, more than "
+                                      f"{100 * self.colour_limit:g} %): not a radiograph")
             out.append(prediction)
             j += 1
         return out
+
+
+def _colour_share(header: dict) -> float:
+    """The reader's share of coloured pixels of a colour DICOM (utils.io.dicom.colour.colour_share); 0 otherwise."""
+    try:
+        return float(header.get(COLOUR_SHARE_KEY) or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+COLOUR_SHARE_KEY = "ColourShare"  # utils.io.dicom.colour.COLOUR_SHARE_KEY (not imported: no pydicom here)
 
 
 # --- Prefetch -------------------------------------------------------------------------------

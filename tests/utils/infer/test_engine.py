@@ -211,3 +211,28 @@ def test_the_header_guard_wins_over_decoding_and_its_failures(tmp_path, monkeypa
     assert all("Modality CT" in d.message and d.header["SOPInstanceUID"] for d in decoded[:3])
     with Engine(SPEC, pool=settings(timeout_s=20), decode=hostile_decode) as engine:  # the guard off
         assert [d.reason for d in engine.decode(files)] == ["", "truncated_pixel_data", "decoder_crashed", ""]
+
+
+def test_a_colour_image_is_out_of_distribution_whatever_its_header_says(tmp_path):
+    """A DX-tagged colour photo is uncertain (out_of_distribution); a gray image stored as RGB and one with a
+    small coloured marker are not; the reader's share of coloured pixels says why."""
+    from utils.infer.engine import COLOUR_SHARE_KEY
+    from utils.infer.ood import OUT_OF_DISTRIBUTION
+    from utils.io.dicom.colour import COLOUR_SHARE_KEY as READER_KEY
+
+    assert COLOUR_SHARE_KEY == READER_KEY
+    rng = np.random.default_rng(0)
+    gray = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))
+    photo = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    marked = np.stack([gray] * 3, axis=-1)
+    marked[2:6, 2:6] = (255, 0, 0)  # a small red marker: 16 of 4096 pixels
+    files = [str(write_dicom(tmp_path / f"{name}.dcm", image, photometric="RGB", modality="DX"))
+             for name, image in (("photo", photo), ("gray", np.stack([gray] * 3, axis=-1)), ("marked", marked))]
+    with Engine(SPEC, brightness, threshold=0.0, pool=settings("threads")) as engine:
+        photo_p, gray_p, marked_p = engine.classify(files)
+    assert photo_p.label == UNCERTAIN and photo_p.reason == OUT_OF_DISTRIBUTION and "colour image" in photo_p.message
+    assert float(photo_p.header[COLOUR_SHARE_KEY]) > 0.5
+    assert gray_p.reason == "" and float(gray_p.header[COLOUR_SHARE_KEY]) == 0.0
+    assert marked_p.reason == "" and 0 < float(marked_p.header[COLOUR_SHARE_KEY]) < 0.02
+    with Engine(SPEC, brightness, threshold=0.0, pool=settings("threads"), colour_limit=1.0) as engine:
+        assert engine.classify(files[:1])[0].reason == ""  # the check off

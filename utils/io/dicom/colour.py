@@ -42,18 +42,43 @@ def check_photometric(ds: Dataset, path: str | None) -> str:
     )
 
 
+COLOURED = 0.1  # a pixel is coloured when its channels differ by more than this share of their range
+COLOUR_SHARE_KEY = "ColourShare"  # the reader's metadata key: the share of coloured pixels of a colour image
+
+
+def colour_share(frame: np.ndarray, decoded_photometric: str, bits_stored: int = 8) -> float:
+    """The share of pixels of a colour frame (rows, cols, 3) whose channels differ by more than COLOURED
+    of their range: 0 for a gray image stored as RGB, most of the image for a photo or a colour
+    Doppler frame. YBR frames are judged by their chroma (Cb, Cr away from the middle)."""
+    if frame.ndim != 3 or frame.shape[2] < 3 or frame.size == 0:
+        return 0.0
+    full = float(2 ** max(1, min(int(bits_stored or 8), 16)) - 1)
+    step = max(1, int(np.ceil(np.sqrt(frame.shape[0] * frame.shape[1] / 250_000))))  # about 250k pixels judged
+    sample = frame[::step, ::step, :3].astype(np.float32)
+    if decoded_photometric.startswith("YBR_"):
+        middle = (full + 1) / 2
+        spread = 2 * np.abs(sample[..., 1:3] - middle).max(axis=-1)
+    else:
+        spread = sample.max(axis=-1) - sample.min(axis=-1)
+    return float(np.mean(spread > COLOURED * full))
+
+
 def colour_to_gray(
-    frame: np.ndarray, ds: Dataset, photometric: str, decoded_photometric: str, path: str | None
-) -> np.ndarray:
-    """Luminance of a colour frame: palette applied first; YBR left unconverted keeps Y."""
+    frame: np.ndarray, ds: Dataset, photometric: str, decoded_photometric: str, path: str | None,
+    bits_stored: int = 8,
+) -> tuple[np.ndarray, float]:
+    """(luminance of a colour frame, its share of coloured pixels: colour_share): palette applied first;
+    YBR left unconverted keeps Y."""
     if photometric == "PALETTE COLOR":
         frame = _apply_palette(frame, ds, path)
         decoded_photometric = "RGB"
+        bits_stored = 16 if frame.size and int(frame.max()) > 255 else 8
     if frame.ndim == 2:
-        return frame.astype(np.float64)
+        return frame.astype(np.float64), 0.0
+    share = colour_share(frame, decoded_photometric, bits_stored)
     if decoded_photometric.startswith("YBR_"):
-        return frame[..., 0].astype(np.float64)  # Y is the luminance already
-    return frame[..., :3].astype(np.float64) @ _LUMA_WEIGHTS
+        return frame[..., 0].astype(np.float64), share  # Y is the luminance already
+    return frame[..., :3].astype(np.float64) @ _LUMA_WEIGHTS, share
 
 
 def _apply_palette(frame: np.ndarray, ds: Dataset, path: str | None) -> np.ndarray:

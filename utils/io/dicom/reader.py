@@ -16,7 +16,7 @@ from pydicom.multival import MultiValue
 
 from utils.constants import MAX_IMAGE_PIXELS, WINDOW_PERCENTILES
 
-from .colour import MONOCHROME, check_photometric, colour_to_gray
+from .colour import COLOUR_SHARE_KEY, MONOCHROME, check_photometric, colour_to_gray
 from .decode import decode_first_frame
 from .errors import DicomReadError, EmptyImageError, contained
 from .grayscale import (
@@ -195,7 +195,8 @@ def _read(
         if reduced_by:
             pixels = recentre(pixels, reduced_by, (module.rows, module.columns))
     else:
-        gray = colour_to_gray(frame, ds, photometric, decoded_photometric, path)
+        gray, share = colour_to_gray(frame, ds, photometric, decoded_photometric, path, module.bits_stored)
+        metadata[COLOUR_SHARE_KEY] = f"{share:.4f}"  # a colour image is not a radiograph: the engine's OOD check
         low, high = percentile_range_of(gray, percentiles, max_samples)
         pixels = unit_to_display(percentile_to_unit(gray, low, high), invert=False)
         window_source = "percentile"
