@@ -116,8 +116,8 @@ def run(args) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as folder:  # the kinds of the negatives, in the order they were written
         sent = ood_set.write_ood_set(folder, seed=_negatives_seed(), per_kind=args.negatives_per_kind,
-                                     kinds=tuple(ood_set.SYNTHETIC_KINDS))
-        negative_kinds = sent[~sent["retagged"].astype(str).str.lower().isin(["true", "1"])]["kind"].tolist()
+                                     kinds=tuple(ood_set.SYNTHETIC_KINDS), retagged_copies=False)
+        negative_kinds = sent["kind"].tolist()
     rows = []
     for name, score in candidates(blocks, data["train"], labels, negatives, negative_kinds).items():
         if isinstance(score, tuple):  # the union: each part at its own quantile, flagged when either is above

@@ -318,7 +318,7 @@ def model_outputs(predictor, files: Sequence[str], *, cached: bool, batch_size: 
 NEGATIVES_SEED = 1_000_003  # the synthetic non-radiographs the OOD score learns from (evaluation sets use seed 0)
 
 
-def synthetic_negatives(predictor, *, per_kind: int = constants.OOD_NEGATIVES_PER_KIND, batch_size: int = 32
+def synthetic_negatives(predictor, *, per_kind: int | None = None, batch_size: int = 32
                         ) -> tuple[np.ndarray | None, str]:
     """The model's stage statistics of synthetic images that are not radiographs (utils/evaluate/ood_set.py,
     its synthetic kinds, one copy of each, seed NEGATIVES_SEED), decoded by the model's own reader and
@@ -327,13 +327,13 @@ def synthetic_negatives(predictor, *, per_kind: int = constants.OOD_NEGATIVES_PE
 
     from utils.evaluate import ood_set
 
+    per_kind = constants.OOD_NEGATIVES_PER_KIND if per_kind is None else per_kind  # read now: tests lower it
     if per_kind <= 0:
         return None, ""
     with tempfile.TemporaryDirectory(prefix="ood-negatives-") as folder:
         manifest = ood_set.write_ood_set(folder, seed=NEGATIVES_SEED, per_kind=per_kind,
-                                         kinds=tuple(ood_set.SYNTHETIC_KINDS))
-        sent = manifest[~manifest["retagged"].astype(str).str.lower().isin(["true", "1"])]
-        files = [str(Path(folder) / p) for p in sent["path"]]
+                                         kinds=tuple(ood_set.SYNTHETIC_KINDS), retagged_copies=False)
+        files = [str(Path(folder) / p) for p in manifest["path"]]
         _, features, _ = model_outputs(predictor, files, cached=False, batch_size=batch_size,
                                        what="out-of-distribution negatives")
     return features, (f"{len(files)} synthetic non-radiographs ({', '.join(ood_set.SYNTHETIC_KINDS)}; "
@@ -354,7 +354,7 @@ def feature_blocks(predictor) -> list[int] | None:
 
 def fit_ood(model_path: str | os.PathLike, result: CalibrationResult, train_files: Sequence[str], train_labels: Any,
             *, fitted_on: str, cached: bool = True, quantile: float = constants.OOD_QUANTILE,
-            components: int = constants.OOD_COMPONENTS, negatives_per_kind: int = constants.OOD_NEGATIVES_PER_KIND,
+            components: int = constants.OOD_COMPONENTS, negatives_per_kind: int | None = None,
             batch_size: int = 32, predictor=None) -> dict[str, Any] | None:
     """Fit the out-of-distribution detector (utils.infer.ood) on the training images' stage statistics and
     synthetic non-radiographs, threshold it on the calibration images' (``result``: the held-out split
@@ -389,7 +389,7 @@ def calibrate_run(model_path: str | os.PathLike, data_dir: str | os.PathLike | N
                   target_accuracy: float = constants.TARGET_ACCURACY, bins: int = constants.CALIBRATION_BINS,
                   batch_size: int = 32, ood: bool = True, ood_quantile: float = constants.OOD_QUANTILE,
                   ood_components: int = constants.OOD_COMPONENTS,
-                  ood_negatives_per_kind: int = constants.OOD_NEGATIVES_PER_KIND) -> CalibrationResult:
+                  ood_negatives_per_kind: int | None = None) -> CalibrationResult:
     """Fit the temperature of a model (a run directory -> its best.keras, a .keras file, or an
     export) on one split of a dataset, recommend the threshold for ``target_accuracy``, and store
     both in the model's metadata. ``data_dir``: a prepared dataset (its cached PNGs when they match
@@ -422,7 +422,7 @@ def calibrate_run(model_path: str | os.PathLike, data_dir: str | os.PathLike | N
 
 
 def _fit_ood_on_splits(model_path, result: CalibrationResult, data_dir, split: str, subset, predictor, *,
-                       quantile: float, components: int, negatives_per_kind: int, batch_size: int) -> None:
+                       quantile: float, components: int, negatives_per_kind: int | None, batch_size: int) -> None:
     """calibrate.py's OOD fit: on the train split, thresholded on ``split``; skipped (logged, the calibration
     stays) when the data have no separate train split or it cannot be fitted."""
     from utils.evaluate.evaluation import eval_set

@@ -193,22 +193,24 @@ def predict(predictor, files: Sequence[str], *, cached: bool, batch_size: int = 
     overlaps inference of batch n. ``projection_only``: a raw DICOM that is not projection radiography
     is left out with reason ``not_projection_radiography`` (counted in the coverage like any skip).
     """
-    probs, _, kept, errors = predict_with_ood(predictor, files, cached=cached, batch_size=batch_size,
+    probs, _, _, kept, errors = predict_with_ood(predictor, files, cached=cached, batch_size=batch_size,
                                               progress=progress, pool=pool, projection_only=projection_only)
     return probs, kept, errors
 
 
 def predict_with_ood(predictor, files: Sequence[str], *, cached: bool, batch_size: int = 32, progress: bool = True,
                      pool: PoolSettings | None = None, projection_only: bool = True
-                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[tuple[str, str]]]:
+                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """:func:`predict`, plus the out-of-distribution score of each kept image (M,), or None when the
-    model has no OOD score: (probs, ood, kept, errors)."""
+    model has no OOD score, and whether the engine made it ``out_of_distribution`` (M,) bool (its
+    score, or a colour image): (probs, ood, flagged, kept, errors)."""
     from tqdm import tqdm
 
+    from utils.infer.ood import OUT_OF_DISTRIBUTION
     from utils.infer.predictor import scorer
 
     spec = predictor.spec
-    probs, ood, kept, errors = [], [], [], []
+    probs, ood, flagged, kept, errors = [], [], [], [], []
     bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not progress)
     with _engine(spec, scorer(predictor), cached, pool, projection_only) as engine:
         start = 0
@@ -217,6 +219,7 @@ def predict_with_ood(predictor, files: Sequence[str], *, cached: bool, batch_siz
                 if p.readable:
                     probs.append(p.probs)
                     ood.append(p.ood_score)
+                    flagged.append(p.reason == OUT_OF_DISTRIBUTION)
                     kept.append(index)
                 else:
                     errors.append((p.path, p.error))
@@ -226,7 +229,7 @@ def predict_with_ood(predictor, files: Sequence[str], *, cached: bool, batch_siz
     num_classes = len(spec.class_names)
     scores = None if any(o is None for o in ood) else np.asarray(ood, dtype=np.float64)
     return (np.stack(probs) if probs else np.zeros((0, num_classes), np.float32), scores,
-            np.asarray(kept, dtype=np.int64), errors)
+            np.asarray(flagged, dtype=bool), np.asarray(kept, dtype=np.int64), errors)
 
 
 def time_inference(predictor, *, runs: int = 50, warmup: int = 5, throughput_batch: int = 32) -> dict:

@@ -52,14 +52,16 @@ def routing(y_true: np.ndarray, probs: np.ndarray, flagged: np.ndarray | None, t
 
 
 def summarise(entry: Mapping[str, Any] | None, real_scores: np.ndarray | None, y_true: np.ndarray, probs: np.ndarray,
-              auto_threshold: float | None, *, set_scores: np.ndarray | None = None,
+              auto_threshold: float | None, *, real_flags: np.ndarray | None = None,
+              set_scores: np.ndarray | None = None, set_flags: np.ndarray | None = None,
               set_rows: Sequence[Mapping[str, Any]] = (), guard_reasons: Sequence[str] = ()) -> dict[str, Any]:
-    """The OOD section of test.py's results (see the module docstring)."""
+    """The OOD section of test.py's results (see the module docstring). ``*_flags``: what the engine made
+    out_of_distribution (the score above its threshold, or a colour image); default: the score alone."""
     if entry is None or real_scores is None:
         return {"available": False, "why": "the model has no out-of-distribution score (calibrate.py fits one; "
                                            "exports made before it have no features output)"}
     threshold = float(entry["threshold"])
-    real_flagged = np.asarray(real_scores) > threshold
+    real_flagged = (np.asarray(real_scores) > threshold) if real_flags is None else np.asarray(real_flags, bool)
     out: dict[str, Any] = {"available": True, "threshold": threshold, "quantile": entry.get("quantile"),
                            "fitted_on": entry.get("fitted_on"), "real_images": int(len(real_scores)),
                            "real_flagged": int(real_flagged.sum()),
@@ -70,7 +72,7 @@ def summarise(entry: Mapping[str, Any] | None, real_scores: np.ndarray | None, y
         out["auto_with_ood"] = routing(y_true, probs, real_flagged, auto_threshold)
     if set_scores is not None and len(set_rows):
         scores = np.asarray(set_scores, np.float64)
-        flagged = scores > threshold
+        flagged = (scores > threshold) if set_flags is None else np.asarray(set_flags, bool)
         retagged = np.array([bool(r.get("retagged")) for r in set_rows])
         kinds = np.array([str(r.get("kind", "")) for r in set_rows])
         guarded = np.array([bool(g) for g in guard_reasons]) if len(guard_reasons) else np.zeros(len(scores), bool)
@@ -108,8 +110,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
         auroc = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         lines += [f"- images that are not projection radiographs: {s['images']}; AUROC {auroc(s['auroc'])} "
                   f"(re-tagged DX: {auroc(s['auroc_retagged'])})",
-                  f"- flagged by the score: {pct(s['flagged_share'])} (as sent {pct(s['flagged_share_as_sent'])}, "
-                  f"re-tagged DX {pct(s['flagged_share_retagged'])}); as sent, the header guard alone catches "
+                  f"- flagged out_of_distribution (the score, or a colour image): {pct(s['flagged_share'])} "
+                  f"(as sent {pct(s['flagged_share_as_sent'])}, re-tagged DX {pct(s['flagged_share_retagged'])}); as sent, the header guard alone catches "
                   f"{pct(s['header_guard_share_as_sent'])}, guard or score {pct(s['caught_as_sent'])}",
                   "", "| kind | images | flagged |", "|---|---:|---:|"]
         lines += [f"| {k} | {v['images']} | {pct(v['flagged_share'])} |" for k, v in s["per_kind"].items()]
@@ -135,9 +137,10 @@ def write(output_dir: str | os.PathLike, summary: Mapping[str, Any],
 
 
 def evaluate_set(predictor, ood_set: str | os.PathLike, *, batch_size: int, pool, progress: bool
-                 ) -> tuple[np.ndarray | None, list[dict[str, Any]], list[str]]:
+                 ) -> tuple[np.ndarray | None, np.ndarray, list[dict[str, Any]], list[str]]:
     """The model's OOD scores on every readable image of an OOD set folder (its manifest.csv), the header
-    guard left off so that every image reaches the model: (scores or None, rows, the guard's reasons)."""
+    guard left off so that every image reaches the model: (scores or None, flagged by the engine, rows, the
+    guard's reasons)."""
     import pandas as pd
 
     from utils.evaluate.evaluation import predict_with_ood
@@ -150,7 +153,7 @@ def evaluate_set(predictor, ood_set: str | os.PathLike, *, batch_size: int, pool
                                 f"--output {folder})")
     frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     paths = [str(p if Path(p).is_absolute() else folder / p) for p in frame["path"]]
-    probs, scores, kept, errors = predict_with_ood(predictor, paths, cached=False, batch_size=batch_size,
+    probs, scores, flags, kept, errors = predict_with_ood(predictor, paths, cached=False, batch_size=batch_size,
                                                    progress=progress, pool=pool, projection_only=False)
     for path, error in errors:
         log.info("OOD set: %s not read (%s)", path, error)
@@ -168,6 +171,7 @@ def evaluate_set(predictor, ood_set: str | os.PathLike, *, batch_size: int, pool
         reasons.append(not_projection(header) if header else "")
         row.update(ood_score=None if scores is None else float(scores[j]),
                    top_label=predictor.spec.class_names[int(np.argmax(probs[j]))],
-                   confidence=float(np.max(probs[j])), header_guard_catches=bool(reasons[-1]))
+                   confidence=float(np.max(probs[j])), flagged=bool(flags[j]),
+                   header_guard_catches=bool(reasons[-1]))
         rows.append(row)
-    return scores, rows, reasons
+    return scores, flags, rows, reasons

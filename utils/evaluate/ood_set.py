@@ -1043,7 +1043,7 @@ def _write_real(real: RealFile, path: Path, retagged: bool, seed: int) -> None:
 
 
 def write_ood_set(folder: str | os.PathLike, seed: int = 0, per_kind: int = PER_KIND,
-                  kinds: tuple[str, ...] = KINDS):
+                  kinds: tuple[str, ...] = KINDS, retagged_copies: bool = True):
     """Write the set into ``folder`` (``<kind>/<image_id>-sent.dcm`` and ``-dx.dcm``) and
     ``folder/manifest.csv``; return the manifest as a DataFrame with columns ``COLUMNS``.
 
@@ -1058,7 +1058,8 @@ def write_ood_set(folder: str | os.PathLike, seed: int = 0, per_kind: int = PER_
     ``transfer_syntax``, ``detail`` (how the image was drawn or reduced) and ``note``: a remark,
     or ``reader refuses: <reason>`` for a file ``utils.io.dicom.read_dicom`` refuses (none at
     present: real files it cannot decode are left out and logged, every synthetic one reads).
-    Files of an earlier run in the kind folders that this run does not write are removed, so
+    ``retagged_copies=False`` writes the synthetic kinds as sent only (the OOD score's negatives:
+    the pixels are what it learns from). Files of an earlier run in the kind folders that this run does not write are removed, so
     the folder always matches its manifest.
     """
     import pandas as pd
@@ -1096,7 +1097,7 @@ def write_ood_set(folder: str | os.PathLike, seed: int = 0, per_kind: int = PER_
             image = draw(kind, seed, index)
             image_id = f"{kind}-{index:03d}"
             study = _uid(seed, image_id, "study")
-            for retagged in (False, True):
+            for retagged in (False, True) if retagged_copies else (False,):
                 copy = "dx" if retagged else "sent"
                 path = folder / kind / f"{image_id}-{copy}.dcm"
                 _write_synthetic(path, image, retagged,

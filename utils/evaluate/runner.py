@@ -31,7 +31,7 @@ def evaluate_model(model_arg: str, data: str | None, settings: dict, output_dir:
     data = data or training_data(model_arg) or constants.DATA_DIR
     subset = evaluation.eval_set(data, settings["split"], info.spec)
     log.info("%s (%s): %d images from %s", model_arg, info.model_id, len(subset.files), subset.description)
-    probs, ood_scores, kept, errors = evaluation.predict_with_ood(
+    probs, ood_scores, ood_flags, kept, errors = evaluation.predict_with_ood(
         info, subset.files, cached=subset.cached, batch_size=settings["batch_size"], progress=progress,
         pool=PoolSettings.from_flags(settings), projection_only=settings.get("projection_only", True))
     for path, reason in subset.skipped + errors:
@@ -58,14 +58,14 @@ def evaluate_model(model_arg: str, data: str | None, settings: dict, output_dir:
         coverage=coverage.to_dict(), stored_calibration=getattr(getattr(info, "metadata", None), "calibration", None),
         target_accuracy=settings["target_accuracy"], calibration_bins=settings["calibration_bins"])
     write_gallery(info, [subset.files[i] for i in kept], subset.cached, subset.labels[kept], probs, output_dir)
-    results["ood"] = report_ood(info, ood_scores, subset.labels[kept], probs, settings, output_dir, progress=progress,
-                                ood_set=ood_set)
+    results["ood"] = report_ood(info, ood_scores, ood_flags, subset.labels[kept], probs, settings, output_dir,
+                                progress=progress, ood_set=ood_set)
     config.save_config({**settings, "model": model_arg, "data": str(data), "ood_set": ood_set},
                        output_dir / reports.CONFIG_FILENAME)
     return results
 
 
-def report_ood(info, real_scores, y_true, probs, settings: dict, output_dir: Path, *, progress: bool,
+def report_ood(info, real_scores, real_flags, y_true, probs, settings: dict, output_dir: Path, *, progress: bool,
                ood_set: str | None) -> dict:
     """The out-of-distribution section (utils.evaluate.ood_eval): written to ood.json / ood.md (appended to
     results.md) / ood.csv, added to results.json, and returned."""
@@ -76,14 +76,15 @@ def report_ood(info, real_scores, y_true, probs, settings: dict, output_dir: Pat
     metadata = getattr(info, "metadata", None)
     entry = getattr(metadata, "ood", None)
     recommended = getattr(metadata, "recommended_threshold", None)
-    set_scores, rows, reasons = None, [], []
+    set_scores, set_flags, rows, reasons = None, None, [], []
     if ood_set and entry is not None and real_scores is not None:
-        set_scores, rows, reasons = ood_eval.evaluate_set(info, ood_set, batch_size=settings["batch_size"],
-                                                          pool=PoolSettings.from_flags(settings), progress=progress)
+        set_scores, set_flags, rows, reasons = ood_eval.evaluate_set(
+            info, ood_set, batch_size=settings["batch_size"], pool=PoolSettings.from_flags(settings), progress=progress)
     elif ood_set:
         log.warning("--ood-set %s: the model has no out-of-distribution score to evaluate", ood_set)
     summary = ood_eval.summarise(entry, real_scores, y_true, probs, recommended["value"] if recommended else None,
-                                 set_scores=set_scores, set_rows=rows, guard_reasons=reasons)
+                                 real_flags=real_flags, set_scores=set_scores, set_flags=set_flags, set_rows=rows,
+                                 guard_reasons=reasons)
     ood_eval.write(output_dir, summary, rows)
     results_md = output_dir / reports.RESULTS_MD
     if results_md.is_file():
