@@ -110,6 +110,43 @@ def test_an_acknowledged_object_survives_kill_9(tmp_path):
     assert item.sop_instance_uid == "9.9" and spool.path(item).read_bytes() == b"survives"
 
 
+def _note_running_and_wait(root, ready):
+    from utils.routing.node import STATE_KEY
+
+    spool = SpoolQueue(root)  # takes the spool's lock, as the router does
+    spool.set_meta(STATE_KEY, json.dumps({"state": "running", "time": 0, "pid": os.getpid(), "model_id": "m"}))
+    ready.set()
+    signal.pause()
+
+
+def test_status_tells_a_router_killed_with_kill_9_from_a_running_one(tmp_path, capsys):
+    import yaml
+
+    import router as router_script
+
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump({"model": "model.keras", "spool_dir": str(tmp_path / "spool"),
+                                      "destinations": {"others": {"folder": "out"}}}))
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    child = context.Process(target=_note_running_and_wait, args=(tmp_path / "spool", ready))
+    child.start()
+    try:
+        assert ready.wait(30)
+        assert q.spool_in_use(tmp_path / "spool")
+        assert router_script.main(["--config", str(config), "--status"]) == 0
+        assert "  router: running since 1970-01-01T00:00:00Z (pid" in capsys.readouterr().out
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+    assert child.exitcode == -signal.SIGKILL and not q.spool_in_use(tmp_path / "spool")
+    assert router_script.main(["--config", str(config), "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "  router: not running (a stale note from a router that did not stop cleanly, e.g. kill -9" in out
+    assert "it last noted: running since 1970-01-01T00:00:00Z" in out
+    assert not q.spool_in_use(tmp_path / "nowhere")
+
+
 def test_audit_lines_are_json_with_time_and_event(tmp_path):
     audit = AuditLog(tmp_path / "a" / "audit.jsonl")
     audit.write("received", sop_instance_uid="1.2", size=3)

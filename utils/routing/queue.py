@@ -602,6 +602,26 @@ def _connect(root: str | os.PathLike) -> sqlite3.Connection:
     return db
 
 
+def spool_in_use(root: str | os.PathLike) -> bool:
+    """True while a router process holds the spool's lock (``router.lock``, taken by :class:`SpoolQueue`).
+
+    The kernel drops a flock when its process dies, kill -9 included, so this is the test of a running router; the
+    note the router leaves in the database (``--status``'s "as it last noted") outlives a router killed that way.
+    Tested by taking the lock shared and without waiting, released at once: a router starting in that same
+    instant would find the spool in use and fail to start (its supervisor starts it again)."""
+    try:
+        handle = open(Path(root) / "router.lock")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def read_status(root: str | os.PathLike) -> tuple[dict[str, int], list[QueueItem]]:
     """(count per state, failed items) without taking the router's lock."""
     db = _connect(root)

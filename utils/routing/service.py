@@ -128,9 +128,9 @@ def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
     if config.shadow is not None:
         print(f"  mode: shadow, {config.shadow.describe()} (the model is recorded, not followed; "
               "router.py --shadow-report weighs the trial)")
-    state = describe_state(_queue.read_meta(config.spool_dir, STATE_KEY))
+    state = describe_state(_queue.read_meta(config.spool_dir, STATE_KEY), _queue.spool_in_use(config.spool_dir))
     if state:
-        print(f"  router (as it last noted): {state}")
+        print(f"  router: {state}")
     print("  disk: " + space.describe(space.measure(config.spool_dir, config.min_free_mb, config.min_free_percent),
                                       config.spool_dir))
     if summary.routes:
@@ -159,8 +159,12 @@ def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
     return 0
 
 
-def describe_state(note: str | None) -> str:
-    """The router's last note about itself (utils.routing.node ``_note_state``) in words; "" for none."""
+def describe_state(note: str | None, in_use: bool | None = None) -> str:
+    """The router's last note about itself (utils.routing.node ``_note_state``) in words; "" for none.
+
+    ``in_use``: whether a process holds the spool's lock (:func:`utils.routing.queue.spool_in_use`). A note that
+    says the router is loading or running while nobody holds the lock was left by a router that did not stop
+    cleanly (kill -9, a crash, a power loss): it is reported as not running."""
     import json
 
     if not note:
@@ -170,6 +174,9 @@ def describe_state(note: str | None) -> str:
         text = f"{state['state']} since {_utc(state['time'])} (pid {state.get('pid', '?')})"
     except (ValueError, KeyError, TypeError):
         return f"unreadable note {note[:100]!r}"
+    if in_use is False and state.get("state") != "stopped":
+        return (f"not running (a stale note from a router that did not stop cleanly, e.g. kill -9: no process holds "
+                f"the spool's lock; it last noted: {text})")
     if state.get("model_id"):
         text += f", model {state['model_id']}"
     if state.get("failure"):
