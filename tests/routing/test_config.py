@@ -29,7 +29,11 @@ def write(tmp_path: Path, **settings) -> Path:
 def test_example_file_loads_and_covers_the_default_classes():
     config = load_config(ROOT / "router.example.yaml")
     config.check_routes(constants.CLASS_NAMES)
-    assert config.port == 11112 and config.destinations["unreadable"].is_folder
+    assert config.port == 11112 and config.host == "127.0.0.1"  # a local try-it set-up
+    assert config.destinations["unreadable"].folder == config.spool_dir / "quarantine"  # follows spool_dir
+    assert 4242 not in {d.port for d in config.destinations.values()}  # Orthanc's default port: taken beside one
+    assert load_config(ROOT / "router.example.yaml", {"spool_dir": "/tmp/elsewhere"}).destinations[
+        "unreadable"].folder == Path("/tmp/elsewhere/quarantine")
     assert config.model == str(ROOT / "runs" / "demo")  # relative to the file's folder
 
 

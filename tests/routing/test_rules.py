@@ -388,4 +388,4 @@ def test_the_commented_rules_of_the_example_file_are_valid(tmp_path):
 
     config = load_config(path)
     assert [r.name for r in config.rules] == ["ct-mr-us", "scanned-films-to-model", "localizers-away"]
-    assert config.rule_set().pass_through and config.destinations["pass_through"].port == 4242
+    assert config.rule_set().pass_through and config.destinations["pass_through"].port == 11206
