@@ -98,7 +98,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
     lines.append(f"Threshold {summary['threshold']:.4g}: each part of the score at the {pct(summary.get('quantile'))} "
                  f"quantile of the validation images' scores (fitted on {summary.get('fitted_on')}).")
     lines.append("")
-    lines.append(f"- real radiographs flagged: {summary['real_flagged']} of {summary['real_images']} "
+    lines.append(f"- images of the evaluated split flagged (false alarms): {summary['real_flagged']} of {summary['real_images']} "
                  f"({pct(summary['real_flagged_share'])})")
     if "auto_threshold" in summary:
         a, b = summary["auto_without_ood"], summary["auto_with_ood"]

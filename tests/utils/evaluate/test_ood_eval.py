@@ -36,7 +36,7 @@ def test_summary_of_real_images_and_a_set():
     assert s["auroc"] == pytest.approx(13 / 16)  # pairs won, a tie counting half
     assert s["header_guard_share_as_sent"] == 1.0 and s["per_kind"]["photo"]["flagged_share"] == 1.0
     text = ood_eval.markdown(summary)
-    assert "real radiographs flagged: 1 of 4 (25.0 %)" in text and "| photo | 2 | 100.0 % |" in text
+    assert "evaluated split flagged (false alarms): 1 of 4 (25.0 %)" in text and "| photo | 2 | 100.0 % |" in text
 
 
 def test_without_a_detector_the_report_says_why_and_files_are_written(tmp_path):
