@@ -209,7 +209,24 @@ def test_router_threshold_flag_takes_auto_and_check_refuses_an_uncalibrated_mode
     assert router.main(["--config", str(path), "--check"]) == 2
     assert "calibrate.py" in capsys.readouterr().err
     assert router.main(["--config", str(path), "--check", "--threshold", "0.6"]) == 0
-    assert "threshold 0.6 (0.6)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "threshold 0.6 (given: 0.6); a top probability below it routes to 'uncertain'" in out
+    assert "allowed_callers: any calling AE title may associate" in out
+    path.write_text(yaml.safe_dump({"model": str(model), "destinations": folders, "threshold": 0.5,
+                                    "spool_dir": str(tmp_path / "spool"), "allowed_callers": ["ORTHANC", "CR1"]}))
+    assert router.main(["--config", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "threshold 0.5 (given: 0.5)" in out
+    assert "allowed_callers: ORTHANC, CR1: only these calling AE titles (exact, case-sensitive) may associate; " \
+           "any other is rejected at association, for C-STORE and C-ECHO alike" in out
+
+
+def test_check_says_where_the_threshold_came_from():
+    from utils.routing.service import describe_threshold
+
+    assert describe_threshold("auto", 0.96634).startswith("threshold 0.9663 (auto: the model's calibrated "
+                                                          "recommendation)")
+    assert describe_threshold(0.5, 0.5).startswith("threshold 0.5 (given: 0.5)")
 
 
 def test_orthanc_source_block_is_checked_and_its_password_never_written_out(tmp_path):

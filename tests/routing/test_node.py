@@ -101,9 +101,10 @@ def test_echo_calling_ae_check_and_one_router_per_spool(router, peers, model_fil
     assoc = ae.associate("127.0.0.1", node.port, ae_title="ROUTER")
     assert assoc.is_established and assoc.send_c_echo().Status == 0
     assoc.release()
-    stranger = AE(ae_title="STRANGER")
-    stranger.add_requested_context(Verification)
-    assert stranger.associate("127.0.0.1", node.port, ae_title="ROUTER").is_rejected
+    for title in ("STRANGER", "modality"):  # C-ECHO included; compared exactly, case-sensitive (--check says so)
+        stranger = AE(ae_title=title)
+        stranger.add_requested_context(Verification)
+        assert stranger.associate("127.0.0.1", node.port, ae_title="ROUTER").is_rejected
     with pytest.raises(SpoolLockedError):
         RouterNode(node.config).start()
 

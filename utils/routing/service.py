@@ -74,8 +74,9 @@ def check(config: RouterConfig) -> int:
     predictor = load_predictor(config.model)
     config.check_routes(predictor.spec.class_names)
     threshold = config.resolve_threshold(predictor)  # "auto" without a calibrated model is refused here
-    print(f"model {predictor.model_id} ({predictor.backbone}): classes {list(predictor.spec.class_names)}, "
-          f"threshold {threshold:.4g} ({config.threshold})")
+    print(f"model {predictor.model_id} ({predictor.backbone}): classes {list(predictor.spec.class_names)}")
+    print(describe_threshold(config.threshold, threshold))
+    print(describe_callers(config.allowed_callers))
     problems = 0
     reading = space.measure(config.spool_dir, config.min_free_mb, config.min_free_percent)
     problems += reading.below  # the router would refuse every object
@@ -107,6 +108,23 @@ def check(config: RouterConfig) -> int:
         problems += not ok
         print(line)
     return 1 if problems else 0
+
+
+def describe_threshold(setting: float | str, threshold: float) -> str:
+    """The threshold in use and where it came from: the number given (file or --threshold) or ``auto``."""
+    from utils.infer.decisions import AUTO_THRESHOLD
+
+    how = ("auto: the model's calibrated recommendation" if setting == AUTO_THRESHOLD else f"given: {setting:.4g}")
+    return f"threshold {threshold:.4g} ({how}); a top probability below it routes to 'uncertain'"
+
+
+def describe_callers(allowed: tuple[str, ...]) -> str:
+    """What ``allowed_callers`` lets in (utils/routing/scp.py sets pynetdicom's ``require_calling_aet``)."""
+    if not allowed:
+        return "allowed_callers: any calling AE title may associate (none configured)"
+    return (f"allowed_callers: {', '.join(allowed)}: only these calling AE titles (exact, case-sensitive) may "
+            "associate; any other is rejected at association, for C-STORE and C-ECHO alike (A-ASSOCIATE-RJ, "
+            "calling AE title not recognised)")
 
 
 def _read_meta_if_any(config: RouterConfig, key: str) -> str | None:
