@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.requeue_failed:
         print(f"{service.requeue_failed(settings)} failed objects queued again")
         return 0
+    try:
+        service.check_model_exists(settings, ("--model" if args.model else "the config's model: key")
+                                   + ", relative to the config file's folder")
+    except config.ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.check:
         try:
             return service.check(settings)

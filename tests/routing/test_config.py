@@ -221,6 +221,25 @@ def test_router_threshold_flag_takes_auto_and_check_refuses_an_uncalibrated_mode
            "any other is rejected at association, for C-STORE and C-ECHO alike" in out
 
 
+def test_a_missing_or_broken_file_is_named_with_the_line_or_the_setting(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert router.main(["--config", "router.yaml", "--check"]) == 2
+    assert capsys.readouterr().err == "error: router.yaml: no such configuration file (--config)\n"
+    Path("router.yaml").write_text("model: m.keras\ndestinations:\n  spine: {folder: out}\n  bad: x: y\n")
+    assert router.main(["--config", "router.yaml", "--check"]) == 2
+    assert capsys.readouterr().err == "error: router.yaml: line 4, column 9: mapping values are not allowed here\n"
+    Path("router.yaml").write_text("model: m.keras\ndestinations:\n  spine: {folder: out}\n   bad: x\n")
+    with pytest.raises(ConfigError, match=r"^router.yaml: line 4, column 4: expected <block end>.* \(while parsing "
+                       r"a block mapping at line 3, column 3\)$"):
+        load_config("router.yaml")
+    Path("router.yaml").write_text(yaml.safe_dump({"model": "runs/x/best.keras", "destinations": DESTINATIONS}))
+    assert router.main(["--config", "router.yaml", "--check"]) == 2
+    assert capsys.readouterr().err == ("error: model runs/x/best.keras not found (the config's model: key, relative "
+                                       "to the config file's folder)\n")
+    assert router.main(["--config", "router.yaml", "--check", "--model", "elsewhere.keras"]) == 2
+    assert "error: model elsewhere.keras not found (--model, relative to" in capsys.readouterr().err
+
+
 def test_check_says_where_the_threshold_came_from():
     from utils.routing.service import describe_threshold
 

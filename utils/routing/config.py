@@ -210,14 +210,43 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None
     if path is not None:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such configuration file (--config)") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: cannot read the configuration file: "
+                              f"{getattr(error, 'strerror', None) or error}") from error
+        try:
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+            raise ConfigError(f"{path}: {yaml_error_text(error)}") from error
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of settings")
         base = path.resolve().parent
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return from_dict(raw, base=base, where=str(path) if path else "router configuration")
+
+
+def yaml_error_text(error: Exception) -> str:
+    """A YAML syntax error as ``line L, column C: problem (context at line ...)``, without PyYAML's
+    ``in "<unicode string>"`` (the caller names the file)."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or not problem:
+        return f"not valid YAML: {error}"
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" at line {context_mark.line + 1}, column {context_mark.column + 1}"
+                                  if context_mark is not None else "") + ")"
+    return text
+
+
+def check_model_exists(config: RouterConfig, setting: str) -> None:
+    """ConfigError when the configured model path does not exist, saying which ``setting`` named it (a run
+    directory without its best.keras is left to the loader, which says why)."""
+    if not Path(config.model).exists():
+        shown = os.path.relpath(config.model) if Path(config.model).is_relative_to(Path.cwd()) else config.model
+        raise ConfigError(f"model {shown} not found ({setting})")
 
 
 def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configuration") -> RouterConfig:

@@ -13,7 +13,7 @@ import time
 
 from utils.routing import queue as _queue
 from utils.routing import space
-from utils.routing.config import RouterConfig, load_config  # noqa: F401 (router.py uses them from here)
+from utils.routing.config import RouterConfig, check_model_exists, load_config  # noqa: F401 (router.py uses them)
 from utils.routing.node import EXIT_MODEL_FAILED, EXIT_WORKER_FAILED, STATE_KEY, RouterNode  # noqa: F401
 from utils.routing.queue import SpoolLockedError  # noqa: F401
 from utils.routing.shadow import describe_mode
