@@ -20,6 +20,22 @@ stored and acknowledged (and no further one: a C-STORE that begins after the sto
 answered 0xA700, the sender keeps it). Past the grace period what is left is aborted: an object
 cut short is neither stored nor acknowledged. ``close_scp`` returns only when no object is being
 stored any more, so the queue can be closed after it.
+
+pynetdicom's internals, on purpose: pynetdicom offers no hook for how a connection reads or for what an
+association holds, so this module reads and sets a few of its attributes, the same way as
+utils/routing/wakeup.py and under the same exact pin (``wakeup.PYNETDICOM_VERSION``, checked by
+tests/routing/test_pynetdicom_internals.py):
+
+- :func:`tune_connection` sets ``recv`` on this connection's ``AssociationSocket`` object (an instance
+  attribute shadowing the method), which ``DULServiceProvider._read_pdu_data`` calls as
+  ``self.socket.recv(nr_bytes)``; under another pynetdicom version it is left off, as wakeup's tuning is;
+  ``set_tcp_nodelay`` uses ``dul.socket.socket``, the wrapped ``socket.socket`` (a documented attribute);
+- :func:`receiving` reads ``assoc.dimse.message`` and ``assoc.dimse.msg_queue`` (documented attributes
+  of ``DIMSEServiceProvider``, filled by its ``receive_primitive``); missing, every association counts
+  as receiving;
+- :func:`drop_connection` puts ``None`` on ``dul.to_user_queue``: ``Association.run_reactor`` of an
+  acceptor waits there for the A-ASSOCIATE-RQ with ``dul.receive_pdu(wait=True, timeout=acse_timeout)``
+  and treats ``None`` as that timeout (it ends the association).
 """
 
 from __future__ import annotations
@@ -221,7 +237,7 @@ def tune_connection(event) -> None:
     connection's ``recv`` (on this socket object only; pynetdicom is not changed for anyone else)."""
     set_tcp_nodelay(event)
     assoc_socket = getattr(event.assoc.dul, "socket", None)
-    if assoc_socket is not None and hasattr(assoc_socket, "recv"):
+    if assoc_socket is not None and hasattr(assoc_socket, "recv") and wakeup.written_for_installed():
         assoc_socket.recv = lambda nr_bytes: read_whole(assoc_socket, nr_bytes)
     wakeup.quiet(event, reactor=True)
 

@@ -23,8 +23,38 @@ changed for anyone else) makes both wait for what they wait for:
   reactor around each ``send_c_store`` and waits, polling, until it has paused; a reactor
   blocked in a wait would hold every send up.)
 
-Wherever pynetdicom's internals are not what this module expects (another major version), the
-connection is left as pynetdicom made it: slower, never broken.
+pynetdicom's internals, on purpose
+----------------------------------
+pynetdicom has no public hook for any of this: no event fires per reactor loop, the DUL's and the
+association's loops sleep a fixed time and poll, and the ``AssociationSocket``,
+``DULServiceProvider`` and ``DIMSEServiceProvider`` are built by pynetdicom itself (``AE.associate``
+and ``RequestHandler._create_association``) with no factory argument to hand it a subclass
+(``start_server(server_class=...)`` covers the server, not the objects it makes per connection).
+So, per connection, from the public EVT_CONN_OPEN handler, this module touches:
+
+- ``assoc.dul`` (``DULServiceProvider``) and ``dul.socket`` (``AssociationSocket``): where to wait;
+- ``dul.to_provider_queue.put`` (wrapped on this queue object): ``send_pdu`` puts there and
+  ``_process_recv_primitive`` peeks at ``queue[0]``; the wrapper wakes a waiting reactor;
+- ``dul.kill_dul`` / ``dul.stop_dul`` (wrapped on this object): they set ``_kill_thread``, which
+  ``run_reactor`` checks once per loop; the wrapper wakes it so that it sees the flag now
+  (``stop_dul`` waits, sleeping ``_run_loop_delay``, until the thread has ended);
+- ``dul._run_loop_delay`` (private, set to 0): ``run_reactor`` sleeps it on each idle loop;
+- ``dul.socket.__class__`` (swapped for a subclass) overriding ``ready``, the property
+  ``_is_transport_event`` asks once per loop; the subclass reads ``_is_connected`` (private) and
+  falls back to ``AssociationSocket.ready``;
+- with ``reactor=True``: ``assoc.dimse.msg_queue.put`` and ``dul.to_user_queue.put`` (wrapped: set an
+  event) and ``assoc.dimse.get_msg`` (wrapped on this object), which ``Association._run_reactor``
+  calls with ``block=False`` after its fixed ``time.sleep(0.001)``; the wrapper waits for the event
+  first, in the association's own thread only.
+
+These are pinned, not hoped for: requirements.txt pins pynetdicom exactly (``PYNETDICOM_VERSION``),
+and tests/routing/test_pynetdicom_internals.py checks each name above (present, same signature) and
+a fingerprint of every pynetdicom function whose body the patches depend on; it says which internal
+changed, which patch depends on it and what to check before the pin moves. At run time, under any
+other pynetdicom version (or wherever the internals are not what this module expects) the
+connection is left as pynetdicom made it, with one warning in the log: slower, never broken. A
+public hook to propose upstream: a per-association reactor delay, or a socket/provider factory
+on ``AE``.
 """
 
 from __future__ import annotations
@@ -37,11 +67,31 @@ import threading
 log = logging.getLogger(__name__)
 
 WAIT_S = 0.05  # longest wait of an idle connection's threads: pynetdicom's timers and stop flags are checked then
+PYNETDICOM_VERSION = "3.0.4"  # the pynetdicom whose internals this module (and scp.py's read_whole) is written against
+
+
+def written_for_installed() -> bool:
+    """The installed pynetdicom is the one this module's patches were written and tested against (else one warning)."""
+    if "ok" not in _CHECKED:
+        import pynetdicom
+
+        _CHECKED["ok"] = installed = pynetdicom.__version__ == PYNETDICOM_VERSION
+        if not installed:
+            log.warning("pynetdicom %s is installed; the router's connection tuning (utils/routing/wakeup.py, "
+                        "scp.read_whole) is written against %s and is left off: connections poll as pynetdicom "
+                        "makes them (see tests/routing/test_pynetdicom_internals.py)", pynetdicom.__version__,
+                        PYNETDICOM_VERSION)
+    return _CHECKED["ok"]
+
+
+_CHECKED: dict[str, bool] = {}
 
 
 def quiet(event, reactor: bool = False) -> None:
     """EVT_CONN_OPEN handler: no busy polling on this connection (``reactor``: the association reactor's too, for
     associations the router accepts; see the module docstring)."""
+    if not written_for_installed():
+        return
     assoc = event.assoc
     dul = getattr(assoc, "dul", None)
     assoc_socket = getattr(dul, "socket", None)
