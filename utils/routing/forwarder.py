@@ -76,18 +76,17 @@ def backoff(attempt: int, initial: float, maximum: float) -> float:
 def enable_raw_sending() -> None:
     """Make pynetdicom send a file's dataset bytes as stored instead of decoding and re-encoding them.
 
-    Sets ``pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True`` for the whole process, on purpose,
-    once, at router start (RouterNode), and never restores it. What the flag changes (read in
-    pynetdicom 3.0.4's source; the flag exists since 2.0, and requirements.txt allows >=2.1,<4): it
-    is read in exactly one place, ``Association.send_c_store``, and only when its ``dataset``
-    argument is a file path, not a ``pydicom.Dataset``. With a path and the flag on, pynetdicom does
-    not ``dcmread`` the file: it splits off the File Meta Information, takes the SOP class, SOP
-    instance and transfer syntax from it (AttributeError when one is missing), refuses any
-    conversion (an accepted presentation context with exactly that transfer syntax is required,
-    ValueError otherwise; ``DicomForwarder.deliver`` checks it first) and streams the stored bytes
-    after the meta in PDU-sized chunks. With the flag off the same call decodes the file and
-    re-encodes it. Sending a ``Dataset`` object, receiving (``STORE_RECV_CHUNKED_DATASET``, left
-    alone) and every other service are unaffected.
+    Sets ``pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True`` for the whole process, on purpose, once, at router
+    start (RouterNode), and never restores it. What the flag changes (read in pynetdicom 3.0.4's source; the flag
+    exists since 2.0; requirements.txt pins 3.0.4 and tests/routing/test_pynetdicom_internals.py checks the flag is
+    still there): it is read in exactly one place, ``Association.send_c_store``, and only when its ``dataset``
+    argument is a file path, not a ``pydicom.Dataset``. With a path and the flag on, pynetdicom does not ``dcmread``
+    the file: it splits off the File Meta Information, takes the SOP class, SOP instance and transfer syntax from it
+    (AttributeError when one is missing), refuses any conversion (an accepted presentation context with exactly that
+    transfer syntax is required, ValueError otherwise; ``DicomForwarder.deliver`` checks it first) and streams the
+    stored bytes after the meta in PDU-sized chunks. With the flag off the same call decodes the file and re-encodes
+    it. Sending a ``Dataset`` object, receiving (``STORE_RECV_CHUNKED_DATASET``, left alone) and every other service
+    are unaffected.
 
     Why process-wide and not scoped around each send: the flag is a module global read by whichever
     thread calls ``send_c_store``, and the forwarders are concurrent threads (one per destination).
