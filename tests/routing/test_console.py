@@ -178,6 +178,25 @@ def test_review_desk_corrects_and_requeues_without_the_web_layer(console_node):
         desk.requeue(items["agrees"].id, who="carol")
 
 
+def test_confirming_the_label_an_object_was_forwarded_by_does_not_forward_it_again(console_node):
+    node, items, _ = console_node
+    desk = node.console.context.desk
+    disagrees = items["disagrees"]  # the model said abdominal (forwarded to GOOD), the tag says CHEST
+    assert disagrees.label == "abdominal" and disagrees.state == q.FORWARDED
+    good = desk.destinations["abdominal"].node
+    rows = node.queue.max_id()
+    outcome = desk.correct(disagrees.id, "abdominal", who="alice", auth="token")
+    assert outcome.new_item == disagrees.id and "not forwarded again (already forwarded to " + good in outcome.message
+    assert node.queue.max_id() == rows and node.queue.get(disagrees.id).reviewed == "corrected"  # no new row
+    [line] = [r for r in read_audit(node.config.audit_log) if r["event"] == "corrected"]
+    assert (line["confirmed"], line["forwarded"], line["destination"], line["label"]) == (True, False, good,
+                                                                                         "abdominal")
+    labels = list(csv.DictReader((node.config.console.corrections_dir / "labels.csv").open()))
+    assert [(r["sop_instance_uid"], r["label"]) for r in labels] == [(disagrees.sop_instance_uid, "abdominal")]
+    outcome = desk.correct(disagrees.id, "spine", who="alice")  # another destination: forwarded there
+    assert outcome.new_item > rows and "forwarded to" in outcome.message
+
+
 def test_app_shows_the_queue_and_refuses_actions_without_token_or_csrf(console_node):
     from starlette.testclient import TestClient
 

@@ -24,7 +24,9 @@ Requeue: a failed object gets a fresh set of delivery attempts to its route (``-
 an object already delivered is stored again as a new queue row, ``received``, and classified again by the current
 model and rules. Correct: the object goes to the destination of the corrected label (a new ``classified`` row with
 ``decided_by`` ``review:<who>``; a failed object is re-routed in place), through the normal forwarders (at least
-once, audited ``forwarded``), and is added to the corrections dataset::
+once, audited ``forwarded``), and is added to the corrections dataset. Confirming the label an object was already
+forwarded by (or is queued by), to the same node, records the confirmation only (audit ``corrected`` with
+``confirmed: true``, ``forwarded: false``; corrections dataset): it is not sent there a second time::
 
     <corrections_dir>/labels.csv        path,label,group,sop_instance_uid,previous_label,who,time
     <corrections_dir>/files/<SOP Instance UID>.dcm     (invalid-uid-<...>.dcm when it is not a valid UID)
@@ -54,7 +56,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.infer.decisions import UNCERTAIN
-from utils.routing.queue import CLASSIFIED, FAILED, PENDING, Classification, QueueItem, fsync_dir, write_durably
+from utils.routing.queue import (
+    CLASSIFIED,
+    FAILED,
+    FORWARDED,
+    PENDING,
+    Classification,
+    QueueItem,
+    fsync_dir,
+    write_durably,
+)
 from utils.untrusted import UnsafePathError, contained, log_safe, safe_uid
 
 log = logging.getLogger(__name__)
@@ -64,6 +75,7 @@ THUMBNAIL_QUALITY = 80  # JPEG quality
 PRUNE_EVERY_S = 3600.0  # the keeper prunes at start and then at most this often
 CORRECTIONS_COLUMNS = ("path", "label", "group", "sop_instance_uid", "previous_label", "who", "time")
 CELL_MAX = 1024  # characters of a sender's value in a labels.csv cell
+_SENT = {FORWARDED: "forwarded to", CLASSIFIED: "on its way to"}  # states of an object its route's node has or gets
 REVIEW_CONDITION = f"(label = '{UNCERTAIN}' OR state = '{FAILED}' OR tag_disagrees = 1) AND reviewed = ''"
 
 
@@ -271,6 +283,18 @@ class ReviewDesk:
                 return Outcome(item.id, item.id, f"item {item.id}: corrected to {label} and added to "
                                                  f"{self.corrections_dir / 'labels.csv'}; not forwarded (shadow mode: "
                                                  f"the site's rule delivered it)")
+            already = self._delivered_to(item, label)
+            if already is not None:  # a confirmation: the object is (or is being) at that node already
+                self._record(
+                    item, "corrected",
+                    sop_instance_uid=item.sop_instance_uid, item=item.id, new_item=item.id, label=label,
+                    previous_label=item.label, top_label=_top_label(item.probs), who=who, auth=auth or None,
+                    route=label, destination=already, forwarded=False, confirmed=True, dataset=str(dataset_file))
+                log.info("%s confirmed item %d (%s): %s, already %s %s: not forwarded again", log_safe(who), item.id,
+                         log_safe(item.sop_instance_uid), label, _SENT[item.state], already)
+                return Outcome(item.id, item.id, f"item {item.id}: {label} confirmed and added to "
+                                                 f"{self.corrections_dir / 'labels.csv'}; not forwarded again "
+                                                 f"(already {_SENT[item.state]} {already})")
             decision = Classification(0, label, None, "", label, f"corrected from {item.label or '-'} by {who}",
                                       f"review:{who}")
             if item.state == FAILED and self.queue.retry_failed(item.id, decision):
@@ -290,6 +314,14 @@ class ReviewDesk:
                      item.label, label)
             return Outcome(item.id, new_id, f"item {item.id}: corrected to {label}, forwarded to {destination} "
                                             f"as item {new_id}, added to {self.corrections_dir / 'labels.csv'}")
+
+    def _delivered_to(self, item: QueueItem, label: str) -> str | None:
+        """For a confirmation (``label`` is the item's label), the node ``label`` goes to when ``item`` was forwarded
+        there already (or is queued for it: classified, not yet delivered); None when a correction has to send it."""
+        if label != item.label or item.state not in _SENT or item.route not in self.destinations:
+            return None
+        node = self.destinations[label].node
+        return node if self.destinations[item.route].node == node else None
 
     def _record(self, row: QueueItem, event: str, /, **fields) -> None:
         """Commit the action on the item's row (with its line's fields), then write the audit line. A kill between
