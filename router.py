@@ -3,6 +3,7 @@
     python router.py --config router.yaml                 # run (Ctrl-C / SIGTERM stop it cleanly)
     python router.py --config router.yaml --check         # check config and model, C-ECHO each destination
     python router.py --config router.yaml --status        # what the queue holds (works while it runs)
+    python router.py --config router.yaml --backup DIR    # a consistent copy of the spool (works while it runs)
     python router.py --config router.yaml --requeue-failed
     python router.py --config router.yaml --shadow-report --since 2026-03-01 --output trial.json
 
@@ -55,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     action.add_argument("--status", action="store_true",
                         help="print the queue's counts, unreadable objects with their reasons and failed ones, exit")
     action.add_argument("--requeue-failed", action="store_true", help="retry objects marked failed, exit")
+    action.add_argument("--backup", metavar="DIR", default=None,
+                        help="copy the spool (queue database, waiting files, review, corrections, audit log, config) "
+                        "into DIR, new or empty, also while the router runs; exit")
     action.add_argument("--shadow-report", action="store_true",
                         help="summarise the audit log for a go-live decision (agreement with the tag and with "
                         "reviewers' corrections, share auto-routed at the threshold and its accuracy), exit")
@@ -97,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+    if args.backup:
+        from utils.routing.backup import backup_command
+
+        return backup_command(settings, args.backup, args.config)
     if args.shadow_report:
         from utils.routing.shadow import report_command
 

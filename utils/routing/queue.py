@@ -694,6 +694,47 @@ def read_meta(root: str | os.PathLike, key: str) -> str | None:
     return None if row is None else row[0]
 
 
+def backup_database(root: str | os.PathLike, target: str | os.PathLike, timeout: float = 30) -> str:
+    """Copy the spool database into ``target`` (a new file) through SQLite's online backup API, while a router may be
+    writing: one read transaction on a read-only connection, so the copy is the database as of one commit, whatever
+    is committed meanwhile. The copy is one self-contained file (rollback journal, no WAL beside it); the router
+    turns WAL on again when it opens it. Returns ``PRAGMA integrity_check`` of the copy ("ok")."""
+    path = Path(root) / "queue.sqlite3"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no queue here (has the router run with this spool_dir?)")
+    source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
+    try:
+        copy = sqlite3.connect(target, isolation_level=None)
+        try:
+            source.backup(copy)  # all pages in one step: one snapshot, and writers are never blocked (WAL)
+            copy.execute("PRAGMA journal_mode=DELETE")
+            return copy.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            copy.close()
+    finally:
+        source.close()
+
+
+def unsettled_files(root: str | os.PathLike) -> list[str]:
+    """Names (in ``files/``) of the objects not delivered yet: received, classified or failed, by id."""
+    db = _connect(root)
+    try:
+        return [r[0] for r in db.execute("SELECT file FROM items WHERE state IN (?, ?, ?) ORDER BY id",
+                                         (*PENDING, FAILED))]
+    finally:
+        db.close()
+
+
+def latest_model_id(root: str | os.PathLike) -> str | None:
+    """The model id of the most recent model decision in the queue; None when there is none."""
+    db = _connect(root)
+    try:
+        row = db.execute("SELECT model_id FROM items WHERE model_id != '' ORDER BY id DESC LIMIT 1").fetchone()
+    finally:
+        db.close()
+    return None if row is None else row[0]
+
+
 def requeue_failed(root: str | os.PathLike) -> int:
     """Give failed items a fresh set of attempts (a running router picks them up within a second)."""
     db = _connect(root)
