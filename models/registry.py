@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import keras
 
 from models.head import classification_head
+from models.names import MODEL_NAMES, list_models
 from models.weights import (
     IMAGENET,
     PATH,
@@ -58,7 +59,7 @@ class BackboneInfo:
 
 
 _REGISTRY: dict[str, BackboneInfo] = {}
-BACKBONE_INFO = types.MappingProxyType(_REGISTRY)  # read-only view, filled as families register
+BACKBONE_INFO = types.MappingProxyType(_REGISTRY)  # read-only view, filled by models.load_backbones()
 
 
 def register_model(
@@ -80,16 +81,16 @@ def register_model(
     return decorator
 
 
-def list_models() -> list[str]:
-    """Registered backbone names, in registration order."""
-    return list(_REGISTRY)
-
-
 def get_backbone_info(name: str) -> BackboneInfo:
     """The BackboneInfo of ``name``; an unknown name raises ValueError listing the valid ones."""
     try:
         return _REGISTRY[name]
     except KeyError:
+        if name in MODEL_NAMES:
+            raise RuntimeError(
+                f"Backbone {name!r} is not registered yet: its module registers it when imported; "
+                "use models.build_model / models.BACKBONE_INFO, or call models.load_backbones() first"
+            ) from None
         raise ValueError(
             f"Unknown backbone {name!r}. Valid names: {', '.join(list_models())}"
         ) from None
@@ -182,7 +183,7 @@ def build_model(
                 f"ImageNet weights are not available for {name}: keras.applications has no "
                 f"{name}. Use weights='none' (from scratch) or a .keras/.weights.h5 path. "
                 f"Backbones with ImageNet weights: "
-                f"{', '.join(n for n, i in _REGISTRY.items() if i.imagenet)}"
+                f"{', '.join(n for n in list_models() if n in _REGISTRY and _REGISTRY[n].imagenet)}"
             )
         if channels == 1 and gray_to_rgb is False:
             raise ValueError("ImageNet weights need 3 channels: 1-channel input needs gray_to_rgb")
@@ -212,6 +213,7 @@ def build_model(
 
 __all__ = [
     "BACKBONE_INFO",
+    "MODEL_NAMES",
     "BackboneInfo",
     "WeightsMismatchError",
     "build_model",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -233,3 +234,40 @@ def test_loading_and_serving_a_model_imports_no_training_code():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"optimizer": "AdamL2", "shape": [2, 3], "loaded": []}
+
+
+ENTRY_SCRIPTS = ("training.py", "test.py", "predict.py", "calibrate.py", "export.py", "prepare.py", "backfill.py",
+                 "router.py")
+HEAVY = ("tensorflow", "keras", "jax", "torch")
+
+
+def test_every_entry_script_s_help_imports_no_tensorflow_or_keras():
+    """``python SCRIPT --help`` for every entry script (one interpreter runs them in turn, each as
+    __main__): it exits 0 with its usage, and neither TensorFlow nor Keras is imported, so --help
+    is quick and free of TensorFlow's start-up lines (oneDNN, cuInit, absl), which
+    TF_CPP_MIN_LOG_LEVEL cannot silence."""
+    scripts = sorted(p.name for p in ROOT.glob("*.py"))
+    assert set(ENTRY_SCRIPTS) <= set(scripts)
+    script = textwrap.dedent("""
+        import contextlib, io, json, runpy, sys
+        heavy, report = sys.argv[1].split(","), {}
+        for script in sys.argv[2:]:
+            out, code = io.StringIO(), None
+            sys.argv = [script, "--help"]
+            with contextlib.redirect_stdout(out):
+                try:
+                    runpy.run_path(script, run_name="__main__")
+                except SystemExit as exit:
+                    code = exit.code
+            report[script] = {"code": code or 0, "usage": out.getvalue().startswith("usage:"),
+                              "heavy": [m for m in heavy if m in sys.modules]}
+        print(json.dumps(report))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-c", script, ",".join(HEAVY), *scripts], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {s: {"code": 0, "usage": True, "heavy": []} for s in scripts}, report
+    for noise in ("oneDNN", "cuInit", "cuda drivers", "absl"):
+        assert noise not in result.stdout + result.stderr, result.stderr[-3000:]

@@ -411,7 +411,9 @@ def load_model(path: str | os.PathLike, *, compile: bool = False):
     training code is not imported)."""
     import keras
 
-    import models  # noqa: F401  (registers the project's custom layers for deserialisation)
+    import models
+
+    models.load_backbones()  # whatever the backbone modules register for deserialisation
     import utils.artifacts.keras_objects  # noqa: F401  (registers router>OneCycle, router>AdamL2, router>MacroF1)
 
     path = resolve_model_path(path)
