@@ -69,8 +69,9 @@ def candidates(blocks, train, labels, negatives, negative_kinds):
     maha_pooled = ood._mahalanobis_part(train[1][:, pooled], labels, 64)
     maha_pooled = ood.Detector({"method": ood.METHOD, "blocks": [blocks[-1] // 2], "threshold": 1.0,
                                 "parts": {"mahalanobis": maha_pooled}})
+    first_stage = ood._mahalanobis_part(train[1][:, :blocks[0]], labels, 128)  # fitted once, used by every union
     first = ood.Detector({"method": ood.METHOD, "blocks": blocks, "threshold": 1.0,
-                          "parts": {"mahalanobis": ood._mahalanobis_part(train[1][:, :blocks[0]], labels, 128)}})
+                          "parts": {"mahalanobis": first_stage}})
     out = {
         "softmax confidence": lambda lg, f: -softmax_max(lg),
         "energy": lambda lg, f: -lse(lg),
@@ -82,7 +83,7 @@ def candidates(blocks, train, labels, negatives, negative_kinds):
     for left_out in kinds:
         keep = np.array([k != left_out for k in negative_kinds])
         learned = ood.Detector({"method": ood.METHOD, "blocks": blocks, "threshold": 1.0, "parts": {
-            "mahalanobis": {**ood._mahalanobis_part(train[1][:, :blocks[0]], labels, 128)},
+            "mahalanobis": first_stage,
             "learned": ood._learned_part(train[1], negatives[keep])}})
         suffix = "" if left_out is None else f" (without {left_out})"
         out[f"logistic regression, every stage{suffix}"] = (

@@ -315,6 +315,8 @@ def model_outputs(predictor, files: Sequence[str], *, cached: bool, batch_size: 
     return np.concatenate(logits), pooled, kept
 
 
+NO_FEATURES = ("out-of-distribution score: %s exposes no stage statistics (a model not built by models/registry.py, "
+               "or an export made before the score existed: fit it on the .keras file and export again)")
 NEGATIVES_SEED = 1_000_003  # the synthetic non-radiographs the OOD score learns from (evaluation sets use seed 0)
 
 
@@ -352,6 +354,24 @@ def feature_blocks(predictor) -> list[int] | None:
     return list(ood["blocks"]) if isinstance(ood, dict) and isinstance(ood.get("blocks"), list) else None
 
 
+def _fit_detector_on(predictor, train_files: Sequence[str], train_labels: Any, val_features: np.ndarray, *,
+                     cached: bool, blocks: Sequence[int], fitted_on: str, quantile: float, components: int,
+                     negatives_per_kind: int | None, batch_size: int) -> dict[str, Any]:
+    """The detector entry fitted on ``predictor``'s features of the training images and of the synthetic
+    negatives, thresholded on ``val_features`` (fit_ood for a model, refit_ood for an int8 export)."""
+    from utils.infer.ood import fit_detector
+
+    train_labels = np.asarray(train_labels).astype(np.int64)
+    _, features, kept = model_outputs(predictor, train_files, cached=cached, batch_size=batch_size,
+                                      what="out-of-distribution fit")
+    if features is None:
+        raise ValueError("the model has no features output")
+    negatives, described = synthetic_negatives(predictor, per_kind=negatives_per_kind, batch_size=batch_size)
+    return fit_detector(features, train_labels[kept], val_features, blocks=blocks, fitted_on=fitted_on,
+                        negatives=negatives, negatives_from=described, quantile=quantile, components=components,
+                        num_classes=len(predictor.spec.class_names))
+
+
 def fit_ood(model_path: str | os.PathLike, result: CalibrationResult, train_files: Sequence[str], train_labels: Any,
             *, fitted_on: str, cached: bool = True, quantile: float = constants.OOD_QUANTILE,
             components: int = constants.OOD_COMPONENTS, negatives_per_kind: int | None = None,
@@ -362,23 +382,17 @@ def fit_ood(model_path: str | os.PathLike, result: CalibrationResult, train_file
     logged, when the model exposes no features (a .keras file from elsewhere, an export made before
     the score existed)."""
     from utils.artifacts.model_file import read_metadata, write_metadata
-    from utils.infer.ood import describe, fit_detector
+    from utils.infer.ood import describe
     from utils.infer.predictor import load_predictor
 
     predictor = predictor if predictor is not None else load_predictor(model_path)
     blocks = feature_blocks(predictor)
     if result.features is None or not blocks:
-        log.warning("out-of-distribution score: %s exposes no stage statistics (a model not built by "
-                    "models/registry.py, or an export made before the score existed: fit it on the .keras file "
-                    "and export again)", model_path)
+        log.warning(NO_FEATURES, model_path)
         return None
-    train_labels = np.asarray(train_labels).astype(np.int64)
-    _, features, kept = model_outputs(predictor, train_files, cached=cached, batch_size=batch_size,
-                                      what="out-of-distribution fit")
-    negatives, described = synthetic_negatives(predictor, per_kind=negatives_per_kind, batch_size=batch_size)
-    entry = fit_detector(features, train_labels[kept], result.features, blocks=blocks, fitted_on=fitted_on,
-                         negatives=negatives, negatives_from=described, quantile=quantile, components=components,
-                         num_classes=len(predictor.spec.class_names))
+    entry = _fit_detector_on(predictor, train_files, train_labels, result.features, cached=cached, blocks=blocks,
+                             fitted_on=fitted_on, quantile=quantile, components=components,
+                             negatives_per_kind=negatives_per_kind, batch_size=batch_size)
     write_metadata(model_path, read_metadata(model_path).replace(ood=entry))
     result.ood = entry
     log.info("%s", describe(entry))
@@ -428,7 +442,7 @@ def _fit_ood_on_splits(model_path, result: CalibrationResult, data_dir, split: s
     from utils.evaluate.evaluation import eval_set
 
     if result.features is None:
-        fit_ood(model_path, result, [], [], fitted_on="", predictor=predictor)  # logs why there is none
+        log.warning(NO_FEATURES, model_path)
         return
     if split == "train" or subset.split == "all":
         log.warning("out-of-distribution score not fitted: %s has no training images apart from the %s images "
@@ -450,7 +464,6 @@ def refit_ood(predictor, data_dir: str | os.PathLike, source: dict[str, Any], *,
     same settings, on the dataset's train split and thresholded on its val split: for an int8 export,
     whose quantised stage statistics differ from the float model's (export.py)."""
     from utils.evaluate.evaluation import eval_set
-    from utils.infer.ood import fit_detector
 
     spec = predictor.spec
     train, val = eval_set(data_dir, "train", spec), eval_set(data_dir, "val", spec)
@@ -458,19 +471,16 @@ def refit_ood(predictor, data_dir: str | os.PathLike, source: dict[str, Any], *,
         raise ValueError(f"{data_dir} has no train and val splits to fit the OOD score on")
     _, val_features, _ = model_outputs(predictor, val.files, cached=val.cached, batch_size=batch_size,
                                        what="out-of-distribution threshold")
-    _, features, kept = model_outputs(predictor, train.files, cached=train.cached, batch_size=batch_size,
-                                      what="out-of-distribution fit")
-    if features is None or val_features is None:
+    if val_features is None:
         raise ValueError("the artifact has no features output")
     learned = source.get("parts", {}).get("learned") or {}
-    per_kind = -(-int(learned.get("n_negatives", 0)) // 10)  # the 10 synthetic kinds, rounded up
-    negatives, described = synthetic_negatives(predictor, per_kind=per_kind, batch_size=batch_size)
-    return fit_detector(features, np.asarray(train.labels)[kept], val_features, blocks=source["blocks"],
-                        fitted_on=f"{data_dir} split=train ({getattr(predictor, 'quantization', '') or 'export'} "
-                                  f"features)", negatives=negatives, negatives_from=described,
-                        quantile=float(source.get("quantile", constants.OOD_QUANTILE)),
-                        components=int(source["parts"]["mahalanobis"].get("components", constants.OOD_COMPONENTS)),
-                        num_classes=len(spec.class_names))
+    return _fit_detector_on(
+        predictor, train.files, train.labels, val_features, cached=train.cached, blocks=source["blocks"],
+        fitted_on=f"{data_dir} split=train ({getattr(predictor, 'quantization', '') or 'export'} features)",
+        quantile=float(source.get("quantile", constants.OOD_QUANTILE)),
+        components=int(source["parts"]["mahalanobis"].get("components", constants.OOD_COMPONENTS)),
+        negatives_per_kind=-(-int(learned.get("n_negatives", 0)) // 10),  # the 10 synthetic kinds, rounded up
+        batch_size=batch_size)
 
 
 def calibrate_after_training(run_dir: str | os.PathLike, data_dir: str | os.PathLike, val_rows: Any,
