@@ -14,7 +14,7 @@ C-STORE, in the transfer syntax it arrived in, to the destination configured for
 queue survives restarts and kill -9; a spool file is deleted only after its destination
 confirmed it. With an ``orthanc_source`` the router also pulls each new instance from an Orthanc's
 change feed into the same queue, keeping its cursor there (nothing is lost while the router is down).
-With a ``console`` block the router also serves a web console (utils/routing/console.py; off by default, on
+With a ``console`` block the router also serves a web console (utils/routing/operations/console.py; off by default, on
 127.0.0.1 unless configured): counts, destinations' health, the latest decisions with thumbnails, search, and a
 review list where an operator with the token requeues an object or corrects its label (forwarded to that label's
 destination, audited, added to a corrections dataset that prepare.py reads). See router.example.yaml and
@@ -41,7 +41,7 @@ import sys
 from utils import config
 from utils.infer.decisions import threshold_value
 
-# Settings that flags may override (YAML keys without the ROUTER_ prefix; see utils/routing/config.py).
+# Settings that flags may override (YAML keys without the ROUTER_ prefix; see utils/routing/operations/config.py).
 FLAGS = ("ROUTER_AE_TITLE", "ROUTER_HOST", "ROUTER_PORT", "ROUTER_SPOOL_DIR")  # and --threshold (number or auto)
 
 log = logging.getLogger("router")
@@ -87,7 +87,7 @@ def overrides(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args, _ = config.start(parse_args, argv, FLAGS)
-    from utils.routing import service
+    from utils.routing.operations import service
 
     service.configure_logging(args.log_level)
     try:
@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
     if args.backup:
-        from utils.routing.backup import backup_command
+        from utils.routing.operations.backup import backup_command
 
         return backup_command(settings, args.backup, args.config)
     if args.shadow_report:
-        from utils.routing.shadow import report_command
+        from utils.routing.decision.shadow import report_command
 
         return report_command(settings, since=args.since, until=args.until, output=args.output)
     if args.requeue_failed:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(node) -> int:
     """Start ``node`` and serve until SIGTERM / SIGINT (0), until a worker fails (EXIT_WORKER_FAILED) or until the
     model turns out not to load (EXIT_MODEL_FAILED)."""
-    from utils.routing import service
+    from utils.routing.operations import service
 
     stop = []
     previous = {sig: signal.signal(sig, lambda number, frame: stop.append(number))

@@ -104,7 +104,7 @@ class Peers:
         return proc
 
     def storescp(self, folder: Path, ae_title: str) -> int:
-        from utils.routing.dcmtk import environment, storescp_command
+        from utils.routing.delivery.dcmtk import environment, storescp_command
 
         folder.mkdir(parents=True, exist_ok=True)
         port = _free_port()
@@ -158,7 +158,7 @@ def tree_cpu(pid: int) -> float:
 
 def storescu(files: list[Path], port: int, profile: Path, called: str, senders: int = 1) -> float:
     """Send ``files`` with ``senders`` storescu processes at once (files dealt round-robin); the start time."""
-    from utils.routing.dcmtk import environment, storescu_command
+    from utils.routing.delivery.dcmtk import environment, storescu_command
 
     start = time.time()
     procs = [subprocess.Popen(storescu_command(files[i::senders], "127.0.0.1", port, profile, called=called),
@@ -195,7 +195,7 @@ def baseline(files: list[Path], tmp: Path, profile: Path, senders: int = 1) -> t
 
 
 def _times(audit: Path) -> dict[str, dict[str, float]]:
-    from utils.routing.audit import read_audit
+    from utils.routing.operations.audit import read_audit
 
     out: dict[str, dict[str, float]] = {}
     for r in read_audit(audit) if audit.exists() else []:
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from utils.config import environment
-    from utils.routing.dcmtk import find_tool, storescu_profile
+    from utils.routing.delivery.dcmtk import find_tool, storescu_profile
 
     if not (find_tool("storescu") and find_tool("storescp")):
         raise SystemExit("dcmtk's storescu/storescp are needed: apt-get install dcmtk")

@@ -62,8 +62,9 @@ def _per_image(fn, count: int, repeats: int, children: bool = True) -> float:
 def receive(files: list[Path], tmp: Path, repeats: int) -> float:
     from pynetdicom import evt
 
-    from utils.routing import scp, wakeup
-    from utils.routing.dcmtk import environment, storescu_command, storescu_profile
+    from utils.routing.intake import scp
+    from utils.routing.intake import wakeup
+    from utils.routing.delivery.dcmtk import environment, storescu_command, storescu_profile
 
     ae = scp.build_ae(_Plain())
     taken = []
@@ -112,7 +113,7 @@ def store(files: list[Path], tmp: Path, repeats: int) -> float:
 def rules(files: list[Path], repeats: int) -> float:
     from types import SimpleNamespace
 
-    from utils.routing.rules import RuleSet
+    from utils.routing.decision.rules import RuleSet
 
     rule_set = RuleSet((), ())
     items = [SimpleNamespace(sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", calling_ae="SCU",
@@ -143,10 +144,10 @@ def forward(files: list[Path], tmp: Path, repeats: int) -> float:
     import pydicom
     from pynetdicom import AE, build_context, evt
 
-    from utils.routing import wakeup
-    from utils.routing.dcmtk import environment, storescp_command
-    from utils.routing.forwarder import enable_raw_sending
-    from utils.routing.scp import set_tcp_nodelay
+    from utils.routing.intake import wakeup
+    from utils.routing.delivery.dcmtk import environment, storescp_command
+    from utils.routing.delivery.forwarder import enable_raw_sending
+    from utils.routing.intake.scp import set_tcp_nodelay
 
     enable_raw_sending()
     port = _free_port()
@@ -178,7 +179,7 @@ def forward(files: list[Path], tmp: Path, repeats: int) -> float:
 def bookkeeping(count: int, tmp: Path, repeats: int) -> float:
     """An object's other commits and audit lines: start_classification and set_classified (per batch of 16),
     mark_done with its unlink, and the received / classified / forwarded audit lines."""
-    from utils.routing.audit import AuditLog
+    from utils.routing.operations.audit import AuditLog
     from utils.routing.queue import FORWARDED, Classification, SpoolQueue
 
     queue = SpoolQueue(tmp / "spool-bookkeeping")
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from utils.config import environment
     from utils.infer.predictor import load_predictor
-    from utils.routing.dcmtk import find_tool
+    from utils.routing.delivery.dcmtk import find_tool
 
     if not (find_tool("storescu") and find_tool("storescp")):
         raise SystemExit("dcmtk's storescu/storescp are needed: apt-get install dcmtk")

@@ -49,7 +49,7 @@ def int8_tflite(model_path: Path, out: Path, samples: int = 8) -> Path:
 
 
 def echo_ok(port: int) -> bool:
-    from utils.routing.service import echo
+    from utils.routing.operations.service import echo
 
     return echo("BENCH", "127.0.0.1", port, "ROUTER", timeout=2) is None
 
@@ -72,7 +72,7 @@ def store(port: int, path: Path) -> int:
 def one_start(model: Path, image: Path, run: Path) -> dict:
     import yaml
 
-    from utils.routing.service import configure_logging
+    from utils.routing.operations.service import configure_logging
 
     configure_logging("ERROR")  # pynetdicom's refused-connection errors while the router starts
     run.mkdir(parents=True)

@@ -220,7 +220,7 @@ def test_loading_and_serving_a_model_imports_no_training_code():
         from utils.artifacts.model_file import load_model
         from utils.infer.predictor import load_predictor
         import utils.artifacts.export, utils.infer.batch_predict, utils.infer.engine
-        import utils.routing.service, utils.routing.node, utils.routing.classifier, utils.routing.forwarder
+        import utils.routing.operations.service, utils.routing.node, utils.routing.decision.classifier, utils.routing.delivery.forwarder
         path = sys.argv[1]
         model, metadata = load_model(path, compile=True)
         predictor = load_predictor(path)

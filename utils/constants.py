@@ -18,7 +18,7 @@ Every numeric constant has one of the two, or is listed in UNBOUNDED of tests/ut
 with its reason (that test checks it, so a new setting cannot skip validation), and ``utils.config.check_constants`` refuses defaults below that break
 them. Checks that relate two settings (split ratios summing to 1, low < high percentiles,
 ROUTER_RETRY_MAX_S >= ROUTER_RETRY_INITIAL_S) are code: ``utils.config.validate`` and
-``utils/routing/config.py``.
+``utils/routing/operations/config.py``.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ ROUTER_MAX_ASSOCIATIONS_RANGE: str = "[1, inf)"
 ROUTER_RETRY_INITIAL_S: float = 2.0  # first retry delay when a destination fails; doubles each time
 ROUTER_RETRY_INITIAL_S_RANGE: str = "(0, inf)"
 ROUTER_RETRY_MAX_S: float = 60.0  # longest delay between retries (a down destination is retried forever)
-ROUTER_RETRY_MAX_S_RANGE: str = "(0, inf)"  # and at least ROUTER_RETRY_INITIAL_S (utils/routing/config.py)
+ROUTER_RETRY_MAX_S_RANGE: str = "(0, inf)"  # and at least ROUTER_RETRY_INITIAL_S (utils/routing/operations/config.py)
 ROUTER_MAX_ATTEMPTS: int = 10  # an object its destination refuses this often is marked failed (kept in spool)
 ROUTER_MAX_ATTEMPTS_RANGE: str = "[1, inf)"
 ROUTER_MAX_CLASSIFY_ATTEMPTS: int = 3  # an object whose classification dies this often (crash, kill) goes to "unreadable"
@@ -218,7 +218,7 @@ ROUTER_MIN_FREE_PERCENT_RANGE: str = "[0, 50]"
 # defaults; the blocks' keys are these names without the ROUTER_TLS_ prefix. Certificates have no default.
 ROUTER_TLS_REQUIRE_CLIENT_CERT: bool = True  # the router's port: senders must show a certificate signed by its ca
 ROUTER_TLS_CHECK_HOSTNAME: bool = True  # a destination's certificate must name its host (or server_hostname)
-# The Orthanc source (``orthanc_source:`` block of the router's YAML, utils/routing/orthanc_source.py): the router
+# The Orthanc source (``orthanc_source:`` block of the router's YAML, utils/routing/intake/orthanc_source.py): the router
 # follows an Orthanc's /changes feed and fetches each new instance itself (a durable hand-off; Orthanc's own
 # forwarding jobs are not retried). These are the block's keys without the ROUTER_ORTHANC_ prefix.
 ROUTER_ORTHANC_POLL_S: float = 1.0  # once caught up, ask Orthanc for new changes this often
@@ -230,12 +230,12 @@ ROUTER_ORTHANC_TIMEOUT_S_RANGE: str = "(0, 600]"
 ROUTER_ORTHANC_START_FROM: str = "latest"  # a new spool begins at Orthanc's latest change, or at its first ("beginning")
 ROUTER_ORTHANC_START_FROM_CHOICES: tuple[str, ...] = ("latest", "beginning")
 ROUTER_ORTHANC_MODALITIES: tuple[str, ...] = ("CR", "DX", "DR", "RG")  # series Modality fetched; () = every instance
-# Prometheus metrics (the ``metrics:`` block of the router's YAML, utils/routing/metrics.py): off unless the block is
+# Prometheus metrics (the ``metrics:`` block of the router's YAML, utils/routing/operations/metrics.py): off unless the block is
 # there; the block's keys are these names without the ROUTER_METRICS_ prefix. Needs the prometheus-client package.
 ROUTER_METRICS_HOST: str = "127.0.0.1"  # address /metrics listens on; local unless configured (no authentication)
 ROUTER_METRICS_PORT: int = 9108  # /metrics port (Prometheus exporters' convention: a 91xx port of one's own)
 ROUTER_METRICS_PORT_RANGE: str = "[1, 65535]"
-# The web console (the ``console:`` block of the router's YAML, utils/routing/console.py): off unless the block is
+# The web console (the ``console:`` block of the router's YAML, utils/routing/operations/console.py): off unless the block is
 # there; the block's keys are these names without the ROUTER_CONSOLE_ prefix. Needs starlette, uvicorn, jinja2,
 # python-multipart. Actions need the token (from an environment variable or a file, never the YAML) or a user.
 ROUTER_CONSOLE_HOST: str = "127.0.0.1"  # address the console listens on; local unless configured

@@ -5,7 +5,7 @@ depends only on the image's mean brightness, so test images can be drawn to land
 or on a boundary (``uncertain``). Expected labels are computed in-process with the same
 predictor and preprocessing the router uses. dcmtk's ``storescp`` / ``storescu`` are found by
 content (pynetdicom installs Python apps with the same names, which may come first on PATH; see
-utils/routing/dcmtk.py).
+utils/routing/delivery/dcmtk.py).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from utils.io.dicom_writer import write_dicom, write_non_image
-from utils.routing.config import load_config
-from utils.routing.dcmtk import dicom_files, find_tool, storescp_command, storescu_command, storescu_profile
-from utils.routing.dcmtk import environment as dcmtk_environment
+from utils.routing.operations.config import load_config
+from utils.routing.delivery.dcmtk import dicom_files, find_tool, storescp_command, storescu_command, storescu_profile
+from utils.routing.delivery.dcmtk import environment as dcmtk_environment
 from utils.routing.node import RouterNode
-from utils.routing.scp import TRANSFER_SYNTAXES
+from utils.routing.intake.scp import TRANSFER_SYNTAXES
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ("abdominal", "adult_chest", "pediatric_chest", "spine", "others")

@@ -13,7 +13,7 @@ import os
 import sys
 
 import router
-from utils.routing.classifier import Classifier
+from utils.routing.decision.classifier import Classifier
 
 KILL_STATUS = 70
 

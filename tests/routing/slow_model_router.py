@@ -21,7 +21,8 @@ from pathlib import Path
 
 import router
 import utils.infer.predictor as predictor_module
-from utils.routing import node, scp
+from utils.routing import node
+from utils.routing.intake import scp
 
 GATE_LIMIT_S = 600  # a test that never opens the gate is torn down long before this
 

@@ -1,6 +1,6 @@
 """docs/alerts.yml: promtool checks the rules and the scrape configuration that loads them, and runs their unit tests
 (alerts_test.yml, alerts_7d_test.yml beside this file; skipped without promtool: Debian's ``prometheus`` package);
-every ``router_*`` metric and label the rules use is one that utils/routing/metrics.py registers (read from a
+every ``router_*`` metric and label the rules use is one that utils/routing/operations/metrics.py registers (read from a
 RouterMetrics with stub sources: no router, no port)."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def rules() -> list[dict]:
 def registered() -> dict[str, set[str]]:
     """Series name the router exposes -> its label names, from a RouterMetrics whose hooks were each called once."""
     pytest.importorskip("prometheus_client")
-    from utils.routing import metrics as m
+    from utils.routing.operations import metrics as m
 
     metrics = m.RouterMetrics(m.MetricsSettings(), queue_gauges=lambda: ({}, {"chest": (1, 2)}),
                               model=lambda: ("m1", "ready"), paused=lambda: False, node_of={"chest": "PACS@pacs:104"},
@@ -88,7 +88,7 @@ def test_every_metric_and_label_the_rules_use_is_registered():
     text = RULES.read_text()
     used = set(re.findall(r"\b(router_[a-z0-9_]+)", text))  # expressions and annotations (alert names are CamelCase)
     assert used, "no router_ metric found in the rules"
-    assert used <= set(names), f"not in utils/routing/metrics.py: {sorted(used - set(names))}"
+    assert used <= set(names), f"not in utils/routing/operations/metrics.py: {sorted(used - set(names))}"
     for rule in rules():
         for metric, matchers in re.findall(r"\b(router_[a-z0-9_]+)\{([^}]*)\}", rule["expr"]):
             labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers))

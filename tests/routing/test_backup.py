@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 import router
-from utils.routing import backup as backup_module
+from utils.routing.operations import backup as backup_module
 from utils.routing import queue as q
-from utils.routing.audit import AuditLog, read_audit
-from utils.routing.backup import BackupError, backup
-from utils.routing.config import load_config
+from utils.routing.operations.audit import AuditLog, read_audit
+from utils.routing.operations.backup import BackupError, backup
+from utils.routing.operations.config import load_config
 from utils.routing.queue import Classification, SpoolQueue
 
 CLASSES = ("abdominal", "adult_chest", "pediatric_chest", "spine", "others")

@@ -12,7 +12,7 @@ import router
 from utils import config as flags
 from utils import constants
 from utils.config import ConfigError
-from utils.routing.config import _CONSTANTS, RouterConfig, _settings, load_config
+from utils.routing.operations.config import _CONSTANTS, RouterConfig, _settings, load_config
 
 from .conftest import CLASSES, ROOT
 
@@ -241,7 +241,7 @@ def test_a_missing_or_broken_file_is_named_with_the_line_or_the_setting(tmp_path
 
 
 def test_check_says_where_the_threshold_came_from():
-    from utils.routing.service import describe_threshold
+    from utils.routing.operations.service import describe_threshold
 
     assert describe_threshold("auto", 0.96634).startswith("threshold 0.9663 (auto: the model's calibrated "
                                                           "recommendation)")

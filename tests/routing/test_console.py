@@ -1,4 +1,4 @@
-"""The web console (utils/routing/console.py) and the review loop (utils/routing/review.py): the ``console`` block is
+"""The web console (utils/routing/operations/console.py) and the review loop (utils/routing/operations/review.py): the ``console`` block is
 checked; a node with the console keeps thumbnails and review copies; the review desk requeues and corrects without
 the web layer (the object reaches the corrected label's destination, the audit log and a corrections dataset that
 prepare.py reads); the app (Starlette's TestClient) shows what the queue holds and refuses actions without the
@@ -15,9 +15,9 @@ import pytest
 
 from utils.config import ConfigError
 from utils.routing import queue as q
-from utils.routing.audit import read_audit
-from utils.routing.config import from_dict
-from utils.routing.review import ReviewError, review_path, thumb_path
+from utils.routing.operations.audit import read_audit
+from utils.routing.operations.config import from_dict
+from utils.routing.operations.review import ReviewError, review_path, thumb_path
 
 from .conftest import CLASSES, ROWS_BY_CLASS, UNCERTAIN_ROWS, bright_rows_image, everywhere, send, wait_for
 
@@ -73,7 +73,7 @@ def test_console_block_is_checked(tmp_path, monkeypatch):
     token_file = tmp_path / "console.token"
     token_file.write_text("from-a-file-0123456789\n")
     users = tmp_path / "users"
-    from utils.routing.console import check_password, hash_password, pbkdf2_hash
+    from utils.routing.operations.console import check_password, hash_password, pbkdf2_hash
 
     line = "alice:" + hash_password("correct horse", time_cost=1, memory_kib=1024)
     assert line.startswith("alice:$argon2id$")
@@ -200,7 +200,7 @@ def test_confirming_the_label_an_object_was_forwarded_by_does_not_forward_it_aga
 def test_app_shows_the_queue_and_refuses_actions_without_token_or_csrf(console_node):
     from starlette.testclient import TestClient
 
-    from utils.routing.console import build_app
+    from utils.routing.operations.console import build_app
 
     node, items, spine = console_node
     uncertain = items["uncertain"]
@@ -253,7 +253,7 @@ def test_pages_need_authentication_away_from_loopback(console_node):
 
     from starlette.testclient import TestClient
 
-    from utils.routing.console import build_app, hash_password
+    from utils.routing.operations.console import build_app, hash_password
 
     node, items, _ = console_node
     settings = dataclasses.replace(node.config.console, host="0.0.0.0", allowed_hosts=("10.0.0.2",),
@@ -288,7 +288,7 @@ def test_in_shadow_mode_a_correction_is_recorded_not_forwarded_and_the_trial_has
     the shadow report reads), no new row is queued; the console shows the report on /shadow."""
     from starlette.testclient import TestClient
 
-    from utils.routing.console import build_app
+    from utils.routing.operations.console import build_app
 
     monkeypatch.setenv("ROUTER_CONSOLE_TOKEN", TOKEN)
     pacs, spine = peers("PACS"), peers("SPINE")
@@ -324,8 +324,8 @@ def test_a_busy_spool_database_is_read_again_not_a_server_error(tmp_path, monkey
     once, then ConsoleUnavailable (the pages answer 503), never a wait of tens of seconds."""
     import sqlite3
 
-    from utils.routing import review
-    from utils.routing.console import ConsoleContext, ConsoleUnavailable
+    from utils.routing.operations import review
+    from utils.routing.operations.console import ConsoleContext, ConsoleUnavailable
 
     q.SpoolQueue(tmp_path).close()
     opened, real = [], review.read_only
@@ -359,13 +359,13 @@ class FakeDesk:
         self.done = []
 
     def requeue(self, item, *, who, auth=""):
-        from utils.routing.review import Outcome
+        from utils.routing.operations.review import Outcome
 
         self.done.append(("requeue", item, who, auth))
         return Outcome(item, item, f"requeued {item}")
 
     def correct(self, item, label, *, who, auth=""):
-        from utils.routing.review import Outcome
+        from utils.routing.operations.review import Outcome
 
         self.done.append(("correct", item, who, auth))
         return Outcome(item, item, f"corrected to {label}")
@@ -379,7 +379,7 @@ def console_app(tmp_path, monkeypatch):
 
     from starlette.testclient import TestClient
 
-    from utils.routing.console import ConsoleContext, build_app
+    from utils.routing.operations.console import ConsoleContext, build_app
 
     monkeypatch.setenv("ROUTER_CONSOLE_TOKEN", TOKEN)
     q.SpoolQueue(tmp_path).close()
@@ -431,7 +431,7 @@ def test_pages_are_open_only_to_loopback_clients_without_a_proxy(console_app):
 def test_empty_csrf_tokens_never_match(console_app):
     import base64
 
-    from utils.routing.console import hash_password
+    from utils.routing.operations.console import hash_password
 
     client, _, desk = console_app()
     assert client.post("/login", data={"name": "alice", "token": TOKEN, "csrf": ""}).status_code == 403  # no cookie
@@ -495,7 +495,7 @@ def test_a_locked_or_missing_spool_database_answers_503_with_the_reason(console_
     import sqlite3
     import time
 
-    from utils.routing import review
+    from utils.routing.operations import review
 
     client, _, _ = console_app()
     monkeypatch.setattr(review, "read_only", lambda spool_dir: (_ for _ in ()).throw(
@@ -515,7 +515,7 @@ def test_guessing_is_throttled_logged_and_bearer_actions_name_their_operator(con
 
     client, app, desk = console_app(max_failures=3)
     wrong = {"Authorization": "Bearer wrong-token-0123456789", "X-Operator": "mallory"}
-    with caplog.at_level(logging.INFO, logger="utils.routing.console"):
+    with caplog.at_level(logging.INFO, logger="utils.routing.operations.console"):
         assert [client.post("/items/1/requeue", headers=wrong).status_code for _ in range(4)] == [401, 401, 401, 429]
         right = {"Authorization": f"Bearer {TOKEN}", "X-Operator": "cron"}
         refused = client.post("/items/1/requeue", headers=right)
@@ -535,8 +535,8 @@ def test_basic_auth_checks_unknown_names_as_long_and_off_the_event_loop(console_
     import base64
     import threading
 
-    from utils.routing import console
-    from utils.routing.console import hash_password
+    from utils.routing.operations import console
+    from utils.routing.operations.console import hash_password
 
     users = {"dana": hash_password("s3cret-pass", time_cost=1, memory_kib=1024)}
     checked, real = [], console.check_password
@@ -571,8 +571,8 @@ def test_served_over_tls_the_cookies_are_secure_and_a_slow_password_check_does_n
     import threading
     import time
 
-    from utils.routing import console
-    from utils.routing.console import Console, ConsoleContext, hash_password
+    from utils.routing.operations import console
+    from utils.routing.operations.console import Console, ConsoleContext, hash_password
 
     from .test_tls import CA  # skips without the cryptography package
 

@@ -2,7 +2,7 @@
 
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from utils.routing import dcmtk
+from utils.routing.delivery import dcmtk
 
 from .conftest import bright_rows_image, needs_dcmtk, write_dicom, write_sr
 

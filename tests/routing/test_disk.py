@@ -21,12 +21,12 @@ from pynetdicom import evt
 
 import router as router_script
 from utils.io.dicom_writer import write_dicom
-from utils.routing import classifier as classifier_module
+from utils.routing.decision import classifier as classifier_module
 from utils.routing import queue as q
-from utils.routing import space
-from utils.routing.audit import read_audit
-from utils.routing.scp import OUT_OF_RESOURCES
-from utils.routing.space import MB, ReceptionGate, reserve_bytes
+from utils.routing.intake import space
+from utils.routing.operations.audit import read_audit
+from utils.routing.intake.scp import OUT_OF_RESOURCES
+from utils.routing.intake.space import MB, ReceptionGate, reserve_bytes
 
 from .conftest import CLASSES, ROWS_BY_CLASS, everywhere, expected_labels, free_port, send, wait_for
 from .test_poison import images, uid

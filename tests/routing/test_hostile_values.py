@@ -15,13 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from utils.routing import forwarder as forwarder_module
+from utils.routing.delivery import forwarder as forwarder_module
 from utils.routing import queue as q
-from utils.routing.audit import AuditLog, read_audit
-from utils.routing.config import Destination
-from utils.routing.forwarder import FolderForwarder
+from utils.routing.operations.audit import AuditLog, read_audit
+from utils.routing.operations.config import Destination
+from utils.routing.delivery.forwarder import FolderForwarder
 from utils.routing.queue import Classification, SpoolQueue
-from utils.routing.scp import StoreHandler
+from utils.routing.intake.scp import StoreHandler
 from utils.untrusted import is_safe_component, safe_uid
 
 VALID = "1.2.826.0.1.3680043.8.498.1"
@@ -184,7 +184,7 @@ def test_corrections_of_hostile_objects_stay_inside_the_dataset(tmp_path, spool)
     import csv
 
     from utils.data.prepare import list_source
-    from utils.routing.review import ReviewDesk, ReviewError
+    from utils.routing.operations.review import ReviewDesk, ReviewError
 
     queue, audit = spool
     uids = list(HOSTILE_UIDS.values())

@@ -1,4 +1,4 @@
-"""Prometheus /metrics (utils/routing/metrics.py): a node with metrics receives objects through its SCP, then
+"""Prometheus /metrics (utils/routing/operations/metrics.py): a node with metrics receives objects through its SCP, then
 /metrics is scraped over HTTP and compared with what was sent, the queue and the audit log; the config block is
 checked; metrics off opens no port; stop closes it."""
 
@@ -9,10 +9,10 @@ import urllib.request
 import pytest
 
 from utils.config import ConfigError
-from utils.routing import metrics as m
+from utils.routing.operations import metrics as m
 from utils.routing import queue as q
-from utils.routing.audit import read_audit
-from utils.routing.config import from_dict
+from utils.routing.operations.audit import read_audit
+from utils.routing.operations.config import from_dict
 
 from .conftest import CLASSES, free_port, listening, send, wait_for
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.routing.audit import read_audit
+from utils.routing.operations.audit import read_audit
 
 from .conftest import (
     assert_same_object,

@@ -15,7 +15,7 @@ from pynetdicom.sop_class import Verification
 
 from utils.io.dicom_writer import write_non_image
 from utils.routing import queue as q
-from utils.routing.audit import read_audit
+from utils.routing.operations.audit import read_audit
 from utils.routing.node import RouterNode
 from utils.routing.queue import SpoolLockedError
 
@@ -121,7 +121,7 @@ def test_a_model_without_a_route_for_a_class_is_refused(router, peers):
 def test_batches_are_cut_into_warmed_up_shapes():
     import numpy as np
 
-    from utils.routing.classifier import chunk_sizes, predict_in_chunks, warm_up
+    from utils.routing.decision.classifier import chunk_sizes, predict_in_chunks, warm_up
 
     assert chunk_sizes(13, 16) == [8, 4, 1] and chunk_sizes(10, 10) == [8, 2] and chunk_sizes(3, 1) == [1, 1, 1]
 

@@ -35,10 +35,10 @@ import pydicom
 import pytest
 
 from utils.io.dicom_writer import write_dicom
-from utils.routing.audit import read_audit
-from utils.routing.config import load_config
-from utils.routing.orthanc_source import OrthancClient
-from utils.routing.service import check, print_status
+from utils.routing.operations.audit import read_audit
+from utils.routing.operations.config import load_config
+from utils.routing.intake.orthanc_source import OrthancClient
+from utils.routing.operations.service import check, print_status
 
 from .conftest import (
     ROOT,

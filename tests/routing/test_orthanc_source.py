@@ -13,8 +13,8 @@ import hashlib
 import pydicom
 import pytest
 
-from utils.routing.audit import AuditLog, read_audit
-from utils.routing.orthanc_source import (
+from utils.routing.operations.audit import AuditLog, read_audit
+from utils.routing.intake.orthanc_source import (
     CURSOR_KEY,
     OrthancError,
     OrthancNotFound,

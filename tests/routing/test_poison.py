@@ -25,12 +25,12 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 import router as router_script
 from fuzz.hostile import write_panicking_rle
 from utils.io.dicom_writer import write_dicom
-from utils.routing import classifier as classifier_module
+from utils.routing.decision import classifier as classifier_module
 from utils.routing import queue as q
-from utils.routing.audit import read_audit
-from utils.routing.classifier import CLASSIFY_FAILED, Classifier
-from utils.routing.config import load_config
-from utils.routing.forwarder import DicomForwarder
+from utils.routing.operations.audit import read_audit
+from utils.routing.decision.classifier import CLASSIFY_FAILED, Classifier
+from utils.routing.operations.config import load_config
+from utils.routing.delivery.forwarder import DicomForwarder
 from utils.routing.node import EXIT_WORKER_FAILED, RouterNode
 
 from .conftest import (

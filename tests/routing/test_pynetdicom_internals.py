@@ -1,4 +1,4 @@
-"""The pynetdicom internals utils/routing/wakeup.py and utils/routing/scp.py touch are still what they expect.
+"""The pynetdicom internals utils/routing/intake/wakeup.py and utils/routing/intake/scp.py touch are still what they expect.
 
 pynetdicom has no public hook for the connection tuning (see wakeup.py's docstring), so the router patches a few
 of its internals per connection and pins pynetdicom exactly in requirements.txt. These tests are what makes the
@@ -34,7 +34,7 @@ from pynetdicom.dimse import DIMSEServiceProvider  # noqa: E402
 from pynetdicom.dul import DULServiceProvider  # noqa: E402
 from pynetdicom.transport import AssociationSocket, RequestHandler  # noqa: E402
 
-from utils.routing import wakeup  # noqa: E402
+from utils.routing.intake import wakeup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,7 +53,7 @@ def _pinned() -> str:
 def test_the_pin_the_code_and_the_installed_version_agree():
     pinned = _pinned()
     assert pinned == wakeup.PYNETDICOM_VERSION, (
-        f"requirements.txt pins pynetdicom=={pinned} but utils/routing/wakeup.py says PYNETDICOM_VERSION = "
+        f"requirements.txt pins pynetdicom=={pinned} but utils/routing/intake/wakeup.py says PYNETDICOM_VERSION = "
         f"{wakeup.PYNETDICOM_VERSION!r}: move both together, after this file's checks pass")
     assert pynetdicom.__version__ == pinned, (
         f"pynetdicom {pynetdicom.__version__} is installed, requirements.txt pins {pinned}: the router's connection "
@@ -121,7 +121,7 @@ def test_ready_is_a_property_the_subclass_can_override_and_fall_back_to():
 
 
 def test_the_global_the_forwarder_sets_still_exists():
-    """utils/routing/forwarder.py's enable_raw_sending (documented in pynetdicom's configuration options)."""
+    """utils/routing/delivery/forwarder.py's enable_raw_sending (documented in pynetdicom's configuration options)."""
     assert isinstance(getattr(_config, "STORE_SEND_CHUNKED_DATASET", None), bool), (
         "pynetdicom._config.STORE_SEND_CHUNKED_DATASET is gone: forwarder.enable_raw_sending sets it so that "
         "send_c_store streams stored bytes instead of re-encoding them")

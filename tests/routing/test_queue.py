@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from utils.routing import queue as q
-from utils.routing.audit import AuditLog, read_audit
+from utils.routing.operations.audit import AuditLog, read_audit
 from utils.routing.queue import Classification, SpoolLockedError, SpoolQueue
 
 from .conftest import bright_rows_image, write_dicom

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from utils.routing import forwarder as forwarder_module
+from utils.routing.delivery import forwarder as forwarder_module
 from utils.routing import queue as q
-from utils.routing.audit import AuditLog, read_audit
-from utils.routing.config import Destination
-from utils.routing.forwarder import FolderForwarder, remove_partial_copies
+from utils.routing.operations.audit import AuditLog, read_audit
+from utils.routing.operations.config import Destination
+from utils.routing.delivery.forwarder import FolderForwarder, remove_partial_copies
 from utils.routing.queue import Classification, SpoolQueue
-from utils.routing.reconcile import reconcile_audit
-from utils.routing.scp import StoreHandler
+from utils.routing.operations.reconcile import reconcile_audit
+from utils.routing.intake.scp import StoreHandler
 
 from .conftest import bright_rows_image, everywhere, write_dicom
 from .test_poison import images, uid
@@ -192,7 +192,7 @@ def test_a_kill_between_a_commit_and_its_audit_line_loses_no_line(tmp_path, poin
 def _correct_and_die(root: Path, ready) -> None:
     """One router run: an operator corrects an object from the review list; killed right after the commit that
     records the correction, before its ``corrected`` audit line."""
-    from utils.routing.review import ReviewDesk
+    from utils.routing.operations.review import ReviewDesk
 
     spool, audit, _ = _start(root)
     item, _ = spool.store(b"object 4.1", sop_instance_uid="4.1", sop_class_uid="1.2",

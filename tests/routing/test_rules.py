@@ -22,9 +22,9 @@ import router as router_script
 from utils.config import ConfigError
 from utils.io.dicom_writer import write_dicom, write_non_image
 from utils.routing import queue as q
-from utils.routing.audit import read_audit
-from utils.routing.config import from_dict
-from utils.routing.rules import MODEL, NOT_PROJECTION, RuleSet, parse_rules
+from utils.routing.operations.audit import read_audit
+from utils.routing.operations.config import from_dict
+from utils.routing.decision.rules import MODEL, NOT_PROJECTION, RuleSet, parse_rules
 
 from .conftest import CLASSES, ROWS_BY_CLASS, bright_rows_image, free_port, send, wait_for, write_config
 
@@ -384,7 +384,7 @@ def test_the_commented_rules_of_the_example_file_are_valid(tmp_path):
     uncommented = uncommented.replace("  # pass_through:", "  pass_through:")
     path = tmp_path / "router.yaml"
     path.write_text(uncommented)
-    from utils.routing.config import load_config
+    from utils.routing.operations.config import load_config
 
     config = load_config(path)
     assert [r.name for r in config.rules] == ["ct-mr-us", "scanned-films-to-model", "localizers-away"]

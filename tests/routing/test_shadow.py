@@ -1,4 +1,4 @@
-"""Shadow mode (utils/routing/shadow.py): the shadow block checked at start, objects forwarded by the site's rule while
+"""Shadow mode (utils/routing/decision/shadow.py): the shadow block checked at start, objects forwarded by the site's rule while
 the model's decision is recorded, and the report on a hand-made audit log and after a real trial run."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import router
 from utils.config import ConfigError
 from utils.infer.decisions import tag_classes, tag_disagrees
 from utils.io.dicom_writer import write_dicom
-from utils.routing.audit import AuditLog, read_audit
-from utils.routing.config import load_config
-from utils.routing.shadow import Proportion, build_report, parse_time, wilson
+from utils.routing.operations.audit import AuditLog, read_audit
+from utils.routing.operations.config import load_config
+from utils.routing.decision.shadow import Proportion, build_report, parse_time, wilson
 
 from .conftest import (
     CLASSES,
@@ -70,7 +70,7 @@ def test_a_body_part_map_matches_trimmed_and_in_any_case(tmp_path):
 
 
 def test_status_says_the_router_is_in_a_trial(tmp_path, capsys):
-    from utils.routing import service
+    from utils.routing.operations import service
     from utils.routing.queue import SpoolQueue
 
     for settings, shown in (({}, False), ({"mode": "shadow", **BODY_PART_MAP}, True)):

@@ -26,7 +26,7 @@ import pytest
 from utils.io.dicom_writer import write_dicom
 from utils.routing import queue as q
 from utils.routing.node import EXIT_MODEL_FAILED
-from utils.routing.service import echo
+from utils.routing.operations.service import echo
 
 from .conftest import (
     ROOT,

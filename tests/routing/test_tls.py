@@ -31,10 +31,10 @@ from tests.routing.conftest import (
 )
 from utils.config import ConfigError
 from utils.io.dicom_writer import write_dicom
-from utils.routing.config import load_config
-from utils.routing.dcmtk import environment as dcmtk_environment
+from utils.routing.operations.config import load_config
+from utils.routing.delivery.dcmtk import environment as dcmtk_environment
 from utils.routing.queue import FORWARDED
-from utils.routing.scp import TRANSFER_SYNTAXES
+from utils.routing.intake.scp import TRANSFER_SYNTAXES
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization
@@ -345,7 +345,7 @@ def test_routes_to_one_node_must_agree_on_tls(tmp_path, model_file, pki):
 
 
 def test_check_shows_tls_and_echoes_over_tls(tmp_path, model_file, pki, tls_peer, capsys):
-    from utils.routing.service import check
+    from utils.routing.operations.service import check
 
     target = {"ae_title": tls_peer.ae_title, "host": "127.0.0.1", "port": tls_peer.port, "tls": destination_tls(pki)}
     config = load_config(write_config(tmp_path / "router.yaml", port=11112, spool=tmp_path / "spool",
@@ -363,14 +363,14 @@ def test_check_shows_tls_and_echoes_over_tls(tmp_path, model_file, pki, tls_peer
     assert "TLS handshake failed" in capsys.readouterr().out
 
 
-# --- the SCP's whole-PDU reads (utils.routing.scp.read_whole), plain and over TLS ----------------
+# --- the SCP's whole-PDU reads (utils.routing.intake.scp.read_whole), plain and over TLS ----------------
 
 
 def test_read_whole_returns_exactly_what_was_asked_and_what_came_before_a_close():
     import threading
     from types import SimpleNamespace
 
-    from utils.routing.scp import read_whole
+    from utils.routing.intake.scp import read_whole
 
     a, b = socket.socketpair()
     try:

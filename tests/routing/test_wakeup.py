@@ -1,4 +1,4 @@
-"""utils/routing/wakeup.py: associations that wait instead of polling, and still answer at once."""
+"""utils/routing/intake/wakeup.py: associations that wait instead of polling, and still answer at once."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ pytest.importorskip("pynetdicom")
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from utils.routing import wakeup
+from utils.routing.intake import wakeup
 
 
 def _port() -> int:

@@ -1,13 +1,28 @@
-"""The DICOM router: a Storage SCP that classifies each received image and forwards it by label.
+"""The DICOM router: objects come in, wait in the queue, get a destination, go out.
 
-    C-STORE in --> scp.py: spool file (fsync) + queue row (commit) --> 0x0000 answered
-                   classifier.py: batches of received items -> rules.py (header only: CT, MR, reports,
-                                  site rules -> their destination) -> the rest: label, confidence -> route
-                   forwarder.py: one thread per destination, C-STORE out with the received
-                                 transfer syntax, retries with backoff -> spool file removed
+    intake/      the ways in: scp.py (Storage SCP; wakeup.py and tls.py serve it), orthanc_source.py
+                 (pulls an Orthanc's change feed), space.py (the free-space reserve that pauses both)
+                      |  every object: spool file (fsync) + queue row (commit), then acknowledged
+                      v
+    queue.py     the persistent state (SQLite in WAL mode beside the spool files) and the only code
+                 that reads or writes its SQL: store / next / settle / stats / search
+                      |
+                      v
+    decision/    classifier.py takes batches of received items -> rules.py (header rules: CT, MR,
+                 reports, site rules -> their destination) -> the model through the inference engine
+                 (utils/infer) -> label, confidence -> route; shadow.py records what the model would do
+                      |
+                      v
+    delivery/    forwarder.py: one thread per destination (C-STORE out in the received transfer
+                 syntax, or a folder), retries with backoff -> spool file removed; dcmtk.py drives
+                 dcmtk's storescu/storescp for tests and benchmarks
 
-``queue.py`` is the persistent state (SQLite in WAL mode beside the spool files), so a restart,
-even after kill -9, resumes where it stopped; ``audit.py`` writes the JSON-lines audit log;
-``config.py`` reads and checks the YAML configuration (``rules.py`` its routing rules); ``node.py``
-wires it all together.
+    operations/  config.py (the one typed configuration), audit.py (JSON-lines audit log),
+                 reconcile.py (start-up repair), metrics.py (/metrics), console.py + review.py (web
+                 console, corrections), backup.py, service.py (router.py's --check / --status)
+
+``node.py`` builds each part with what it needs, starts and stops them in order, watches them and
+reloads configuration and model on SIGHUP; ``worker.py`` is the base of the background threads.
+Where does an object go after it is stored? ``decision/classifier.py`` (``Classifier.run``) takes it
+from the queue; ``delivery/forwarder.py`` sends it on.
 """

@@ -8,7 +8,7 @@
 Start order: recovery, then the routes checked against the model's *metadata* (read without
 loading the model: its classes, id and calibration), the forwarders (they deliver whatever was
 classified before), the SCP (C-ECHO and C-STORE work from here: every object is spooled durably
-as always), the Orthanc source if one is configured (utils/routing/orthanc_source.py: it stores what
+as always), the Orthanc source if one is configured (utils/routing/intake/orthanc_source.py: it stores what
 it fetches through the same queue), and last the classifier thread, which loads and warms up the model and then
 classifies what has been waiting. Importing TensorFlow and loading a Keras model takes seconds
 (more on a busy machine); reception does not wait for it. A .tflite or .onnx model is run without
@@ -24,7 +24,7 @@ hung (exit status 3).
 Stop order is the reverse of start: the SCP stops accepting and closes idle connections at once
 (also a TCP connection that never sent anything, and an association between two objects), while
 an object being received gets the grace period to be stored and acknowledged
-(:func:`utils.routing.scp.close_scp`); then the classifier finishes its batch and forwarders their
+(:func:`utils.routing.intake.scp.close_scp`); then the classifier finishes its batch and forwarders their
 current object. Everything not finished stays in the queue.
 
 A watchdog thread checks the workers twice a second. A worker thread that ended without being
@@ -50,16 +50,16 @@ import threading
 import time
 
 from utils.io.isolation import PoolSettings
-from utils.routing.audit import AuditLog
-from utils.routing.classifier import BackgroundModel, Classifier, describe
-from utils.routing.config import RouterConfig
-from utils.routing.forwarder import enable_raw_sending, make_forwarders, remove_partial_copies
-from utils.routing.metrics import NO_METRICS, NoMetrics, RouterMetrics
-from utils.routing.orthanc_source import OrthancSource
+from utils.routing.operations.audit import AuditLog
+from utils.routing.decision.classifier import BackgroundModel, Classifier, describe
+from utils.routing.operations.config import RouterConfig
+from utils.routing.delivery.forwarder import enable_raw_sending, make_forwarders, remove_partial_copies
+from utils.routing.operations.metrics import NO_METRICS, NoMetrics, RouterMetrics
+from utils.routing.intake.orthanc_source import OrthancSource
 from utils.routing.queue import SpoolQueue
-from utils.routing.reconcile import reconcile_audit
-from utils.routing.scp import StoreHandler, close_scp, start_scp
-from utils.routing.space import ReceptionGate
+from utils.routing.operations.reconcile import reconcile_audit
+from utils.routing.intake.scp import StoreHandler, close_scp, start_scp
+from utils.routing.intake.space import ReceptionGate
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class RouterNode:
         self.source: OrthancSource | None = None  # pulls from Orthanc's change feed (config.orthanc_source)
         self.gate: ReceptionGate | None = None  # the free-space reserve of the spool's filesystem
         self.metrics: NoMetrics = NO_METRICS  # a RouterMetrics serving /metrics when config.metrics is set
-        self.console = None  # a utils.routing.console.Console when config.console is set
+        self.console = None  # a utils.routing.operations.console.Console when config.console is set
         self.ae = None
         self.server = None
         self.handler: StoreHandler | None = None
@@ -207,7 +207,7 @@ class RouterNode:
         self.classifier.start()  # loads and warms up the model, then classifies what has arrived
 
     def _serve_metrics(self, model: BackgroundModel):
-        """/metrics for this node (utils/routing/metrics.py): its own registry, gauges read from the queue."""
+        """/metrics for this node (utils/routing/operations/metrics.py): its own registry, gauges read from the queue."""
         def model_state() -> tuple[str, str]:
             state = "failed" if model.error is not None else "ready" if model.ready.is_set() else "loading"
             return model.model_id, state
@@ -221,9 +221,9 @@ class RouterNode:
         return metrics
 
     def _serve_console(self, model: BackgroundModel, by_route: dict):
-        """The web console (utils/routing/console.py): the classifier keeps thumbnails and review copies for it."""
-        from utils.routing.console import Console, ConsoleContext
-        from utils.routing.review import Keeper, ReviewDesk
+        """The web console (utils/routing/operations/console.py): the classifier keeps thumbnails and review copies for it."""
+        from utils.routing.operations.console import Console, ConsoleContext
+        from utils.routing.operations.review import Keeper, ReviewDesk
 
         settings, spool = self.config.console, self.config.spool_dir
         keeper = Keeper(spool, review_days=settings.review_days, review_max_mb=settings.review_max_mb)
@@ -243,7 +243,7 @@ class RouterNode:
                           settings.corrections_dir, wake, forward=not shadow)
 
         def shadow_report(since: str | None, until: str | None) -> str:
-            from utils.routing.shadow import build_report
+            from utils.routing.decision.shadow import build_report
 
             return build_report(self.config, since, until, class_names=list(model.spec.class_names)).to_html()
 

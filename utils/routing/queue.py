@@ -9,7 +9,7 @@ Layout of the spool folder::
     spool/router.lock            held by the running router (a second one on the same spool fails)
 
 States: ``received`` -> ``classified`` (label, route and ``decided_by`` set: ``rule:<name>`` or
-``model:<model_id>``, see utils/routing/rules.py) -> ``forwarded`` or ``quarantined``
+``model:<model_id>``, see utils/routing/decision/rules.py) -> ``forwarded`` or ``quarantined``
 (the destination confirmed; the spool file is deleted), or ``failed`` (a destination kept
 refusing it; the file stays, ``router.py --requeue-failed`` tries again).
 
@@ -102,7 +102,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 # Columns added after the first release: (name, definition); added in place to older spool databases.
 _ADDED_COLUMNS = (("classify_attempts", "INTEGER NOT NULL DEFAULT 0"), ("classify_reason", "TEXT NOT NULL DEFAULT ''"),
                   ("classified_at", "REAL NOT NULL DEFAULT 0"), ("decided_by", "TEXT NOT NULL DEFAULT ''"),
-                  # for the console (utils/routing/console.py, review.py): what the classifier saw, and review
+                  # for the console (utils/routing/operations/console.py, review.py): what the classifier saw, and review
                   ("probs", "TEXT NOT NULL DEFAULT ''"), ("body_part_examined", "TEXT NOT NULL DEFAULT ''"),
                   ("study_instance_uid", "TEXT NOT NULL DEFAULT ''"), ("patient_id", "TEXT NOT NULL DEFAULT ''"),
                   ("tag_disagrees", "INTEGER"), ("reviewed", "TEXT NOT NULL DEFAULT ''"),
@@ -161,7 +161,7 @@ class QueueItem:
     study_instance_uid: str = ""
     patient_id: str = ""
     tag_disagrees: int | None = None  # 1: BodyPartExamined contradicts the top class; 0: agrees; None: no tag / model
-    reviewed: str = ""  # what an operator did from the review list: "corrected", "requeued" (utils/routing/review.py)
+    reviewed: str = ""  # what an operator did from the review list: "corrected", "requeued" (utils/routing/operations/review.py)
     reviewed_at: float = 0.0  # when (the latest action)
     review_note: str = ""  # its audit line's fields, JSON: a line a crash cost is rebuilt from it (reconcile.py)
 
@@ -247,7 +247,7 @@ class SpoolQueue:
         An identical object (same SOP Instance UID and bytes) that is still waiting in the queue
         is not stored twice: a sender re-sending after a lost answer gets success again.
         ``meta``: a (key, value) note (table ``meta``) committed in the same transaction as the row,
-        e.g. the Orthanc source's cursor (utils/routing/orthanc_source.py): a crash keeps both or
+        e.g. the Orthanc source's cursor (utils/routing/intake/orthanc_source.py): a crash keeps both or
         neither. Not written for a duplicate.
         """
         digest = hashlib.sha256(data).hexdigest()
@@ -341,7 +341,7 @@ class SpoolQueue:
         return {r[0]: r[1] for r in rows}
 
     def gauges(self) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
-        """For /metrics (utils/routing/metrics.py): (objects per state, route -> (objects refused at least once and
+        """For /metrics (utils/routing/operations/metrics.py): (objects per state, route -> (objects refused at least once and
         waiting for another attempt, objects waiting in all)). Two indexed counts under the lock, which reception
         holds only for its commit."""
         with self._lock:
@@ -420,7 +420,7 @@ class SpoolQueue:
                              (FAILED if give_up else CLASSIFIED, reason, time.time() + delay, time.time(), item.id))
             return self.get(item.id)
 
-    # --- the review list (utils/routing/review.py) -------------------------------------------
+    # --- the review list (utils/routing/operations/review.py) -------------------------------------------
 
     def resubmit(self, data: bytes, like: QueueItem, decision: Classification | None = None) -> QueueItem:
         """A new row for ``data`` (an object kept for review) with ``like``'s UIDs: ``received`` (classified
@@ -455,7 +455,7 @@ class SpoolQueue:
 
     def mark_reviewed(self, item_id: int, what: str, note: dict | None = None) -> float:
         """Note what an operator did with an item of the review list (it leaves the list), and the fields of the
-        audit line that says so (``note``, written after this commit: utils/routing/reconcile.py rebuilds a line a
+        audit line that says so (``note``, written after this commit: utils/routing/operations/reconcile.py rebuilds a line a
         crash cost from them). Returns the time recorded (``reviewed_at``)."""
         import json
 

@@ -83,7 +83,7 @@ class ClientTLS:
         return client_context(self), self.server_hostname or host
 
 
-# --- parsing (utils/routing/config.py) -------------------------------------------------------
+# --- parsing (utils/routing/operations/config.py) -------------------------------------------------------
 
 
 def parse_server(raw: Any, base: Path, where: str) -> ServerTLS:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from utils.infer.decisions import PROJECTION_SOP_CLASSES, not_projection
-from utils.routing import rules
+from utils.routing.decision import rules
 
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"

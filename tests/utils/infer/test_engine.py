@@ -149,7 +149,7 @@ def test_decisions_threshold_and_the_same_workers_call_after_call(tmp_path):
 
 
 def test_router_decode_settings_are_validated(tmp_path):
-    from utils.routing.config import from_dict
+    from utils.routing.operations.config import from_dict
 
     base = {"model": "m.keras", "destinations": {c: {"folder": "out"} for c in (*SPEC.class_names, UNCERTAIN)}}
     config = from_dict(base, base=tmp_path)

@@ -85,7 +85,7 @@ def test_loading_and_running_tflite_or_onnx_imports_no_tensorflow(artifacts, kin
     script = textwrap.dedent("""
         import json, sys
         import numpy as np
-        import router, utils.routing.service, utils.routing.node
+        import router, utils.routing.operations.service, utils.routing.node
         from utils.infer.predictor import load_predictor
         predictor = load_predictor(sys.argv[1])
         probs = predictor.predict(np.zeros((2, *predictor.spec.input_shape), np.float32))

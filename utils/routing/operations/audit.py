@@ -7,15 +7,15 @@ Events (each with ``time`` in UTC ISO 8601 and ``event``; per-object events carr
   identical copy was already waiting);
 - ``classified``: label, confidence, model_id, route, body_part_examined, tag_disagrees, reason
   (why unreadable, if so), decided_by (``rule:<name>``, ``model:<model_id>``, ``header_unreadable``
-  or ``classification_failed``; utils/routing/rules.py), modality (for decisions of a rule); in shadow mode
-  decided_by ``shadow:<rule>``, route the one used, and mode, model_route, probabilities (utils/routing/shadow.py);
+  or ``classification_failed``; utils/routing/decision/rules.py), modality (for decisions of a rule); in shadow mode
+  decided_by ``shadow:<rule>``, route the one used, and mode, model_route, probabilities (utils/routing/decision/shadow.py);
 - ``forwarded``: destination, status (``0x0000``, a warning, ``retry`` or ``failed``), detail;
 - ``quarantined``: destination, reason;
 - ``destination_down`` / ``destination_up`` (no SOP instance UID): node, reason;
 - ``started`` / ``recovered`` / ``stopped``: what the router did at start and stop;
 - ``reception_paused`` / ``reception_resumed``: the spool's filesystem went below / back above
-  its free-space reserve (utils/routing/space.py);
-- from the Orthanc source (utils/routing/orthanc_source.py): ``received`` with ``source: "orthanc"``,
+  its free-space reserve (utils/routing/intake/space.py);
+- from the Orthanc source (utils/routing/intake/orthanc_source.py): ``received`` with ``source: "orthanc"``,
   ``orthanc_id`` and ``seq``; ``orthanc_cursor_start``, ``orthanc_cursor_reset``,
   ``orthanc_source_down`` / ``orthanc_source_up``, ``orthanc_skipped``.
 
@@ -24,7 +24,7 @@ several threads, and reach the OS before the call returns (a kill -9 loses none)
 written after the queue commit it reports for ``received`` and ``classified`` (what they record,
 the item id, exists only then) and before it for ``forwarded`` / ``quarantined`` (they record the
 destination's answer); a kill between a commit and its line is repaired at the next start by
-:mod:`utils.routing.reconcile`, which writes the missing line with ``"reconciled": true``.
+:mod:`utils.routing.operations.reconcile`, which writes the missing line with ``"reconciled": true``.
 """
 
 from __future__ import annotations

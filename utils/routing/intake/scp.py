@@ -7,7 +7,7 @@ stored as sent (``event.encoded_dataset()``: the dataset is never decoded or re-
 forwarding can reproduce them exactly. Success (0x0000) is answered only after the spool file
 and its queue row are on disk; a failure to store answers 0xA700 (out of resources) and the
 sender keeps its copy. So does an object that would take the spool's filesystem below its
-free-space reserve (utils/routing/space.py), refused before anything is written.
+free-space reserve (utils/routing/intake/space.py), refused before anything is written.
 
 With ``tls`` in the configuration the port speaks DICOM over TLS only (utils/routing/tls.py). Each
 incoming connection reads whole PDUs with :func:`read_whole` (pynetdicom reads 4 KB per call).
@@ -23,7 +23,7 @@ stored any more, so the queue can be closed after it.
 
 pynetdicom's internals, on purpose: pynetdicom offers no hook for how a connection reads or for what an
 association holds, so this module reads and sets a few of its attributes, the same way as
-utils/routing/wakeup.py and under the same exact pin (``wakeup.PYNETDICOM_VERSION``, checked by
+utils/routing/intake/wakeup.py and under the same exact pin (``wakeup.PYNETDICOM_VERSION``, checked by
 tests/routing/test_pynetdicom_internals.py):
 
 - :func:`tune_connection` sets ``recv`` on this connection's ``AssociationSocket`` object (an instance
@@ -65,12 +65,12 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from utils.routing import wakeup
-from utils.routing.audit import AuditLog, AuditWriteError
-from utils.routing.config import RouterConfig
-from utils.routing.metrics import NO_METRICS
+from utils.routing.intake import wakeup
+from utils.routing.operations.audit import AuditLog, AuditWriteError
+from utils.routing.operations.config import RouterConfig
+from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue
-from utils.routing.space import ReceptionGate
+from utils.routing.intake.space import ReceptionGate
 from utils.untrusted import log_safe
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ ABORT_WAIT_S = 1.0  # after an A-ABORT, how long the peer may take to close befo
 class StoreHandler:
     """C-STORE: spool + queue row, audit, wake the classifier; C-ECHO: success."""
 
-    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/metrics.py)
+    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/operations/metrics.py)
 
     def __init__(self, queue: SpoolQueue, audit: AuditLog, on_received: Callable[[], None],
                  gate: ReceptionGate | None = None) -> None:
@@ -178,7 +178,7 @@ class StoreHandler:
             self._audit("receive_failed", sop_instance_uid=sop_instance_uid, calling_ae=calling_ae, reason=str(error))
             return OUT_OF_RESOURCES
         # Stored and committed: success, even if the line cannot be written now (the next start writes it,
-        # utils/routing/reconcile.py).
+        # utils/routing/operations/reconcile.py).
         self._audit("received", sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
                     transfer_syntax=transfer_syntax, calling_ae=calling_ae, size=item.size, item=item.id,
                     duplicate=duplicate)

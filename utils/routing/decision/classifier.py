@@ -1,11 +1,11 @@
 """The classifier thread: batches of received objects -> routing rules, then label, confidence, route.
 
-Routing rules come first (utils/routing/rules.py): each object's header (only the header, and
+Routing rules come first (utils/routing/decision/rules.py): each object's header (only the header, and
 only when a rule needs it) decides whether the model may look at it at all. Objects a rule sends
 elsewhere (CT, MR, reports, a site's own rules) are recorded at once with ``decided_by``
 ``rule:<name>`` and never decoded; a header that cannot be read sends its object to
 ``unreadable`` (``header_unreadable``). The rest go to the model (``decided_by``
-``model:<model_id>``). In shadow mode (utils/routing/shadow.py) the model's decision is recorded as
+``model:<model_id>``). In shadow mode (utils/routing/decision/shadow.py) the model's decision is recorded as
 always, but the route is the shadow rule's (``decided_by`` ``shadow:destination`` / ``shadow:body_part_map``).
 
 It takes whatever has arrived, up to ``batch_size`` objects, waiting at most ``batch_wait_ms``
@@ -55,10 +55,10 @@ from utils import constants
 from utils.infer.decisions import UNREADABLE, tag_disagrees
 from utils.infer.engine import Engine
 from utils.io.isolation import PoolSettings
-from utils.routing.audit import AuditLog, AuditWriteError
-from utils.routing.metrics import NO_METRICS
+from utils.routing.operations.audit import AuditLog, AuditWriteError
+from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import Classification, QueueItem, SpoolQueue, SpoolWriteError
-from utils.routing.rules import MODEL, RuleSet
+from utils.routing.decision.rules import MODEL, RuleSet
 from utils.routing.worker import FATAL, WakeableThread
 from utils.untrusted import log_safe
 
@@ -163,9 +163,9 @@ def predict_in_chunks(predictor, batch: np.ndarray, batch_size: int):
 
 class Classifier(WakeableThread):
     max_classify_attempts: int = constants.ROUTER_MAX_CLASSIFY_ATTEMPTS  # the node sets the configured value
-    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/metrics.py)
-    keeper = None  # the console's utils.routing.review.Keeper (thumbnails, review copies); None: console off
-    shadow = None  # shadow mode's ShadowRule (utils/routing/shadow.py): it picks the route, the model is recorded
+    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/operations/metrics.py)
+    keeper = None  # the console's utils.routing.operations.review.Keeper (thumbnails, review copies); None: console off
+    shadow = None  # shadow mode's ShadowRule (utils/routing/decision/shadow.py): it picks the route, the model is recorded
 
     def __init__(self, queue: SpoolQueue, predictor, audit: AuditLog, *, threshold: float, batch_size: int,
                  batch_wait_ms: int, pool: PoolSettings | None = None,
@@ -459,7 +459,7 @@ class Classifier(WakeableThread):
             return [], for_model
         self.queue.set_classified(decisions)
         for (item, rule), decision in zip(routed, decisions):
-            try:  # committed: a line lost here is written by the next start (utils/routing/reconcile.py)
+            try:  # committed: a line lost here is written by the next start (utils/routing/operations/reconcile.py)
                 self.audit.write("classified", sop_instance_uid=item.sop_instance_uid, item=item.id,
                                  label=decision.label, top_label=None, confidence=None, model_id="",
                                  route=decision.route, reason=decision.reason or None,

@@ -62,8 +62,8 @@ from typing import Any
 
 from utils import constants
 from utils.config import ConfigError, check_value, refuse_unknown_keys
-from utils.routing.audit import AuditLog, AuditWriteError
-from utils.routing.metrics import NO_METRICS
+from utils.routing.operations.audit import AuditLog, AuditWriteError
+from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue, SpoolWriteError
 from utils.routing.worker import FATAL, WakeableThread
 from utils.untrusted import log_safe
@@ -227,7 +227,7 @@ def _file_uids(data: bytes) -> tuple[str, str, str]:
 
 
 class OrthancSource(WakeableThread):
-    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/metrics.py)
+    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/operations/metrics.py)
     """Follows Orthanc's change feed and stores each new instance in the queue (see the module docstring)."""
 
     def __init__(self, settings: OrthancSourceSettings, queue: SpoolQueue, audit: AuditLog, *, own_ae_title: str,

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from utils.routing import queue as _queue
-from utils.routing.config import RouterConfig
+from utils.routing.operations.config import RouterConfig
 from utils.routing.node import STATE_KEY
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def _version() -> str | None:
     """``git describe`` of the router's checkout when it is one (cheap); None otherwise."""
     try:
         result = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], capture_output=True, text=True,
-                                timeout=5, cwd=Path(__file__).resolve().parents[2], check=False)
+                                timeout=5, cwd=Path(__file__).resolve().parents[3], check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() or None if result.returncode == 0 else None

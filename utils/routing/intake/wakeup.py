@@ -77,7 +77,7 @@ def written_for_installed() -> bool:
 
         _CHECKED["ok"] = installed = pynetdicom.__version__ == PYNETDICOM_VERSION
         if not installed:
-            log.warning("pynetdicom %s is installed; the router's connection tuning (utils/routing/wakeup.py, "
+            log.warning("pynetdicom %s is installed; the router's connection tuning (utils/routing/intake/wakeup.py, "
                         "scp.read_whole) is written against %s and is left off: connections poll as pynetdicom "
                         "makes them (see tests/routing/test_pynetdicom_internals.py)", pynetdicom.__version__,
                         PYNETDICOM_VERSION)

@@ -7,7 +7,7 @@ but every object is forwarded by the site's existing rule. The report then weigh
       # body_part_map: {CHEST: chest_ai, ABDOMEN: pacs}   # BodyPartExamined (trimmed, any case) -> destination
       # default: pacs                                     # tags not in the map, and objects without one
 
-The routes are names under ``destinations:``. Routing rules (utils/routing/rules.py) still come first, as in
+The routes are names under ``destinations:``. Routing rules (utils/routing/decision/rules.py) still come first, as in
 route mode: a CT goes to ``pass_through`` either way. Everything the model decides is forwarded by the shadow
 rule, also what it could not read (the site forwarded that before the router too), so the trial changes
 nothing downstream. Objects given up after repeated failures (``classification_failed``) go to ``unreadable``

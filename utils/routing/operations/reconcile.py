@@ -14,7 +14,7 @@ line marked ``"reconciled": true`` with ``at``, the time the queue recorded for 
   committed without a line (the forwarders write these lines before the commit, so this only
   catches an audit write that failed or an older router's crash);
 - ``corrected`` / ``requeued`` for every action an operator took from the console's review list
-  (utils/routing/review.py) that the previous run committed without its line: the row keeps the
+  (utils/routing/operations/review.py) that the previous run committed without its line: the row keeps the
   line's fields (``review_note``) and its time (``reviewed_at``, also in the line, which tells an
   item's second correction from its first).
 
@@ -35,14 +35,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from utils.routing.audit import AuditLog
+from utils.routing.operations.audit import AuditLog
 from utils.routing.queue import DONE, QUARANTINED, QueueItem, SpoolQueue
 
 log = logging.getLogger(__name__)
 
 MARK_KEY = "audit_mark"
 _DELIVERED = ("forwarded", "quarantined")
-_REVIEWED = ("corrected", "requeued")  # the console's actions (utils/routing/review.py)
+_REVIEWED = ("corrected", "requeued")  # the console's actions (utils/routing/operations/review.py)
 
 
 @dataclass(frozen=True)

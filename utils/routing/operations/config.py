@@ -10,20 +10,20 @@
       uncertain: {ae_title: REVIEW, host: 10.0.0.30, port: 104}
       unreadable: {folder: quarantine}   # optional; default: <spool_dir>/quarantine
       pass_through: {ae_title: PACS, host: 10.0.0.5, port: 104}   # what is not projection radiography
-    rules:                           # before the model, first match wins (utils/routing/rules.py)
+    rules:                           # before the model, first match wins (utils/routing/decision/rules.py)
       - {name: ct-mr, match: {modality: [CT, MR]}, destination: pass_through}
-    orthanc_source:                  # optional: pull new instances from an Orthanc (utils/routing/orthanc_source.py)
+    orthanc_source:                  # optional: pull new instances from an Orthanc (utils/routing/intake/orthanc_source.py)
       url: http://127.0.0.1:8042
     tls: {cert: router.crt, key: router.key, ca: senders-ca.pem}   # optional: DICOM over TLS (utils/routing/tls.py)
-    metrics: {host: 127.0.0.1, port: 9108}   # optional: Prometheus /metrics (utils/routing/metrics.py)
-    console: {host: 127.0.0.1, port: 8108}   # optional: the web console and review list (utils/routing/console.py)
+    metrics: {host: 127.0.0.1, port: 9108}   # optional: Prometheus /metrics (utils/routing/operations/metrics.py)
+    console: {host: 127.0.0.1, port: 8108}   # optional: the web console and review list (utils/routing/operations/console.py)
     mode: shadow                     # optional, default route: a trial that forwards by the site's own rule
-    shadow: {destination: pacs}      # or {body_part_map: {CHEST: chest_ai}, default: pacs} (utils/routing/shadow.py)
+    shadow: {destination: pacs}      # or {body_part_map: {CHEST: chest_ai}, default: pacs} (utils/routing/decision/shadow.py)
 
 A destination is a DICOM node (ae_title, host, port, optionally ``tls``) or a folder. Relative paths are taken
 relative to the configuration file's folder. Unknown keys, wrong types and out-of-range values
 are refused with the key's name; ``check_routes`` refuses a configuration that leaves one of the
-model's classes without a destination. ``rules`` are checked here too (utils/routing/rules.py: an
+model's classes without a destination. ``rules`` are checked here too (utils/routing/decision/rules.py: an
 unknown destination, field or operator, a bad regular expression, an empty rule, each named with
 the rule and its field); ``RouterConfig.rule_set`` adds the built-in default after them.
 
@@ -47,16 +47,16 @@ from utils import constants
 from utils.config import ConfigError, check_value, constant_types, refuse_unknown_keys
 from utils.infer.decisions import AUTO_THRESHOLD, UNCERTAIN, UNREADABLE
 from utils.infer.predictor import resolve_threshold
-from utils.routing.console import PREFIX as CONSOLE_PREFIX
-from utils.routing.console import ConsoleSettings
-from utils.routing.console import parse_settings as parse_console
-from utils.routing.metrics import PREFIX as METRICS_PREFIX
-from utils.routing.metrics import MetricsSettings
-from utils.routing.metrics import parse_settings as parse_metrics
-from utils.routing.orthanc_source import PREFIX as ORTHANC_PREFIX
-from utils.routing.orthanc_source import OrthancSourceSettings, parse_settings
-from utils.routing.rules import MODEL, PASS_THROUGH, Rule, RuleSet, parse_rules
-from utils.routing.shadow import ShadowRule, parse_shadow
+from utils.routing.operations.console import PREFIX as CONSOLE_PREFIX
+from utils.routing.operations.console import ConsoleSettings
+from utils.routing.operations.console import parse_settings as parse_console
+from utils.routing.operations.metrics import PREFIX as METRICS_PREFIX
+from utils.routing.operations.metrics import MetricsSettings
+from utils.routing.operations.metrics import parse_settings as parse_metrics
+from utils.routing.intake.orthanc_source import PREFIX as ORTHANC_PREFIX
+from utils.routing.intake.orthanc_source import OrthancSourceSettings, parse_settings
+from utils.routing.decision.rules import MODEL, PASS_THROUGH, Rule, RuleSet, parse_rules
+from utils.routing.decision.shadow import ShadowRule, parse_shadow
 from utils.routing.tls import PREFIX as TLS_PREFIX
 from utils.routing.tls import ClientTLS, ServerTLS, parse_client, parse_server
 
@@ -64,7 +64,7 @@ from utils.routing.tls import ClientTLS, ServerTLS, parse_client, parse_server
 # (NAME_RANGE / NAME_CHOICES, checked by utils.config.check_value): every ROUTER_* constant
 # (the key is its name without the prefix), and the settings shared with predict.py. A new
 # router setting is a ROUTER_* constant (+ its range) and a RouterConfig field. The ROUTER_ORTHANC_*
-# constants are the keys of the ``orthanc_source`` block instead (utils/routing/orthanc_source.py).
+# constants are the keys of the ``orthanc_source`` block instead (utils/routing/intake/orthanc_source.py).
 _CONSTANTS: dict[str, str] = {
     **{name.removeprefix("ROUTER_").lower(): name for name in constant_types()
        if name.startswith("ROUTER_")
@@ -83,12 +83,12 @@ _OTHERS: dict[str, tuple[type, Any]] = {
     "audit_log": (str, None),  # default: <spool_dir>/audit.jsonl
     "allowed_callers": (list, []),  # calling AE titles accepted; empty = any
     "destinations": (dict, None),
-    "rules": (list, []),  # routing rules evaluated before the model (utils/routing/rules.py)
-    "orthanc_source": (dict, None),  # pull new instances from an Orthanc (utils/routing/orthanc_source.py)
+    "rules": (list, []),  # routing rules evaluated before the model (utils/routing/decision/rules.py)
+    "orthanc_source": (dict, None),  # pull new instances from an Orthanc (utils/routing/intake/orthanc_source.py)
     "tls": (dict, None),  # TLS on the router's own port (utils/routing/tls.py); None: plain TCP
-    "metrics": (dict, None),  # Prometheus /metrics (utils/routing/metrics.py); None: off
-    "console": (dict, None),  # the web console (utils/routing/console.py); None: off
-    "shadow": (dict, None),  # with mode: shadow, the site's existing rule that forwards (utils/routing/shadow.py)
+    "metrics": (dict, None),  # Prometheus /metrics (utils/routing/operations/metrics.py); None: off
+    "console": (dict, None),  # the web console (utils/routing/operations/console.py); None: off
+    "shadow": (dict, None),  # with mode: shadow, the site's existing rule that forwards (utils/routing/decision/shadow.py)
 }
 
 
@@ -147,7 +147,7 @@ class RouterConfig:
     decode_timeout_s: float = constants.DECODE_TIMEOUT_S
     decode_memory_limit_mb: int = constants.DECODE_MEMORY_LIMIT_MB
     decode_threads: int = constants.DECODE_THREADS
-    min_free_mb: int = constants.ROUTER_MIN_FREE_MB  # free-space reserve of the spool's filesystem (utils/routing/space.py)
+    min_free_mb: int = constants.ROUTER_MIN_FREE_MB  # free-space reserve of the spool's filesystem (utils/routing/intake/space.py)
     min_free_percent: float = constants.ROUTER_MIN_FREE_PERCENT
     rules: tuple[Rule, ...] = ()  # the configured routing rules, in order (the built-in default follows them)
     orthanc_source: OrthancSourceSettings | None = None  # pull from this Orthanc's change feed (None: no)

@@ -41,10 +41,10 @@ import uuid
 from pathlib import Path
 
 from utils.infer.decisions import UNREADABLE
-from utils.routing import wakeup
-from utils.routing.audit import AuditLog, AuditWriteError
-from utils.routing.config import Destination, RouterConfig
-from utils.routing.metrics import NO_METRICS
+from utils.routing.intake import wakeup
+from utils.routing.operations.audit import AuditLog, AuditWriteError
+from utils.routing.operations.config import Destination, RouterConfig
+from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import (
     FORWARDED,
     QUARANTINED,
@@ -54,7 +54,7 @@ from utils.routing.queue import (
     fsync_dir,
     write_durably,
 )
-from utils.routing.scp import set_tcp_nodelay
+from utils.routing.intake.scp import set_tcp_nodelay
 from utils.routing.worker import FATAL, WakeableThread
 from utils.untrusted import UnsafePathError, contained, is_safe_component, log_safe, safe_component, safe_uid
 
@@ -104,7 +104,7 @@ def enable_raw_sending() -> None:
 class _Worker(WakeableThread):
     """Shared loop: wait for due items of our routes, hand them to ``deliver``, back off when down."""
 
-    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/metrics.py)
+    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/operations/metrics.py)
 
     def __init__(self, destination: Destination, routes: list[str], queue: SpoolQueue, audit: AuditLog,
                  config: RouterConfig) -> None:
@@ -117,7 +117,7 @@ class _Worker(WakeableThread):
         self.down_since: float | None = None
         self.failures = 0  # consecutive times the destination was unreachable
         self.record_failures = 0  # consecutive times an outcome could not be recorded (spool database, audit log)
-        # for the console (utils/routing/console.py): when it last delivered, what went wrong last, when it retries
+        # for the console (utils/routing/operations/console.py): when it last delivered, what went wrong last, when it retries
         self.last_success: float | None = None
         self.last_error: tuple[float, str] | None = None  # (time, why)
         self.retry_at: float | None = None  # while down: the next attempt

@@ -22,7 +22,7 @@ Pages, server-rendered (Jinja2, inline CSS, one small inline script that reloads
 no build step): ``/`` counts by state, label and destination, each destination's health (last success, last
 error, backlog, next retry), throughput and classification latency over the last hour, the latest decisions with
 thumbnail, probabilities, BodyPartExamined, who decided and where the object went; ``/search?q=`` by SOP or Study
-Instance UID or Patient ID; ``/review`` the review list (utils/routing/review.py) with its actions.
+Instance UID or Patient ID; ``/review`` the review list (utils/routing/operations/review.py) with its actions.
 
 Security (each point answers an attack that was tried):
 
@@ -329,7 +329,7 @@ def _read_users(path: Path, where: str) -> dict[str, str]:
         name, _, hashed = line.strip().partition(":")
         if not name or not _known_hash(hashed):
             raise ConfigError(f"{where}.users_file {path}, line {number}: expected name:$argon2id$... "
-                              f"(python -m utils.routing.console hash-password NAME) or name:pbkdf2_sha256$...")
+                              f"(python -m utils.routing.operations.console hash-password NAME) or name:pbkdf2_sha256$...")
         users[name] = hashed
     return users
 
@@ -415,8 +415,8 @@ class ConsoleContext:
 
     spool_dir: Path
     class_names: Sequence[str]
-    destinations: dict  # route -> utils.routing.config.Destination
-    desk: Any  # utils.routing.review.ReviewDesk
+    destinations: dict  # route -> utils.routing.operations.config.Destination
+    desk: Any  # utils.routing.operations.review.ReviewDesk
     forwarders: Sequence = ()
     model: Callable[[], tuple[str, str]] = lambda: ("", "")  # (model id, state)
     title: str = "router"
@@ -433,7 +433,7 @@ class ConsoleContext:
         says what is wrong."""
         import sqlite3
 
-        from utils.routing.review import read_only
+        from utils.routing.operations.review import read_only
 
         path = self.spool_dir / "queue.sqlite3"
         for attempt in range(attempts):
@@ -515,7 +515,7 @@ class ConsoleContext:
 
     def rows(self, condition: str = "1", parameters: Sequence = (), limit: int = LATEST) -> list[dict[str, Any]]:
         """Items (newest first) as the pages show them."""
-        from utils.routing.review import review_path, thumb_path
+        from utils.routing.operations.review import review_path, thumb_path
 
         def read(db):
             return db.execute(f"SELECT * FROM items WHERE {condition} ORDER BY id DESC LIMIT ?",
@@ -544,7 +544,7 @@ class ConsoleContext:
         return self.rows("sop_instance_uid = ? OR study_instance_uid = ? OR patient_id = ?", (text,) * 3, LISTED)
 
     def review_list(self) -> list[dict[str, Any]]:
-        from utils.routing.review import REVIEW_CONDITION
+        from utils.routing.operations.review import REVIEW_CONDITION
 
         return self.rows(REVIEW_CONDITION, (), LISTED)
 
@@ -907,7 +907,7 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
         return page(request, "shadow.html", report=report, error=problem, since=since or "", until=until or "")
 
     async def thumb(request: Request):
-        from utils.routing.review import thumb_path
+        from utils.routing.operations.review import thumb_path
 
         path = thumb_path(context.spool_dir, request.path_params["item"])
         if not path.is_file():
@@ -973,7 +973,7 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
     async def _act(call):
         from urllib.parse import urlencode
 
-        from utils.routing.review import ReviewError
+        from utils.routing.operations.review import ReviewError
 
         try:
             outcome = await anyio.to_thread.run_sync(call, limiter=acting)
@@ -1094,11 +1094,11 @@ def _tls_context(config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContex
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m utils.routing.console hash-password NAME``: a line for the console's users_file (argon2id)."""
+    """``python -m utils.routing.operations.console hash-password NAME``: a line for the console's users_file (argon2id)."""
     import argparse
     import getpass
 
-    parser = argparse.ArgumentParser(prog="python -m utils.routing.console", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m utils.routing.operations.console", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     hashing = sub.add_parser("hash-password", help="print NAME:$argon2id$... for users_file")
     hashing.add_argument("name")

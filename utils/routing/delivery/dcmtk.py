@@ -1,7 +1,7 @@
 """Helpers for driving dcmtk's command-line peers (storescu, storescp) in tests, benchmarks and docs.
 
 Run them with :func:`environment` (TCP_NODELAY=1). From the shell:
-``python -m utils.routing.dcmtk FOLDER --output scu.cfg`` writes the profile. pynetdicom installs Python apps named ``storescu``/``storescp`` too, and they may come first on
+``python -m utils.routing.delivery.dcmtk FOLDER --output scu.cfg`` writes the profile. pynetdicom installs Python apps named ``storescu``/``storescp`` too, and they may come first on
 PATH; :func:`find_tool` returns dcmtk's own binary. dcmtk's storescu proposes uncompressed
 transfer syntaxes unless told otherwise and cannot send an RLE or JPEG 2000 file as it is;
 :func:`storescu_profile` writes an association profile with one presentation context per SOP
@@ -93,7 +93,7 @@ def storescp_command(folder: str | os.PathLike, port: int, *, ae_title: str, acc
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m utils.routing.dcmtk FILE_OR_FOLDER... --output scu.cfg  (then: storescu -xf scu.cfg Router ...)"""
+    """python -m utils.routing.delivery.dcmtk FILE_OR_FOLDER... --output scu.cfg  (then: storescu -xf scu.cfg Router ...)"""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

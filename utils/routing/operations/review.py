@@ -1,6 +1,6 @@
 """The review loop: what the router keeps of objects under review, and what an operator does with them.
 
-The console (utils/routing/console.py) is one way to use it; :class:`ReviewDesk` works without the web layer
+The console (utils/routing/operations/console.py) is one way to use it; :class:`ReviewDesk` works without the web layer
 (scripts, tests)::
 
     desk = ReviewDesk(queue, audit, class_names, destinations, review_dir, corrections_dir)
@@ -208,7 +208,7 @@ class Outcome:
 
 class ReviewDesk:
     """Requeue and correct objects of the review list. ``wake(route)`` wakes the worker of a route ("" = the
-    classifier); ``destinations``: route -> utils.routing.config.Destination."""
+    classifier); ``destinations``: route -> utils.routing.operations.config.Destination."""
 
     def __init__(self, queue, audit, class_names: Sequence[str], destinations: dict, review_dir: Path,
                  corrections_dir: Path, wake: Callable[[str], None] = lambda route: None, *,
@@ -325,7 +325,7 @@ class ReviewDesk:
 
     def _record(self, row: QueueItem, event: str, /, **fields) -> None:
         """Commit the action on the item's row (with its line's fields), then write the audit line. A kill between
-        the two costs the line until the next start, which writes it from the row (utils/routing/reconcile.py)."""
+        the two costs the line until the next start, which writes it from the row (utils/routing/operations/reconcile.py)."""
         at = self.queue.mark_reviewed(row.id, event, fields)
         self.audit.write(event, **fields, reviewed_at=at)
 

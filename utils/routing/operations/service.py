@@ -12,11 +12,11 @@ import logging
 import time
 
 from utils.routing import queue as _queue
-from utils.routing import space
-from utils.routing.config import RouterConfig, check_model_exists, load_config  # noqa: F401 (router.py uses them)
+from utils.routing.intake import space
+from utils.routing.operations.config import RouterConfig, check_model_exists, load_config  # noqa: F401 (router.py uses them)
 from utils.routing.node import EXIT_MODEL_FAILED, EXIT_WORKER_FAILED, STATE_KEY, RouterNode  # noqa: F401
 from utils.routing.queue import SpoolLockedError  # noqa: F401
-from utils.routing.shadow import describe_mode
+from utils.routing.decision.shadow import describe_mode
 from utils.untrusted import EscapeControlCharacters, log_safe
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def check(config: RouterConfig) -> int:
         how = dest.tls.describe(dest.host) if dest.tls else "plain TCP"
         print(f"  {route:<16} -> {dest.node} ({how}): {'echo ok' if result is None else result}")
     if config.orthanc_source is not None:
-        from utils.routing.orthanc_source import CURSOR_KEY, check_source, read_cursor
+        from utils.routing.intake.orthanc_source import CURSOR_KEY, check_source, read_cursor
 
         cursor = read_cursor(_read_meta_if_any(config, CURSOR_KEY))
         ok, line = check_source(config.orthanc_source, cursor)
@@ -119,7 +119,7 @@ def describe_threshold(setting: float | str, threshold: float) -> str:
 
 
 def describe_callers(allowed: tuple[str, ...]) -> str:
-    """What ``allowed_callers`` lets in (utils/routing/scp.py sets pynetdicom's ``require_calling_aet``)."""
+    """What ``allowed_callers`` lets in (utils/routing/intake/scp.py sets pynetdicom's ``require_calling_aet``)."""
     if not allowed:
         return "allowed_callers: any calling AE title may associate (none configured)"
     return (f"allowed_callers: {', '.join(allowed)}: only these calling AE titles (exact, case-sensitive) may "
@@ -169,7 +169,7 @@ def print_status(config: RouterConfig, latest: int = STATUS_LATEST) -> int:
     for item in failed:
         print(f"  failed {_cut(item.sop_instance_uid)} -> {item.route}: {_cut(item.reason, 1000)} (file {item.file})")
     if config.orthanc_source is not None:
-        from utils.routing.orthanc_source import CURSOR_KEY, NOTE_KEY, describe_status
+        from utils.routing.intake.orthanc_source import CURSOR_KEY, NOTE_KEY, describe_status
 
         for line in describe_status(config.orthanc_source, _queue.read_meta(config.spool_dir, CURSOR_KEY),
                                     _queue.read_meta(config.spool_dir, NOTE_KEY)):
