@@ -25,6 +25,17 @@ target forbids; ``best`` then reports the threshold that maximises accuracy, for
 choose a number knowingly. The threshold is picked on the data the temperature was fitted on, so
 its coverage and accuracy are optimistic; check them on the test split (test.py).
 
+Too few images to show the target (``enough_images``). An accuracy of ``target`` can only be told
+apart from a worse one on at least ``min_images(target) = ceil(1 / (1 - target))`` auto-routed
+images (200 at 0.995): on fewer, a single error already misses the target, so a clean record says
+next to nothing. The recommendation then still reports what the threshold did on these data
+(``routed_images`` of ``n_images``) but carries ``enough_images = False``, and the summary,
+calibrate.py and ``--threshold auto`` (utils.infer.predictor.resolve_threshold) say that it is not
+supported by the data. The typical case is the demo: 30 validation images, all right, the
+temperature driven to its lower bound, every confidence exactly 1.0 (float32), so the threshold
+1.0 routes all 30; that is what ``>=`` does on those 30 images, and no evidence for 99.5 %.
+A target of 1.0 (no error allowed) has no such minimum.
+
 Everything but ``calibrate_run`` / ``calibrate_after_training`` is NumPy (and SciPy's bounded 1-D
 minimiser); those two load the model through utils.infer.predictor and read images like
 utils.evaluate.evaluation does (TensorFlow is imported only when the model is a Keras one).
@@ -169,13 +180,26 @@ def risk_coverage(probs: Any, labels: Any) -> RiskCoverage:
     return RiskCoverage(ranked[ends], routed / n, cumulative[ends] / routed)
 
 
+def min_images(target_accuracy: float) -> int | None:
+    """The fewest auto-routed images on which ``target_accuracy`` can be shown: on fewer than
+    ``1 / (1 - target)`` one error already misses it (200 at 0.995, 20 at 0.95). None for a
+    target of 1.0, which allows no error at all whatever the number."""
+    if target_accuracy >= 1.0:
+        return None
+    return max(1, math.ceil(1.0 / (1.0 - target_accuracy) - 1e-9))
+
+
 def recommend_threshold(probs: Any, labels: Any, target_accuracy: float = constants.TARGET_ACCURACY
                         ) -> dict[str, Any]:
     """The lowest confidence threshold whose auto-routed share reaches ``target_accuracy`` on these data.
 
-    Returns ``{"target_accuracy", "value", "coverage", "accuracy", "reachable", "n_images", "best"}``:
+    Returns ``{"target_accuracy", "value", "coverage", "accuracy", "reachable", "n_images",
+    "routed_images", "min_images", "enough_images", "best"}``:
     ``value`` the threshold (the confidence of the least confident image it routes), ``coverage``
-    the share of images it routes automatically, ``accuracy`` their accuracy. When the target is
+    the share of images it routes automatically (``routed_images`` of ``n_images``, by the router's
+    rule ``confidence >= value``), ``accuracy`` their accuracy; ``enough_images`` False when
+    ``routed_images`` < ``min_images`` (``min_images(target_accuracy)``): too few to show the target,
+    see the module docstring. When the target is
     unreachable: ``value`` 1.0 (review everything), ``reachable`` False, coverage and accuracy of
     that 1.0; ``best`` always holds the threshold that maximises accuracy (the largest coverage
     among ties) with its coverage and accuracy. See the module docstring."""
@@ -200,6 +224,10 @@ def recommend_threshold(probs: Any, labels: Any, target_accuracy: float = consta
         routed = confidence >= 1.0
         out.update(value=1.0, coverage=float(routed.mean()),
                    accuracy=float(correct[routed].mean()) if routed.any() else None, reachable=False)
+    routed_images = int(np.count_nonzero(confidence >= out["value"]))  # decisions.decide's rule
+    needed = min_images(target_accuracy)
+    out.update(routed_images=routed_images, min_images=needed,
+               enough_images=needed is None or routed_images >= needed)
     out["best"] = best
     return out
 
@@ -230,8 +258,16 @@ class CalibrationResult:
         line = (f"temperature {e['temperature']:.3f} on {e['n_images']} images ({e['fitted_on']}): "
                 f"NLL {e['nll_before']:.4f} -> {e['nll_after']:.4f}, ECE {e['ece_before']:.4f} -> {e['ece_after']:.4f}; ")
         if t["reachable"]:
-            return line + (f"threshold {t['value']:.4f} routes {100 * t['coverage']:.1f}% automatically at accuracy "
-                           f"{t['accuracy']:.4f} (target {t['target_accuracy']})")
+            n = t.get("n_images", e["n_images"])
+            routed = t.get("routed_images", round(t["coverage"] * n))
+            line += (f"threshold {t['value']:.4f} routes {routed} of {n} images ({100 * t['coverage']:.1f}%) "
+                     f"automatically at accuracy {t['accuracy']:.4f} (target {t['target_accuracy']})")
+            if t.get("enough_images") is False:
+                line += (f", but {routed} routed images are too few to show that accuracy (one error among fewer "
+                         f"than {t['min_images']} already misses it): this threshold is not supported by these data; "
+                         f"calibrate on a validation split with at least {t['min_images']} images before relying on "
+                         f"--threshold auto")
+            return line
         b = t["best"]
         return line + (f"target accuracy {t['target_accuracy']} is unreachable on these data: recommended threshold 1.0 "
                        f"(review everything); the best threshold, {b['value']:.4f}, gives accuracy {b['accuracy']:.4f} "

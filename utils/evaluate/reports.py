@@ -440,6 +440,9 @@ def _confidence_markdown(cal: Mapping[str, Any]) -> list[str]:
         out += ["", f"On these images, {here['target_accuracy']:.1%} accuracy is reached by routing "
                 f"{here['coverage']:.1%} automatically (confidence >= {here['value']:.4g}; chosen on the data it "
                 "is scored on, so optimistic)."]
+        if here.get("enough_images") is False:
+            out[-1] += (f" That share is {here['routed_images']} images, too few to show "
+                        f"{here['target_accuracy']:.1%} accuracy ({here['min_images']} or more needed).")
     else:
         best = here["best"]
         out += ["", f"On these images no threshold reaches {here['target_accuracy']:.1%}: the best is "

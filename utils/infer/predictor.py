@@ -132,7 +132,8 @@ def resolve_threshold(threshold: float | str, predictor_or_metadata, model: str 
     (``calibration.threshold.value``). ValueError when the model has none (run calibrate.py).
 
     A recommendation whose target accuracy was unreachable on the calibration data is 1.0 (every
-    image to review but those of confidence exactly 1); it is used, with a warning."""
+    image to review but those of confidence exactly 1); it is used, with a warning. So is one made
+    on too few images to show the target (``enough_images`` False; utils.evaluate.calibration)."""
     if not (isinstance(threshold, str) and threshold.strip().lower() == AUTO_THRESHOLD):
         return float(threshold)
     metadata = getattr(predictor_or_metadata, "metadata", predictor_or_metadata)
@@ -143,7 +144,13 @@ def resolve_threshold(threshold: float | str, predictor_or_metadata, model: str 
                          f"Run: python calibrate.py {model}   (or give a number)")
     value = float(recommended["value"])
     target, where = recommended.get("target_accuracy"), metadata.calibration.get("fitted_on", "the calibration data")
-    if recommended.get("reachable", True):
+    if recommended.get("reachable", True) and recommended.get("enough_images") is False:
+        log.warning("threshold auto -> %.4f: on %s it routed %s of %s images automatically at accuracy %s, too few "
+                    "to show the target accuracy %s (%s or more needed): the threshold is not supported by the "
+                    "calibration data. Give a numeric threshold, or recalibrate on a larger validation split.",
+                    value, where, recommended.get("routed_images"), recommended.get("n_images"),
+                    _share(recommended.get("accuracy")), target, recommended.get("min_images"))
+    elif recommended.get("reachable", True):
         log.info("threshold auto -> %.4f: on %s it routed %s of the images automatically at accuracy %s (target %s)",
                  value, where, _share(recommended.get("coverage")), _share(recommended.get("accuracy")), target)
     else:

@@ -153,6 +153,47 @@ def test_an_unreachable_target_means_review_everything():
         C.recommend_threshold(np.zeros((0, 2)), [], 0.9)
 
 
+def test_min_images_is_where_one_error_still_meets_the_target():
+    assert C.min_images(0.995) == 200 and C.min_images(0.95) == 20 and C.min_images(0.9) == 10
+    assert C.min_images(0.5) == 2 and C.min_images(1.0) is None
+
+
+def test_a_clean_record_on_too_few_images_is_not_sold_as_routing_everything():
+    """The demo's case (issue 23): 30 validation images, all right, the temperature at its lower bound,
+    every confidence exactly 1.0. Threshold 1.0 does route all 30 (>=, as the router compares), but 30
+    images cannot show 99.5 % accuracy: the recommendation says so, and so does the summary."""
+    labels = np.arange(30) % 3
+    logits = np.zeros((30, 3), np.float32)
+    logits[np.arange(30), labels] = np.linspace(2.0, 4.0, 30)  # right with a margin every time
+    entry, _, after = C.calibration_entry(logits, labels, fitted_on="demo split=val", target_accuracy=0.995)
+    assert entry["temperature"] == C.TEMPERATURE_BOUNDS[0] and (after.max(axis=1) == 1.0).all()
+    pick = entry["threshold"]
+    assert pick["reachable"] is True and pick["value"] == 1.0 and pick["coverage"] == 1.0
+    assert (pick["n_images"], pick["routed_images"], pick["min_images"]) == (30, 30, 200)
+    assert pick["enough_images"] is False
+    result = C.CalibrationResult(path=None, entry=entry, labels=labels, logits=logits, probs_before=after,
+                                 probs_after=after)
+    text = result._temperature_summary()
+    assert "routes 30 of 30 images (100.0%)" in text and "too few" in text and "not supported" in text
+    assert "at least 200 images" in text
+    json.dumps(pick)
+
+
+def test_enough_images_once_the_routed_share_can_show_the_target():
+    rng = np.random.default_rng(1)
+    confidences = np.sort(rng.uniform(0.6, 1.0, 400))[::-1]
+    right = np.ones(400, bool)
+    right[-20:] = False  # the 20 least confident are wrong
+    probs, labels = two_class(confidences, right)
+    pick = C.recommend_threshold(probs, labels, 0.995)
+    assert pick["reachable"] and pick["enough_images"] is True
+    assert pick["routed_images"] == int((probs.max(1) >= pick["value"]).sum()) >= 200
+    small = C.recommend_threshold(probs[:50], labels[:50], 0.995)  # all right, but only 50
+    assert small["reachable"] and small["routed_images"] == 50 and small["enough_images"] is False
+    # a target of 1.0 allows no error whatever the count: no minimum to miss
+    assert C.recommend_threshold(probs[:5], labels[:5], 1.0)["enough_images"] is True
+
+
 # --- calibrate_run: fit on a prepared split, store in best.keras ----------------------------------
 
 SIZE = 32

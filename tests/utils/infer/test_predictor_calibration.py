@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -120,3 +121,13 @@ def test_resolve_threshold():
     unreachable = ModelMetadata(SPEC, calibration={"threshold": {"value": 1.0, "reachable": False,
                                                                  "target_accuracy": 0.995}})
     assert resolve_threshold("auto", unreachable) == 1.0  # review everything, with a warning
+
+
+def test_resolve_threshold_warns_when_the_recommendation_rests_on_too_few_images(caplog):
+    few = ModelMetadata(SPEC, calibration={"temperature": 0.05, "threshold": {
+        "value": 1.0, "reachable": True, "coverage": 1.0, "accuracy": 1.0, "target_accuracy": 0.995,
+        "n_images": 30, "routed_images": 30, "min_images": 200, "enough_images": False}})
+    with caplog.at_level(logging.INFO, logger="utils.infer.predictor"):
+        assert resolve_threshold("auto", few) == 1.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "30 of 30 images" in warnings[0] and "too few" in warnings[0], warnings
