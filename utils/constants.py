@@ -230,6 +230,7 @@ ROUTER_ORTHANC_TIMEOUT_S_RANGE: str = "(0, 600]"
 ROUTER_ORTHANC_START_FROM: str = "latest"  # a new spool begins at Orthanc's latest change, or at its first ("beginning")
 ROUTER_ORTHANC_START_FROM_CHOICES: tuple[str, ...] = ("latest", "beginning")
 ROUTER_ORTHANC_MODALITIES: tuple[str, ...] = ("CR", "DX", "DR", "RG")  # series Modality fetched; () = every instance
+ROUTER_ORTHANC_PASSWORD_ENV: str = "ROUTER_ORTHANC_PASSWORD"  # the environment variable with the Orthanc password (or password_file)
 # Prometheus metrics (the ``metrics:`` block of the router's YAML, utils/routing/operations/metrics.py): off unless the block is
 # there; the block's keys are these names without the ROUTER_METRICS_ prefix. Needs the prometheus-client package.
 ROUTER_METRICS_HOST: str = "127.0.0.1"  # address /metrics listens on; local unless configured (no authentication)

@@ -12,7 +12,8 @@ import router
 from utils import config as flags
 from utils import constants
 from utils.config import ConfigError
-from utils.routing.operations.config import _CONSTANTS, RouterConfig, _settings, load_config
+from utils.routing.operations.config import _CONSTANTS, RouterConfig, load_config
+from utils.routing.operations.schema import RouterFile
 
 from .conftest import CLASSES, ROOT
 
@@ -58,20 +59,20 @@ def test_overrides_win_over_the_file(tmp_path):
     ({"port": "104x"}, "expected int"),
     ({"port": 70000}, "port must be between"),
     ({"threshold": 1.5}, "threshold must be between 0 and 1, got 1.5"),
-    ({"threshold": True}, "expected float"),
+    ({"threshold": True}, "threshold: expected a number or 'auto', got True"),
     ({"ae_title": "A_TITLE_LONGER_THAN_16"}, "AE title"),
     ({"retry_max_s": 0.1, "retry_initial_s": 1}, "retry_max_s"),
     ({"max_classify_attempts": 0}, "max_classify_attempts must be >= 1"),
     ({"max_classify_attempts": 2.5}, "expected int"),
-    ({"destinations": {"spine": {"ae_title": "X", "host": "h"}}}, "needs ae_title, host and port"),
+    ({"destinations": {"spine": {"ae_title": "X", "host": "h"}}}, r"destinations\.spine\.port: required"),
     ({"destinations": {"spine": {"ae_title": "X", "host": "h", "port": 1, "tls": True}}},
-     r"destinations\.spine\.tls: expected a mapping"),
-    ({"destinations": {"spine": "pacs"}}, "expected a mapping"),
+     r"destinations\.spine\.tls: expected dict, got bool True"),
+    ({"destinations": {"spine": "pacs"}}, "destinations.spine: expected dict"),
     ({"destinations": {"spine": {"ae_title": "X", "host": "h", "port": 0}}},
      "destinations.spine.port must be between 1 and 65535, got 0"),
     ({"decode_pool": "auto"}, r"decode_pool must be one of \('processes', 'threads'\)"),
     ({"decode_threads": 65}, r"decode_threads must be"),
-    ({"model": None}, "'model' is required"),
+    ({"model": None}, "model: expected str, got NoneType"),
 ])
 def test_bad_settings_are_refused_with_the_key(tmp_path, settings, message):
     with pytest.raises(ConfigError, match=message):
@@ -134,7 +135,8 @@ def test_router_bounds_come_from_constants_py(tmp_path, monkeypatch):
 def test_every_router_setting_is_a_config_field():
     """Each ROUTER_* constant is a YAML key (its name without the prefix) and a RouterConfig field; the
     ROUTER_ORTHANC_* constants are the keys of the orthanc_source block instead."""
-    assert set(_settings()) == {f.name for f in dataclasses.fields(RouterConfig)}
+    assert set(RouterFile.model_fields) == {f.name for f in dataclasses.fields(RouterConfig)}
+    assert set(_CONSTANTS) <= set(RouterFile.model_fields)
     assert {"port", "batch_size", "max_classify_attempts", "threshold", "decode_timeout_s",
             "decode_threads"} <= set(RANGED)
 
@@ -248,13 +250,22 @@ def test_check_says_where_the_threshold_came_from():
     assert describe_threshold(0.5, 0.5).startswith("threshold 0.5 (given: 0.5)")
 
 
-def test_orthanc_source_block_is_checked_and_its_password_never_written_out(tmp_path):
+def test_orthanc_source_block_is_checked_and_its_password_never_written_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROUTER_ORTHANC_PASSWORD", "secret-from-env")
     config = load_config(write(tmp_path, orthanc_source={"url": "http://127.0.0.1:8042/", "username": "router",
-                                                         "password": "secret", "poll_s": 2, "modalities": []}))
+                                                         "poll_s": 2, "modalities": []}))
     source = config.orthanc_source
     assert (source.url, source.poll_s, source.modalities) == ("http://127.0.0.1:8042", 2.0, ())
     assert (source.batch, source.start_from) == (constants.ROUTER_ORTHANC_BATCH, constants.ROUTER_ORTHANC_START_FROM)
-    assert config.to_dict()["orthanc_source"]["password"] == "***"
+    assert source.password == "secret-from-env" and "secret" not in repr(source) + repr(config)
+    assert config.to_dict()["orthanc_source"]["password"] == "*** ($ROUTER_ORTHANC_PASSWORD)"
+    (tmp_path / "orthanc.pw").write_text("from-a-file\n")
+    source = load_config(write(tmp_path, orthanc_source={"url": "http://x", "username": "router",
+                                                         "password_file": "orthanc.pw"})).orthanc_source
+    assert source.password == "from-a-file" and "from-a-file" not in repr(source)
+    with pytest.raises(ConfigError, match=r"orthanc_source.password: secrets are not written in the configuration "
+                                          r"file; give password_env or password_file"):
+        load_config(write(tmp_path, orthanc_source={"url": "http://x", "username": "u", "password": "p"}))
     assert load_config(write(tmp_path)).orthanc_source is None
     assert load_config(write(tmp_path, orthanc_source={"url": "http://pacs:8042"})).orthanc_source.modalities == \
         constants.ROUTER_ORTHANC_MODALITIES
@@ -265,13 +276,76 @@ def test_orthanc_source_block_is_checked_and_its_password_never_written_out(tmp_
     ("http://x", r"orthanc_source: expected dict, got str"),
     ({"url": "ftp://x"}, r"orthanc_source.url: expected http\(s\)"),
     ({"url": "http://x", "user": "a"}, r"orthanc_source: unknown key 'user'"),
-    ({"url": "http://x", "username": "a"}, r"give both username and password"),
+    ({"url": "http://x", "username": "a"}, r"give both username and a password"),
     ({"url": "http://x", "poll_s": 0}, r"orthanc_source.poll_s must be"),
     ({"url": "http://x", "batch": 5000}, r"orthanc_source.batch must be between 1 and 1000"),
     ({"url": "http://x", "start_from": "now"}, r"orthanc_source.start_from must be one of"),
     ({"url": "http://x", "modalities": ["cr"]}, r"orthanc_source.modalities: Modality values are upper case"),
-    ({"url": "http://x", "modalities": "CR"}, r"orthanc_source.modalities: expected a list"),
+    ({"url": "http://x", "modalities": "CR"}, r"orthanc_source.modalities: expected list"),
 ])
 def test_orthanc_source_errors_name_the_key(tmp_path, block, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, orthanc_source=block))
+
+
+def test_every_problem_is_reported_at_once_with_its_yaml_path(tmp_path):
+    """One run of the router names every mistake in the file, each with where it is, not the first one only."""
+    path = write(tmp_path, batch_size=0, prot=104, threshold="high",
+                 destinations={**DESTINATIONS, "spine": {"ae_title": "SPINE", "host": "h", "port": 0}},
+                 metrics={"port": "x"}, console={"tokn": "x"},
+                 orthanc_source={"url": "http://pacs:8042", "username": "u", "password": "in-the-yaml"})
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    lines = str(raised.value).splitlines()
+    expected = ["destinations.spine.port must be between 1 and 65535, got 0", "threshold: expected a number or 'auto'",
+                "batch_size must be >= 1, got 0", "metrics.port: expected int, got str 'x'",
+                "console: unknown key 'tokn' (did you mean 'token_env'?)",
+                "orthanc_source.password: secrets are not written in the configuration file",
+                "top level: unknown key 'prot' (did you mean 'port'?)"]
+    for text in expected:
+        assert sum(text in line for line in lines) == 1, (text, lines)
+    assert len(lines) == len(expected) and all(line.startswith(f"{path}: ") for line in lines)
+    assert "in-the-yaml" not in str(raised.value)
+    # what only a built configuration can check is also gathered: two blocks wrong after the schema passed
+    path = write(tmp_path, tls={"cert": "missing.crt", "key": "missing.key"},
+                 orthanc_source={"url": "ftp://pacs"}, rules=[{"name": "x", "match": {"modality": "CT"},
+                                                              "destination": "nowhere"}])
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    text = str(raised.value)
+    assert "tls.cert" in text and "orthanc_source.url: expected http(s)" in text and "unknown destination 'nowhere'" \
+        in text, text
+
+
+def test_the_json_schema_in_docs_is_the_schemas_and_validates_the_example():
+    """docs/router.schema.json (for editors) is what the router checks: regenerate it with
+    python -m utils.routing.operations.schema > docs/router.schema.json"""
+    import json
+
+    import jsonschema
+
+    from utils.routing.operations.schema import json_schema
+
+    shipped = json.loads((ROOT / "docs" / "router.schema.json").read_text())
+    assert shipped == json.loads(json.dumps(json_schema())), "docs/router.schema.json is stale: regenerate it"
+    validator = jsonschema.Draft202012Validator(shipped)
+    validator.validate(yaml.safe_load((ROOT / "router.example.yaml").read_text()))
+    assert shipped["properties"]["batch_size"]["minimum"] == 1  # bounds from ROUTER_BATCH_SIZE_RANGE
+    assert shipped["properties"]["decode_pool"]["enum"] == list(constants.DECODE_POOL_CHOICES)
+    wrong = list(validator.iter_errors({"model": "m", "destinations": {"a": {"folder": "q"}}, "port": 0,
+                                        "orthanc_source": {"url": "http://x", "password": "p"}}))
+    assert {tuple(e.absolute_path)[:1] for e in wrong} == {("port",), ("orthanc_source",)}
+
+
+def test_check_prints_the_resolved_configuration_with_secrets_masked(tmp_path, monkeypatch):
+    from utils.routing.operations.service import describe_config
+
+    monkeypatch.setenv("ROUTER_ORTHANC_PASSWORD", "orthanc-secret-value")
+    monkeypatch.setenv("ROUTER_CONSOLE_TOKEN", "Console-Token-0123456789-abcdef")
+    config = load_config(write(tmp_path, orthanc_source={"url": "http://pacs:8042", "username": "router"},
+                               console={"port": 8108}))
+    text = describe_config(config)
+    assert "password: '*** ($ROUTER_ORTHANC_PASSWORD)'" in text and "token_env: ROUTER_CONSOLE_TOKEN" in text
+    assert "batch_size: 16" in text and f"spool_dir: {config.spool_dir}" in text
+    for secret in ("orthanc-secret-value", "Console-Token-0123456789-abcdef"):
+        assert secret not in text and secret not in repr(config) and secret not in str(config.to_dict())

@@ -151,7 +151,7 @@ def queue_rows(spool: Path) -> dict[str, int]:
         db.close()
 
 
-def test_orthanc_to_router_to_orthancs_survives_kill_9(tmp_path, processes, model_file, capsys):
+def test_orthanc_to_router_to_orthancs_survives_kill_9(tmp_path, processes, model_file, capsys, monkeypatch):
     started = time.monotonic()
     router_port = free_port()
     upstream = Orthanc(processes, tmp_path / "upstream", "UPSTREAM", router_port=router_port, auth=True)
@@ -171,11 +171,13 @@ def test_orthanc_to_router_to_orthancs_survives_kill_9(tmp_path, processes, mode
         destinations={label: {"ae_title": ae, "host": "127.0.0.1", "port": downstream[name].dicom_port}
                       for label, (name, ae) in ROUTES.items()},
         allowed_callers=["UPSTREAM"],
-        orthanc_source={"url": upstream.client.url, "username": USER, "password": PASSWORD, "poll_s": 0.2,
+        orthanc_source={"url": upstream.client.url, "username": USER, "password_env": "TEST_ORTHANC_PASSWORD",
+                        "poll_s": 0.2,
                         "batch": 5, "start_from": "beginning"})
     logs = iter(tmp_path / f"router-{i}.log" for i in range(1, 10))
     # Run 1 dies handing over the 5th instance: its spool file written, its row and the cursor not committed.
-    env = {**os.environ, "KILL_AT_ORTHANC_STORE": "5", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TEST_ORTHANC_PASSWORD": PASSWORD, "KILL_AT_ORTHANC_STORE": "5", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONUNBUFFERED": "1"}
     router = processes([sys.executable, "-m", "tests.routing.orthanc_crash_router", "--config", config], next(logs),
                        cwd=ROOT, env=env)
     wait_for(lambda: "listening on port" in router.output() or not router.alive(), TIMEOUT, "the router to listen")
@@ -252,7 +254,8 @@ def test_orthanc_to_router_to_orthancs_survives_kill_9(tmp_path, processes, mode
     assert all(r.get("source") == "orthanc" for r in records if r["event"] == "received" and not r.get("reconciled"))
     deliveries = [r["sop_instance_uid"] for r in records if r["event"] == "forwarded" and r["status"] == "0x0000"]
 
-    # --status shows the cursor caught up with Orthanc's last change
+    # --status shows the cursor caught up with Orthanc's last change (the password: from the environment, as the router's)
+    monkeypatch.setenv("TEST_ORTHANC_PASSWORD", PASSWORD)
     assert print_status(load_config(config)) == 0
     status_text = capsys.readouterr().out
     assert "orthanc source http://127.0.0.1" in status_text and " 0 changes behind" in status_text, status_text

@@ -297,7 +297,7 @@ def test_a_valid_tls_configuration_loads(tmp_path, model_file, pki):
     ("no_ca_but_required", "require_client_cert needs ca"),
     ("bad_ca", "not a PEM file of CA certificates"),
     ("unknown_key", "unknown key 'verify'"),
-    ("not_bool", "expected true or false"),
+    ("not_bool", r"tls.require_client_cert: expected bool, got str"),
 ])
 def test_bad_server_tls_is_refused_with_a_clear_message(tmp_path, model_file, pki, case, message):
     settings = tls_settings(pki)

@@ -30,12 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from utils import constants
-from utils.config import ConfigError, refuse_unknown_keys
+from utils.config import ConfigError
 
 PREFIX = "ROUTER_TLS_"  # the constants of the tls blocks' switches (the key is the name without the prefix)
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
-_SERVER_KEYS = {"cert", "key", "ca", "require_client_cert"}
-_CLIENT_KEYS = {"ca", "cert", "key", "check_hostname", "server_hostname"}
 
 
 @dataclass(frozen=True)
@@ -86,59 +84,39 @@ class ClientTLS:
 # --- parsing (utils/routing/operations/config.py) -------------------------------------------------------
 
 
-def parse_server(raw: Any, base: Path, where: str) -> ServerTLS:
+def server_from(block, base: Path, where: str) -> ServerTLS:
+    """The validated ``tls`` block (utils/routing/operations/schema.py) -> settings; every file read and checked now,
+    not at the first connection. ConfigError naming the key."""
     where = f"{where}: tls"
-    spec = _mapping(raw, _SERVER_KEYS, where, "cert and key")
-    missing = sorted({"cert", "key"} - set(spec))
-    if missing:
-        raise ConfigError(f"{where}: {' and '.join(missing)} required (PEM files: the router's certificate and "
-                          f"its private key)")
+    spec = block.model_dump(exclude_none=True)
     settings = ServerTLS(cert=_file(spec, "cert", base, where), key=_file(spec, "key", base, where),
                          ca=_file(spec, "ca", base, where) if "ca" in spec else None,
-                         require_client_cert=_flag(spec, "require_client_cert", where))
+                         require_client_cert=block.require_client_cert)
     if settings.require_client_cert and settings.ca is None:
         raise ConfigError(f"{where}: require_client_cert needs ca (the CA that signs the senders' certificates); "
                           f"or set require_client_cert: false")
-    server_context(settings, where)  # every file read and checked now, not at the first connection
+    server_context(settings, where)
     return settings
 
 
-def parse_client(raw: Any, base: Path, where: str) -> ClientTLS:
+def client_from(block, base: Path, where: str) -> ClientTLS:
+    """A destination's validated ``tls`` block -> settings, its files checked now."""
     where = f"{where}.tls"
-    spec = _mapping(raw, _CLIENT_KEYS, where, "ca, cert, key, check_hostname, server_hostname")
+    spec = block.model_dump(exclude_none=True)
     if ("cert" in spec) != ("key" in spec):
         raise ConfigError(f"{where}: a client certificate needs both cert and key")
-    hostname = spec.get("server_hostname", "")
-    if not isinstance(hostname, str):
-        raise ConfigError(f"{where}.server_hostname: expected a string, got {type(hostname).__name__}")
     settings = ClientTLS(ca=_file(spec, "ca", base, where) if "ca" in spec else None,
                          cert=_file(spec, "cert", base, where) if "cert" in spec else None,
                          key=_file(spec, "key", base, where) if "key" in spec else None,
-                         check_hostname=_flag(spec, "check_hostname", where), server_hostname=hostname.strip())
+                         check_hostname=block.check_hostname, server_hostname=block.server_hostname.strip())
     client_context(settings, where)
     return settings
-
-
-def _mapping(raw: Any, keys: set[str], where: str, what: str) -> dict:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping ({what}), got {type(raw).__name__}")
-    refuse_unknown_keys(raw, keys, where)
-    return raw
-
-
-def _flag(spec: dict, key: str, where: str) -> bool:
-    value = spec.get(key, getattr(constants, PREFIX + key.upper()))
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
-    return value
 
 
 def _file(spec: dict, key: str, base: Path, where: str) -> Path:
     import os
 
     value = spec[key]
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}.{key}: expected a file path, got {value!r}")
     path = Path(os.path.expanduser(value.strip()))
     path = path if path.is_absolute() else base / path
     if not path.is_file():

@@ -52,16 +52,18 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from utils import constants
-from utils.config import ConfigError, check_value, refuse_unknown_keys
+from utils.config import ConfigError
 from utils.routing.operations.audit import AuditLog, AuditWriteError
 from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue, SpoolWriteError
@@ -75,7 +77,6 @@ NOTE_KEY = "orthanc_source_state"  # queue meta: what the source last saw of Ort
 NEW_INSTANCE = "NewInstance"
 PREFIX = "ROUTER_ORTHANC_"  # the constants of the block's keys (the key is the name without the prefix)
 ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")  # Orthanc's resource identifiers (a SHA-1, grouped)
-_KEYS = {"url", "username", "password", "poll_s", "batch", "timeout_s", "start_from", "modalities"}
 
 
 @dataclass(frozen=True)
@@ -84,59 +85,58 @@ class OrthancSourceSettings:
 
     url: str  # Orthanc's REST API, e.g. http://127.0.0.1:8042 (no trailing slash)
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False, compare=False)  # never in a repr, the audit log or --check
     poll_s: float = constants.ROUTER_ORTHANC_POLL_S
     batch: int = constants.ROUTER_ORTHANC_BATCH
     timeout_s: float = constants.ROUTER_ORTHANC_TIMEOUT_S
     start_from: str = constants.ROUTER_ORTHANC_START_FROM
     modalities: tuple[str, ...] = constants.ROUTER_ORTHANC_MODALITIES
+    password_source: str = ""  # where the password came from ("file ...", "$VAR"; "" without one)
 
     def to_dict(self) -> dict[str, Any]:
         """For the audit log and saved configurations: the password is never written out."""
-        return {"url": self.url, "username": self.username, "password": "***" if self.password else "",
+        return {"url": self.url, "username": self.username, "password": f"*** ({self.password_source})" if self.password else "",
                 "poll_s": self.poll_s, "batch": self.batch, "timeout_s": self.timeout_s,
                 "start_from": self.start_from, "modalities": list(self.modalities)}
 
 
-def parse_settings(raw: Any, where: str) -> OrthancSourceSettings:
-    """The ``orthanc_source`` mapping -> settings; ConfigError naming the key for anything wrong."""
+def settings_from(block, base: Path, where: str) -> OrthancSourceSettings:
+    """The validated ``orthanc_source`` block (utils/routing/operations/schema.py) -> settings: the URL's form, the
+    password read from ``password_file`` or the environment variable ``password_env``, the modalities' case.
+    ConfigError naming the key."""
     where = f"{where}: orthanc_source"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with at least 'url', got {type(raw).__name__}")
-    refuse_unknown_keys(raw, _KEYS, where)
-    url = raw.get("url")
-    if not isinstance(url, str) or not url.strip():
-        raise ConfigError(f"{where}.url: required, Orthanc's REST API (e.g. http://127.0.0.1:8042), got {url!r}")
-    url = url.strip().rstrip("/")
+    url = block.url.rstrip("/")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ConfigError(f"{where}.url: expected http(s)://host:port[/path], got {url!r}")
-    values: dict[str, Any] = {"url": url}
-    for key in ("username", "password"):
-        value = raw.get(key, "")
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}.{key}: expected a string, got {type(value).__name__}")
-        values[key] = value
-    if bool(values["username"]) != bool(values["password"]):
-        raise ConfigError(f"{where}: give both username and password (HTTP basic authentication), or neither")
-    for key, kind in (("poll_s", float), ("batch", int), ("timeout_s", float), ("start_from", str)):
-        name = PREFIX + key.upper()
-        value = raw.get(key, getattr(constants, name))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
-        check_value(name, value, f"{where}.{key}")
-        values[key] = value
-    modalities = raw.get("modalities", list(constants.ROUTER_ORTHANC_MODALITIES))
-    if not isinstance(modalities, list) or not all(isinstance(m, str) and m.strip() for m in modalities):
-        raise ConfigError(f"{where}.modalities: expected a list of Modality values ([] for every instance), "
-                          f"got {modalities!r}")
-    lower = [m for m in modalities if m.strip() != m.strip().upper()]
+    if parts.username or parts.password:
+        raise ConfigError(f"{where}.url: no credentials in the URL; give username, and the password in "
+                          f"password_file or ${block.password_env}")
+    if block.password_file and not block.username:
+        raise ConfigError(f"{where}.password_file: a password without username; give both, or neither")
+    password = _read_password(block, base, where) if block.username else ""
+    if block.username and not password:
+        raise ConfigError(f"{where}: give both username and a password (HTTP basic authentication: password_file, "
+                          f"or the environment variable ${block.password_env}), or neither")
+    lower = [m for m in block.modalities if m.strip() != m.strip().upper() or not m.strip()]
     if lower:
         raise ConfigError(f"{where}.modalities: Modality values are upper case (CR, DX), got {lower}")
-    values["modalities"] = tuple(m.strip() for m in modalities)
-    return OrthancSourceSettings(**values)
+    return OrthancSourceSettings(url=url, username=block.username, password=password, poll_s=block.poll_s,
+                                 batch=block.batch, timeout_s=block.timeout_s, start_from=block.start_from,
+                                 modalities=tuple(m.strip() for m in block.modalities),
+                                 password_source=(f"file {block.password_file}" if block.password_file else
+                                                  f"${block.password_env}" if password else ""))
+
+
+def _read_password(block, base: Path, where: str) -> str:
+    if block.password_file:
+        path = Path(os.path.expanduser(block.password_file))
+        path = path if path.is_absolute() else base / path
+        try:
+            return path.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"{where}.password_file: cannot read {path}: {error.strerror or error}") from error
+    return os.environ.get(block.password_env, "").strip() if block.password_env else ""
 
 
 # --- REST --------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ class OrthancClient:
         return cls(settings.url, settings.username, settings.password, settings.timeout_s)
 
     def get(self, path: str) -> bytes:
-        request = urllib.request.Request(self.url + path, headers=self._headers)  # http(s) only: checked by parse_settings
+        request = urllib.request.Request(self.url + path, headers=self._headers)  # http(s) only: checked by settings_from
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:
                 return answer.read()

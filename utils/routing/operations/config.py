@@ -44,31 +44,28 @@ from pathlib import Path
 from typing import Any
 
 from utils import constants
-from utils.config import ConfigError, check_value, constant_types, refuse_unknown_keys
-from utils.infer.decisions import AUTO_THRESHOLD, UNCERTAIN, UNREADABLE
+from utils.config import ConfigError, constant_types
+from utils.infer.decisions import AUTO_THRESHOLD, UNCERTAIN, UNREADABLE  # noqa: F401 (AUTO_THRESHOLD: callers)
 from utils.infer.predictor import resolve_threshold
-from utils.routing.operations.console import PREFIX as CONSOLE_PREFIX
-from utils.routing.operations.console import ConsoleSettings
-from utils.routing.operations.console import parse_settings as parse_console
-from utils.routing.operations.metrics import PREFIX as METRICS_PREFIX
-from utils.routing.operations.metrics import MetricsSettings
-from utils.routing.operations.metrics import parse_settings as parse_metrics
-from utils.routing.intake.orthanc_source import PREFIX as ORTHANC_PREFIX
-from utils.routing.intake.orthanc_source import OrthancSourceSettings, parse_settings
 from utils.routing.decision.rules import MODEL, PASS_THROUGH, Rule, RuleSet, parse_rules
 from utils.routing.decision.shadow import ShadowRule, parse_shadow
-from utils.routing.tls import PREFIX as TLS_PREFIX
-from utils.routing.tls import ClientTLS, ServerTLS, parse_client, parse_server
+from utils.routing.intake.orthanc_source import OrthancSourceSettings
+from utils.routing.intake.orthanc_source import settings_from as orthanc_settings
+from utils.routing.operations.console import ConsoleSettings
+from utils.routing.operations.console import settings_from as console_settings
+from utils.routing.operations.metrics import MetricsSettings
+from utils.routing.operations.metrics import settings_from as metrics_settings
+from utils.routing.operations.schema import FolderDestination, validate_document
+from utils.routing.tls import ClientTLS, ServerTLS, client_from, server_from
 
-# YAML key -> the constant of utils/constants.py that gives its type, default and bounds
-# (NAME_RANGE / NAME_CHOICES, checked by utils.config.check_value): every ROUTER_* constant
-# (the key is its name without the prefix), and the settings shared with predict.py. A new
-# router setting is a ROUTER_* constant (+ its range) and a RouterConfig field. The ROUTER_ORTHANC_*
-# constants are the keys of the ``orthanc_source`` block instead (utils/routing/intake/orthanc_source.py).
+# YAML key -> the constant of utils/constants.py that gives its type, default and bounds (the schema,
+# utils/routing/operations/schema.py, checks them against NAME_RANGE / NAME_CHOICES): every ROUTER_* constant
+# outside the blocks (the key is its name without the prefix), and the settings shared with predict.py. A new
+# router setting is a ROUTER_* constant (+ its range), a RouterFile field and a RouterConfig field.
 _CONSTANTS: dict[str, str] = {
     **{name.removeprefix("ROUTER_").lower(): name for name in constant_types()
        if name.startswith("ROUTER_")
-       and not name.startswith((ORTHANC_PREFIX, TLS_PREFIX, METRICS_PREFIX, CONSOLE_PREFIX))
+       and not name.startswith(("ROUTER_ORTHANC_", "ROUTER_TLS_", "ROUTER_METRICS_", "ROUTER_CONSOLE_"))
        and not name.endswith(("_RANGE", "_CHOICES"))},
     "threshold": "THRESHOLD",
     "decode_pool": "DECODE_POOL",  # "processes" (isolated, time-limited) or "threads"
@@ -77,30 +74,6 @@ _CONSTANTS: dict[str, str] = {
     "decode_memory_limit_mb": "DECODE_MEMORY_LIMIT_MB",
     "decode_threads": "DECODE_THREADS",  # OpenJPEG threads per JPEG 2000 / HTJ2K frame (0: cores / processes)
 }
-# Settings without a constant: YAML key -> (type, default).
-_OTHERS: dict[str, tuple[type, Any]] = {
-    "model": (str, None),
-    "audit_log": (str, None),  # default: <spool_dir>/audit.jsonl
-    "allowed_callers": (list, []),  # calling AE titles accepted; empty = any
-    "destinations": (dict, None),
-    "rules": (list, []),  # routing rules evaluated before the model (utils/routing/decision/rules.py)
-    "orthanc_source": (dict, None),  # pull new instances from an Orthanc (utils/routing/intake/orthanc_source.py)
-    "tls": (dict, None),  # TLS on the router's own port (utils/routing/tls.py); None: plain TCP
-    "metrics": (dict, None),  # Prometheus /metrics (utils/routing/operations/metrics.py); None: off
-    "console": (dict, None),  # the web console (utils/routing/operations/console.py); None: off
-    "shadow": (dict, None),  # with mode: shadow, the site's existing rule that forwards (utils/routing/decision/shadow.py)
-}
-
-
-def _settings() -> dict[str, tuple[type, Any]]:
-    """Every YAML key -> (type, default); read at each load, so constants.py is the one source."""
-    hints = constant_types()
-    return {**{key: (hints[name], getattr(constants, name)) for key, name in _CONSTANTS.items()}, **_OTHERS}
-
-
-_DICOM_KEYS = {"ae_title", "host", "port"}
-_DICOM_OPTIONAL = {"tls"}  # TLS towards this destination (utils/routing/tls.py)
-_FOLDER_KEYS = {"folder"}
 
 
 @dataclass(frozen=True)
@@ -250,47 +223,55 @@ def check_model_exists(config: RouterConfig, setting: str) -> None:
 
 
 def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configuration") -> RouterConfig:
-    settings = _settings()
-    refuse_unknown_keys(raw, settings, where)
-    values = {}
-    for key, (kind, default) in settings.items():
-        value = raw.get(key, default)
-        if key == "threshold" and isinstance(value, str):
-            if value.strip().lower() != AUTO_THRESHOLD:
-                raise ConfigError(f"{where}: threshold: expected a number or '{AUTO_THRESHOLD}', got {value!r}")
-            value = AUTO_THRESHOLD  # resolved once the model is loaded (RouterConfig.resolve_threshold)
-        elif value is not None:
-            value = _typed(value, kind, f"{where}: {key}")
-        values[key] = value
-    if not values["model"]:
-        raise ConfigError(f"{where}: 'model' is required (a training run directory or a .keras file)")
-    if not values["destinations"]:
-        raise ConfigError(f"{where}: 'destinations' is required (one per class, plus '{UNCERTAIN}')")
-    _check_ranges(values, where)
-    spool = _path(values["spool_dir"], base)
-    audit = _path(values["audit_log"], base) if values["audit_log"] else spool / "audit.jsonl"
-    destinations = {str(route): _destination(str(route), spec, base, where)
-                    for route, spec in values["destinations"].items()}
+    """Check ``raw`` against the schema (utils/routing/operations/schema.py), then what a schema cannot know
+    (files, rules, the destinations that rules and shadow name). ConfigError with every problem found, one
+    line each, ``where: YAML path: what is wrong``."""
+    document, problems = validate_document(raw)
+    if problems:
+        raise ConfigError("\n".join(f"{where}: {p}" for p in problems))
+    problems = []
+
+    def attempt(build, *args, **kwargs):
+        try:
+            return build(*args, **kwargs)
+        except ConfigError as error:
+            problems.extend(str(error).splitlines())
+            return None
+
+    d = document
+    if not d.retry_max_s >= d.retry_initial_s:
+        problems.append(f"{where}: retry_max_s must be >= retry_initial_s ({d.retry_initial_s!r}), "
+                        f"got {d.retry_max_s!r}")
+    spool = _path(d.spool_dir, base)
+    audit = _path(d.audit_log, base) if d.audit_log else spool / "audit.jsonl"
+    destinations: dict[str, Destination] = {}
+    for route, spec in d.destinations.items():
+        label = f"{where}: destinations.{route}"
+        if isinstance(spec, FolderDestination):
+            destinations[route] = Destination(route, folder=_path(spec.folder, base))
+        else:
+            tls = attempt(client_from, spec.tls, base, label) if spec.tls is not None else None
+            destinations[route] = Destination(route, ae_title=spec.ae_title, host=spec.host, port=spec.port, tls=tls)
     if MODEL in destinations:
-        raise ConfigError(f"{where}: destinations.{MODEL}: '{MODEL}' is reserved: a rule's destination '{MODEL}' "
-                          f"sends the object to the classifier; give this destination another name")
+        problems.append(f"{where}: destinations.{MODEL}: '{MODEL}' is reserved: a rule's destination '{MODEL}' "
+                        f"sends the object to the classifier; give this destination another name")
     destinations.setdefault(UNREADABLE, Destination(UNREADABLE, folder=spool / "quarantine"))
-    rules = parse_rules(values["rules"], destinations, where)
-    callers = tuple(_ae_title(_typed(a, str, f"{where}: allowed_callers"), f"{where}: allowed_callers")
-                    for a in values["allowed_callers"])
-    plain = {key: values[key] for key in _CONSTANTS if key not in ("ae_title", "spool_dir")}
-    source = parse_settings(values["orthanc_source"], where) if values["orthanc_source"] is not None else None
-    tls = parse_server(values["tls"], base, where) if values["tls"] is not None else None
-    metrics = parse_metrics(values["metrics"], where) if values["metrics"] is not None else None
-    console = parse_console(values["console"], base, where) if values["console"] is not None else None
+    rules = attempt(parse_rules, list(d.rules), destinations, where) or ()
+    source = attempt(orthanc_settings, d.orthanc_source, base, where) if d.orthanc_source else None
+    tls = attempt(server_from, d.tls, base, where) if d.tls is not None else None
+    metrics = attempt(metrics_settings, d.metrics, where) if d.metrics is not None else None
+    console = attempt(console_settings, d.console, base, where) if d.console is not None else None
     if console is not None and console.corrections_dir is None:
         console = dataclasses.replace(console, corrections_dir=spool / "corrections")
-    shadow = parse_shadow(values["mode"], values["shadow"], destinations, where)
-    _same_tls_per_node(destinations, where)
-    return RouterConfig(**plain, ae_title=_ae_title(values["ae_title"], f"{where}: ae_title"),
-                        model=str(_path(values["model"], base)), spool_dir=spool, audit_log=audit,
-                        allowed_callers=callers, destinations=destinations, rules=rules, orthanc_source=source,
-                        tls=tls, metrics=metrics, shadow=shadow, console=console)
+    shadow = attempt(parse_shadow, d.mode, d.shadow.model_dump() if d.shadow is not None else None,
+                     destinations, where)
+    attempt(_same_tls_per_node, destinations, where)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    plain = {key: getattr(d, key) for key in _CONSTANTS if key not in ("ae_title", "spool_dir")}
+    return RouterConfig(**plain, ae_title=d.ae_title, model=str(_path(d.model, base)), spool_dir=spool,
+                        audit_log=audit, allowed_callers=tuple(d.allowed_callers), destinations=destinations,
+                        rules=rules, orthanc_source=source, tls=tls, metrics=metrics, shadow=shadow, console=console)
 
 
 def _same_tls_per_node(destinations: dict[str, Destination], where: str) -> None:
@@ -303,53 +284,6 @@ def _same_tls_per_node(destinations: dict[str, Destination], where: str) -> None
                               f"({d.node}) with different tls settings; give both the same tls block")
 
 
-def _typed(value: Any, kind: type, where: str) -> Any:
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _check_ranges(v: dict[str, Any], where: str) -> None:
-    """Each setting against its constant's bounds, then the one rule that relates two settings."""
-    for key, name in _CONSTANTS.items():
-        if key == "threshold" and v[key] == AUTO_THRESHOLD:
-            continue
-        check_value(name, v[key], f"{where}: {key}")
-    if not v["retry_max_s"] >= v["retry_initial_s"]:
-        raise ConfigError(f"{where}: retry_max_s must be >= retry_initial_s ({v['retry_initial_s']!r}), "
-                          f"got {v['retry_max_s']!r}")
-
-
-def _ae_title(value: str, where: str) -> str:
-    value = value.strip()
-    if not value or len(value) > 16 or "\\" in value or not value.isascii() or not value.isprintable():
-        raise ConfigError(f"{where}: an AE title is 1-16 printable ASCII characters without '\\', got {value!r}")
-    return value
-
-
 def _path(value: str, base: Path) -> Path:
     path = Path(os.path.expanduser(value))
     return path if path.is_absolute() else base / path
-
-
-def _destination(route: str, spec: Any, base: Path, where: str) -> Destination:
-    where = f"{where}: destinations.{route}"
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where}: expected a mapping with ae_title/host/port, or folder")
-    keys = set(spec)
-    if keys & _FOLDER_KEYS:
-        refuse_unknown_keys(spec, _FOLDER_KEYS, where)
-        return Destination(route, folder=_path(_typed(spec["folder"], str, f"{where}.folder"), base))
-    refuse_unknown_keys(spec, _DICOM_KEYS | _DICOM_OPTIONAL, where)
-    if keys - _DICOM_OPTIONAL != _DICOM_KEYS:
-        raise ConfigError(f"{where}: a DICOM destination needs ae_title, host and port "
-                          f"(missing {sorted(_DICOM_KEYS - keys)}), or give a folder")
-    port = _typed(spec["port"], int, f"{where}.port")
-    check_value("ROUTER_PORT", port, f"{where}.port")  # a TCP port, like the router's own
-    tls = parse_client(spec["tls"], base, where) if spec.get("tls") is not None else None
-    return Destination(route, ae_title=_ae_title(_typed(spec["ae_title"], str, f"{where}.ae_title"), where),
-                       host=_typed(spec["host"], str, f"{where}.host"), port=port, tls=tls)

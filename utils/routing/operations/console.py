@@ -92,7 +92,7 @@ from pathlib import Path
 from typing import Any
 
 from utils import constants
-from utils.config import ConfigError, check_value, refuse_unknown_keys
+from utils.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ PREFIX = "ROUTER_CONSOLE_"  # the constants of the block's keys (the key is the 
 _SCALARS = ("host", "port", "token_env", "session_hours", "idle_minutes", "max_failures", "failure_window_s",
             "review_days", "review_max_mb")
 _LISTS = ("allowed_hosts", "trusted_proxies")
-_KEYS = {*_SCALARS, *_LISTS, "tls", "token_file", "users_file", "corrections_dir"}
 _PACKAGES = {"starlette": "starlette", "uvicorn": "uvicorn", "jinja2": "jinja2", "python_multipart": "python-multipart"}
 MIN_TOKEN_CHARS = 16  # a shorter token is refused (guessable)
 MIN_TOKEN_DISTINCT = 8  # ... and one with fewer distinct characters ("aaaaaaaaaaaaaaaa")
@@ -198,31 +197,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def parse_settings(raw: Any, base: Path, where: str) -> ConsoleSettings:
-    """The ``console`` mapping -> settings; ConfigError naming the key, or the pip command for what is missing."""
+def settings_from(block, base: Path, where: str) -> ConsoleSettings:
+    """The validated ``console`` block (utils/routing/operations/schema.py) -> settings: host names and proxy
+    networks checked, paths resolved, the token and users read and judged, the packages the console needs
+    present. ConfigError naming the key, or the pip command for what is missing."""
     where = f"{where}: console"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping (host, port, token_env, ...), got {type(raw).__name__}")
-    refuse_unknown_keys(raw, _KEYS, where)
-    values: dict[str, Any] = {}
-    for key in _SCALARS:
-        name = PREFIX + key.upper()
-        value, default = raw.get(key, getattr(constants, name)), getattr(constants, name)
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, type(default)):
-            raise ConfigError(f"{where}.{key}: expected {type(default).__name__}, got {type(value).__name__} {value!r}")
-        check_value(name, value, f"{where}.{key}")
-        values[key] = value.strip() if isinstance(value, str) else value
-    if not values["host"]:
-        raise ConfigError(f"{where}.host: expected an address to listen on (e.g. 127.0.0.1)")
+    values: dict[str, Any] = {key: getattr(block, key) for key in _SCALARS}
     for key in _LISTS:
-        value = raw.get(key, getattr(constants, PREFIX + key.upper()))
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+        value = getattr(block, key)
+        value = [value] if isinstance(value, str) else value
+        if not all(v.strip() for v in value):
             raise ConfigError(f"{where}.{key}: expected a list of names or addresses, got {value!r}")
         values[key] = tuple(v.strip() for v in value)
     for name in values["allowed_hosts"]:
@@ -234,13 +218,9 @@ def parse_settings(raw: Any, base: Path, where: str) -> ConsoleSettings:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError as error:
             raise ConfigError(f"{where}.trusted_proxies: {proxy!r} is not an address or network ({error})") from error
-    paths = {}
-    for key in ("token_file", "users_file", "corrections_dir"):
-        value = raw.get(key)
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise ConfigError(f"{where}.{key}: expected a path, got {value!r}")
-        paths[key] = None if value is None else _path(value, base)
-    tls_cert, tls_key = _read_tls(raw.get("tls"), base, f"{where}.tls")
+    paths = {key: None if getattr(block, key) is None else _path(getattr(block, key), base)
+             for key in ("token_file", "users_file", "corrections_dir")}
+    tls_cert, tls_key = _read_tls(block.tls, base, f"{where}.tls")
     token = _read_token(paths["token_file"], values["token_env"], where)
     missing = [pip for module, pip in _PACKAGES.items() if importlib.util.find_spec(module) is None]
     if paths["users_file"] and importlib.util.find_spec("argon2") is None:
@@ -265,16 +245,11 @@ def _path(value: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _read_tls(raw: Any, base: Path, where: str) -> tuple[Path | None, Path | None]:
+def _read_tls(block, base: Path, where: str) -> tuple[Path | None, Path | None]:
     """``tls: {cert, key}`` -> paths, loaded once here so that a wrong file stops the start with its name."""
-    if raw is None:
+    if block is None:
         return None, None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with cert and key, got {raw!r}")
-    refuse_unknown_keys(raw, {"cert", "key"}, where)
-    if not all(isinstance(raw.get(k), str) and raw[k].strip() for k in ("cert", "key")):
-        raise ConfigError(f"{where}: expected cert and key (paths of PEM files), got {raw!r}")
-    cert, key = _path(raw["cert"], base), _path(raw["key"], base)
+    cert, key = _path(block.cert, base), _path(block.key, base)
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as error:

@@ -42,12 +42,11 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from utils import constants
-from utils.config import ConfigError, check_value, refuse_unknown_keys
+from utils.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 PREFIX = "ROUTER_METRICS_"  # the constants of the block's keys (the key is the name without the prefix)
-_KEYS = {"host", "port"}
 POLL_S = 0.05  # how often the HTTP server looks for a stop request (stop waits at most this long for it)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)  # seconds
 STATES = ("received", "classified", "forwarded", "quarantined", "failed")  # utils/routing/queue.py
@@ -67,23 +66,13 @@ class MetricsSettings:
         return f"Prometheus metrics on http://{self.host}:{self.port}/metrics"
 
 
-def parse_settings(raw: Any, where: str) -> MetricsSettings:
-    """The ``metrics`` mapping -> settings; ConfigError naming the key, or saying that prometheus-client is missing."""
-    where = f"{where}: metrics"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping (host, port), got {type(raw).__name__}")
-    refuse_unknown_keys(raw, _KEYS, where)
-    host = raw.get("host", constants.ROUTER_METRICS_HOST)
-    if not isinstance(host, str) or not host.strip():
-        raise ConfigError(f"{where}.host: expected an address to listen on (e.g. 127.0.0.1), got {host!r}")
-    port = raw.get("port", constants.ROUTER_METRICS_PORT)
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise ConfigError(f"{where}.port: expected int, got {type(port).__name__} {port!r}")
-    check_value(PREFIX + "PORT", port, f"{where}.port")
+def settings_from(block, where: str) -> MetricsSettings:
+    """The validated ``metrics`` block (utils/routing/operations/schema.py) -> settings; ConfigError when
+    prometheus-client is missing."""
     if importlib.util.find_spec("prometheus_client") is None:
-        raise ConfigError(f"{where}: metrics need the prometheus-client package (pip install prometheus-client); "
-                          f"install it or remove the metrics block")
-    return MetricsSettings(host=host.strip(), port=port)
+        raise ConfigError(f"{where}: metrics: metrics need the prometheus-client package (pip install "
+                          f"prometheus-client); install it or remove the metrics block")
+    return MetricsSettings(host=block.host, port=block.port)
 
 
 class NoMetrics:

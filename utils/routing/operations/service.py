@@ -66,11 +66,22 @@ def echo(ae_title: str, host: str, port: int, called: str, timeout: float = 10, 
         assoc.release()
 
 
+def describe_config(config: RouterConfig) -> str:
+    """The resolved configuration as YAML (defaults filled in, paths absolute), secrets masked: the Orthanc password
+    shows as ``*** ($VARIABLE)`` or ``*** (file PATH)``, the console token and users never appear (only where they are
+    read from)."""
+    import yaml
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+    return "resolved configuration (secrets masked):\n" + "".join(f"  {line}\n" for line in text.splitlines())
+
+
 def check(config: RouterConfig) -> int:
     """Load the model, check every label has a destination, the spool's free space; print the routing rules in
     order; C-ECHO each DICOM destination."""
     from utils.infer.predictor import load_predictor
 
+    print(describe_config(config))
     predictor = load_predictor(config.model)
     config.check_routes(predictor.spec.class_names)
     threshold = config.resolve_threshold(predictor)  # "auto" without a calibrated model is refused here
