@@ -52,6 +52,17 @@ def stage_sizes(model) -> list[int] | None:
     return [2 * int(_output(layer).shape[3]) for layer in stage_layers(backbone)]
 
 
+def _spatial_std(o):
+    """keras.ops.std(o, axis=(1, 2)) written out as sqrt(mean(d * d)), d = o - mean(o): the same
+    arithmetic in float (reduce_std squares the same differences), but the TFLite converter no
+    longer fuses it into SQUARED_DIFFERENCE, which has no XNNPACK int8 kernel: in an int8 export that
+    op ran in TFLite's single-threaded reference kernel and cost 3x the whole network (MobileNet-V1 at
+    512 px: ~88 ms of CPU per image instead of ~22; bench/RESULTS.md, "Isolation without a throughput
+    tax"). As SUB, MUL and MEAN every step stays in the XNNPACK delegate."""
+    centred = o - keras.ops.mean(o, axis=(1, 2), keepdims=True)
+    return keras.ops.sqrt(keras.ops.mean(centred * centred, axis=(1, 2)))
+
+
 def with_features(model):
     """``model`` (image -> [gray_to_rgb] -> preprocess -> backbone -> avg_pool -> head_dropout -> logits) with
     a second output, the stage statistics; None for a model of another structure (no nested ``backbone``
@@ -71,8 +82,7 @@ def with_features(model):
     x = outputs[0]
     for layer in head:
         x = layer(x)
-    stats = [keras.ops.concatenate([keras.ops.mean(o, axis=(1, 2)), keras.ops.std(o, axis=(1, 2))], axis=-1)
-             for o in outputs[1:]]
+    stats = [keras.ops.concatenate([keras.ops.mean(o, axis=(1, 2)), _spatial_std(o)], axis=-1) for o in outputs[1:]]
     features = keras.layers.Concatenate(name=FEATURES_NAME, dtype="float32")(stats)
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # one tensor, as the model's own signature
     return keras.Model(inputs, [x, features], name=f"{model.name}_with_features")

@@ -172,6 +172,8 @@ def test_tflite_fp16_and_int8_stay_close(run, tmp_path):
     predictor = load_predictor(tmp_path / "q.tflite")
     assert tensor_types(load_predictor(tmp_path / "h.tflite")) >= {np.float16, np.float32}
     assert np.int8 in tensor_types(predictor)  # weights and activations really are int8
+    # the features' std stays in XNNPACK (models/features.py): no single-threaded SQUARED_DIFFERENCE
+    assert "SQUARED_DIFFERENCE" not in {op["op_name"] for op in predictor._interpreter._get_ops_details()}
     assert predictor._input["dtype"] == np.float32  # float input, as every artifact
     assert predictor.quantization == "int8" and predictor.spec == SPEC
     assert (predictor.predict(images).argmax(1) == reference.argmax(1)).mean() >= 0.9

@@ -29,3 +29,24 @@ def test_a_model_of_another_structure_has_no_features():
     inputs = keras.Input((8, 8, 1))
     plain = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
     assert with_features(plain) is None and stage_sizes(plain) is None
+
+
+def test_the_standard_deviation_is_keras_std_bit_for_bit_in_ops_an_int8_export_keeps_in_xnnpack():
+    """The stage std is written as sqrt(mean(d * d)): the same float numbers as keras.ops.std (so detectors
+    fitted on either agree), but no SQUARED_DIFFERENCE op, which int8 TFLite runs outside XNNPACK in a
+    single-threaded reference kernel (3x the cost of the whole MobileNet at 512 px)."""
+    import keras
+    import tensorflow as tf
+
+    from models import features
+
+    maps = np.random.default_rng(1).uniform(0, 6, (2, 16, 16, 8)).astype(np.float32)
+    assert np.array_equal(features._spatial_std(maps).numpy(), keras.ops.std(maps, axis=(1, 2)).numpy())
+    inputs = keras.Input((16, 16, 8))
+    model = keras.Model(inputs, features._spatial_std(keras.layers.Conv2D(8, 1)(inputs)))
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([m[None]] for m in maps)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    ops = {op["op_name"] for op in tf.lite.Interpreter(model_content=converter.convert())._get_ops_details()}
+    assert "MEAN" in ops and "SQUARED_DIFFERENCE" not in ops
