@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -168,3 +169,48 @@ def test_test_py_leaves_out_hostile_raw_files_with_their_reason(tmp_path, monkey
     reasons = {Path(x["file"]).name: x["reason"].split(":")[0] for x in results["extra"]["left_out"]}
     assert reasons == {"panic.dcm": "codec_panic", "hang.dcm": "decode_timeout", "die.dcm": "decoder_crashed", "x.dcm": "not_dicom"}
     assert json.loads((out / "test_config.json").read_text())["config"]["decode_pool"] == "processes"
+
+
+def test_an_entry_script_starts_quietly_and_still_shows_errors(tmp_path):
+    """Issue 23: TensorFlow's start-up lines (absl's banner, oneDNN, cuda drivers, cuInit) and OpenJPEG's
+    per-tile INFO lines are gone from a real run of predict.py (one interpreter, one TensorFlow start,
+    the user's TF_CPP_MIN_LOG_LEVEL unset), while its errors still show: a classification of a JPEG 2000
+    file, then --threshold auto on a model without calibration (an error after TensorFlow is loaded),
+    then a JPEG 2000 file written under the logging the script set up (the demo's encoder logs per tile)."""
+    from pydicom.uid import JPEG2000Lossless
+
+    from utils.io.dicom_writer import write_dicom
+
+    from .routing.conftest import bright_rows_image, brightness_model
+
+    model = brightness_model(tmp_path / "brightness.keras")
+    inputs = tmp_path / "in"
+    write_dicom(inputs / "j2k.dcm", bright_rows_image(40), bits_stored=12, transfer_syntax=JPEG2000Lossless)
+    script = textwrap.dedent("""
+        import runpy, sys
+        model, inputs, out = sys.argv[1:]
+        codes = []
+        for argv in (["--model", model, "--output", out, "--quiet", inputs],
+                     ["--model", model, "--threshold", "auto", "--output", out + ".2", "--quiet", inputs]):
+            sys.argv = ["predict.py", *argv]
+            try:
+                runpy.run_path("predict.py", run_name="__main__")
+            except SystemExit as exit:
+                codes.append(exit.code)
+        import numpy as np
+        from pydicom.uid import JPEG2000Lossless
+        from utils.io.dicom_writer import write_dicom
+        write_dicom(out + ".dcm", np.full((64, 64), 100, np.uint16), bits_stored=12, transfer_syntax=JPEG2000Lossless)
+        print(codes, "tensorflow" in sys.modules)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = tmp_path / "predictions.csv"
+    result = subprocess.run([sys.executable, "-c", script, str(model), str(inputs), str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert result.stdout.strip().splitlines()[-1] == "[0, 2] True", result.stdout[-2000:] + result.stderr[-3000:]
+    rows = pd.read_csv(out)
+    assert len(rows) == 1 and rows["error"].isna().all() and rows["label"].notna().all()  # the J2K file was read
+    for noise in ("absl::InitializeLog", "oneDNN", "cuda drivers", "cuInit", "cpu_feature_guard", "tile number",
+                  "Tile "):
+        assert noise not in result.stderr, result.stderr[-3000:]
+    assert "error: --threshold auto" in result.stderr, result.stderr[-3000:]  # a real error still shows

@@ -3,6 +3,30 @@
 Each script names the constants it exposes; this module turns ``IMAGE_SIZE: int = 512  # why``
 into ``--image-size`` (type int, default 512, help "why"), so the defaults and their
 explanations live in exactly one place.
+
+Quiet start-up (``quiet_startup``, called by ``start``, the common start of every entry script).
+TensorFlow's native libraries print INFO lines while they load, before absl's logging is set up
+and whatever TF_CPP_MIN_LOG_LEVEL says ("WARNING: All log messages before absl::InitializeLog() is
+called are written to STDERR", "oneDNN custom operations are on", "Could not find cuda drivers"),
+and an ERROR "failed call to cuInit" on a machine that has no GPU driver at all; OpenJPEG's
+encoder logs a "tile number 1 / 1" INFO line per JPEG 2000 file (logger ``openjpeg``). By default:
+
+* TF_CPP_MIN_LOG_LEVEL is set to 2 (TensorFlow's C++ INFO and WARNING lines hidden, ERROR and
+  FATAL shown), only when the user has not set it;
+* the first ``import tensorflow`` of the process (whoever imports it: keras, models, a lazy
+  loader) runs with file descriptor 2 passed through a line filter (a small child process, so that
+  a crash during the import still gets its last lines out): the pre-initialisation lines below
+  that level and absl's banner are dropped, and so is "failed call to cuInit" where TensorFlow
+  found no CUDA driver (or no device) at all, i.e. on a CPU-only machine; any other line (an
+  ERROR, a FATAL, a Python warning or traceback) passes unchanged. The import also lists the GPUs
+  inside the filter, where cuInit is called (it initialises no device: memory growth and
+  visible devices can still be set afterwards);
+* the ``openjpeg`` loggers are set to WARNING (encoder and decoder errors still show).
+
+To get all of it back, set TF_CPP_MIN_LOG_LEVEL yourself: ``TF_CPP_MIN_LOG_LEVEL=0 python
+predict.py ...`` shows every line as TensorFlow and OpenJPEG write them (nothing is filtered); 1
+shows TensorFlow's warnings too. The user's value always wins, and the pre-initialisation lines
+are filtered at that same level. ``--help`` imports no TensorFlow at all (tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -62,12 +86,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def start(parse_args: Callable[[Sequence[str] | None], argparse.Namespace], argv: Sequence[str] | None,
           names: Iterable[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """The common start of every entry script: quiet TensorFlow C++ INFO/WARNING lines (errors
-    still show), logging, parse the flags, check constants.py, validate. Exits with status 2 and
-    a one-line message on a bad value."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """The common start of every entry script: a quiet start-up (``quiet_startup``: TensorFlow's
+    and OpenJPEG's INFO noise hidden, errors still shown; see the module docstring), logging, parse
+    the flags, check constants.py, validate. Exits with status 2 and a one-line message on a bad value."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    quiet_startup()
     args = parse_args(argv)
     try:
         check_constants()
@@ -75,6 +99,148 @@ def start(parse_args: Callable[[Sequence[str] | None], argparse.Namespace], argv
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# --- a quiet start-up (module docstring) -------------------------------------------------------
+
+TF_LOG_LEVEL_DEFAULT = 2  # TensorFlow's C++ INFO and WARNING lines hidden, ERROR and FATAL shown
+QUIET_LOGGERS = ("openjpeg", "_openjpeg")  # pylibjpeg-openjpeg: a "tile number 1 / 1" INFO line per encoded file
+
+
+def quiet_startup() -> int:
+    """Make an entry script's start quiet (module docstring); returns the TensorFlow C++ log level in
+    force (the user's TF_CPP_MIN_LOG_LEVEL, else 2). Imports nothing heavy; call it before TensorFlow
+    is imported (once it is, only the loggers and the environment variable are set). Idempotent."""
+    own = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if own is None:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = str(TF_LOG_LEVEL_DEFAULT)
+    level = _log_level(os.environ["TF_CPP_MIN_LOG_LEVEL"])
+    if level > 0:
+        for name in QUIET_LOGGERS:
+            if logging.getLogger(name).level == logging.NOTSET:  # one the user configured keeps its level
+                logging.getLogger(name).setLevel(logging.WARNING)
+        if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+            sys.meta_path.insert(0, _QuietTensorFlowImport(level))
+    return level
+
+
+def _log_level(text: str) -> int:
+    try:
+        return min(max(int(text), 0), 3)
+    except ValueError:
+        return 0  # what TensorFlow makes of a value it cannot read: everything shown
+
+
+class _QuietTensorFlowImport:
+    """A one-shot import hook (sys.meta_path): the first ``import tensorflow`` runs with fd 2
+    filtered (``_filtered_stderr``), then the hook removes itself."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "tensorflow":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(fullname)  # the finders after this one
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _QuietLoader(spec.loader, self.level)
+        return spec
+
+
+class _QuietLoader:
+    """Delegates to TensorFlow's own loader, with fd 2 filtered while the package executes."""
+
+    def __init__(self, loader: Any, level: int) -> None:
+        self.loader, self.level = loader, level
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        module.__loader__ = self.loader
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self.loader
+        with _filtered_stderr(self.level):
+            self.loader.exec_module(module)
+            try:  # cuInit is called here, still inside the filter (no device is initialised)
+                module.config.list_physical_devices("GPU")
+            except Exception:  # noqa: BLE001 - a broken CUDA set-up surfaces again where a GPU is used
+                pass
+
+
+# The child process that filters fd 2 during TensorFlow's import: line by line, unbuffered, so that
+# what the parent wrote before a crash still comes out. argv[1]: the level (1 drops INFO, 2 also
+# WARNING, 3 also ERROR). glog lines: "I0000 00:00:1796676734.658954   30806 port.cc:153] ..." (absl)
+# and "2024-01-11 05:40:05.061907: I tensorflow/...cc:182] ..." (older TensorFlow).
+_STDERR_FILTER = r"""
+import re, sys
+level = int(sys.argv[1])
+glog = re.compile(rb"^(?:([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\]"
+                  rb"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: ([IWEF]) \S+:\d+\])")
+no_gpu = (b"Could not find cuda drivers", b"CUDA_ERROR_NO_DEVICE", b"no CUDA-capable device")
+cpu_only, dropped = False, False
+out = sys.stdout.buffer
+for line in iter(sys.stdin.buffer.readline, b""):
+    match = glog.match(line)
+    if match:
+        severity = "IWEF".index((match.group(1) or match.group(2)).decode())
+        cpu_only = cpu_only or any(s in line for s in no_gpu)
+        dropped = severity < level or (cpu_only and b"failed call to cuInit" in line and severity < 3)
+    elif line.startswith(b"WARNING: All log messages before absl::InitializeLog() is called"):
+        dropped = True
+    elif not (dropped and line.startswith(b"To enable the following instructions:")):
+        dropped = False  # a continuation of a dropped line goes with it; anything else passes
+    if not dropped:
+        out.write(line)
+        out.flush()
+"""
+
+
+class _filtered_stderr:
+    """Within the block, fd 2 goes through ``_STDERR_FILTER`` (a child process) to the real stderr.
+    Where a child cannot be started, nothing is filtered."""
+
+    def __init__(self, level: int) -> None:
+        self.level, self.saved, self.child = level, None, None
+
+    def __enter__(self) -> "_filtered_stderr":
+        try:
+            self.saved = os.dup(2)
+            self.child = subprocess.Popen([sys.executable, "-I", "-S", "-c", _STDERR_FILTER, str(self.level)],
+                                          stdin=subprocess.PIPE, stdout=self.saved, stderr=self.saved)
+            sys.stderr.flush()
+            os.dup2(self.child.stdin.fileno(), 2)
+        except (OSError, ValueError, subprocess.SubprocessError):
+            self._close()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.saved is not None:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+            self.saved = None
+        if self.child is not None:
+            self.child.stdin.close()
+            try:
+                self.child.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # someone else still holds the pipe: stop waiting for it
+                self.child.kill()
+                self.child.wait()
+            self.child = None
 
 
 def flag_name(constant: str) -> str:

@@ -188,3 +188,73 @@ def test_check_value_checks_choices_and_names_the_setting_as_asked():
         config.check_value("DECODE_POOL", "auto", "router.yaml: decode_pool")
     with pytest.raises(config.ConfigError, match=r"^spec: image_size must be between 32 and 4096, got 16$"):
         config.validate({"image_size": 16}, where="spec")
+
+
+# --- quiet start-up (utils.config.quiet_startup; the end-to-end check is in tests/test_scripts.py) ---------
+
+
+def test_quiet_startup_sets_level_2_unless_the_user_chose_one(monkeypatch):
+    import logging
+    import sys
+
+    # the hook it adds goes with the test (as does one an earlier config.start in this process left)
+    monkeypatch.setattr(sys, "meta_path",
+                        [f for f in sys.meta_path if not isinstance(f, config._QuietTensorFlowImport)])
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    for name in config.QUIET_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    hooks = lambda: [f for f in sys.meta_path if isinstance(f, config._QuietTensorFlowImport)]  # noqa: E731
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # the user's own value wins: everything, as TensorFlow writes it
+    assert config.quiet_startup() == 0 and hooks() == []
+    assert logging.getLogger("openjpeg").level == logging.NOTSET
+
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
+    assert config.quiet_startup() == 2 and config.quiet_startup() == 2  # idempotent
+    assert config.os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2" and len(hooks()) == 1 and hooks()[0].level == 2
+    assert not logging.getLogger("openjpeg.encode").isEnabledFor(logging.INFO)  # the per-tile lines
+    assert logging.getLogger("openjpeg.encode").isEnabledFor(logging.WARNING)
+
+
+def test_the_start_up_filter_drops_tensorflow_s_noise_and_keeps_errors_even_through_a_crash(tmp_path):
+    """fd 2 through the filter at level 2, as during the first import of TensorFlow; no TensorFlow here."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent(r"""
+        import os, sys
+        from utils import config
+        with config._filtered_stderr(2):
+            for line in (
+                b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+                b"I0000 00:00:1796676734.658954   30806 port.cc:153] oneDNN custom operations are on.",
+                b"I0000 00:00:1796676734.659530   30806 cudart_stub.cc:31] Could not find cuda drivers on your machine",
+                b"2024-01-11 05:40:05.061907: I tensorflow/core/platform/cpu_feature_guard.cc:182] This binary",
+                b"To enable the following instructions: AVX512F, in other operations, rebuild TensorFlow",
+                b"W0000 00:00:1796676734.8 30806 x.cc:1] a warning below the level",
+                b"E0000 00:00:1796676740.332743   30806 cuda_platform.cc:52] failed call to cuInit: ERROR (303)",
+                b"E0000 00:00:1796676740.332743   30806 op_kernel.cc:1] a real error",
+                b"a line of its own",
+            ):
+                if not (sys.argv[1] == "driver" and b"cuda drivers" in line):
+                    os.write(2, line + b"\n")
+            print("python's stderr", file=sys.stderr)
+            if sys.argv[1] == "crash":
+                os.write(2, b"F0000 00:00:1796676740.4 30806 x.cc:9] Check failed: fatal\n")
+                os.abort()
+        print("after", file=sys.stderr)
+    """)
+    root = Path(config.__file__).resolve().parents[1]
+    kept = ["E0000 00:00:1796676740.332743   30806 op_kernel.cc:1] a real error", "a line of its own",
+            "python's stderr"]
+    cuinit = "E0000 00:00:1796676740.332743   30806 cuda_platform.cc:52] failed call to cuInit: ERROR (303)"
+    for mode, expected in (("run", kept + ["after"]),
+                           ("crash", kept + ["F0000 00:00:1796676740.4 30806 x.cc:9] Check failed: fatal"]),
+                           # a CUDA driver is there, and cuInit fails all the same: a real problem, shown
+                           ("driver", [cuinit] + kept + ["after"])):
+        result = subprocess.run([sys.executable, "-c", script, mode], cwd=root, capture_output=True, text=True,
+                                timeout=60, check=False)
+        assert result.returncode == (-6 if mode == "crash" else 0), result.stderr
+        assert result.stderr.splitlines() == expected, (mode, result.stderr)
