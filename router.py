@@ -1,6 +1,7 @@
 """A DICOM node that classifies each received X-ray and forwards it to the AI model for its body part.
 
     python router.py --config router.yaml                 # run (Ctrl-C / SIGTERM stop it cleanly)
+    kill -HUP <pid>                                       # reload configuration and model while running
     python router.py --config router.yaml --check         # check config and model, C-ECHO each destination
     python router.py --config router.yaml --status        # what the queue holds (works while it runs)
     python router.py --config router.yaml --backup DIR    # a consistent copy of the spool (works while it runs)
@@ -20,6 +21,11 @@ review list where an operator with the token requeues an object or corrects its 
 destination, audited, added to a corrections dataset that prepare.py reads). See router.example.yaml and
 docs/ROUTER.md.
 
+SIGHUP reloads the configuration file and the model without stopping reception (rules, destinations,
+threshold, shadow settings, retries, model: between batches; a configuration or model that fails is
+refused with its reason and the running one stays; the audit log is reopened for logrotate); the
+console's "Reload" does the same. See docs/ROUTER.md, "Changing a running router".
+
 The router listens as soon as its queue is recovered: the model is loaded in the background and
 what arrives meanwhile waits in the spool (a .tflite or .onnx model needs no TensorFlow).
 
@@ -36,6 +42,7 @@ import argparse
 import logging
 import os
 import signal
+import threading
 import sys
 
 from utils import config
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
 
-    return run(service.RouterNode(settings))
+    return run(service.RouterNode(settings, read_config=lambda: service.load_config(args.config, overrides(args))))
 
 
 def run(node) -> int:
@@ -136,6 +143,9 @@ def run(node) -> int:
     stop = []
     previous = {sig: signal.signal(sig, lambda number, frame: stop.append(number))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
+    if hasattr(signal, "SIGHUP"):  # reload: configuration, model, audit log (logrotate); in a thread of its own
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda number, frame: threading.Thread(
+            target=node.reload, kwargs={"source": "SIGHUP"}, name="reload", daemon=True).start())
     try:
         try:
             node.start()

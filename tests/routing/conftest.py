@@ -81,7 +81,7 @@ needs_dcmtk = pytest.mark.skipif(not (dcmtk("storescu") and dcmtk("storescp")),
                                  reason="dcmtk's storescu/storescp not installed (apt-get install dcmtk)")
 
 
-def brightness_model(path: Path, *, channels: int = 1, scale: float = 0.002) -> Path:
+def brightness_model(path: Path, *, channels: int = 1, scale: float = 0.002, model_id: str = "test-brightness") -> Path:
     """A .keras file whose class is the nearest of 5 brightness centres (mean pixel 25.5, 76.5, ...)."""
     import keras
 
@@ -97,7 +97,7 @@ def brightness_model(path: Path, *, channels: int = 1, scale: float = 0.002) -> 
     dense.set_weights([np.tile(scale * 2 * centres / channels, (channels, 1)).astype(np.float32),
                        (-scale * centres**2).astype(np.float32)])
     spec = PreprocessSpec(class_names=CLASSES, image_size=SIZE, channels=channels)
-    return save_model(model, path, spec, model_id="test-brightness", backbone="test")
+    return save_model(model, path, spec, model_id=model_id, backbone="test")
 
 
 def bright_rows_image(rows: int) -> np.ndarray:

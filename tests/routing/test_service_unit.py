@@ -41,12 +41,26 @@ def test_unit_has_the_sections_and_settings_the_router_needs():
     assert parsed["Install"]["WantedBy"] == "multi-user.target"
 
 
-def test_reload_is_on_only_where_the_router_handles_sighup():
-    """SIGHUP's default action ends the process: ExecReload goes on together with a handler (or after it)."""
-    sources = [ROOT / "router.py", *sorted((ROOT / "utils" / "routing").glob("*.py"))]
-    handles = any("SIGHUP" in path.read_text() for path in sources)
-    if "ExecReload" in unit()["Service"]:
-        assert handles, "ExecReload sends SIGHUP, which the router does not handle (it would end it)"
+def test_reload_sends_the_signal_the_router_handles():
+    """``systemctl reload`` sends SIGHUP, which router.py handles (reload; tests/routing/test_reload.py): without the
+    handler SIGHUP's default action would end the router."""
+    import signal
+
+    import router
+
+    assert unit()["Service"]["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert "signal.SIGHUP" in (ROOT / "router.py").read_text()
+
+    class Node:  # run() installs the handler before it starts the node
+        def start(self):
+            self.handler = signal.getsignal(signal.SIGHUP)
+            raise OSError("stop here")
+
+    node = Node()
+    before = signal.getsignal(signal.SIGHUP)
+    assert router.run(node) == 2
+    assert callable(node.handler) and node.handler not in (signal.SIG_DFL, signal.SIG_IGN)
+    assert signal.getsignal(signal.SIGHUP) == before  # given back after the run
 
 
 def test_systemd_analyze_verify(tmp_path):

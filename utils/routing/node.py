@@ -48,6 +48,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from utils.io.isolation import PoolSettings
 from utils.routing.operations.audit import AuditLog
@@ -70,6 +71,10 @@ EXIT_WORKER_FAILED = 3  # router.py's exit status when a worker thread died or h
 EXIT_MODEL_FAILED = 2  # ... when the model could not be loaded (a failed start, noticed after reception began)
 MODEL_LOAD_LIMIT_S = 600.0  # loading + warming up the model for longer than this counts as hung
 STATE_KEY = "router_state"  # the queue's meta key where the node notes its state for --status
+# What a reload (SIGHUP, the console) applies while running; any other changed setting needs a restart.
+RELOADABLE = frozenset({"model", "threshold", "rules", "destinations", "mode", "shadow", "retry_initial_s",
+                        "retry_max_s", "max_attempts", "max_classify_attempts", "batch_wait_ms"})
+FORWARDER_SETTINGS = frozenset({"destinations", "retry_initial_s", "retry_max_s", "max_attempts"})
 
 
 def stall_limit(config: RouterConfig) -> float:
@@ -84,9 +89,15 @@ def stall_limit(config: RouterConfig) -> float:
 class RouterNode:
     stall_s: float | None = None  # None: stall_limit(config)
 
-    def __init__(self, config: RouterConfig, predictor=None) -> None:
+    def __init__(self, config: RouterConfig, predictor=None,
+                 read_config: Callable[[], RouterConfig] | None = None) -> None:
+        """``read_config``: reads the configuration again for :meth:`reload` (router.py: the YAML file with the
+        command line's overrides); None: the node cannot reload."""
         self.config = config
         self._predictor = predictor  # None: loaded from config.model, in the background, after start()
+        self._read_config = read_config
+        self._reload_lock = threading.Lock()
+        self._by_route: dict = {}  # route -> its forwarder (replaced in place by a reload)
         self.queue: SpoolQueue | None = None
         self.audit: AuditLog | None = None
         self.classifier: Classifier | None = None
@@ -157,7 +168,8 @@ class RouterNode:
         self.threshold = config.resolve_threshold(model.metadata)  # "auto": the model's calibrated recommendation
         enable_raw_sending()
         self.forwarders = make_forwarders(config, self.queue, self.audit)
-        by_route = {route: f for f in self.forwarders for route in f.routes}
+        self._by_route.update({route: f for f in self.forwarders for route in f.routes})
+        by_route = self._by_route
         rules = config.rule_set()
         for line in rules.describe(config.destinations):
             log.info("routing rule %s", line.strip())
@@ -212,11 +224,13 @@ class RouterNode:
             state = "failed" if model.error is not None else "ready" if model.ready.is_set() else "loading"
             return model.model_id, state
 
-        down = {f.destination.node: f for f in self.forwarders}
+        def down(node: str) -> bool:  # the forwarders of now (a reload replaces them)
+            return any(f.destination.node == node and f.down_since is not None for f in self.forwarders)
+
         metrics = RouterMetrics(self.config.metrics, queue_gauges=self.queue.gauges, model=model_state,
                                 paused=lambda: self.gate.paused,
                                 node_of={route: d.node for route, d in self.config.destinations.items()},
-                                down=lambda node: node in down and down[node].down_since is not None)
+                                down=down)
         metrics.serve()
         return metrics
 
@@ -253,15 +267,15 @@ class RouterNode:
         console.serve()
         return console
 
-    def _describe_model(self) -> BackgroundModel:
+    def _describe_model(self, path: str | None = None) -> BackgroundModel:
         """The model as its metadata describes it, to be loaded by the classifier thread; a predictor
-        given to the node is used as it is."""
+        given to the node is used as it is (unless ``path`` names the model to describe: a reload)."""
         from utils.infer.predictor import load_predictor, read_metadata
 
         batch_size = self.config.batch_size
-        if self._predictor is not None:
+        if self._predictor is not None and path is None:
             return BackgroundModel.of(self._predictor, batch_size)
-        path = self.config.model
+        path = path or self.config.model
         try:
             metadata = read_metadata(path)  # the standard library only: no model runtime imported yet
         except ValueError:
@@ -284,6 +298,114 @@ class RouterNode:
     def wait(self, timeout: float | None = None) -> bool:
         """True once the node has stopped (asked to, or after a worker failed: see ``failure``)."""
         return self._stopped.wait(timeout)
+
+    # --- reload (SIGHUP, or the console) ----------------------------------------------------
+
+    def reload(self, source: str = "SIGHUP") -> dict:
+        """Read the configuration again and apply it without stopping reception.
+
+        The audit log is reopened first (logrotate's ``postrotate`` sends SIGHUP). Rules, destinations, threshold,
+        shadow settings, retries and the model take effect between batches: associations in progress go on, nothing
+        received is lost or classified twice (the batch being classified finishes with the old settings; forwarders
+        finish their current object before the new ones start). A configuration that does not validate, a model
+        that does not load or whose classes the destinations do not cover, or a destination removed while objects
+        still wait for it, is refused with its reason and everything running stays as it was. Settings that only a
+        restart changes (the port, TLS, the spool...) are reported as ``restart_needed`` and left as they run.
+        Returns what happened (also audited as ``reloaded`` or ``reload_refused``)."""
+        with self._reload_lock:
+            if self._stopping.is_set() or self.classifier is None:
+                return {"reloaded": False, "problem": "the router is not running"}
+            try:
+                reopened = self.audit.reopen()
+            except OSError as error:
+                log.error("could not reopen the audit log %s: %s", self.config.audit_log, error)
+                reopened = False
+            try:
+                result = self._reload(source)
+            except Exception as error:  # noqa: BLE001 - whatever it is, the running configuration stays
+                problem = describe(error, limit=2000)
+                log.error("reload (%s) refused, the running configuration and model stay: %s", source, problem)
+                self._audit("reload_refused", source=source, problem=problem)
+                return {"reloaded": False, "problem": problem, "audit_reopened": reopened}
+            result["audit_reopened"] = reopened
+            return result
+
+    def _reload(self, source: str) -> dict:
+        import dataclasses
+
+        from utils.infer.predictor import read_metadata
+
+        if self._read_config is None:
+            raise ValueError("this router was started without a configuration file to read again")
+        old, new = self.config, self._read_config()
+        changed = [f.name for f in dataclasses.fields(RouterConfig) if getattr(new, f.name) != getattr(old, f.name)]
+        restart = [key for key in changed if key not in RELOADABLE]
+        current = self.classifier.model
+        try:
+            new_id = read_metadata(new.model).model_id
+        except (OSError, ValueError):
+            new_id = None  # a .onnx without its sidecar: compared by path only
+        model = current
+        if new.model != old.model or (new_id is not None and new_id != current.model_id):
+            if not current.ready.is_set():
+                raise ValueError("the running model is still loading; reload once it is ready")
+            model = self._describe_model(new.model)
+            log.info("reload: loading the model %s from %s (classification goes on with %s meanwhile)",
+                     model.model_id, new.model, current.model_id)
+            model.load()  # raises: refused, the running model stays
+        new.check_routes(model.spec.class_names)
+        threshold = new.resolve_threshold(model.metadata)
+        rules = new.rule_set()
+        _, waiting = self.queue.gauges()
+        orphaned = {route: n for route, (_, n) in waiting.items() if n and route not in new.destinations}
+        if orphaned:
+            raise ValueError(f"objects still wait for destinations the new configuration removes: {orphaned}; "
+                             f"keep them until they are delivered (router.py --status shows the backlog)")
+        applied = [key for key in changed if key in RELOADABLE]
+        running = dataclasses.replace(new, **{key: getattr(old, key) for key in restart})  # what a restart changes
+        if set(applied) & FORWARDER_SETTINGS:
+            self._replace_forwarders(running)
+        self.classifier.reconfigure(model=model, threshold=threshold, rules=rules, shadow=running.shadow,
+                                    max_classify_attempts=running.max_classify_attempts,
+                                    batch_wait_ms=running.batch_wait_ms)
+        self.config, self.threshold = running, threshold
+        if model is not current and "model" not in applied:
+            applied.append("model")  # the same path, a new model in it
+        for line in rules.describe(running.destinations):
+            log.info("routing rule %s", line.strip())
+        log.info("reloaded (%s): %s; model %s, threshold %s%s", source, ", ".join(applied) or "nothing changed",
+                 model.model_id, threshold, f"; needs a restart, not applied: {', '.join(restart)}" if restart else "")
+        result = {"reloaded": True, "source": source, "changed": applied, "restart_needed": restart,
+                  "model_id": model.model_id, "threshold": threshold}
+        self._audit("reloaded", **{k: v for k, v in result.items() if k != "reloaded"},
+                    destinations=running.to_dict()["destinations"] if "destinations" in applied else None,
+                    rules=[f"{r.name}: {r.describe()} -> {r.destination}" for r in rules.rules]
+                    if "rules" in applied else None)
+        self._note_state("running", model_id=model.model_id)
+        return result
+
+    def _replace_forwarders(self, config: RouterConfig) -> None:
+        """Stop the forwarders (each finishes the object it is sending), then start those of ``config``: one
+        object is never sent by two at once."""
+        old = list(self.forwarders)
+        for thread in old:
+            thread.stop()
+        for thread in old:
+            thread.join()
+        new = make_forwarders(config, self.queue, self.audit)
+        for thread in new:
+            thread.metrics = self.metrics
+        self.forwarders[:] = new
+        self._by_route.clear()
+        self._by_route.update({route: f for f in new for route in f.routes})
+        for thread in new:
+            thread.start()
+
+    def _audit(self, event: str, **fields) -> None:
+        try:
+            self.audit.write(event, **{k: v for k, v in fields.items() if v is not None})
+        except Exception:  # noqa: BLE001 - a full disk must not turn a reload into a crash
+            log.exception("could not write the audit log")
 
     # --- the watchdog ----------------------------------------------------------------------
 

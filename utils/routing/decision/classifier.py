@@ -186,6 +186,43 @@ class Classifier(WakeableThread):
         self.rules = rules if rules is not None else RuleSet((), ())
         self.batches = 0  # model calls so far (for tests and the bench)
         self._owed: list[QueueItem] = []  # counted attempts to give back (the database refused it last time)
+        self._pending: tuple[dict, threading.Event] | None = None  # a reload's settings, applied between batches
+        self._pending_lock = threading.Lock()
+
+    def reconfigure(self, timeout: float | None = None, **settings) -> bool:
+        """Apply a reload's ``settings`` (model: a loaded BackgroundModel, threshold, rules, shadow,
+        max_classify_attempts, batch_wait_ms) between two batches: the batch being classified finishes with what it
+        started with, the next one uses the new settings. True once applied (False after ``timeout``)."""
+        done = threading.Event()
+        with self._pending_lock:
+            self._pending = (settings, done)
+        if not self.is_alive():
+            self._apply_pending()
+        self.wake()
+        return done.wait(timeout)
+
+    def _apply_pending(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        settings, done = pending
+        model = settings.get("model", self.model)
+        if model.spec != self.model.spec:  # another image size or preprocessing: decoding changes with it
+            old, self.engine = self.engine, Engine(model.spec, self._predict, threshold=self.threshold,
+                                                   pool=self.engine.settings)
+            if self.is_alive():
+                old.close()
+                self.engine.__enter__()
+        self.model = model
+        if "threshold" in settings:
+            self.threshold = self.engine.threshold = settings["threshold"]
+        self.rules = settings.get("rules", self.rules)
+        self.shadow = settings.get("shadow", self.shadow)
+        self.max_classify_attempts = settings.get("max_classify_attempts", self.max_classify_attempts)
+        if "batch_wait_ms" in settings:
+            self.batch_wait = settings["batch_wait_ms"] / 1000.0
+        done.set()
 
     @property
     def predictor(self):
@@ -201,6 +238,7 @@ class Classifier(WakeableThread):
         with self._decoding():
             while not self._halt.is_set():
                 try:
+                    self._apply_pending()  # a reload: between batches, never inside one
                     self._return_owed()  # no new attempt is counted while earlier ones are owed
                     items = self._next_batch()
                     if items:
@@ -245,9 +283,13 @@ class Classifier(WakeableThread):
 
     @contextlib.contextmanager
     def _decoding(self) -> Iterator[None]:
-        """What classify() decodes with, held for the thread's lifetime."""
-        with self.engine:
+        """What classify() decodes with, held for the thread's lifetime (a reload with another preprocessing spec
+        replaces it: the one in use then is closed at the end)."""
+        self.engine.__enter__()
+        try:
             yield
+        finally:
+            self.engine.__exit__(None, None, None)
 
     def _classify_batch(self, items: list[QueueItem]) -> None:
         """Decode, predict and record the decisions of ``items`` (their attempt already counted)."""

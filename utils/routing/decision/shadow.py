@@ -362,15 +362,22 @@ def parse_time(value: str | _dt.datetime | _dt.date, *, end: bool = False) -> _d
 
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:
-    """The audit log's records, one line at a time (a torn line from a crash is skipped)."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                yield record
+    """The audit log's records, and those of the files logrotate made of it (oldest first, ``.gz`` ones too), one
+    line at a time (a torn line from a crash is skipped)."""
+    import gzip
+
+    from utils.routing.operations.audit import rotated
+
+    for file in rotated(path) or [Path(path)]:
+        opener = gzip.open if file.suffix == ".gz" else open
+        with opener(file, "rt", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict):
+                    yield record
 
 
 def _when(record: dict[str, Any]) -> _dt.datetime | None:

@@ -62,6 +62,23 @@ class AuditLog:
                     raise AuditWriteError(error.errno, f"audit log {self.path}: could not write {event}: "
                                                        f"{error.strerror}") from error
 
+    def reopen(self) -> bool:
+        """Open the configured path again (after logrotate moved the file away: later lines go to a new file there,
+        none to the moved one). True when it was a different file. Called by the router's reload (SIGHUP)."""
+        with self._lock:
+            if self._fd < 0:
+                return False
+            try:
+                same = os.path.samestat(os.fstat(self._fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return False
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.close(self._fd)
+            self._fd = fd
+            return True
+
     def size(self) -> int:
         """Bytes in the log now (where the next line starts)."""
         return os.fstat(self._fd).st_size
@@ -82,10 +99,32 @@ def _ends_with_newline(path: Path) -> bool:
         return handle.read(1) == b"\n"
 
 
-def read_audit(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record of an audit log (a torn last line, from a crash mid-write, is skipped)."""
+def rotated(path: str | os.PathLike) -> list[Path]:
+    """The audit log and the files logrotate made of it, oldest first: ``audit.jsonl.N`` ... ``audit.jsonl.1``
+    (and ``.gz`` ones, compressed), then ``audit.jsonl``; dated names (``dateext``) sort by name."""
+    path = Path(path)
+    def order(p: Path) -> tuple:
+        suffix = p.name[len(path.name) + 1:].removesuffix(".gz")
+        return (0, -int(suffix), "") if suffix.isdigit() else (1, 0, suffix)
+    older = sorted((p for p in path.parent.glob(path.name + ".*") if p.is_file()), key=order)
+    return older + ([path] if path.exists() else [])
+
+
+def _lines(path: Path) -> list[str]:
+    if path.suffix == ".gz":
+        import gzip
+
+        with gzip.open(path, "rt", errors="replace") as handle:
+            return handle.read().splitlines()
+    return path.read_text(errors="replace").splitlines()
+
+
+def read_audit(path: str | os.PathLike, *, with_rotated: bool = False) -> list[dict[str, Any]]:
+    """Every record of an audit log (a torn last line, from a crash mid-write, is skipped); ``with_rotated``: of the
+    files logrotate made of it too, oldest first (:func:`rotated`)."""
     records = []
-    for line in Path(path).read_text().splitlines():
+    paths = rotated(path) if with_rotated else [Path(path)]
+    for line in (line for p in paths for line in _lines(p)):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from utils.routing.operations.audit import AuditLog
+from utils.routing.operations.audit import AuditLog, rotated
 from utils.routing.queue import DONE, QUARANTINED, QueueItem, SpoolQueue
 
 log = logging.getLogger(__name__)
@@ -78,35 +78,47 @@ def write_mark(queue: SpoolQueue, audit: AuditLog) -> AuditMark:
 
 
 def logged_items(audit: AuditLog, mark: AuditMark) -> dict[str, set[int]] | None:
-    """Item ids per event (received, classified, delivered) in the log since ``mark``; None if it was replaced."""
-    try:
-        stat = os.stat(audit.path)
-    except FileNotFoundError:
-        return None
-    if str(audit.path) != mark.path or stat.st_ino != mark.inode or stat.st_size < mark.offset:
-        log.warning("audit log %s was replaced since the last start (rotated or moved?); the lines a crash may "
-                    "have cost are not looked for this time", audit.path)
+    """Item ids per event (received, classified, delivered) in the log since ``mark``; None if the file the mark
+    points into is gone. After logrotate the mark's file is found among the rotated ones by its inode (an
+    uncompressed ``audit.jsonl.1``, say) and read from the mark on, then every newer file."""
+    files = [p for p in rotated(audit.path) if p.suffix != ".gz"]
+    start = None
+    for index, path in enumerate(files):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if stat.st_ino == mark.inode and stat.st_size >= mark.offset:
+            start = index
+    if str(audit.path) != mark.path or start is None:
+        log.warning("audit log %s was replaced since the last start (moved, or rotated and compressed?); the lines "
+                    "a crash may have cost are not looked for this time", audit.path)
         return None
     seen: dict[str, set] = {"received": set(), "classified": set(), "delivered": set(), "reviewed": set()}
-    with open(audit.path, "rb") as handle:
-        handle.seek(mark.offset)
-        for line in handle:
-            if b'"item":' not in line:
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line torn by the crash
-                continue
-            event, item = record.get("event"), record.get("item")
-            if not isinstance(item, int):
-                continue
-            if event in ("received", "classified"):
-                seen[event].add(item)
-            elif event in _DELIVERED and record.get("status") not in ("retry", "failed"):
-                seen["delivered"].add(item)
-            elif event in _REVIEWED:
-                seen["reviewed"].add((event, item, record.get("reviewed_at")))
+    for index, path in enumerate(files[start:]):
+        with open(path, "rb") as handle:
+            handle.seek(mark.offset if index == 0 else 0)
+            _collect(handle, seen)
     return seen
+
+
+def _collect(handle, seen: dict[str, set]) -> None:
+    for line in handle:
+        if b'"item":' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by the crash
+            continue
+        event, item = record.get("event"), record.get("item")
+        if not isinstance(item, int):
+            continue
+        if event in ("received", "classified"):
+            seen[event].add(item)
+        elif event in _DELIVERED and record.get("status") not in ("retry", "failed"):
+            seen["delivered"].add(item)
+        elif event in _REVIEWED:
+            seen["reviewed"].add((event, item, record.get("reviewed_at")))
 
 
 def reconcile_audit(queue: SpoolQueue, audit: AuditLog, destination_of: Callable[[str], str] = str,
