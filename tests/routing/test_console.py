@@ -324,11 +324,10 @@ def test_a_busy_spool_database_is_read_again_not_a_server_error(tmp_path, monkey
     once, then ConsoleUnavailable (the pages answer 503), never a wait of tens of seconds."""
     import sqlite3
 
-    from utils.routing.operations import review
     from utils.routing.operations.console import ConsoleContext, ConsoleUnavailable
 
     q.SpoolQueue(tmp_path).close()
-    opened, real = [], review.read_only
+    opened, real = [], q.read_only
 
     def flaky(spool_dir):
         opened.append(spool_dir)
@@ -336,15 +335,15 @@ def test_a_busy_spool_database_is_read_again_not_a_server_error(tmp_path, monkey
             raise sqlite3.OperationalError("database is locked")
         return real(spool_dir)
 
-    monkeypatch.setattr(review, "read_only", flaky)
+    monkeypatch.setattr(q, "read_only", flaky)
     context = ConsoleContext(tmp_path, CLASSES, {}, desk=None)
     assert context.summary()["total"] == 0 and len(opened) == 2
-    monkeypatch.setattr(review, "read_only", lambda spool_dir: (_ for _ in ()).throw(
+    monkeypatch.setattr(q, "read_only", lambda spool_dir: (_ for _ in ()).throw(
         sqlite3.OperationalError("database is locked")))
     with pytest.raises(ConsoleUnavailable, match="the spool database is busy") as busy:
         context.summary()  # not forever
     assert busy.value.busy
-    monkeypatch.setattr(review, "read_only", lambda spool_dir: (_ for _ in ()).throw(sqlite3.OperationalError("x")))
+    monkeypatch.setattr(q, "read_only", lambda spool_dir: (_ for _ in ()).throw(sqlite3.OperationalError("x")))
     with pytest.raises(ConsoleUnavailable, match="cannot be read: x"):
         context.summary()
 
@@ -495,10 +494,8 @@ def test_a_locked_or_missing_spool_database_answers_503_with_the_reason(console_
     import sqlite3
     import time
 
-    from utils.routing.operations import review
-
     client, _, _ = console_app()
-    monkeypatch.setattr(review, "read_only", lambda spool_dir: (_ for _ in ()).throw(
+    monkeypatch.setattr(q, "read_only", lambda spool_dir: (_ for _ in ()).throw(
         sqlite3.OperationalError("database is locked")))
     start = time.monotonic()
     busy = client.get("/", headers={"Accept": "text/html"})

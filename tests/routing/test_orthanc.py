@@ -166,6 +166,7 @@ def test_orthanc_to_router_to_orthancs_survives_kill_9(tmp_path, processes, mode
     ct_uid = str(pydicom.dcmread(ct, stop_before_pixels=True).SOPInstanceUID)
 
     spool = tmp_path / "spool"
+    monkeypatch.setenv("TEST_ORTHANC_PASSWORD", PASSWORD)  # the Orthanc password: from the environment, never the YAML
     config = write_config(
         tmp_path / "router.yaml", port=router_port, spool=spool, model=model_file,
         destinations={label: {"ae_title": ae, "host": "127.0.0.1", "port": downstream[name].dicom_port}
@@ -176,7 +177,7 @@ def test_orthanc_to_router_to_orthancs_survives_kill_9(tmp_path, processes, mode
                         "batch": 5, "start_from": "beginning"})
     logs = iter(tmp_path / f"router-{i}.log" for i in range(1, 10))
     # Run 1 dies handing over the 5th instance: its spool file written, its row and the cursor not committed.
-    env = {**os.environ, "TEST_ORTHANC_PASSWORD": PASSWORD, "KILL_AT_ORTHANC_STORE": "5", "TF_CPP_MIN_LOG_LEVEL": "3",
+    env = {**os.environ, "KILL_AT_ORTHANC_STORE": "5", "TF_CPP_MIN_LOG_LEVEL": "3",
            "PYTHONUNBUFFERED": "1"}
     router = processes([sys.executable, "-m", "tests.routing.orthanc_crash_router", "--config", config], next(logs),
                        cwd=ROOT, env=env)
@@ -254,8 +255,7 @@ def test_orthanc_to_router_to_orthancs_survives_kill_9(tmp_path, processes, mode
     assert all(r.get("source") == "orthanc" for r in records if r["event"] == "received" and not r.get("reconciled"))
     deliveries = [r["sop_instance_uid"] for r in records if r["event"] == "forwarded" and r["status"] == "0x0000"]
 
-    # --status shows the cursor caught up with Orthanc's last change (the password: from the environment, as the router's)
-    monkeypatch.setenv("TEST_ORTHANC_PASSWORD", PASSWORD)
+    # --status shows the cursor caught up with Orthanc's last change
     assert print_status(load_config(config)) == 0
     status_text = capsys.readouterr().out
     assert "orthanc source http://127.0.0.1" in status_text and " 0 changes behind" in status_text, status_text

@@ -167,7 +167,10 @@ class RouterNode:
         config.check_routes(model.spec.class_names)
         self.threshold = config.resolve_threshold(model.metadata)  # "auto": the model's calibrated recommendation
         enable_raw_sending()
-        self.forwarders = make_forwarders(config, self.queue, self.audit)
+        self.gate = ReceptionGate(config.spool_dir, config.min_free_mb, config.min_free_percent, self.audit)
+        if config.metrics is not None:  # listening before anything is accepted: a taken port fails the start
+            self.metrics = self._serve_metrics(model)
+        self.forwarders = make_forwarders(config, self.queue, self.audit, self.metrics)
         self._by_route.update({route: f for f in self.forwarders for route in f.routes})
         by_route = self._by_route
         rules = config.rule_set()
@@ -175,24 +178,26 @@ class RouterNode:
             log.info("routing rule %s", line.strip())
         if config.shadow is not None:
             log.info("shadow mode: the model's decisions are recorded, not followed; %s", config.shadow.describe())
+        keeper = None
+        if config.console is not None:  # the console shows thumbnails and review copies the classifier keeps
+            from utils.routing.operations.review import Keeper
+
+            keeper = Keeper(config.spool_dir, review_days=config.console.review_days,
+                            review_max_mb=config.console.review_max_mb)
+            keeper.prune()
         self.classifier = Classifier(self.queue, model, self.audit, threshold=self.threshold,
                                      batch_size=config.batch_size, batch_wait_ms=config.batch_wait_ms,
                                      pool=PoolSettings(config.decode_pool, config.decode_workers,
                                                        config.decode_timeout_s, config.decode_memory_limit_mb,
                                                        config.decode_threads),
                                      on_classified=lambda routes: [by_route[r].wake() for r in routes if r in by_route],
-                                     rules=rules)
-        self.classifier.max_classify_attempts = config.max_classify_attempts
-        self.classifier.shadow = config.shadow  # shadow mode: the site's rule forwards, the model is only recorded
-        self.gate = ReceptionGate(config.spool_dir, config.min_free_mb, config.min_free_percent, self.audit)
-        self.handler = StoreHandler(self.queue, self.audit, self.classifier.wake, self.gate)
-        if config.metrics is not None:  # listening before anything is accepted: a taken port fails the start
-            self.metrics = self._serve_metrics(model)
-        if config.console is not None:  # the same: a taken port fails the start
+                                     rules=rules, shadow=config.shadow,  # shadow: the site's rule forwards
+                                     max_classify_attempts=config.max_classify_attempts, metrics=self.metrics,
+                                     keeper=keeper)
+        self.handler = StoreHandler(self.queue, self.audit, self.classifier.wake, self.gate, self.metrics)
+        if config.console is not None:  # listening before anything is accepted: a taken port fails the start
             self.console = self._serve_console(model, by_route)
-        self.classifier.metrics = self.handler.metrics = self.metrics
         for thread in self.forwarders:
-            thread.metrics = self.metrics
             thread.start()
         threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
         self.gate.refresh()  # already below the reserve: say so before the first object arrives
@@ -200,8 +205,8 @@ class RouterNode:
         if config.orthanc_source is not None:  # a second way in, through the same queue as the SCP
             self.source = OrthancSource(config.orthanc_source, self.queue, self.audit, own_ae_title=config.ae_title,
                                         on_received=self.classifier.wake, gate=self.gate,
-                                        retry_initial_s=config.retry_initial_s, retry_max_s=config.retry_max_s)
-            self.source.metrics = self.metrics
+                                        retry_initial_s=config.retry_initial_s, retry_max_s=config.retry_max_s,
+                                        metrics=self.metrics)
             self.source.start()
         self.audit.write("started", ae_title=config.ae_title, port=self.port, model_id=model.model_id,
                          model_state="ready" if model.ready.is_set() else "loading",
@@ -237,12 +242,9 @@ class RouterNode:
     def _serve_console(self, model: BackgroundModel, by_route: dict):
         """The web console (utils/routing/operations/console.py): the classifier keeps thumbnails and review copies for it."""
         from utils.routing.operations.console import Console, ConsoleContext
-        from utils.routing.operations.review import Keeper, ReviewDesk
+        from utils.routing.operations.review import ReviewDesk
 
         settings, spool = self.config.console, self.config.spool_dir
-        keeper = Keeper(spool, review_days=settings.review_days, review_max_mb=settings.review_max_mb)
-        keeper.prune()
-        self.classifier.keeper = keeper
 
         def wake(route: str) -> None:  # "" = the classifier (a requeued object is classified again)
             worker = by_route.get(route) if route else self.classifier
@@ -392,9 +394,7 @@ class RouterNode:
             thread.stop()
         for thread in old:
             thread.join()
-        new = make_forwarders(config, self.queue, self.audit)
-        for thread in new:
-            thread.metrics = self.metrics
+        new = make_forwarders(config, self.queue, self.audit, self.metrics)
         self.forwarders[:] = new
         self._by_route.clear()
         self._by_route.update({route: f for f in new for route in f.routes})

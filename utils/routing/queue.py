@@ -622,6 +622,64 @@ def spool_in_use(root: str | os.PathLike) -> bool:
     return False
 
 
+# The objects the review list shows: uncertain, failed, or whose header disagrees with the model; not yet reviewed.
+REVIEW_CONDITION = "(label = 'uncertain' OR state = 'failed' OR tag_disagrees = 1) AND reviewed = ''"
+
+
+def read_only(root: str | os.PathLike) -> sqlite3.Connection:
+    """A read-only connection to the spool database (never takes the router's lock)."""
+    path = Path(root) / "queue.sqlite3"
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=10, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    return db
+
+
+class QueueReader:
+    """The read-only questions the web console and the review desk ask of a (running) router's queue: one short
+    connection per question, waiting at most ``busy_timeout_s`` for a busy database (sqlite3 errors pass through:
+    the caller decides whether to ask again)."""
+
+    def __init__(self, root: str | os.PathLike, busy_timeout_s: float = 1.0) -> None:
+        self.root, self.busy_timeout_s = Path(root), busy_timeout_s
+
+    def _ask(self, question):
+        db = read_only(self.root)
+        try:
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            return question(db)
+        finally:
+            db.close()
+
+    def overview(self, since: float) -> tuple[dict[str, int], dict[str, int], list[tuple], list[tuple]]:
+        """(objects per state, per label, per route (route, objects, waiting, failed, earliest retry), and
+        (received_at, classified_at, state, updated_at) of each object received since ``since``)."""
+        def question(db):
+            states = dict(db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
+            labels = dict(db.execute("SELECT label, COUNT(*) FROM items WHERE label != '' GROUP BY label"))
+            routes = [tuple(r) for r in db.execute(
+                "SELECT route, COUNT(*), SUM(state = 'classified'), SUM(state = 'failed'),"
+                " MIN(CASE WHEN state = 'classified' AND attempts > 0 THEN next_attempt END)"
+                " FROM items WHERE route != '' GROUP BY route")]
+            recent = [tuple(r) for r in db.execute("SELECT received_at, classified_at, state, updated_at FROM items"
+                                                   " WHERE received_at >= ?", (since,))]
+            return states, labels, routes, recent
+        return self._ask(question)
+
+    def rows(self, limit: int, *, uid: str | None = None, needing_review: bool = False) -> list[dict[str, Any]]:
+        """Objects newest first, as dicts of the table's columns: all, those whose SOP Instance UID, Study Instance
+        UID or Patient ID is ``uid``, or those needing review (REVIEW_CONDITION)."""
+        condition, parameters = "1", ()
+        if uid is not None:
+            condition, parameters = "sop_instance_uid = ? OR study_instance_uid = ? OR patient_id = ?", (uid,) * 3
+        elif needing_review:
+            condition = REVIEW_CONDITION
+        return self._ask(lambda db: [dict(r) for r in db.execute(
+            f"SELECT * FROM items WHERE {condition} ORDER BY id DESC LIMIT ?", (*parameters, limit))])
+
+    def ids(self) -> set[int]:
+        return self._ask(lambda db: {r[0] for r in db.execute("SELECT id FROM items")})
+
+
 def read_status(root: str | os.PathLike) -> tuple[dict[str, int], list[QueueItem]]:
     """(count per state, failed items) without taking the router's lock."""
     db = _connect(root)

@@ -162,18 +162,19 @@ def predict_in_chunks(predictor, batch: np.ndarray, batch_size: int):
 
 
 class Classifier(WakeableThread):
-    max_classify_attempts: int = constants.ROUTER_MAX_CLASSIFY_ATTEMPTS  # the node sets the configured value
-    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/operations/metrics.py)
-    keeper = None  # the console's utils.routing.operations.review.Keeper (thumbnails, review copies); None: console off
-    shadow = None  # shadow mode's ShadowRule (utils/routing/decision/shadow.py): it picks the route, the model is recorded
 
     def __init__(self, queue: SpoolQueue, predictor, audit: AuditLog, *, threshold: float, batch_size: int,
                  batch_wait_ms: int, pool: PoolSettings | None = None,
-                 on_classified: Callable[[set[str]], None] = lambda r: None, rules: RuleSet | None = None):
+                 on_classified: Callable[[set[str]], None] = lambda r: None, rules: RuleSet | None = None,
+                 shadow=None, max_classify_attempts: int = constants.ROUTER_MAX_CLASSIFY_ATTEMPTS,
+                 metrics=NO_METRICS, keeper=None):
         """``predictor``: a :class:`BackgroundModel` (loaded when the thread starts) or a loaded predictor;
         ``pool``: how objects are decoded (default: isolated processes, utils/constants.py DECODE_*); ``rules``:
-        evaluated before the model (default: the built-in policy alone, no ``pass_through`` destination)."""
+        evaluated before the model (default: the built-in policy alone, no ``pass_through`` destination);
+        ``shadow``: shadow mode's ShadowRule (it picks the route, the model is recorded); ``metrics``: the node's
+        RouterMetrics; ``keeper``: the console's review.Keeper (thumbnails, review copies)."""
         super().__init__(name="classifier")
+        self.shadow, self.max_classify_attempts, self.metrics, self.keeper = shadow, max_classify_attempts, metrics, keeper
         self.queue = queue
         self.model = predictor if isinstance(predictor, BackgroundModel) else BackgroundModel.of(predictor, batch_size)
         self.audit = audit

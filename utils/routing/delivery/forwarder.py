@@ -104,11 +104,11 @@ def enable_raw_sending() -> None:
 class _Worker(WakeableThread):
     """Shared loop: wait for due items of our routes, hand them to ``deliver``, back off when down."""
 
-    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/operations/metrics.py)
 
     def __init__(self, destination: Destination, routes: list[str], queue: SpoolQueue, audit: AuditLog,
-                 config: RouterConfig) -> None:
+                 config: RouterConfig, metrics=NO_METRICS) -> None:
         super().__init__(name=f"forward-{destination.node}")
+        self.metrics = metrics
         self.destination = destination
         self.routes = sorted(routes)
         self.queue = queue
@@ -374,7 +374,7 @@ def remove_partial_copies(folder: Path) -> list[Path]:
     return removed
 
 
-def make_forwarders(config: RouterConfig, queue: SpoolQueue, audit: AuditLog) -> list[_Worker]:
+def make_forwarders(config: RouterConfig, queue: SpoolQueue, audit: AuditLog, metrics=NO_METRICS) -> list[_Worker]:
     """One worker per distinct target; routes that share a target share its worker."""
     by_node: dict[str, list[Destination]] = {}
     for destination in config.destinations.values():
@@ -382,5 +382,5 @@ def make_forwarders(config: RouterConfig, queue: SpoolQueue, audit: AuditLog) ->
     workers: list[_Worker] = []
     for group in by_node.values():
         kind = FolderForwarder if group[0].is_folder else DicomForwarder
-        workers.append(kind(group[0], [d.route for d in group], queue, audit, config))
+        workers.append(kind(group[0], [d.route for d in group], queue, audit, config, metrics))
     return workers

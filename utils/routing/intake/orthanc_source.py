@@ -227,13 +227,13 @@ def _file_uids(data: bytes) -> tuple[str, str, str]:
 
 
 class OrthancSource(WakeableThread):
-    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/operations/metrics.py)
     """Follows Orthanc's change feed and stores each new instance in the queue (see the module docstring)."""
 
     def __init__(self, settings: OrthancSourceSettings, queue: SpoolQueue, audit: AuditLog, *, own_ae_title: str,
                  on_received, gate=None, retry_initial_s: float = 2.0, retry_max_s: float = 60.0,
-                 client: OrthancClient | None = None) -> None:
+                 client: OrthancClient | None = None, metrics=NO_METRICS) -> None:
         super().__init__(name="orthanc-source")
+        self.metrics = metrics
         self.settings, self.queue, self.audit, self.gate = settings, queue, audit, gate
         self.own_ae_title, self.on_received = own_ae_title, on_received
         self.retry_initial_s, self.retry_max_s = retry_initial_s, retry_max_s

@@ -91,11 +91,12 @@ ABORT_WAIT_S = 1.0  # after an A-ABORT, how long the peer may take to close befo
 class StoreHandler:
     """C-STORE: spool + queue row, audit, wake the classifier; C-ECHO: success."""
 
-    metrics = NO_METRICS  # the node's RouterMetrics when /metrics is on (utils/routing/operations/metrics.py)
 
     def __init__(self, queue: SpoolQueue, audit: AuditLog, on_received: Callable[[], None],
-                 gate: ReceptionGate | None = None) -> None:
-        """``gate``: the free-space reserve (None: none, a failing write still answers 0xA700)."""
+                 gate: ReceptionGate | None = None, metrics=NO_METRICS) -> None:
+        """``gate``: the free-space reserve (None: none, a failing write still answers 0xA700); ``metrics``: the
+        node's RouterMetrics when /metrics is on."""
+        self.metrics = metrics
         self.queue = queue
         self.audit = audit
         self.on_received = on_received

@@ -401,27 +401,23 @@ class ConsoleContext:
         destination = self.destinations.get(route)
         return destination.node if destination is not None else ""
 
-    def _read(self, reader: Callable, attempts: int = DB_ATTEMPTS) -> Any:
-        """``reader(db)`` on a read-only connection (call it in a worker thread, not the event loop). A busy or
-        locked database (the router starting, SQLite recovering its WAL after a crash, a checkpoint) is waited for
-        DB_TIMEOUT_S, ``attempts`` times; then, or when the database is missing or unreadable, ConsoleUnavailable
-        says what is wrong."""
+    def _read(self, question: Callable, attempts: int = DB_ATTEMPTS) -> Any:
+        """``question(reader)`` with a :class:`utils.routing.queue.QueueReader` (call it in a worker thread, not the
+        event loop). A busy or locked database (the router starting, SQLite recovering its WAL after a crash, a
+        checkpoint) is waited for DB_TIMEOUT_S, ``attempts`` times; then, or when the database is missing or
+        unreadable, ConsoleUnavailable says what is wrong."""
         import sqlite3
 
-        from utils.routing.operations.review import read_only
+        from utils.routing.queue import QueueReader
 
         path = self.spool_dir / "queue.sqlite3"
+        reader = QueueReader(self.spool_dir, DB_TIMEOUT_S)
         for attempt in range(attempts):
             if not path.is_file():
                 raise ConsoleUnavailable(f"the spool database was not found at {path} (has the router started with "
                                          f"this spool_dir?)")
             try:
-                db = read_only(self.spool_dir)
-                try:
-                    db.execute(f"PRAGMA busy_timeout = {int(DB_TIMEOUT_S * 1000)}")
-                    return reader(db)
-                finally:
-                    db.close()
+                return question(reader)
             except sqlite3.OperationalError as error:
                 if "locked" not in str(error) and "busy" not in str(error):
                     raise ConsoleUnavailable(f"the spool database at {path} cannot be read: {error}") from error
@@ -438,17 +434,7 @@ class ConsoleContext:
         now = time.time() if now is None else now
         hour = now - 3600
 
-        def read(db):
-            states = dict(db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
-            labels = dict(db.execute("SELECT label, COUNT(*) FROM items WHERE label != '' GROUP BY label"))
-            routes = db.execute("SELECT route, COUNT(*), SUM(state = 'classified'), SUM(state = 'failed'),"
-                                " MIN(CASE WHEN state = 'classified' AND attempts > 0 THEN next_attempt END)"
-                                " FROM items WHERE route != '' GROUP BY route").fetchall()
-            recent = db.execute("SELECT received_at, classified_at, state, updated_at FROM items"
-                                " WHERE received_at >= ?", (hour,)).fetchall()
-            return states, labels, routes, recent
-
-        states, labels, routes, recent = self._read(read)
+        states, labels, routes, recent = self._read(lambda reader: reader.overview(since=hour))
         by_node: dict[str, dict[str, Any]] = {}
         for route, total, waiting, failed, next_attempt in routes:
             node = self.node_of(route) or route
@@ -488,17 +474,12 @@ class ConsoleContext:
                          "latency_p95": _quantile(latencies, 0.95), "per_minute": round(len(recent) / 60, 2)},
                 "model_id": model_id, "model_state": model_state, "now": now}
 
-    def rows(self, condition: str = "1", parameters: Sequence = (), limit: int = LATEST) -> list[dict[str, Any]]:
-        """Items (newest first) as the pages show them."""
+    def rows(self, limit: int = LATEST, **which) -> list[dict[str, Any]]:
+        """Items (newest first) as the pages show them; ``which``: QueueReader.rows's ``uid`` / ``needing_review``."""
         from utils.routing.operations.review import review_path, thumb_path
 
-        def read(db):
-            return db.execute(f"SELECT * FROM items WHERE {condition} ORDER BY id DESC LIMIT ?",
-                              (*parameters, limit)).fetchall()
-
         out = []
-        for row in self._read(read):
-            item = dict(row)
+        for item in self._read(lambda reader: reader.rows(limit, **which)):
             probs = json.loads(item["probs"]) if item.get("probs") else {}
             item["top"] = sorted(probs.items(), key=lambda kv: -kv[1])[:3]
             item["top_label"] = item["top"][0][0] if item["top"] else ""
@@ -516,12 +497,10 @@ class ConsoleContext:
         text = text.strip()
         if not text:
             return []
-        return self.rows("sop_instance_uid = ? OR study_instance_uid = ? OR patient_id = ?", (text,) * 3, LISTED)
+        return self.rows(LISTED, uid=text)
 
     def review_list(self) -> list[dict[str, Any]]:
-        from utils.routing.operations.review import REVIEW_CONDITION
-
-        return self.rows(REVIEW_CONDITION, (), LISTED)
+        return self.rows(LISTED, needing_review=True)
 
 
 def _quantile(values: list[float], q: float) -> float | None:

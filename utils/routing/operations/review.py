@@ -47,7 +47,6 @@ import datetime as _dt
 import logging
 import os
 import shutil
-import sqlite3
 import threading
 import time
 import uuid
@@ -57,6 +56,7 @@ from pathlib import Path
 
 from utils.infer.decisions import UNCERTAIN
 from utils.routing.queue import (
+    QueueReader,
     CLASSIFIED,
     FAILED,
     FORWARDED,
@@ -76,7 +76,6 @@ PRUNE_EVERY_S = 3600.0  # the keeper prunes at start and then at most this often
 CORRECTIONS_COLUMNS = ("path", "label", "group", "sop_instance_uid", "previous_label", "who", "time")
 CELL_MAX = 1024  # characters of a sender's value in a labels.csv cell
 _SENT = {FORWARDED: "forwarded to", CLASSIFIED: "on its way to"}  # states of an object its route's node has or gets
-REVIEW_CONDITION = f"(label = '{UNCERTAIN}' OR state = '{FAILED}' OR tag_disagrees = 1) AND reviewed = ''"
 
 
 class ReviewError(ValueError):
@@ -181,20 +180,8 @@ def _stem_id(path: Path) -> int | None:
     return int(path.stem) if path.stem.isdigit() else None
 
 
-def read_only(spool_dir: Path) -> sqlite3.Connection:
-    """A read-only connection to the spool database (the console's pages; never takes the router's lock)."""
-    path = Path(spool_dir) / "queue.sqlite3"
-    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=10, check_same_thread=False)
-    db.row_factory = sqlite3.Row
-    return db
-
-
 def _item_ids(spool_dir: Path) -> set[int]:
-    db = read_only(spool_dir)
-    try:
-        return {r[0] for r in db.execute("SELECT id FROM items")}
-    finally:
-        db.close()
+    return QueueReader(spool_dir).ids()
 
 
 @dataclass(frozen=True)
