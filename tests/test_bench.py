@@ -98,3 +98,9 @@ def test_ood_bench_candidates_score_and_the_table_prints():
     table = ood_bench.markdown([{"score": "energy", "AUROC": 0.5, "radiographs flagged": 0.01,
                                  "non-radiographs flagged": 0.2, "real files flagged": None}])
     assert "| energy | 0.500 | 1.0 % | 20.0 % |  |  |" in table
+
+
+def test_inference_e2e_table_shows_the_ratio_to_decoding_alone():
+    rows = [("TFLite int8", "uncompressed", "processes (2)", 10.0, 58.2, 16.1, 16.1 / 58.2)]
+    table = inference.e2e_table(rows, 64)
+    assert "x decoding alone" in table[0] and table[-1].endswith("| 58.2 | 16.1 | 0.28 |")

@@ -1,7 +1,7 @@
 """The one inference engine behind predict.py, test.py and the router: decode -> stack -> predict -> decide.
 
     with Engine(predictor.spec, predictor.predict, threshold=0.5, pool=PoolSettings()) as engine:
-        for predictions in engine.classify_batches(files, batch_size=32):  # decodes n+1 while the model runs n
+        for predictions in engine.classify_batches(files, batch_size=32):  # decodes chunk n+1 while the model runs n
             ...
         predictions = engine.classify(paths)  # one batch; the same workers call after call (the router: decode + predict_decoded)
 
@@ -51,6 +51,7 @@ DECODE_TIMEOUT = "decode_timeout"
 DECODER_CRASHED = "decoder_crashed"
 OUT_OF_MEMORY = "out_of_memory"
 UNEXPECTED_ERROR = "unexpected_error"
+CHUNK_FILES = 8  # files per model call in classify_batches (at least): small enough to overlap, large enough to batch
 
 
 @dataclass
@@ -249,10 +250,24 @@ class Engine:
         return self.predict_decoded(self.decode(paths))
 
     def classify_batches(self, paths: Sequence[str | os.PathLike], batch_size: int) -> Iterator[list[Prediction]]:
-        """:meth:`classify` over ``paths``, ``batch_size`` at a time; batch n+1 is decoded while
-        the model runs on batch n."""
-        for decoded in self.decode_batches(paths, batch_size):
-            yield self.predict_decoded(decoded)
+        """:meth:`classify` over ``paths``, yielded ``batch_size`` at a time. Inside, files are decoded
+        and given to the model in smaller chunks (:meth:`chunk_size`), chunk n+1 decoded while the
+        model runs on chunk n: the model starts after the first few files instead of after a whole
+        batch, and the decoders never wait for it at the end (on a CPU the model is as fast per
+        image at batch 8 as at 32)."""
+        pending: list[Prediction] = []
+        for decoded in self.decode_batches(paths, self.chunk_size(batch_size)):
+            pending += self.predict_decoded(decoded)
+            while len(pending) >= max(1, batch_size):
+                yield pending[:batch_size]
+                pending = pending[batch_size:]
+        if pending:
+            yield pending
+
+    def chunk_size(self, batch_size: int) -> int:
+        """Files per model call in :meth:`classify_batches`: two per decoding worker, at least
+        CHUNK_FILES, at most ``batch_size``."""
+        return max(1, min(batch_size, max(CHUNK_FILES, 2 * self._pool.workers)))
 
     def predict_decoded(self, decoded: Sequence[Decoded]) -> list[Prediction]:
         if self._predict is None:

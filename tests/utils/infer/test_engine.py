@@ -236,3 +236,27 @@ def test_a_colour_image_is_out_of_distribution_whatever_its_header_says(tmp_path
     assert marked_p.reason == "" and 0 < float(marked_p.header[COLOUR_SHARE_KEY]) < 0.02
     with Engine(SPEC, brightness, threshold=0.0, pool=settings("threads"), colour_limit=1.0) as engine:
         assert engine.classify(files[:1])[0].reason == ""  # the check off
+
+
+def test_classify_batches_feeds_the_model_in_chunks_and_yields_whole_batches():
+    """The model starts on the first few decoded files instead of a whole batch (chunk n+1 decodes
+    while it runs on chunk n), and the caller still gets batch_size predictions at a time, in order."""
+    calls = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        return brightness(batch)
+
+    def constant(path: str, spec: PreprocessSpec) -> Decoded:
+        return Decoded(path, np.full((SPEC.image_size,) * 2, int(Path(path).stem) % 256, np.uint8))
+
+    paths = [f"/nowhere/{i}.dcm" for i in range(45)]
+    with Engine(SPEC, model, pool=settings("threads"), decode=constant) as engine:
+        chunk = engine.chunk_size(32)
+        batches = list(engine.classify_batches(paths, 32))
+    assert 1 < chunk < 32 and chunk == max(8, 2 * 2)
+    assert [len(b) for b in batches] == [32, 13]
+    assert [p.path for b in batches for p in b] == paths
+    assert max(calls) == chunk and sum(calls) == 45
+    with Engine(SPEC, model, pool=settings("threads"), decode=constant) as engine:
+        assert engine.chunk_size(4) == 4 and [len(b) for b in engine.classify_batches(paths[:9], 4)] == [4, 4, 1]
