@@ -611,3 +611,45 @@ def test_served_over_tls_the_cookies_are_secure_and_a_slow_password_check_does_n
         plain.close()
     finally:
         server.close()
+
+
+def test_an_operator_reloads_the_router_from_the_console(tmp_path, monkeypatch):
+    """POST /reload (an operator, their session's CSRF token) calls the node's reload with the operator as the source;
+    what it answers comes back as the page's message or error; nobody else can."""
+    import dataclasses
+    from urllib.parse import parse_qs, urlsplit
+
+    from starlette.testclient import TestClient
+
+    from utils.routing.operations.console import ConsoleContext, build_app
+
+    monkeypatch.setenv("ROUTER_CONSOLE_TOKEN", TOKEN)
+    q.SpoolQueue(tmp_path).close()
+    calls, answers = [], [
+        {"reloaded": True, "changed": ["rules", "model"], "restart_needed": ["port"], "model_id": "m2",
+         "threshold": 0.7},
+        {"reloaded": False, "problem": "router.yaml: batch_size must be >= 1, got 0"}]
+
+    def reload(source: str) -> dict:
+        calls.append(source)
+        return answers[len(calls) - 1]
+
+    settings = dataclasses.replace(config({"port": 0}).console)
+    app = build_app(settings, ConsoleContext(tmp_path, CLASSES, {}, desk=FakeDesk(), reload=reload))
+    client = TestClient(app, base_url="http://127.0.0.1:8108", client=LOCAL, follow_redirects=False)
+    assert 'action="/reload"' not in client.get("/").text  # only an operator sees the button
+    assert client.post("/reload", data={"csrf": "x"}).status_code == 401 and calls == []
+    csrf = log_in(client)
+    assert 'action="/reload"' in client.get("/").text
+    assert client.post("/reload", data={"csrf": "wrong"}).status_code == 403 and calls == []
+    done = client.post("/reload", data={"csrf": csrf})
+    assert done.status_code == 303 and calls == ["console:alice"]
+    message = parse_qs(urlsplit(done.headers["location"]).query)["message"][0]
+    assert message == "reloaded: rules, model; model m2, threshold 0.7; needs a restart, not applied: port"
+    refused = client.post("/reload", data={"csrf": csrf})
+    error = parse_qs(urlsplit(refused.headers["location"]).query)["error"][0]
+    assert error == "reload refused: router.yaml: batch_size must be >= 1, got 0"
+    assert "batch_size must be &gt;= 1" in client.get(refused.headers["location"]).text  # shown, escaped
+    without = build_app(settings, ConsoleContext(tmp_path, CLASSES, {}, desk=FakeDesk()))
+    other = TestClient(without, base_url="http://127.0.0.1:8108", client=LOCAL, follow_redirects=False)
+    assert other.post("/reload", data={"csrf": log_in(other)}).status_code == 404

@@ -98,6 +98,7 @@ class RouterNode:
         self._read_config = read_config
         self._reload_lock = threading.Lock()
         self._by_route: dict = {}  # route -> its forwarder (replaced in place by a reload)
+        self._destinations: dict = {}  # route -> Destination as the console shows it (updated in place by a reload)
         self.queue: SpoolQueue | None = None
         self.audit: AuditLog | None = None
         self.classifier: Classifier | None = None
@@ -226,8 +227,9 @@ class RouterNode:
     def _serve_metrics(self, model: BackgroundModel):
         """/metrics for this node (utils/routing/operations/metrics.py): its own registry, gauges read from the queue."""
         def model_state() -> tuple[str, str]:
-            state = "failed" if model.error is not None else "ready" if model.ready.is_set() else "loading"
-            return model.model_id, state
+            now = self.classifier.model if self.classifier is not None else model  # a reload replaces it
+            state = "failed" if now.error is not None else "ready" if now.ready.is_set() else "loading"
+            return now.model_id, state
 
         def down(node: str) -> bool:  # the forwarders of now (a reload replaces them)
             return any(f.destination.node == node and f.down_since is not None for f in self.forwarders)
@@ -252,10 +254,12 @@ class RouterNode:
                 worker.wake()
 
         def model_state() -> tuple[str, str]:
-            return model.model_id, "failed" if model.error is not None else "ready" if model.ready.is_set() else "loading"
+            now = self.classifier.model if self.classifier is not None else model  # a reload replaces it
+            return now.model_id, "failed" if now.error is not None else "ready" if now.ready.is_set() else "loading"
 
         shadow = self.config.shadow is not None
-        desk = ReviewDesk(self.queue, self.audit, model.spec.class_names, self.config.destinations, spool / "review",
+        self._destinations.update(self.config.destinations)  # the console's view; a reload updates it in place
+        desk = ReviewDesk(self.queue, self.audit, model.spec.class_names, self._destinations, spool / "review",
                           settings.corrections_dir, wake, forward=not shadow)
 
         def shadow_report(since: str | None, until: str | None) -> str:
@@ -263,9 +267,10 @@ class RouterNode:
 
             return build_report(self.config, since, until, class_names=list(model.spec.class_names)).to_html()
 
-        console = Console(settings, ConsoleContext(spool, model.spec.class_names, self.config.destinations, desk,
+        console = Console(settings, ConsoleContext(spool, model.spec.class_names, self._destinations, desk,
                                                    self.forwarders, model_state, title=self.config.ae_title,
-                                                   shadow_report=shadow_report if shadow else None))
+                                                   shadow_report=shadow_report if shadow else None,
+                                                   reload=self.reload if self._read_config is not None else None))
         console.serve()
         return console
 
@@ -371,6 +376,9 @@ class RouterNode:
                                     max_classify_attempts=running.max_classify_attempts,
                                     batch_wait_ms=running.batch_wait_ms)
         self.config, self.threshold = running, threshold
+        if self._destinations:
+            self._destinations.clear()
+            self._destinations.update(running.destinations)
         if model is not current and "model" not in applied:
             applied.append("model")  # the same path, a new model in it
         for line in rules.describe(running.destinations):

@@ -396,6 +396,7 @@ class ConsoleContext:
     model: Callable[[], tuple[str, str]] = lambda: ("", "")  # (model id, state)
     title: str = "router"
     shadow_report: Callable[[str | None, str | None], str] | None = None  # (since, until) -> HTML; shadow mode only
+    reload: Callable[[str], dict] | None = None  # RouterNode.reload(source): configuration + model read again
 
     def node_of(self, route: str) -> str:
         destination = self.destinations.get(route)
@@ -761,7 +762,7 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
             request.state.form_cookie = secrets.token_urlsafe(24)
         html = env.get_template(template).render({
             "title": context.title, "csrf": who.csrf if who and who.csrf else form_token(request), "operator": who,
-            "nonce": nonce, "can_act": bool(settings.token or settings.users),
+            "nonce": nonce, "can_act": bool(settings.token or settings.users), "can_reload": context.reload is not None,
             "message": request.query_params.get("message", ""), "error": request.query_params.get("error", ""),
             "refresh_s": LIVE_REFRESH_S, "classes": context.class_names,
             "shadow_mode": context.shadow_report is not None, **values})
@@ -924,6 +925,23 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
         item, label = request.path_params["item"], str(form.get("label", ""))
         return await _act(lambda: context.desk.correct(item, label, who=who.who, auth=who.auth))
 
+    async def do_reload(request: Request, who: Operator, form):
+        """Read the configuration file and the model again, as SIGHUP does (RouterNode.reload); audited with the
+        operator's name as the source."""
+        from urllib.parse import urlencode
+
+        if context.reload is None:
+            return refuse(request, 404, "refused: this router was started without a configuration file to reload")
+        log.info("console: %r asks for a reload", who.who)
+        outcome = await anyio.to_thread.run_sync(context.reload, f"console:{who.who}", limiter=acting)
+        if not outcome.get("reloaded"):
+            return RedirectResponse("/?" + urlencode({"error": f"reload refused: {outcome.get('problem')}"}), 303)
+        text = (f"reloaded: {', '.join(outcome['changed']) or 'nothing changed'}; model {outcome['model_id']}, "
+                f"threshold {outcome['threshold']}")
+        if outcome.get("restart_needed"):
+            text += f"; needs a restart, not applied: {', '.join(outcome['restart_needed'])}"
+        return RedirectResponse("/?" + urlencode({"message": text}), 303)
+
     async def _act(call):
         from urllib.parse import urlencode
 
@@ -943,6 +961,7 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
         Route("/logout", logout, methods=["POST"]),
         Route("/items/{item:int}/requeue", action(do_requeue), methods=["POST"]),
         Route("/items/{item:int}/correct", action(do_correct), methods=["POST"]),
+        Route("/reload", action(do_reload), methods=["POST"]),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(_AllowedHosts, hosts=settings.hosts())])
     app.state.sessions, app.state.failures = sessions, failures
