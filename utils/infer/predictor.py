@@ -249,6 +249,20 @@ def tflite_interpreter(path: str | os.PathLike, num_threads: int | None = None):
     return Interpreter(model_path=str(path), num_threads=num_threads)
 
 
+SLOW_INT8_OPS = ("SQUARED_DIFFERENCE",)  # int8 ops XNNPACK has no kernel for: TFLite's single-threaded reference kernels
+
+
+def slow_int8_ops(interpreter) -> list[str]:
+    """The ops of SLOW_INT8_OPS in a TFLite graph: an int8 export made before models/features.py
+    wrote the stage std as sqrt(mean(d * d)) has SQUARED_DIFFERENCE there, which costs ~3x the
+    whole MobileNet at 512 px; exporting the model again removes it."""
+    try:
+        names = {op["op_name"] for op in interpreter._get_ops_details()}
+    except Exception:  # noqa: BLE001 - a private API: no answer rather than no predictor
+        return []
+    return [name for name in SLOW_INT8_OPS if name in names]
+
+
 class TFLitePredictor:
     """A ``.tflite`` file exported by export.py (fp32, fp16 or int8; input and output stay float32,
     an integer input/output would be (de)quantised here). Thread-safe (one interpreter, a lock)."""
@@ -268,6 +282,10 @@ class TFLitePredictor:
         self._batch = None
         self._lock = threading.Lock()
         shape = tuple(int(d) for d in self._input["shape_signature"][1:])
+        if self.quantization == "int8" and (slow := slow_int8_ops(self._interpreter)):
+            log.warning("%s: its int8 graph has %s, which TFLite runs outside XNNPACK on one thread "
+                        "(an export from an older version: the OOD features' std); export the model again "
+                        "with export.py for about 3x faster inference", path, ", ".join(slow))
         if shape != self.spec.input_shape:
             raise ValueError(f"{path}: input shape {shape} differs from its spec's {self.spec.input_shape}")
 

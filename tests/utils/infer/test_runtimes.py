@@ -97,3 +97,29 @@ def test_loading_and_running_tflite_or_onnx_imports_no_tensorflow(artifacts, kin
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"shape": [2, 3], "tensorflow": False,
                                                                    "keras": False}
+
+
+def test_an_int8_file_with_a_single_threaded_op_is_named_when_loaded(artifacts, tmp_path, caplog):
+    """An int8 export whose features' std became SQUARED_DIFFERENCE (exports before models/features.py
+    wrote it as sqrt(mean(d * d))) runs that op outside XNNPACK: loading it says to export again."""
+    import keras
+    import tensorflow as tf
+
+    from utils.artifacts.export import quantize_int8
+    from utils.artifacts.model_file import read_metadata, write_sidecar
+    from utils.infer.predictor import TFLitePredictor, slow_int8_ops
+
+    inputs = keras.Input((SIZE, SIZE, 1))
+    maps = keras.layers.Conv2D(4, 3)(inputs)
+    logits = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(maps))
+    old_style = keras.Model(inputs, [logits, keras.ops.std(maps, axis=(1, 2))])
+    converter = tf.lite.TFLiteConverter.from_keras_model(old_style)
+    quantize_int8(converter, lambda: ([image[None]] for image in images(8, seed=2)))
+    (tmp_path / "old.tflite").write_bytes(converter.convert())
+    write_sidecar(tmp_path / "old.tflite", read_metadata(artifacts["tflite"]))
+    with caplog.at_level("WARNING", logger="utils.infer.predictor"):
+        current = TFLitePredictor(artifacts["tflite"])
+        assert slow_int8_ops(current._interpreter) == [] and not caplog.records
+        old = TFLitePredictor(tmp_path / "old.tflite")
+    assert slow_int8_ops(old._interpreter) == ["SQUARED_DIFFERENCE"]
+    assert "SQUARED_DIFFERENCE" in caplog.text and "export the model again" in caplog.text
