@@ -451,8 +451,12 @@ class Classifier(WakeableThread):
         if not items:
             return routed
         spec = self.model.spec
-        decoded = self.engine.decode([self.queue.path(item) for item in items])  # (the console's thumbnails too)
-        predictions = self.engine.predict_decoded(decoded)
+        paths = [self.queue.path(item) for item in items]
+        decoded, predictions = [], []  # decoded: the console's thumbnails too
+        # In chunks: the decoding processes decode chunk n+1 while the model runs on chunk n (Engine.chunk_size).
+        for chunk in self.engine.decode_batches(paths, self.engine.chunk_size(len(paths))):
+            decoded += chunk
+            predictions += self.engine.predict_decoded(chunk)
         self.batches += any(p.readable for p in predictions)
         decided_by = f"{MODEL}:{self.model.model_id}" if self.shadow is None else self.shadow.decided_by
         decisions = [Classification(item.id, p.label, p.confidence, self.model.model_id, self._route(p), p.error,
