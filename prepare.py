@@ -2,6 +2,8 @@
 
     python prepare.py --input ../shared/radiographs --output data/radiographs --image-size 256
     python prepare.py --demo          # writes a synthetic DICOM set, then prepares it
+    python prepare.py --input router-spool/corrections/labels.csv --output data/corrections --model runs/demo
+                                      # images as runs/demo's model reads them (size, channels, classes)
 
 Supported source layouts are described in data/README.md. Re-running reuses an image only when
 its source file (path, size, modification time), the pixel settings and the reader/decoder
@@ -31,6 +33,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--output", help="prepared dataset folder (images/, labels.csv, rejects.csv)")
     parser.add_argument("--demo", action="store_true",
                         help=f"generate the synthetic demo DICOMs in {DEMO_DIR}/dicom and prepare them")
+    parser.add_argument("--model", metavar="RUN_DIR_OR_MODEL",
+                        help="prepare the images as this trained model reads them: its class names, image size, "
+                             "channels, aspect and windowing (its saved spec); for training.py --finetune")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo every image (needed when the output was prepared with other pixel settings; "
                              "a changed source file, reader or decoder is redone without it)")
@@ -55,11 +60,12 @@ def main(argv: list[str] | None = None) -> int:
                                    images_per_class=constants.DEMO_IMAGES_PER_CLASS)
         output = Path(DEMO_DIR) / "prepared"
     else:
-        spec = PreprocessSpec(class_names=settings["class_names"], image_size=settings["image_size"],
-                              channels=settings["channels"], aspect=settings["aspect"],
-                              window_percentiles=settings["window_percentiles"])
         output = Path(args.output)
         try:
+            spec = prepare.spec_of_model(args.model, settings, config.given_flags(argv)) if args.model else \
+                PreprocessSpec(class_names=settings["class_names"], image_size=settings["image_size"],
+                               channels=settings["channels"], aspect=settings["aspect"],
+                               window_percentiles=settings["window_percentiles"])
             result = prepare.prepare_dataset(args.input, output, spec, ratios=settings["split_ratios"],
                                              seed=settings["seed"], workers=settings["workers"],
                                              progress=not args.quiet, overwrite=args.overwrite,

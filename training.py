@@ -6,6 +6,7 @@
     python training.py --resume runs/mobilenet_v1-20261125-120000 --epochs 80   # train longer
     python training.py --data data/radiographs --folds 5           # grouped 5-fold cross-validation
     python training.py --data data/radiographs128 --recipe small-data   # a few hundred labelled images
+    python training.py --finetune runs/mobilenet_v1-20261125-120000 --data data/corrections   # on new labels
 
 Defaults come from utils/constants.py: Adam with coupled L2 1e-4, one-cycle lr (max 0.01, 30%
 warm-up), gradient value clipping 0.1, batch 32, 50 epochs, seed 42, from scratch. The run
@@ -24,6 +25,15 @@ written on the command line win over the recipe.
 label (over every labelled image of the dataset), into CV_DIR/fold-1..K, then pools each fold's
 predictions of its held-out images into CV_DIR/oof_predictions.csv; test.py CV_DIR evaluates them.
 --resume CV_DIR continues a stopped cross-validation.
+
+--finetune RUN_DIR trains RUN_DIR's best.keras a little further on --data (e.g. the router's
+corrections, prepared with `prepare.py --model RUN_DIR`) into a new run: the model's own spec and
+classes (a dataset for other classes or pixels is refused, --image-size/--channels/--backbone are
+taken from the model), a short schedule with a low learning rate (FINETUNE_EPOCHS,
+FINETUNE_MAX_LR; --epochs/--max-lr win), RUN_DIR's other settings, RUN_DIR's validation set
+kept (plus --data's val split, if any: a few corrections all in train are fine), some of RUN_DIR's
+training images mixed back in (FINETUNE_REHEARSAL per new image), calibration and threshold
+refitted; config.json records the parent under "finetune". See docs/TRAINING.md.
 """
 
 from __future__ import annotations
@@ -60,6 +70,11 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue a stopped run from its last.keras with its saved settings; --epochs N "
                              "(more than planned) trains longer; other flags may not change")
+    parser.add_argument("--finetune", metavar="RUN_DIR",
+                        help=f"fine-tune RUN_DIR's model on --data into a new run: its spec and classes, "
+                             f"{constants.FINETUNE_EPOCHS} epochs at max lr {constants.FINETUNE_MAX_LR:g} unless "
+                             "--epochs/--max-lr, its validation set kept, some of its training images mixed in, "
+                             "calibration refitted")
     parser.add_argument("--demo", action="store_true",
                         help=f"generate + prepare the synthetic demo set, train {constants.DEMO_BACKBONE} for "
                              f"{constants.DEMO_EPOCHS} epochs at {constants.DEMO_IMAGE_SIZE}px")
@@ -71,6 +86,14 @@ def parse_args(argv: list[str] | None = None):
     set_by_recipe = recipes.apply(args, args.recipe, args.given_flags)
     if args.folds == 1:
         parser.error("--folds 1 leaves nothing to train on: use 0 (the prepared splits) or at least 2")
+    if args.finetune:
+        clash = [flag for flag, on in (("--resume", args.resume), ("--demo", args.demo), ("--folds", args.folds),
+                                       ("--recipe", "--recipe" in args.given_flags)) if on]
+        if clash:
+            parser.error(f"--finetune cannot be combined with {', '.join(clash)} (a fine-tune keeps its parent's "
+                         "recipe and trains one run; give other flags one by one)")
+        if "--data" not in args.given_flags:
+            parser.error("--finetune RUN_DIR needs --data DIR: the new labelled images (prepare.py --model RUN_DIR)")
     if args.demo:
         explicit = args.given_flags | set_by_recipe
         if "--backbone" not in explicit:
@@ -104,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
             from utils.train import cross_validation
 
             return _report_cv(cross_validation.run(args, settings, runner.train))
-        run_dir = runner.train(args, settings)
+        if args.finetune:
+            from utils.train import finetune
+
+            run_dir = finetune.finetune(args, settings)
+        else:
+            run_dir = runner.train(args, settings)
     except (runner.TrainingSetupError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -113,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if info is not None:
         print(f"best epoch {info['epoch']}: val_macro_f1 {info.get('val_macro_f1', float('nan')):.4f}, "
               f"val_accuracy {info.get('val_accuracy', float('nan')):.4f}")
-    print(f"evaluate it with: python test.py {run_dir}" + (" --demo" if args.demo else f" --data {args.data}"))
+    if args.finetune:
+        print(f"compare it with its parent on the original test split: python test.py {args.finetune} {run_dir}")
+    else:
+        print(f"evaluate it with: python test.py {run_dir}" + (" --demo" if args.demo else f" --data {args.data}"))
     return 0
 
 

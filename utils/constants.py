@@ -122,6 +122,15 @@ XLA: bool = False  # jit_compile; slower on CPU, sometimes faster on GPU
 FOLDS: int = 0  # >= 2: K-fold cross-validation grouped by patient and stratified by label (one run per fold, pooled out-of-fold predictions); 0: train once on the prepared splits
 FOLDS_RANGE: str = "[0, 20]"  # 1 is refused: one fold leaves nothing to train on
 
+# --- Fine-tuning (training.py --finetune RUN_DIR: the run's model on new labels, e.g. the router's corrections) --
+FINETUNE_EPOCHS: int = 5  # a short schedule: the model already knows the task; --epochs overrides
+FINETUNE_EPOCHS_RANGE: str = "[1, inf)"
+FINETUNE_MAX_LR: float = 1e-4  # one-cycle peak learning rate of a fine-tune (from scratch: MAX_LR); --max-lr overrides
+FINETUNE_MAX_LR_RANGE: str = "(0, inf)"
+FINETUNE_REHEARSAL: float = 4.0  # rehearsal: up to this many of the parent run's training images per new training image are mixed back in (stratified by class, seeded) so that the model does not forget; 0 = none
+FINETUNE_REHEARSAL_RANGE: str = "[0, inf)"
+FINETUNE_FREEZE_BATCHNORM: bool = True  # BatchNorm layers keep the parent's statistics (inference mode) while fine-tuning: a few dozen images would otherwise move them
+
 # --- Evaluation -----------------------------------------------------------------------------
 SPLIT: str = "test"  # which split test.py evaluates
 SPLIT_CHOICES: tuple[str, ...] = ("train", "val", "test")

@@ -340,7 +340,45 @@ class PrepareResult:
             lines += ["", "groups (patients) per split: " + ", ".join(f"{k} {v}" for k, v in groups.items())]
         if len(self.rejects):
             lines += ["", "rejects by reason:", self.rejects["reason"].value_counts().to_string()]
+        advice = split_advice(self.labels)
+        if advice:
+            lines += ["", advice]
         return "\n".join(lines)
+
+
+def split_advice(labels: pd.DataFrame) -> str:
+    """What to do with a dataset whose validation split is empty (a few patient groups, e.g. the router's
+    corrections, all go to train): "" when it has one."""
+    if not len(labels) or (labels["split"] == "val").any():
+        return ""
+    groups = labels["group"].nunique()
+    where = ", ".join(f"{count} in {split}" for split, count in labels["split"].value_counts().items())
+    return (f"note: no validation images ({len(labels)} image(s), {where}; {groups} patient group(s) are too few "
+            "to split). Training from scratch needs a validation split; to fine-tune a trained model on them "
+            "use: python training.py --finetune RUN_DIR --data THIS_FOLDER, which keeps RUN_DIR's validation "
+            "set (and mixes some of its training images back in).")
+
+
+def spec_of_model(model: str | os.PathLike, settings: dict, given: set[str]) -> PreprocessSpec:
+    """The spec to prepare images for an existing model (prepare.py --model): the model's own (class names,
+    size, channels, aspect, windowing). A flag written on the command line with another value is refused."""
+    from utils.artifacts.model_file import read_metadata
+
+    try:
+        spec = read_metadata(model).spec
+    except (OSError, ValueError) as error:
+        raise SourceError(f"--model {model}: cannot read its preprocessing spec ({error})") from error
+    conflicts = []
+    for key in ("class_names", "image_size", "channels", "aspect", "window_percentiles"):
+        flag = "--" + key.replace("_", "-")
+        ours, asked = getattr(spec, key), settings.get(key)
+        if flag in given and (tuple(ours) if isinstance(ours, (list, tuple)) else ours) != (
+                tuple(asked) if isinstance(asked, (list, tuple)) else asked):
+            conflicts.append(f"{flag} {asked} (the model has {ours})")
+    if conflicts:
+        raise SourceError(f"--model {model} prepares images as that model reads them; these flags ask for "
+                          f"others: {'; '.join(conflicts)}. Leave them out.")
+    return spec
 
 
 def prepare_dataset(source: str | os.PathLike, output_dir: str | os.PathLike, spec: PreprocessSpec, *,

@@ -191,6 +191,9 @@ def _load_resume(args, settings: dict[str, Any]) -> tuple[Path, dict[str, Any], 
     if not (run_dir / R.LAST_MODEL).is_file() or not (run_dir / R.CONFIG).is_file():
         raise TrainingSetupError(f"{run_dir}: nothing to resume (needs {R.LAST_MODEL} and {R.CONFIG})")
     payload = R.read_config(run_dir)
+    if payload.get("finetune"):
+        raise TrainingSetupError(f"{run_dir} is a fine-tune of {payload['finetune'].get('parent')}, which is not "
+                                 "resumed: run training.py --finetune again (it is short)")
     saved = payload["config"]
     saved.setdefault("max_steps_per_epoch", None)
     if "phases" not in saved:  # a run started before phases were recorded
