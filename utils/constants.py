@@ -223,6 +223,11 @@ ROUTER_MIN_FREE_MB: int = 100  # room to drain (database commits, audit lines, q
 ROUTER_MIN_FREE_MB_RANGE: str = "[0, inf)"
 ROUTER_MIN_FREE_PERCENT: float = 0.0  # also keep this % of the filesystem free (the larger of the two counts); 0 = off
 ROUTER_MIN_FREE_PERCENT_RANGE: str = "[0, 50]"
+# Drift (utils/routing/operations/drift.py): the model's decisions of the last hour and day against its validation set
+ROUTER_DRIFT_MIN_IMAGES: int = 50  # a window with fewer model decisions claims nothing
+ROUTER_DRIFT_MIN_IMAGES_RANGE: str = "[1, inf)"
+ROUTER_DRIFT_P_VALUE: float = 0.001  # a drift test alarms below this p-value
+ROUTER_DRIFT_P_VALUE_RANGE: str = "(0, 0.5]"
 # TLS (the ``tls:`` block of the router's YAML and each destination's ``tls:``, utils/routing/tls.py): the switches'
 # defaults; the blocks' keys are these names without the ROUTER_TLS_ prefix. Certificates have no default.
 ROUTER_TLS_REQUIRE_CLIENT_CERT: bool = True  # the router's port: senders must show a certificate signed by its ca

@@ -39,9 +39,14 @@ def registered() -> dict[str, set[str]]:
     pytest.importorskip("prometheus_client")
     from utils.routing.operations import metrics as m
 
+    from utils.routing.operations.drift import Reference, WindowReading
+
+    reference = Reference(("chest", "spine"), (0.6, 0.4), (0.5, 1.0), 100, 0.01)
+    reading = WindowReading("1h", 60, {"chest": 0.5, "spine": 0.5}, 0.1, 0.05, p_values={"label_mix": 0.5},
+                            alarms={"label_mix": False}, enough=True)
     metrics = m.RouterMetrics(m.MetricsSettings(), queue_gauges=lambda: ({}, {"chest": (1, 2)}),
                               model=lambda: ("m1", "ready"), paused=lambda: False, node_of={"chest": "PACS@pacs:104"},
-                              down=lambda node: False)
+                              down=lambda node: False, drift=lambda: (reference, [reading]))
     metrics.received("MODALITY")
     metrics.refused("disk_reserve")
     metrics.classified("chest", "model:m1")
@@ -57,7 +62,7 @@ def registered() -> dict[str, set[str]]:
 
 
 def test_rules_and_scrape_config_pass_promtool_check():
-    assert "SUCCESS: 11 rules found" in promtool("check", "rules", str(RULES.relative_to(ROOT)))
+    assert "SUCCESS: 12 rules found" in promtool("check", "rules", str(RULES.relative_to(ROOT)))
     assert "1 rule files found" in promtool("check", "config", str(SCRAPE.relative_to(ROOT)))
 
 

@@ -19,7 +19,9 @@ Every model artifact of this project describes itself with the same JSON object,
         "fitted_on": "data/x split=val", "n_images": 812,
         "nll_before": 0.31, "nll_after": 0.12, "ece_before": 0.06, "ece_after": 0.01, "bins": 15,
         "threshold": {"target_accuracy": 0.995, "value": 0.93, "coverage": 0.88, "accuracy": 0.996,
-                      "reachable": true, ...}       # the recommendation --threshold auto uses
+                      "reachable": true, ...},      # the recommendation --threshold auto uses
+        "reference": {"n_images": 812, "top_label_shares": [...], "confidence_quantiles": [...]}
+                                      # the validation set as served: the router's drift windows compare with it
       },
       "ood": {                        # optional (utils.infer.ood; end of training, calibrate.py): the
         "method": "...",              # out-of-distribution detector on the pooled features, its

@@ -295,8 +295,20 @@ def calibration_entry(logits: Any, labels: Any, *, fitted_on: str, target_accura
     entry = {"temperature": temperature, "fitted_on": fitted_on, "n_images": len(labels),
              "nll_before": nll(before, labels), "nll_after": nll(after, labels),
              "ece_before": ece_before, "ece_after": ece_after, "bins": int(bins),
-             "threshold": recommend_threshold(after, labels, target_accuracy)}
+             "threshold": recommend_threshold(after, labels, target_accuracy), "reference": reference_entry(after)}
     return entry, before, after
+
+
+def reference_entry(probabilities: Any, *, quantiles: int = 21) -> dict[str, Any]:
+    """The validation set's distribution as the model serves it (after the temperature), for the router's drift
+    windows (utils/routing/operations/drift.py): the share of each top label, quantiles of the confidence."""
+    probs = np.asarray(probabilities, dtype=np.float64)
+    top = probs.argmax(axis=1)
+    shares = np.bincount(top, minlength=probs.shape[1]) / max(1, len(top))
+    confidence = probs.max(axis=1)
+    return {"n_images": int(len(probs)), "top_label_shares": [round(float(s), 6) for s in shares],
+            "confidence_quantiles": [round(float(v), 6)
+                                     for v in np.quantile(confidence, np.linspace(0.0, 1.0, quantiles))]}
 
 
 def calibrate_images(model_path: str | os.PathLike, files: Sequence[str], labels: Any, *, fitted_on: str,

@@ -52,6 +52,7 @@ from collections.abc import Callable
 
 from utils.io.isolation import PoolSettings
 from utils.routing.operations.audit import AuditLog
+from utils.routing.operations.drift import DriftMonitor
 from utils.routing.decision.classifier import BackgroundModel, Classifier, describe
 from utils.routing.operations.config import RouterConfig
 from utils.routing.delivery.forwarder import enable_raw_sending, make_forwarders, remove_partial_copies
@@ -73,7 +74,8 @@ MODEL_LOAD_LIMIT_S = 600.0  # loading + warming up the model for longer than thi
 STATE_KEY = "router_state"  # the queue's meta key where the node notes its state for --status
 # What a reload (SIGHUP, the console) applies while running; any other changed setting needs a restart.
 RELOADABLE = frozenset({"model", "threshold", "rules", "destinations", "mode", "shadow", "retry_initial_s",
-                        "retry_max_s", "max_attempts", "max_classify_attempts", "batch_wait_ms"})
+                        "retry_max_s", "max_attempts", "max_classify_attempts", "batch_wait_ms",
+                        "drift_min_images", "drift_p_value"})
 FORWARDER_SETTINGS = frozenset({"destinations", "retry_initial_s", "retry_max_s", "max_attempts"})
 
 
@@ -111,6 +113,7 @@ class RouterNode:
         self.server = None
         self.handler: StoreHandler | None = None
         self.failure: str | None = None  # why the watchdog stopped the node
+        self.drift: DriftMonitor | None = None  # the model's decisions of the last hour / day against its validation set
         self._exit_code = 0
         self.threshold: float | None = None  # the threshold classifying with (config's "auto" resolved at start)
         self._stopping = threading.Event()
@@ -169,6 +172,9 @@ class RouterNode:
         self.threshold = config.resolve_threshold(model.metadata)  # "auto": the model's calibrated recommendation
         enable_raw_sending()
         self.gate = ReceptionGate(config.spool_dir, config.min_free_mb, config.min_free_percent, self.audit)
+        self.drift = DriftMonitor(self.queue.model_decisions,
+                                  lambda: (self.classifier.model if self.classifier is not None else model).metadata,
+                                  lambda: (self.threshold, self.config.drift_min_images, self.config.drift_p_value))
         if config.metrics is not None:  # listening before anything is accepted: a taken port fails the start
             self.metrics = self._serve_metrics(model)
         self.forwarders = make_forwarders(config, self.queue, self.audit, self.metrics)
@@ -237,7 +243,7 @@ class RouterNode:
         metrics = RouterMetrics(self.config.metrics, queue_gauges=self.queue.gauges, model=model_state,
                                 paused=lambda: self.gate.paused,
                                 node_of={route: d.node for route, d in self.config.destinations.items()},
-                                down=down)
+                                down=down, drift=self.drift.readings)
         metrics.serve()
         return metrics
 
@@ -270,7 +276,8 @@ class RouterNode:
         console = Console(settings, ConsoleContext(spool, model.spec.class_names, self._destinations, desk,
                                                    self.forwarders, model_state, title=self.config.ae_title,
                                                    shadow_report=shadow_report if shadow else None,
-                                                   reload=self.reload if self._read_config is not None else None))
+                                                   reload=self.reload if self._read_config is not None else None,
+                                                   drift=self.drift.readings))
         console.serve()
         return console
 

@@ -109,7 +109,8 @@ _ADDED_COLUMNS = (("classify_attempts", "INTEGER NOT NULL DEFAULT 0"), ("classif
                   ("reviewed_at", "REAL NOT NULL DEFAULT 0"), ("review_note", "TEXT NOT NULL DEFAULT ''"))
 # Indexes on added columns: created by migrate(), once the columns exist.
 _ADDED_INDEXES = ("CREATE INDEX IF NOT EXISTS items_study ON items (study_instance_uid)",
-                  "CREATE INDEX IF NOT EXISTS items_patient ON items (patient_id)")
+                  "CREATE INDEX IF NOT EXISTS items_patient ON items (patient_id)",
+                  "CREATE INDEX IF NOT EXISTS items_classified_at ON items (classified_at)")  # drift windows
 
 
 class SpoolLockedError(RuntimeError):
@@ -349,6 +350,15 @@ class SpoolQueue:
             waiting = self._db.execute("SELECT route, SUM(attempts > 0), COUNT(*) FROM items WHERE state = ?"
                                        " GROUP BY route", (CLASSIFIED,)).fetchall()
         return {s: n for s, n in states}, {r: (retried, n) for r, retried, n in waiting}
+
+    def model_decisions(self, since: float) -> list[tuple[float, str, str]]:
+        """(classified_at, probabilities as JSON, classify_reason) of the objects the model classified since
+        ``since`` (a rule's or the header's decisions carry no probabilities): the drift windows
+        (utils/routing/operations/drift.py)."""
+        with self._lock:
+            rows = self._db.execute("SELECT classified_at, probs, classify_reason FROM items"
+                                    " WHERE classified_at >= ? AND probs != ''", (since,)).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
 
     def items(self, state: str | None = None) -> list[QueueItem]:
         with self._lock:

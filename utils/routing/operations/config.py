@@ -122,6 +122,8 @@ class RouterConfig:
     decode_threads: int = constants.DECODE_THREADS
     min_free_mb: int = constants.ROUTER_MIN_FREE_MB  # free-space reserve of the spool's filesystem (utils/routing/intake/space.py)
     min_free_percent: float = constants.ROUTER_MIN_FREE_PERCENT
+    drift_min_images: int = constants.ROUTER_DRIFT_MIN_IMAGES  # drift windows (utils/routing/operations/drift.py)
+    drift_p_value: float = constants.ROUTER_DRIFT_P_VALUE
     rules: tuple[Rule, ...] = ()  # the configured routing rules, in order (the built-in default follows them)
     orthanc_source: OrthancSourceSettings | None = None  # pull from this Orthanc's change feed (None: no)
     tls: ServerTLS | None = None  # TLS on the router's own port (None: plain TCP)

@@ -397,6 +397,7 @@ class ConsoleContext:
     title: str = "router"
     shadow_report: Callable[[str | None, str | None], str] | None = None  # (since, until) -> HTML; shadow mode only
     reload: Callable[[str], dict] | None = None  # RouterNode.reload(source): configuration + model read again
+    drift: Callable[[], tuple] | None = None  # DriftMonitor.readings: (reference, readings per window)
 
     def node_of(self, route: str) -> str:
         destination = self.destinations.get(route)
@@ -830,16 +831,26 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
             return await handler(request, who, form)
         return wrapped
 
+    def drift_readings():
+        """(reference, readings) for the page; (None, []) without a monitor or when it cannot be read."""
+        if context.drift is None:
+            return None, []
+        try:
+            return context.drift()
+        except Exception as error:  # noqa: BLE001 - the rest of the page is still shown
+            log.warning("console: could not read the drift windows: %s", error)
+            return None, []
+
     async def read(call, *args):
         return await run_in_threadpool(call, *args)
 
     async def home(request: Request):
         summary, latest = await read(context.summary), await read(context.latest)
-        return page(request, "home.html", summary=summary, latest=latest)
+        return page(request, "home.html", summary=summary, latest=latest, drift=await read(drift_readings))
 
     async def live(request: Request):
         summary, latest = await read(context.summary), await read(context.latest)
-        return page(request, "live.html", summary=summary, latest=latest)
+        return page(request, "live.html", summary=summary, latest=latest, drift=await read(drift_readings))
 
     async def summary_json(request: Request):
         return JSONResponse(await read(context.summary), headers=_security_headers(""))

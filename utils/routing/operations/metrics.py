@@ -22,7 +22,11 @@ decoding and model), ``router_end_to_end_seconds`` (received -> delivery confirm
 Gauges, read from the queue when scraped (two indexed SQL queries under the queue's lock, which reception takes
 only for its commit): ``router_queue_objects{state}``, ``router_retry_backlog{destination}`` (objects waiting for
 another attempt: refused at least once, or everything for a destination that is unreachable now), ``router_reception_paused`` (1 below the
-free-space reserve), ``router_model_info{model_id, state}`` = 1 (state ``loading``, ``ready`` or ``failed``).
+free-space reserve), ``router_model_info{model_id, state}`` = 1 (state ``loading``, ``ready`` or ``failed``), and with a
+calibrated model the drift windows (utils/routing/operations/drift.py): ``router_drift_images{window}``,
+``router_drift_label_share{window, label}``, ``router_drift_reference_label_share{label}``,
+``router_drift_uncertain_share{window}``, ``router_drift_expected_uncertain_share``,
+``router_drift_p_value{window, test}`` and ``router_drift_alarm{window, test}``.
 
 Every node has its own ``CollectorRegistry`` (several nodes in one process do not collide) and its own HTTP
 server, closed first on stop. prometheus-client is imported only when metrics are configured; configuring
@@ -113,13 +117,13 @@ class RouterMetrics(NoMetrics):
 
     def __init__(self, settings: MetricsSettings, *, queue_gauges: Callable[[], tuple[dict, dict]],
                  model: Callable[[], tuple[str, str]], paused: Callable[[], bool], node_of: dict[str, str],
-                 down: Callable[[str], bool]) -> None:
+                 down: Callable[[str], bool], drift: Callable[[], tuple] | None = None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.settings = settings
         self.registry = CollectorRegistry()
         self._queue_gauges, self._model, self._paused = queue_gauges, model, paused
-        self._node_of, self._down = node_of, down
+        self._node_of, self._down, self._drift = node_of, down, drift
         self._received = Counter("router_objects_received", "Objects received and spooled",
                                  ["calling_ae"], registry=self.registry)
         self._refused = Counter("router_receive_refused", "C-STOREs refused (0xA700, the sender keeps its copy)",
@@ -232,3 +236,45 @@ class _ScrapeTimeGauges:
                                  labels=["model_id", "state"])
         info.add_metric([model_id, state], 1)
         yield info
+        if m._drift is not None:
+            try:
+                reference, readings = m._drift()
+            except Exception as error:  # noqa: BLE001 - the other metrics are still served
+                log.warning("metrics: could not read the drift windows: %s", error)
+            else:
+                yield from _drift_families(reference, readings)
+
+
+def _drift_families(reference, readings) -> list:
+    """router_drift_* (utils/routing/operations/drift.py): nothing for a model without a reference."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    if reference is None:
+        return []
+    images = GaugeMetricFamily("router_drift_images", "Model decisions in the drift window", labels=["window"])
+    shares = GaugeMetricFamily("router_drift_label_share", "Share of each top label in the window",
+                               labels=["window", "label"])
+    expected = GaugeMetricFamily("router_drift_reference_label_share", "Share of each top label on the model's "
+                                 "validation set", labels=["label"])
+    uncertain = GaugeMetricFamily("router_drift_uncertain_share", "Share below the threshold in the window",
+                                  labels=["window"])
+    expected_uncertain = GaugeMetricFamily("router_drift_expected_uncertain_share", "Share of the validation set "
+                                           "below the running threshold")
+    p_values = GaugeMetricFamily("router_drift_p_value", "p-value of each drift test in the window (small: the "
+                                 "images differ from the validation set)", labels=["window", "test"])
+    alarms = GaugeMetricFamily("router_drift_alarm", "1 when a drift test is below drift_p_value in a window with "
+                               "at least drift_min_images decisions", labels=["window", "test"])
+    for name, share in zip(reference.class_names, reference.shares):
+        expected.add_metric([name], share)
+    for r in readings:
+        images.add_metric([r.window], r.n)
+        for name in reference.class_names:
+            shares.add_metric([r.window, name], r.shares.get(name, 0.0))
+        if r.uncertain_share is not None:
+            uncertain.add_metric([r.window], r.uncertain_share)
+        for test, p in r.p_values.items():
+            p_values.add_metric([r.window, test], p)
+            alarms.add_metric([r.window, test], int(r.alarms.get(test, False)))
+    if readings:
+        expected_uncertain.add_metric([], readings[0].expected_uncertain)
+    return [images, shares, expected, uncertain, expected_uncertain, p_values, alarms]

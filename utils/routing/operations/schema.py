@@ -250,6 +250,8 @@ class RouterFile(Block):
     mode: setting("ROUTER_MODE", "str") = default("ROUTER_MODE")
     min_free_mb: setting("ROUTER_MIN_FREE_MB") = default("ROUTER_MIN_FREE_MB")
     min_free_percent: setting("ROUTER_MIN_FREE_PERCENT", "float") = default("ROUTER_MIN_FREE_PERCENT")
+    drift_min_images: setting("ROUTER_DRIFT_MIN_IMAGES") = default("ROUTER_DRIFT_MIN_IMAGES")
+    drift_p_value: setting("ROUTER_DRIFT_P_VALUE", "float") = default("ROUTER_DRIFT_P_VALUE")
     decode_pool: setting("DECODE_POOL", "str") = default("DECODE_POOL")
     decode_workers: setting("DECODE_WORKERS") = default("DECODE_WORKERS")
     decode_timeout_s: setting("DECODE_TIMEOUT_S", "float") = default("DECODE_TIMEOUT_S")
