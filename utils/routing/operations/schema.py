@@ -268,7 +268,6 @@ class RouterFile(Block):
 
 DicomDestination.model_rebuild()
 
-KEYS = {"": set(RouterFile.model_fields)}  # top-level keys (utils/routing/operations/config.py uses them)
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -278,20 +277,20 @@ _TYPE_NAMES = {"int_type": "int", "int_parsing": "int", "float_type": "float", "
                "model_type": "dict", "model_attributes_type": "dict", "union_tag_not_found": "dict"}
 
 
+_INTERNAL = ("function-", "union[", "json-or-python", "constrained-", "lax-", "strict-", "nullable[")  # pydantic's
+_MEMBERS = {"int", "float", "str", "list[str]"}  # the members of a union, named in a location after the field
+
+
 def _path(loc: tuple) -> str:
-    """pydantic's location -> the YAML path: ``destinations.chest.port``, ``rules[2]``."""
+    """pydantic's location -> the YAML path: ``destinations.chest.port``, ``rules[2]`` (the validators' and union
+    members' names pydantic puts in between are left out)."""
     out = ""
     for index, part in enumerate(loc):
         if index == 2 and loc[0] == "destinations" and part in ("dicom", "folder"):
             continue  # the tag that tells a DICOM node from a folder
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after[check(), union[...]]",) or str(part).startswith(("function-", "union[",
-                                                                                           "json-or-python",
-                                                                                           "constrained-", "lax-",
-                                                                                           "strict-", "nullable[")):
-            continue
-        elif part in ("int", "float", "str", "list[str]", "literal['auto','AUTO','Auto']"):
+        elif str(part).startswith(_INTERNAL) or part in _MEMBERS:
             continue
         else:
             out += ("." if out else "") + str(part)
@@ -351,13 +350,7 @@ def validate_document(raw: dict[str, Any]) -> tuple[RouterFile | None, list[str]
             text = _message(item)
             if text not in problems:
                 problems.append(text)
-        return None, _drop_union_echoes(problems)
-
-
-def _drop_union_echoes(problems: list[str]) -> list[str]:
-    """A destination that is neither kind is reported once per kind; keep the DICOM node's reading unless the
-    mapping had a ``folder`` key."""
-    return problems
+        return None, problems
 
 
 def json_schema() -> dict[str, Any]:
