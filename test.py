@@ -15,7 +15,10 @@ models; beside the model, or in --output/<model name>), and skipped.csv (file, r
 message) when a listed file was left out; ood.json/ood.md (the share of real radiographs the model's
 out-of-distribution score flags, the auto-routed share with and without it; with --ood-set DIR also
 AUROC and the share flagged of images that are not radiographs, as sent and re-tagged DX, per kind,
-and ood.csv); with several models, comparison.md/.csv as well. Every
+and ood.csv); with --shift, shifts.json/.csv/.md, shifts.png and shift_examples.png (the split
+re-rendered as other sites would send it: macro F1 with patient-level CIs, the drop against clean,
+accuracy and auto-routed share at the model's auto threshold, per shift and severity); with several
+models, comparison.md/.csv as well. Every
 report says how many images were listed, evaluated and skipped (by reason). When more than
 --max-skipped-share of the listed files cannot be read (or none can), no result is written: only
 skipped.csv, an error naming the counts and reasons, and exit status 2.
@@ -32,6 +35,7 @@ import sys
 from pathlib import Path
 
 from utils import config, constants
+from utils.evaluate import shifts
 from utils.io.isolation import PoolSettings
 
 FLAGS = ("SPLIT", "BOOTSTRAP_RESAMPLES", "CONFIDENCE_LEVEL", "BOOTSTRAP_UNIT", "SEED", "BATCH_SIZE",
@@ -53,6 +57,12 @@ def parse_args(argv: list[str] | None = None):
                         help="also score a set of images that are not projection radiographs (a folder written by "
                              "`python -m utils.evaluate.ood_set --output DIR`): AUROC and share flagged by the "
                              "model's out-of-distribution score, as sent and re-tagged DX (default: off)")
+    parser.add_argument("--shift", action="append", default=None, metavar="NAME[:SEVERITY]",
+                        help="also evaluate the split as another site would render it (repeatable; NAME alone: "
+                             "severities 1-3; 'all': every shift at every severity; 'all:1' every shift at "
+                             "severity 1): macro F1 with patient-level CIs, its drop against clean, accuracy and "
+                             "auto-routed share at the model's auto threshold, into shifts.json/.csv/.md and "
+                             "shifts.png. Shifts (levels of severity 1, 2, 3): " + shifts.help_text().replace("%", "%%") + ".")
     parser.add_argument("--demo", action="store_true", help="evaluate runs/demo on the synthetic demo test split")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     config.add_flags(parser, FLAGS)
@@ -61,6 +71,10 @@ def parse_args(argv: list[str] | None = None):
         parser.error(f"--max-skipped-share must be in [0, 1] (a share of the listed images), "
                      f"got {args.max_skipped_share}")
     PoolSettings.from_args(parser, args)
+    try:
+        args.shift = shifts.parse(args.shift or [])
+    except ValueError as error:
+        parser.error(f"--shift: {error}")
     if args.demo:
         args.models = args.models or [str(Path(constants.RUNS_DIR) / "demo")]
         args.data = args.data or str(Path(constants.DEMO_DIR) / "prepared")
@@ -113,6 +127,18 @@ def main(argv: list[str] | None = None) -> int:
 
             print(ood_eval.markdown(results["ood"]).rstrip())
         print(f"details: {output_dir / reports.RESULTS_MD}")
+        if args.shift and cross_validation:
+            log.warning("--shift applies to one model, not to a cross-validation's pooled predictions: evaluate "
+                        "a fold's model (CV_DIR/fold-K)")
+        elif args.shift:
+            from utils.evaluate import shift_eval
+
+            summary = shift_eval.evaluate(model_arg, args.data, settings, output_dir, args.shift,
+                                          progress=not args.quiet)
+            print(f"\n{name} under site shifts ({summary['n_images']} images):")
+            print(shift_eval.table(summary))
+            print(f"breaks the model (macro F1 drop > {summary['break_drop']:g}): "
+                  f"{', '.join(summary['breaking']) or 'none'}; details: {output_dir / shift_eval.SHIFTS_MD}")
     if len(all_results) > 1:
         target = Path(args.output or ".") / reports.COMPARISON_MD
         reports.write_comparison(target, all_results, names)
