@@ -134,6 +134,13 @@ def test_status_tells_a_router_killed_with_kill_9_from_a_running_one(tmp_path, c
     try:
         assert ready.wait(30)
         assert q.spool_in_use(tmp_path / "spool")
+        if q._flock_held(os.stat(tmp_path / "spool" / "router.lock")) is not None:  # Linux: the lock table is read
+            flock = q.fcntl.flock
+            q.fcntl.flock = lambda *a: (_ for _ in ()).throw(AssertionError("--status must not take the lock"))
+            try:
+                assert q.spool_in_use(tmp_path / "spool")
+            finally:
+                q.fcntl.flock = flock
         assert router_script.main(["--config", str(config), "--status"]) == 0
         assert "  router: running since 1970-01-01T00:00:00Z (pid" in capsys.readouterr().out
     finally:
@@ -145,6 +152,21 @@ def test_status_tells_a_router_killed_with_kill_9_from_a_running_one(tmp_path, c
     assert "  router: not running (a stale note from a router that did not stop cleanly, e.g. kill -9" in out
     assert "it last noted: running since 1970-01-01T00:00:00Z" in out
     assert not q.spool_in_use(tmp_path / "nowhere")
+
+
+def test_the_lock_table_is_read_by_device_and_inode(tmp_path):
+    table = tmp_path / "locks"
+    target = tmp_path / "router.lock"
+    target.touch()
+    stat = os.stat(target)
+    mine = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    table.write_text(f"1: POSIX  ADVISORY  WRITE 10 {mine} 0 EOF\n"  # another kind of lock on it
+                     f"2: -> FLOCK  ADVISORY  WRITE 11 {mine} 0 EOF\n"  # a waiter, not a holder
+                     f"3: FLOCK  ADVISORY  WRITE 12 {mine[:-1]}9{stat.st_ino % 10 + 1} 0 EOF\n")  # another file
+    assert q._flock_held(stat, str(table)) is False
+    table.write_text(table.read_text() + f"4: FLOCK  ADVISORY  WRITE 13 {mine} 0 EOF\n")
+    assert q._flock_held(stat, str(table)) is True
+    assert q._flock_held(stat, str(tmp_path / "missing")) is None
 
 
 def test_audit_lines_are_json_with_time_and_event(tmp_path):

@@ -617,18 +617,44 @@ def spool_in_use(root: str | os.PathLike) -> bool:
 
     The kernel drops a flock when its process dies, kill -9 included, so this is the test of a running router; the
     note the router leaves in the database (``--status``'s "as it last noted") outlives a router killed that way.
-    Tested by taking the lock shared and without waiting, released at once: a router starting in that same
-    instant would find the spool in use and fail to start (its supervisor starts it again)."""
+    On Linux the kernel's table of locks (/proc/locks) is read: nothing is taken, so a router starting in that
+    instant is never disturbed. Elsewhere the lock is taken shared without waiting and released at once (a router
+    starting in that same instant would find the spool in use and fail to start; its supervisor starts it again)."""
+    path = Path(root) / "router.lock"
     try:
-        handle = open(Path(root) / "router.lock")  # noqa: SIM115 - closed below
+        handle = open(path)  # noqa: SIM115 - closed below
     except FileNotFoundError:
         return False
     with handle:
+        held = _flock_held(os.fstat(handle.fileno()))
+        if held is not None:
+            return held
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def _flock_held(stat: os.stat_result, table: str = "/proc/locks") -> bool | None:
+    """Whether the kernel's lock table lists a granted flock on the file of ``stat``; None without the table.
+    A line: ``1: FLOCK  ADVISORY  WRITE 4711 fd:01:1234567 0 EOF`` (``1: -> FLOCK ...``: a waiter, not a holder)."""
+    try:
+        text = Path(table).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == (os.major(stat.st_dev), os.minor(stat.st_dev),
+                                                                stat.st_ino):
+                return True
+        except ValueError:
+            continue
     return False
 
 
