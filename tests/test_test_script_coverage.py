@@ -88,10 +88,23 @@ def test_raw_files_within_a_raised_threshold_report_their_coverage(model, raw, t
     # once the broken files are gone, nothing is skipped and the old skipped.csv goes too
     for name in ("spine/short.dcm", "spine/x.dcm", "others/notes.txt"):
         (raw / name).unlink()
-    assert test_script.main([str(model), "--data", str(raw), "--output", str(out), *FAST]) == 0
+    # --shift: the same images re-rendered as other sites would send them (raw files: decoded once, shifted
+    # in memory); the brightness model cannot survive an inverted or low-contrast image
+    assert test_script.main([str(model), "--data", str(raw), "--output", str(out), *FAST,
+                             "--shift", "invert", "--shift", "bits:3,text:1"]) == 0
     assert json.loads((out / "results.json").read_text())["coverage"]["skipped"] == 0
     assert not (out / "skipped.csv").exists()
     assert "All 10 listed images evaluated; none skipped." in (out / "results.md").read_text()
+    summary = json.loads((out / "shifts.json").read_text())
+    assert [(r["shift"], r["severity"]) for r in summary["rows"]] == [("clean", 0), ("invert", 1), ("bits", 3),
+                                                                      ("text", 1)]
+    assert summary["n_images"] == 10 and summary["rows"][0]["macro_f1"]["value"] == 1.0
+    assert {"invert", "bits"} <= set(summary["breaking"])
+    assert summary["threshold"] is None and summary["rows"][1]["routed_share"] is None  # no calibration
+    for name in ("shifts.csv", "shifts.md", "shifts.png", "shift_examples.png"):
+        assert (out / name).is_file(), name
+    printed = capsys.readouterr().out
+    assert "under site shifts (10 images)" in printed and "| invert | 1 | inverted |" in printed
 
 
 def test_comparison_of_several_models_shows_evaluated_and_skipped(model, raw, tmp_path):

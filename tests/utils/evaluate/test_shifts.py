@@ -192,3 +192,34 @@ def test_outputs(tmp_path):
     assert (tmp_path / shift_eval.SHIFTS_PNG).stat().st_size > 0
     shift_eval.plot_examples(IMAGES[0], "a.png", [("gamma", 1), ("invert", 1)], tmp_path / "examples.png")
     assert (tmp_path / "examples.png").stat().st_size > 0
+
+
+def test_test_py_names_a_mistyped_shift(capsys):
+    import test as test_script
+
+    with pytest.raises(SystemExit):
+        test_script.parse_args(["model.keras", "--shift", "gama:2"])
+    assert "--shift: unknown shift 'gama'" in capsys.readouterr().err
+    assert test_script.parse_args(["model.keras", "--shift", "invert", "--shift", "jpeg:3"]).shift == [
+        ("invert", 1), ("jpeg", 3)]
+    assert test_script.parse_args(["model.keras"]).shift == []
+
+
+def test_test_py_help_explains_the_shifts_without_tensorflow():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "test.py", "--help"], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps the lines
+    assert "--shift NAME[:SEVERITY]" in text
+    for name in shifts.REGISTRY:
+        assert f"{name} (" in text
+    check = subprocess.run([sys.executable, "-c", "import sys, test; test.parse_args(['m', '--shift', 'all']); "
+                            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"],
+                           cwd=root, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and check.stdout.strip() == "[]", check.stderr
