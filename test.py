@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                                           progress=not args.quiet)
             print(f"\n{name} under site shifts ({summary['n_images']} images):")
             print(shift_eval.table(summary))
-            print(f"breaks the model (macro F1 drop > {summary['break_drop']:g}): "
-                  f"{', '.join(summary['breaking']) or 'none'}; details: {output_dir / shift_eval.SHIFTS_MD}")
+            print("\n".join(shift_eval.verdict_lines(summary)))
+            print(f"(breaks: macro F1 more than {summary['break_drop']:g} below clean) "
+                  f"details: {output_dir / shift_eval.SHIFTS_MD}")
     if len(all_results) > 1:
         target = Path(args.output or ".") / reports.COMPARISON_MD
         reports.write_comparison(target, all_results, names)

@@ -254,16 +254,32 @@ def markdown(summary: dict) -> str:
                  f"{threshold:.4g} and not flagged out-of-distribution; Acc. routed: the accuracy of that share; "
                  "Errors routed: wrong classes that would go out without review." if threshold is not None else
                  "The model has no auto threshold (no calibration): no routed share.")]
-    breaking = {n: v["breaks_from"] for n, v in summary["verdicts"].items() if v["breaks_from"] is not None}
-    out += ["", "Breaks the model: " + (", ".join(f"{n} (from severity {s})" for n, s in breaking.items())
-                                        if breaking else "none") + ".",
-            "Holds at every severity evaluated: " + (", ".join(summary["holding"]) or "none") + "."]
+    out += [""] + [f"- {line}" for line in verdict_lines(summary)]
     out += ["", "| Shift | What a site does | Levels (severity 1, 2, 3) |", "|---|---|---|"]
     out += [f"| {n} | {s['description']} | {', '.join(str(x) for x in s['levels'])} {s['unit']} |"
             for n, s in summary["shifts"].items()]
     out += ["", f"Figures: {SHIFTS_PNG} (macro F1 and auto-routed share against severity), {EXAMPLES_PNG} "
             "(one test image under every shift)."]
     return "\n".join(out) + "\n"
+
+
+def verdict_lines(summary: dict) -> list[str]:
+    """Which shifts break the model from which severity, which hold, and where wrong classes would be
+    routed without review (more than on the clean images)."""
+    by_severity: dict[int, list[str]] = {}
+    for name, verdict in summary["verdicts"].items():
+        if verdict["breaks_from"] is not None:
+            by_severity.setdefault(verdict["breaks_from"], []).append(name)
+    lines = [f"breaks the model from severity {s}: {', '.join(names)}" for s, names in sorted(by_severity.items())]
+    lines.append("holds at every severity evaluated: " + (", ".join(summary["holding"]) or "none"))
+    clean = summary["rows"][0]
+    if clean["routed_errors"] is not None:
+        worse = sorted((r for r in summary["rows"][1:] if r["routed_errors"] > clean["routed_errors"]),
+                       key=lambda r: -r["routed_errors"])
+        lines.append(f"wrong classes routed without review (clean: {clean['routed_errors']}): " +
+                     (", ".join(f"{shifts.label(r['shift'], r['severity'])} {r['routed_errors']}" for r in worse)
+                      or "no more than clean"))
+    return lines
 
 
 CSV_FIELDS = ("shift", "severity", "level", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "f1_drop",

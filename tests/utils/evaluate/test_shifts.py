@@ -187,7 +187,9 @@ def test_outputs(tmp_path):
                                                            ("gamma", "3")]
     assert rows[3]["breaks"] == "True" and float(rows[3]["f1_drop"]) > 0.03
     text = (tmp_path / shift_eval.SHIFTS_MD).read_text()
-    assert "| gamma | 3 | 0.9 |" in text and "Breaks the model: gamma (from severity 3)." in text
+    assert "| gamma | 3 | 0.9 |" in text and "- breaks the model from severity 3: gamma" in text
+    assert "- holds at every severity evaluated: none" in text
+    assert "- wrong classes routed without review (clean: 0): gamma:3 2" in text
     assert "| gamma | another detector's gamma curve" in text
     assert (tmp_path / shift_eval.SHIFTS_PNG).stat().st_size > 0
     shift_eval.plot_examples(IMAGES[0], "a.png", [("gamma", 1), ("invert", 1)], tmp_path / "examples.png")
