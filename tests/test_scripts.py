@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -136,6 +137,74 @@ def test_pretrained_weights_file_with_frozen_warmup(small_demo, tmp_path):
     assert log["epoch"].tolist() == [0, 1]
     # each phase has its own one-cycle: the learning rate falls to its floor at the end of both
     assert (log["learning_rate"] < 1e-6).all()
+
+
+def test_finetune_on_two_corrections_keeps_the_parents_validation_set(small_demo, tmp_path, capsys):
+    """Issue 24 item 3, the operator's loop: two corrections (one patient group: both land in train) prepared
+    with prepare.py --model, then training.py --finetune RUN --data: no "split 'val' is empty", the new run has
+    the parent's spec and classes, its lineage, a refitted calibration; other classes and another image size
+    are refused with a clear message."""
+    import prepare
+
+    parent = tmp_path / "parent"
+    assert training.main(["--data", str(small_demo), "--output", str(parent), "--backbone", "mobilenet_v1",
+                          "--batch-size", "8", "--epochs", "1", "--max-steps-per-epoch", "1", "--quiet"]) == 0
+    # the router console's corrections dataset: files/ + labels.csv in prepare.py's CSV format
+    labels = pd.read_csv(small_demo / "labels.csv").query("split == 'train'").groupby("label").head(1).head(2)
+    corrections = tmp_path / "corrections"
+    (corrections / "files").mkdir(parents=True)
+    rows = []
+    for i, row in enumerate(labels.itertuples()):
+        target = corrections / "files" / f"{i}.dcm"
+        target.write_bytes(Path(row.source_file).read_bytes())
+        rows.append({"path": f"files/{i}.dcm", "label": row.label, "group": "P1", "sop_instance_uid": f"1.2.{i}",
+                     "previous_label": "others", "who": "alice", "time": "2026-12-01T00:00:00+00:00"})
+    pd.DataFrame(rows).to_csv(corrections / "labels.csv", index=False)
+    data = tmp_path / "data-corrections"
+    capsys.readouterr()
+    assert prepare.main(["--input", str(corrections / "labels.csv"), "--output", str(data), "--model", str(parent),
+                         "--image-size", "128", "--quiet"]) == 2  # another size than the model's
+    assert "--image-size 128 (the model has 64)" in capsys.readouterr().err
+    assert prepare.main(["--input", str(corrections / "labels.csv"), "--output", str(data), "--model", str(parent),
+                         "--quiet"]) == 0
+    assert "use: python training.py --finetune RUN_DIR" in capsys.readouterr().out  # all in train: what to do
+    assert set(pd.read_csv(data / "labels.csv")["split"]) == {"train"}
+
+    # refused before anything is trained: another image size asked for, a dataset for other classes
+    assert training.main(["--finetune", str(parent), "--data", str(data), "--output", str(tmp_path / "x"),
+                          "--image-size", "128", "--quiet"]) == 2
+    assert "--image-size 128 (the model has 64)" in capsys.readouterr().err
+    other = tmp_path / "other-classes"
+    shutil.copytree(data, other)
+    spec = json.loads((other / "preprocess.json").read_text())
+    (other / "preprocess.json").write_text(json.dumps({**spec, "class_names": ["chest", "abdominal", "spine"]}))
+    assert training.main(["--finetune", str(parent), "--data", str(other), "--output", str(tmp_path / "y"),
+                          "--quiet"]) == 2
+    assert "a fine-tune keeps the model's classes" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+    run = tmp_path / "finetuned"
+    assert training.main(["--finetune", str(parent), "--data", str(data), "--output", str(run), "--epochs", "1",
+                          "--max-steps-per-epoch", "1", "--quiet"]) == 0
+    payload = json.loads((run / "config.json").read_text())
+    parent_payload = json.loads((parent / "config.json").read_text())
+    assert payload["spec"] == parent_payload["spec"]
+    lineage = payload["finetune"]
+    assert lineage["parent"] == str(parent) and lineage["data"] == str(data)
+    assert lineage["sources"] == [str(small_demo), str(data)]
+    n_val = int((pd.read_csv(small_demo / "labels.csv")["split"] == "val").sum())
+    assert lineage["new_train"] == 2 and lineage["val"] == lineage["parent_val"] == n_val
+    assert lineage["rehearsal_per_new_image"] == 4.0 and 0 < lineage["rehearsal_images"] <= 8  # FINETUNE_REHEARSAL per new image
+    settings = payload["config"]
+    assert settings["data"] == str(small_demo)  # test.py / export.py find the original test split
+    assert settings["epochs"] == 1 and settings["max_lr"] == 1e-4 and settings["weights"].endswith("best.keras")
+    info = read_model_info(run)
+    assert info.spec.to_dict() == parent_payload["spec"] and info.backbone == "mobilenet_v1"
+    assert info.extra["finetuned_from"]["run"] == str(parent)
+    assert info.calibration["n_images"] == n_val and info.recommended_threshold is not None  # refitted
+    # a fine-tune is not resumed (run it again)
+    assert training.main(["--resume", str(run), "--quiet"]) == 2
+    assert "is not resumed" in capsys.readouterr().err
 
 
 def test_test_py_leaves_out_hostile_raw_files_with_their_reason(tmp_path, monkeypatch):

@@ -233,7 +233,7 @@ def gather(data_dir: str, parent: Parent, spec: PreprocessSpec, seed: int,
             f"no validation images: {data_dir} has no 'val' split and the parent's validation set is not available "
             f"({', '.join(sources) or 'its run records no dataset'}). Keep the parent's prepared dataset where its "
             f"config.json says, or prepare the new data with enough patients for a validation split.")
-    used = {"new_train": len(new_train), "new_val": len(new_val), "rehearsal": len(replayed),
+    used = {"new_train": len(new_train), "new_val": len(new_val), "rehearsal_images": len(replayed),
             "parent_train_available": len(old_train), "parent_val": len(old_val), "val": len(val),
             "missing_sources": missing}
     return train, val, used
@@ -283,12 +283,12 @@ def finetune(args, settings: dict[str, Any]) -> Path:
     lineage = {"parent": str(parent.run_dir), "parent_model": str(parent.model_path),
                "parent_model_id": parent.metadata.model_id, "data": data_dir,
                "sources": [*[s for s in parent.sources if not _same_dir(s, data_dir)], data_dir],
-               "rehearsal": constants.FINETUNE_REHEARSAL, "freeze_batchnorm": constants.FINETUNE_FREEZE_BATCHNORM,
+               "rehearsal_per_new_image": constants.FINETUNE_REHEARSAL, "freeze_batchnorm": constants.FINETUNE_FREEZE_BATCHNORM,
                **used}
     config.save_config(settings, run_dir / R.CONFIG, spec=spec.to_dict(), **{KEY: lineage})
     log.info("fine-tuning %s (%s) on %s: %d training images (%d new, %d rehearsal), %d validation images "
              "(%d the parent's, %d new); %d epochs at max lr %g", parent.run_dir, parent.metadata.model_id, data_dir,
-             len(train_rows), used["new_train"], used["rehearsal"], len(val_rows), used["parent_val"],
+             len(train_rows), used["new_train"], used["rehearsal_images"], len(val_rows), used["parent_val"],
              used["new_val"], settings["epochs"], settings["max_lr"])
 
     T.seed_everything(settings["seed"])

@@ -286,3 +286,14 @@ def test_hostile_sources_become_rejects_with_their_reason(tmp_path, monkeypatch)
     reasons = {Path(path).name: reason for path, reason in rejects.items()}
     assert reasons == {"panic.dcm": "codec_panic", "hang.dcm": "decode_timeout", "die.dcm": "decoder_crashed", "text.dcm": "not_dicom"}
     assert len(pd.read_csv(out / "labels.csv")) == 7
+
+
+def test_a_dataset_without_validation_images_says_to_fine_tune():
+    """Issue 24: a corrections set of a few patients goes all to train; the summary says what to do with it."""
+    from utils.data.prepare import split_advice
+
+    few = pd.DataFrame({"label": ["spine", "abdominal"], "split": ["train", "train"], "group": ["P1", "P1"]})
+    advice = split_advice(few)
+    assert "no validation images (2 image(s), 2 in train; 1 patient group(s)" in advice
+    assert "training.py --finetune RUN_DIR --data THIS_FOLDER" in advice
+    assert split_advice(few.assign(split=["train", "val"])) == "" and split_advice(few.iloc[:0]) == ""
