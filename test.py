@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None):
                              "severities 1-3; 'all': every shift at every severity; 'all:1' every shift at "
                              "severity 1): macro F1 with patient-level CIs, its drop against clean, accuracy and "
                              "auto-routed share at the model's auto threshold, into shifts.json/.csv/.md and "
-                             "shifts.png. Shifts (levels of severity 1, 2, 3): " + shifts.help_text().replace("%", "%%") + ".")
+                             "shifts.png. Shifts (levels of severity 1, 2, 3): "
+                             + shifts.help_text().replace("%", "%%") + ".")
     parser.add_argument("--demo", action="store_true", help="evaluate runs/demo on the synthetic demo test split")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     config.add_flags(parser, FLAGS)
