@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo:
         recorded.update(split_ratios=constants.SPLIT_RATIOS, seed=constants.SEED)
     config.save_config(recorded, output / files.CONFIG, spec=spec.to_dict())
-    summary = result.summary()
+    summary = result.summary(None if args.demo else output)
     (output / files.SUMMARY).write_text(summary + "\n")
     print(summary)
     print(f"\nwrote {output / files.LABELS}, {output / files.REJECTS}, {output / files.SUMMARY}")

@@ -328,7 +328,8 @@ class PrepareResult:
     spec: PreprocessSpec | None = None  # the spec the images were made with
     removed: int = 0  # stale PNGs removed (their source, spec or decoders changed)
 
-    def summary(self) -> str:
+    def summary(self, output: str | os.PathLike | None = None) -> str:
+        """The printed summary; ``output``: the dataset's folder, named in the advice when it has no val split."""
         lines = [f"source layout: {self.layout}",
                  f"images: {len(self.labels)} ({self.skipped} already prepared, reused; "
                  f"{self.removed} stale removed); rejected: {len(self.rejects)}"]
@@ -340,13 +341,13 @@ class PrepareResult:
             lines += ["", "groups (patients) per split: " + ", ".join(f"{k} {v}" for k, v in groups.items())]
         if len(self.rejects):
             lines += ["", "rejects by reason:", self.rejects["reason"].value_counts().to_string()]
-        advice = split_advice(self.labels)
+        advice = split_advice(self.labels, output)
         if advice:
             lines += ["", advice]
         return "\n".join(lines)
 
 
-def split_advice(labels: pd.DataFrame) -> str:
+def split_advice(labels: pd.DataFrame, folder: str | os.PathLike | None = None) -> str:
     """What to do with a dataset whose validation split is empty (a few patient groups, e.g. the router's
     corrections, all go to train): "" when it has one."""
     if not len(labels) or (labels["split"] == "val").any():
@@ -355,7 +356,7 @@ def split_advice(labels: pd.DataFrame) -> str:
     where = ", ".join(f"{count} in {split}" for split, count in labels["split"].value_counts().items())
     return (f"note: no validation images ({len(labels)} image(s), {where}; {groups} patient group(s) are too few "
             "to split). Training from scratch needs a validation split; to fine-tune a trained model on them "
-            "use: python training.py --finetune RUN_DIR --data THIS_FOLDER, which keeps RUN_DIR's validation "
+            f"use: python training.py --finetune RUN_DIR --data {folder or 'THIS_FOLDER'}, which keeps RUN_DIR's validation "
             "set (and mixes some of its training images back in).")
 
 
