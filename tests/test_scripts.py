@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("script, flags", [
     ("prepare.py", ["--input", "--image-size", "--aspect", "--split-ratios", "--demo", "--decode-pool",
                     "--decode-timeout-s", "--decode-memory-limit-mb"]),
-    ("training.py", ["--backbone", "--epochs", "--weights", "--resume", "--demo", "resnet18", "--bn-momentum"]),
+    ("training.py", ["--backbone", "--epochs", "--weights", "--resume", "--demo", "resnet18", "--bn-momentum",
+                     "--finetune", "FINETUNE_EPOCHS"]),
     ("test.py", ["--data", "--split", "--bootstrap-resamples", "--bootstrap-unit", "--demo", "--decode-pool",
                  "--decode-workers", "--decode-timeout-s", "--decode-memory-limit-mb", "--max-skipped-share"]),
 ])
