@@ -82,6 +82,13 @@ AUGMENT_SHARPNESS: float = 0.0  # unsharp-mask amount drawn in [-s, s]: below 0 
 AUGMENT_SHARPNESS_RANGE: str = "[0, 1]"
 AUGMENT_NOISE: float = 0.0  # Gaussian noise whose SD is drawn in [0, n] of the 0-255 range
 AUGMENT_NOISE_RANGE: str = "[0, 0.5]"
+# How another site renders X-rays (test.py --shift measures what breaks the model): each is a probability per image.
+AUGMENT_BORDER: float = 0.0  # collimation borders / letterbox bars: black or white bands up to a fifth of the side deep
+AUGMENT_BORDER_RANGE: str = "[0, 1]"
+AUGMENT_INVERT: float = 0.0  # the gray scale inverted (a viewer or export that mishandles MONOCHROME1)
+AUGMENT_INVERT_RANGE: str = "[0, 0.5]"
+AUGMENT_EQUALISE: float = 0.0  # global histogram equalisation (the strong processing some systems apply)
+AUGMENT_EQUALISE_RANGE: str = "[0, 1]"
 
 # --- Model ----------------------------------------------------------------------------------
 BACKBONE: str = "mobilenet_v1"  # the paper's best model; `python training.py --help` lists all

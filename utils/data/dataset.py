@@ -40,6 +40,9 @@ class Augmentation:
     gamma: float = constants.AUGMENT_GAMMA
     sharpness: float = constants.AUGMENT_SHARPNESS
     noise: float = constants.AUGMENT_NOISE
+    border: float = constants.AUGMENT_BORDER  # another site's look (:func:`site_look`): probabilities per image
+    invert: float = constants.AUGMENT_INVERT
+    equalise: float = constants.AUGMENT_EQUALISE
 
     @property
     def geometric(self) -> bool:
@@ -52,8 +55,14 @@ class Augmentation:
         return bool(self.gamma or self.sharpness or self.noise)
 
     @property
+    def site(self) -> bool:
+        """Whether another site's rendering (borders, inversion, equalisation) is drawn per image."""
+        return bool(self.border or self.invert or self.equalise)
+
+    @property
     def active(self) -> bool:
-        return bool(self.geometric or self.detector or self.brightness or self.contrast or self.horizontal_flip)
+        return bool(self.geometric or self.detector or self.site or self.brightness or self.contrast
+                    or self.horizontal_flip)
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> Augmentation:
@@ -61,7 +70,8 @@ class Augmentation:
         return cls(settings["augment_rotation_deg"], settings["augment_brightness"], settings["augment_contrast"],
                    settings["horizontal_flip"],
                    **{field: settings.get(f"augment_{field}", 0.0)
-                      for field in ("scale", "translate", "shear_deg", "gamma", "sharpness", "noise")})
+                      for field in ("scale", "translate", "shear_deg", "gamma", "sharpness", "noise", "border",
+                                    "invert", "equalise")})
 
 
 NO_AUGMENTATION = Augmentation(0.0, 0.0, 0.0, False)
@@ -202,14 +212,58 @@ def detector_look(images: tf.Tensor, aug: Augmentation, seed: tf.Tensor) -> tf.T
     return tf.clip_by_value(images, 0.0, 255.0)
 
 
+BORDER_MAX = 0.2  # the deepest collimation band site_look draws, as a fraction of the image side
+
+
+def _equalise(image: tf.Tensor) -> tf.Tensor:
+    """Global histogram equalisation of one float image (H, W, C) with values 0..255."""
+    values = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.int32)
+    hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256, dtype=tf.float32)
+    cdf = tf.cumsum(hist)
+    low = tf.reduce_min(tf.where(cdf > 0, cdf, tf.fill([256], cdf[-1])))
+    lut = (cdf - low) / tf.maximum(cdf[-1] - low, 1.0) * 255.0
+    return tf.gather(tf.clip_by_value(lut, 0.0, 255.0), values)
+
+
+def site_look(images: tf.Tensor, aug: Augmentation, seed: tf.Tensor) -> tf.Tensor:
+    """How another site renders the same X-ray, drawn per image of a float batch (B, H, W, C) with values 0..255,
+    each with its probability: global histogram equalisation (``equalise``); collimation borders or letterbox bars
+    (``border``: on each side with probability 1/2 a band up to BORDER_MAX deep, black or white); the gray scale
+    inverted (``invert``). The shifts of utils/evaluate/shifts.py that broke the small-data model at their mildest
+    severities; each draw has its own seed (folded in)."""
+    batch, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+
+    def draw(k: int, shape, low: float = 0.0, high: float = 1.0) -> tf.Tensor:
+        return tf.random.stateless_uniform(shape, tf.random.experimental.stateless_fold_in(seed, k), low, high)
+
+    if aug.equalise:
+        equalised = tf.map_fn(_equalise, images, fn_output_signature=tf.float32)
+        images = tf.where(draw(0, [batch, 1, 1, 1]) < aug.equalise, equalised, images)
+    if aug.border:
+        depth = draw(1, [batch, 4], 0.0, BORDER_MAX) * tf.cast(draw(2, [batch, 4]) < 0.5, tf.float32)
+        rows = (tf.cast(tf.range(height), tf.float32) + 0.5) / tf.cast(height, tf.float32)
+        cols = (tf.cast(tf.range(width), tf.float32) + 0.5) / tf.cast(width, tf.float32)
+        rows, cols = rows[None, :, None, None], cols[None, None, :, None]
+        band = ((rows < depth[:, 0, None, None, None]) | (rows > 1.0 - depth[:, 1, None, None, None])
+                | (cols < depth[:, 2, None, None, None]) | (cols > 1.0 - depth[:, 3, None, None, None]))
+        fill = tf.where(draw(3, [batch, 1, 1, 1]) < 0.5, 0.0, 255.0)
+        images = tf.where(band & (draw(4, [batch, 1, 1, 1]) < aug.border), fill, images)
+    if aug.invert:
+        images = tf.where(draw(5, [batch, 1, 1, 1]) < aug.invert, 255.0 - images, images)
+    return images
+
+
 def augment_batch(images: tf.Tensor, aug: Augmentation, seed: tf.Tensor) -> tf.Tensor:
-    """Detector look (gamma, sharpness, noise: :func:`detector_look`, on a gray batch), then contrast,
-    brightness (and optional horizontal flip) drawn per image of a float batch (B, H, W, C).
+    """Another site's look (:func:`site_look`), the detector look (gamma, sharpness, noise: :func:`detector_look`,
+    on a gray batch), then contrast, brightness (and optional horizontal flip) drawn per image of a float batch
+    (B, H, W, C).
 
     Contrast and brightness are fused into one multiply-add per pixel: x * f + (mean * (1 - f) + b).
     """
     seeds = tf.random.experimental.stateless_split(seed, num=3)
     batch = tf.shape(images)[0]
+    if aug.site:
+        images = site_look(images, aug, tf.random.experimental.stateless_fold_in(seed, 11))
     if aug.detector:
         images = detector_look(images, aug, tf.random.experimental.stateless_fold_in(seed, 7))
     if aug.contrast or aug.brightness:

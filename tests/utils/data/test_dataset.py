@@ -234,3 +234,41 @@ def test_detector_look_reaches_the_training_pipeline(prepared):
     images = next(iter(ds))[0].numpy()
     assert images.reshape(9, -1).std(axis=1).max() > 1.0  # each PNG is flat: only noise gives spread
     np.testing.assert_array_equal(images[..., 0], images[..., 2])  # drawn on gray, then replicated
+
+
+def test_site_look_draws_borders_inversions_and_equalisation_with_their_probabilities():
+    """Another site's rendering (utils/evaluate/shifts.py measured these break the small-data model): each with
+    its probability per image, seeded, and nothing at probability 0."""
+    from utils.data.dataset import BORDER_MAX, site_look
+
+    ramp = np.tile(np.linspace(40.0, 200.0, SIZE, dtype=np.float32)[None, None, :, None], (200, SIZE, 1, 1))
+    images = tf.constant(ramp)
+    off = site_look(images, Augmentation(0.0, 0.0, 0.0, False), tf.constant([1, 2])).numpy()
+    np.testing.assert_array_equal(off, ramp)
+
+    bordered = site_look(images, Augmentation(0.0, 0.0, 0.0, False, border=0.5), tf.constant([1, 2])).numpy()
+    changed = (bordered != ramp).reshape(len(ramp), -1).mean(axis=1)
+    assert 0.3 < (changed > 0).mean() < 0.7  # about half the images get bands (some draw no side)
+    assert changed.max() <= 1 - (1 - 2 * BORDER_MAX) ** 2 + 0.05  # no band deeper than BORDER_MAX (4 sides)
+    assert set(np.unique(bordered[bordered != ramp])) <= {0.0, 255.0}  # black or white
+    rows = bordered[changed > 0][:, :, SIZE // 2, 0]
+    assert ((rows[:, 0] != ramp[0, 0, SIZE // 2, 0]) | (rows[:, -1] != ramp[0, -1, SIZE // 2, 0])
+            | (bordered[changed > 0][:, SIZE // 2, 0, 0] != ramp[0, SIZE // 2, 0, 0])
+            | (bordered[changed > 0][:, SIZE // 2, -1, 0] != ramp[0, SIZE // 2, -1, 0])).all()  # bands at the edges
+
+    inverted = site_look(images, Augmentation(0.0, 0.0, 0.0, False, invert=0.3), tf.constant([3, 4])).numpy()
+    flipped = np.array([np.allclose(i, 255.0 - ramp[0]) for i in inverted])
+    kept = np.array([np.array_equal(i, ramp[0]) for i in inverted])
+    assert (flipped | kept).all() and 0.15 < flipped.mean() < 0.45
+
+    equalised = site_look(images, Augmentation(0.0, 0.0, 0.0, False, equalise=1.0), tf.constant([5, 6])).numpy()
+    assert equalised.min() == 0.0 and equalised.max() == 255.0  # the range stretched to the full scale
+    assert (np.diff(equalised[0, 0, :, 0]) >= 0).all()  # monotone: an equalisation, not an inversion
+
+    again = site_look(images, Augmentation(0.0, 0.0, 0.0, False, border=0.5), tf.constant([1, 2])).numpy()
+    np.testing.assert_array_equal(again, bordered)  # seeded
+    assert Augmentation(0.0, 0.0, 0.0, False, invert=0.1).active and not Augmentation(0.0, 0.0, 0.0, False).site
+    settings = {"augment_rotation_deg": 0.0, "augment_brightness": 0.0, "augment_contrast": 0.0,
+                "horizontal_flip": False, "augment_border": 0.3}
+    assert Augmentation.from_settings(settings).border == 0.3  # a run's config.json; older ones: off
+    assert Augmentation.from_settings({**settings, "augment_border": 0.0}).site is False

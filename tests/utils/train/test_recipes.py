@@ -14,7 +14,7 @@ def test_every_recipe_sets_only_training_flags_with_valid_values():
             assert name in training.FLAGS, f"{recipe.name} sets {name}, not a training flag"
             assert type(value) is type(getattr(constants, name)), (recipe.name, name)
             config.check_value(name, value, f"recipe {recipe.name}: {name}")
-    assert recipes.recipe_names() == ["none", "paper", "small-data"]
+    assert recipes.recipe_names() == ["none", "paper", "small-data", "site-robust"]
 
 
 def test_no_recipe_is_constants_py_alone():
