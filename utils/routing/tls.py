@@ -31,6 +31,7 @@ from typing import Any
 
 from utils import constants
 from utils.config import ConfigError
+from utils.routing.operations.schema import resolve_path
 
 PREFIX = "ROUTER_TLS_"  # the constants of the tls blocks' switches (the key is the name without the prefix)
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
@@ -114,11 +115,7 @@ def client_from(block, base: Path, where: str) -> ClientTLS:
 
 
 def _file(spec: dict, key: str, base: Path, where: str) -> Path:
-    import os
-
-    value = spec[key]
-    path = Path(os.path.expanduser(value.strip()))
-    path = path if path.is_absolute() else base / path
+    path = resolve_path(spec[key].strip(), base)
     if not path.is_file():
         raise ConfigError(f"{where}.{key}: {path}: no such file")
     try:

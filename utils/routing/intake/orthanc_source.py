@@ -66,6 +66,7 @@ from utils import constants
 from utils.config import ConfigError
 from utils.routing.operations.audit import AuditLog, AuditWriteError
 from utils.routing.operations.metrics import NO_METRICS
+from utils.routing.operations.schema import resolve_path
 from utils.routing.queue import SpoolQueue, SpoolWriteError
 from utils.routing.worker import FATAL, WakeableThread
 from utils.untrusted import log_safe
@@ -130,8 +131,7 @@ def settings_from(block, base: Path, where: str) -> OrthancSourceSettings:
 
 def _read_password(block, base: Path, where: str) -> str:
     if block.password_file:
-        path = Path(os.path.expanduser(block.password_file))
-        path = path if path.is_absolute() else base / path
+        path = resolve_path(block.password_file, base)
         try:
             return path.read_text().strip()
         except OSError as error:

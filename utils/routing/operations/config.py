@@ -56,6 +56,7 @@ from utils.routing.operations.console import settings_from as console_settings
 from utils.routing.operations.metrics import MetricsSettings
 from utils.routing.operations.metrics import settings_from as metrics_settings
 from utils.routing.operations.schema import FolderDestination, validate_document
+from utils.routing.operations.schema import resolve_path as _path
 from utils.routing.tls import ClientTLS, ServerTLS, client_from, server_from
 
 # YAML key -> the constant of utils/constants.py that gives its type, default and bounds (the schema,
@@ -284,8 +285,3 @@ def _same_tls_per_node(destinations: dict[str, Destination], where: str) -> None
         if other.tls != d.tls:
             raise ConfigError(f"{where}: destinations.{route} and destinations.{other.route} are the same node "
                               f"({d.node}) with different tls settings; give both the same tls block")
-
-
-def _path(value: str, base: Path) -> Path:
-    path = Path(os.path.expanduser(value))
-    return path if path.is_absolute() else base / path

@@ -93,6 +93,7 @@ from typing import Any
 
 from utils import constants
 from utils.config import ConfigError
+from utils.routing.operations.schema import resolve_path as _path
 
 log = logging.getLogger(__name__)
 
@@ -238,11 +239,6 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _path(value: str, base: Path) -> Path:
-    path = Path(os.path.expanduser(value))
-    return path if path.is_absolute() else base / path
 
 
 def _read_tls(block, base: Path, where: str) -> tuple[Path | None, Path | None]:

@@ -25,9 +25,11 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import sys
 import typing
-from typing import Annotated, Any, Literal, Union
+from pathlib import Path
+from typing import Annotated, Any, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, StrictBool, StrictInt, StrictStr,
                       ValidationError, WithJsonSchema)
@@ -37,6 +39,13 @@ from utils import constants
 from utils.config import ConfigError, check_value, value_range
 
 SECRET_KEYS = {"password": "password_env or password_file", "token": "token_env or token_file"}
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """A path written in the configuration file: ``~`` expanded, a relative one taken from the file's folder
+    ``base``. Every block resolves its paths with it."""
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else base / path
 
 
 # --- settings bounded by constants.py ----------------------------------------------------------
