@@ -41,13 +41,14 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from utils.config import ConfigError, refuse_unknown_keys
 from utils.infer.decisions import OTHER_CLASSES, UNCERTAIN, UNREADABLE, tag_classes
+from utils.routing.operations.audit import records as audit_records
 from utils.untrusted import log_safe
 
 ROUTE, SHADOW = "route", "shadow"  # the values of ``mode`` (utils/constants.py ROUTER_MODE_CHOICES)
@@ -361,25 +362,6 @@ def parse_time(value: str | _dt.datetime | _dt.date, *, end: bool = False) -> _d
     return value.replace(tzinfo=_dt.UTC) if value.tzinfo is None else value.astimezone(_dt.UTC)
 
 
-def _records(path: Path) -> Iterator[dict[str, Any]]:
-    """The audit log's records, and those of the files logrotate made of it (oldest first, ``.gz`` ones too), one
-    line at a time (a torn line from a crash is skipped)."""
-    import gzip
-
-    from utils.routing.operations.audit import rotated
-
-    for file in rotated(path) or [Path(path)]:
-        opener = gzip.open if file.suffix == ".gz" else open
-        with opener(file, "rt", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict):
-                    yield record
-
-
 def _when(record: dict[str, Any]) -> _dt.datetime | None:
     """When it happened: ``at`` for a line written later by reconciliation, else ``time``."""
     try:
@@ -420,7 +402,7 @@ def build_report(source, since=None, until=None, *, threshold: float | None = No
     by_rule: dict[str, str] = {}
     corrections: dict[str, dict[str, Any]] = {}
     started: dict[str, Any] = {}
-    for record in _records(path):
+    for record in audit_records(path, with_rotated=True):
         event = record.get("event")
         if event == CORRECTED:
             corrections[_key(record)] = record  # in order: the latest wins

@@ -33,6 +33,7 @@ import datetime as _dt
 import json
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,23 +111,24 @@ def rotated(path: str | os.PathLike) -> list[Path]:
     return older + ([path] if path.exists() else [])
 
 
-def _lines(path: Path) -> list[str]:
-    if path.suffix == ".gz":
-        import gzip
+def records(path: str | os.PathLike, *, with_rotated: bool = False) -> Iterator[dict[str, Any]]:
+    """The records of an audit log, one line at a time (a torn line, from a crash mid-write, is skipped);
+    ``with_rotated``: of the files logrotate made of it too, oldest first (:func:`rotated`, ``.gz`` ones
+    included). FileNotFoundError when there is no log at all."""
+    import gzip
 
-        with gzip.open(path, "rt", errors="replace") as handle:
-            return handle.read().splitlines()
-    return path.read_text(errors="replace").splitlines()
+    for file in (rotated(path) if with_rotated else []) or [Path(path)]:
+        opener = gzip.open if file.suffix == ".gz" else open
+        with opener(file, "rt", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict):
+                    yield record
 
 
 def read_audit(path: str | os.PathLike, *, with_rotated: bool = False) -> list[dict[str, Any]]:
-    """Every record of an audit log (a torn last line, from a crash mid-write, is skipped); ``with_rotated``: of the
-    files logrotate made of it too, oldest first (:func:`rotated`)."""
-    records = []
-    paths = rotated(path) if with_rotated else [Path(path)]
-    for line in (line for p in paths for line in _lines(p)):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """Every record of an audit log (:func:`records`)."""
+    return list(records(path, with_rotated=with_rotated))
