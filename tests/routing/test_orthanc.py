@@ -19,16 +19,12 @@ Skips when Orthanc (``apt-get install orthanc``) or dcmtk is not installed.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -37,7 +33,6 @@ import pytest
 from utils.io.dicom_writer import write_dicom
 from utils.routing.operations.audit import read_audit
 from utils.routing.operations.config import load_config
-from utils.routing.intake.orthanc_source import OrthancClient
 from utils.routing.operations.service import check, print_status
 
 from .conftest import (
@@ -46,7 +41,6 @@ from .conftest import (
     dcmtk_environment,
     expected_labels,
     free_port,
-    listening,
     make_samples,
     needs_dcmtk,
     start_router,
@@ -54,77 +48,19 @@ from .conftest import (
     wait_for,
     write_config,
 )
+from tests.orthanc_server import PASSWORD, USER, Orthanc, orthanc_binary
+
 from .orthanc_crash_router import KILL_STATUS
-
-
-def orthanc_binary() -> str | None:
-    return shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if Path(p).is_file()),
-                                           None)
 
 
 pytestmark = [needs_dcmtk, pytest.mark.skipif(orthanc_binary() is None,
                                               reason="Orthanc not installed (apt-get install orthanc)")]
 
 TIMEOUT = 120  # generous: the machine is shared and slow
-USER, PASSWORD = "router", "s3cret"
 # label -> (downstream Orthanc, called AE title): one AE title per label, two labels' nodes per Orthanc
 ROUTES = {"abdominal": ("DOWN_1", "ABDOMEN_AI"), "adult_chest": ("DOWN_1", "CHEST_AI"),
           "pediatric_chest": ("DOWN_1", "PEDS_AI"), "spine": ("DOWN_2", "SPINE_AI"),
           "others": ("DOWN_2", "OTHERS_AI"), "uncertain": ("DOWN_2", "REVIEW")}
-
-
-class Orthanc:
-    """One Orthanc process with its own configuration, storage and index folders on free loopback ports."""
-
-    def __init__(self, start, folder: Path, aet: str, *, router_port: int, auth: bool = False,
-                 check_called_aet: bool = True) -> None:
-        self.aet, self.http_port, self.dicom_port = aet, free_port(), free_port()
-        folder.mkdir(parents=True)
-        config = {"Name": aet, "DicomAet": aet, "StorageDirectory": str(folder / "storage"),
-                  "IndexDirectory": str(folder / "index"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
-                  "RemoteAccessAllowed": False, "AuthenticationEnabled": auth,
-                  "RegisteredUsers": {USER: PASSWORD} if auth else {}, "Plugins": [], "SaveJobs": False,
-                  "StorageCompression": False, "HttpCompressionEnabled": False, "ConcurrentJobs": 2,
-                  "DicomCheckCalledAet": check_called_aet,  # the downstreams accept every called AE title, recorded
-                  "DicomModalities": {"router": ["ROUTER", "127.0.0.1", router_port]}}
-        (folder / "orthanc.json").write_text(json.dumps(config, indent=1))
-        self.process = start([orthanc_binary(), folder / "orthanc.json"], folder / "orthanc.log")
-        self.client = OrthancClient(f"http://127.0.0.1:{self.http_port}", *((USER, PASSWORD) if auth else ()),
-                                    timeout_s=30)
-        wait_for(lambda: self._ready() or not self.process.alive(), 60, f"Orthanc {aet} to answer /system")
-        assert self.process.alive(), self.process.output()
-        assert listening(self.dicom_port), self.process.output()
-
-    def _ready(self) -> bool:
-        try:
-            return self.client.get_json("/system")["DicomAet"] == self.aet
-        except Exception:  # noqa: BLE001 - not up yet
-            return False
-
-    def post(self, path: str, body: dict) -> tuple[int, dict]:
-        request = urllib.request.Request(self.client.url + path, data=json.dumps(body).encode(), method="POST",
-                                         headers={k: v for k, v in self.client._headers.items()
-                                                  if k == "Authorization"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as answer:
-                return answer.status, json.loads(answer.read() or b"{}")
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"{}")
-
-    def instances(self) -> dict[str, str]:
-        """SOP Instance UID -> Orthanc instance id."""
-        return {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in self.client.get_json("/instances?expand")}
-
-    def instance_count(self) -> int:
-        return len(self.client.get_json("/instances"))
-
-    def called_aet(self, instance: str) -> str:
-        return self.client.get(f"/instances/{instance}/metadata/CalledAET").decode().strip()
-
-    def file(self, instance: str) -> pydicom.Dataset:
-        from io import BytesIO
-
-        return pydicom.dcmread(BytesIO(self.client.get(f"/instances/{instance}/file")))
 
 
 def send(orthanc: Orthanc, files: list[Path], config_dir: Path, *, wait: bool = True):
