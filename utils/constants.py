@@ -239,6 +239,14 @@ ROUTER_DRIFT_P_VALUE_RANGE: str = "(0, 0.5]"
 # defaults; the blocks' keys are these names without the ROUTER_TLS_ prefix. Certificates have no default.
 ROUTER_TLS_REQUIRE_CLIENT_CERT: bool = True  # the router's port: senders must show a certificate signed by its ca
 ROUTER_TLS_CHECK_HOSTNAME: bool = True  # a destination's certificate must name its host (or server_hostname)
+# DICOMweb destinations (a destination ``{dicomweb: URL, ...}`` in the router's YAML, utils/routing/delivery/dicomweb.py):
+# objects sent by STOW-RS. The destination's keys are these names without the ROUTER_DICOMWEB_ prefix.
+ROUTER_DICOMWEB_TIMEOUT_S: float = 60.0  # connecting, or waiting for the next bytes of an answer, longer than this: down
+ROUTER_DICOMWEB_TIMEOUT_S_RANGE: str = "(0, 3600]"
+ROUTER_DICOMWEB_BATCH: int = 16  # objects sent in one STOW-RS request at most
+ROUTER_DICOMWEB_BATCH_RANGE: str = "[1, 64]"  # 64: the objects a forwarder takes from the queue at a time
+ROUTER_DICOMWEB_BATCH_MB: int = 64  # ... and megabytes at most (a larger object goes alone)
+ROUTER_DICOMWEB_BATCH_MB_RANGE: str = "[1, 4096]"
 # The Orthanc source (``orthanc_source:`` block of the router's YAML, utils/routing/intake/orthanc_source.py): the router
 # follows an Orthanc's /changes feed and fetches each new instance itself (a durable hand-off; Orthanc's own
 # forwarding jobs are not retried). These are the block's keys without the ROUTER_ORTHANC_ prefix.
@@ -278,3 +286,21 @@ ROUTER_CONSOLE_REVIEW_DAYS: float = 30.0  # copies of objects under review (spoo
 ROUTER_CONSOLE_REVIEW_DAYS_RANGE: str = "(0, 3650]"
 ROUTER_CONSOLE_REVIEW_MAX_MB: int = 2000  # ... and at most this much of them, oldest deleted first
 ROUTER_CONSOLE_REVIEW_MAX_MB_RANGE: str = "[1, 10000000]"
+# STOW-RS intake (the ``stow:`` block of the router's YAML, utils/routing/intake/stow.py): off unless the block is there;
+# the block's keys are these names without the ROUTER_STOW_ prefix. POST /studies on a port of its own, into the same
+# spool as C-STORE. Senders authenticate with the token (environment variable or file) or a user of users_file;
+# without either the port may listen on a loopback address only.
+ROUTER_STOW_HOST: str = "127.0.0.1"  # address STOW-RS listens on; local unless configured
+ROUTER_STOW_PORT: int = 8104  # the STOW-RS port (HTTP, or HTTPS with the block's tls)
+ROUTER_STOW_PORT_RANGE: str = "[0, 65535]"  # 0: any free port (tests)
+ROUTER_STOW_TOKEN_ENV: str = "ROUTER_STOW_TOKEN"  # environment variable holding the senders' bearer token
+ROUTER_STOW_MAX_REQUEST_MB: int = 2048  # largest request body (one study, all its parts); larger: 413
+ROUTER_STOW_MAX_REQUEST_MB_RANGE: str = "[1, 1000000]"
+ROUTER_STOW_MAX_INSTANCE_MB: int = 1024  # largest single part (one instance); larger: that part fails (A700)
+ROUTER_STOW_MAX_INSTANCE_MB_RANGE: str = "[1, 1000000]"
+ROUTER_STOW_MAX_CONCURRENT: int = 4  # uploads received at once; one more is answered 503 with Retry-After
+ROUTER_STOW_MAX_CONCURRENT_RANGE: str = "[1, 256]"
+ROUTER_STOW_MAX_FAILURES: int = 10  # failed authentications a client address may make before 429 ...
+ROUTER_STOW_MAX_FAILURES_RANGE: str = "[1, 1000]"
+ROUTER_STOW_FAILURE_WINDOW_S: float = 300.0  # ... given back at MAX_FAILURES per this many seconds
+ROUTER_STOW_FAILURE_WINDOW_S_RANGE: str = "(0, 86400]"

@@ -62,6 +62,7 @@ from utils.routing.queue import SpoolQueue
 from utils.routing.operations.reconcile import reconcile_audit
 from utils.routing.intake.scp import StoreHandler, close_scp, start_scp
 from utils.routing.intake.space import ReceptionGate
+from utils.routing.intake.stow import StowReceiver, StowServer
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class RouterNode:
         self.gate: ReceptionGate | None = None  # the free-space reserve of the spool's filesystem
         self.metrics: NoMetrics = NO_METRICS  # a RouterMetrics serving /metrics when config.metrics is set
         self.console = None  # a utils.routing.operations.console.Console when config.console is set
+        self.stow = None  # a utils.routing.intake.stow.StowServer when config.stow is set (STOW-RS intake)
         self.ae = None
         self.server = None
         self.handler: StoreHandler | None = None
@@ -209,6 +211,9 @@ class RouterNode:
         threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
         self.gate.refresh()  # already below the reserve: say so before the first object arrives
         self.ae, self.server = start_scp(config, self.handler)
+        if config.stow is not None:  # a second port into the same store as the SCP (POST /studies)
+            receiver = StowReceiver(self.queue, self.audit, self.classifier.wake, self.gate, self.metrics)
+            self.stow = StowServer(config.stow, self.queue, receiver).serve()
         if config.orthanc_source is not None:  # a second way in, through the same queue as the SCP
             self.source = OrthancSource(config.orthanc_source, self.queue, self.audit, own_ae_title=config.ae_title,
                                         on_received=self.classifier.wake, gate=self.gate,
@@ -222,7 +227,7 @@ class RouterNode:
                          destinations=config.to_dict()["destinations"],
                          rules=[f"{r.name}: {r.describe()} -> {r.destination}" for r in rules.rules],
                          orthanc_source=config.to_dict()["orthanc_source"], metrics=config.to_dict()["metrics"],
-                         console=config.to_dict()["console"],
+                         console=config.to_dict()["console"], stow=config.to_dict()["stow"],
                          **({"mode": config.mode, "shadow": config.shadow.to_dict(),
                              "class_names": list(model.spec.class_names)} if config.shadow else {}))
         self._note_state("loading the model", model_id=model.model_id)
@@ -492,6 +497,8 @@ class RouterNode:
             self.metrics.close()  # first and at once: nothing scrapes a queue being closed
         if self.console is not None:
             self.console.close()  # nothing acts on a queue being closed
+        if self.stow is not None:
+            self.stow.close()  # uploads in progress finish (or fail with A700); nothing half-stored is acknowledged
         if self.server is not None:
             close_scp(self.server, self.handler, STOP_GRACE_S)
         threads = [t for t in [self.source, self.classifier, *self.forwarders] if t is not None]

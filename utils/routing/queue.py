@@ -262,18 +262,44 @@ class SpoolQueue:
                             meta)
         return item, False
 
+    def new_part(self) -> Path:
+        """A fresh path in ``incoming/`` for an object that arrives in pieces (STOW-RS): the caller writes it,
+        fsyncs it and hands it to :meth:`store_file`, or deletes it. The next start deletes one left behind."""
+        return self.incoming / f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.dcm.part"
+
+    def store_file(self, partial: Path, *, digest: str, size: int, sop_instance_uid: str, sop_class_uid: str,
+                   transfer_syntax: str, calling_ae: str = "") -> tuple[QueueItem, bool]:
+        """:meth:`store` for an object already written and fsynced to ``partial`` (from :meth:`new_part`), whose
+        SHA-256 is ``digest``: renamed into ``files/`` (a duplicate's part is deleted); (item, duplicate)."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM items WHERE sop_instance_uid = ? AND sha256 = ? AND state IN (?, ?)",
+                                   (sop_instance_uid, digest, *PENDING)).fetchone()
+        if row is not None:
+            partial.unlink(missing_ok=True)
+            return _item(row), True
+        name = self._settle(partial)
+        return self._insert(name, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, digest, size), False
+
     def _write_file(self, data: bytes) -> str:
         """Write ``data`` durably into ``files/`` (incoming, fsync, rename, fsync the folder); its name."""
-        name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.dcm"
-        partial = self.incoming / (name + ".part")
+        partial = self.new_part()
         try:
             with open(partial, "xb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.rename(partial, self.files / name)
         except BaseException:
             partial.unlink(missing_ok=True)  # never acknowledged; a full disk gets its space back at once
+            raise
+        return self._settle(partial)
+
+    def _settle(self, partial: Path) -> str:
+        """Rename a written, fsynced ``incoming/<name>.part`` to ``files/<name>`` and fsync the folder; the name."""
+        name = partial.name.removesuffix(".part")
+        try:
+            os.rename(partial, self.files / name)
+        except BaseException:
+            partial.unlink(missing_ok=True)
             raise
         fsync_dir(self.files)
         return name

@@ -17,10 +17,13 @@
     tls: {cert: router.crt, key: router.key, ca: senders-ca.pem}   # optional: DICOM over TLS (utils/routing/tls.py)
     metrics: {host: 127.0.0.1, port: 9108}   # optional: Prometheus /metrics (utils/routing/operations/metrics.py)
     console: {host: 127.0.0.1, port: 8108}   # optional: the web console and review list (utils/routing/operations/console.py)
+    stow: {host: 127.0.0.1, port: 8104}      # optional: STOW-RS intake, POST /studies (utils/routing/intake/stow.py)
     mode: shadow                     # optional, default route: a trial that forwards by the site's own rule
     shadow: {destination: pacs}      # or {body_part_map: {CHEST: chest_ai}, default: pacs} (utils/routing/decision/shadow.py)
 
-A destination is a DICOM node (ae_title, host, port, optionally ``tls``) or a folder. Relative paths are taken
+A destination is a DICOM node (ae_title, host, port, optionally ``tls``), a folder, or a DICOMweb service
+(``{dicomweb: URL, username, password_env, ...}``, sent by STOW-RS: utils/routing/delivery/dicomweb.py, whose
+``settings_from`` checks it and reads its secret). Relative paths are taken
 relative to the configuration file's folder. Unknown keys, wrong types and out-of-range values
 are refused with the key's name; ``check_routes`` refuses a configuration that leaves one of the
 model's classes without a destination. ``rules`` are checked here too (utils/routing/decision/rules.py: an
@@ -41,7 +44,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from utils import constants
 from utils.config import ConfigError, constant_types
@@ -51,13 +54,18 @@ from utils.routing.decision.rules import MODEL, PASS_THROUGH, Rule, RuleSet, par
 from utils.routing.decision.shadow import ShadowRule, parse_shadow
 from utils.routing.intake.orthanc_source import OrthancSourceSettings
 from utils.routing.intake.orthanc_source import settings_from as orthanc_settings
+from utils.routing.intake.stow import StowSettings
+from utils.routing.intake.stow import settings_from as stow_settings
 from utils.routing.operations.console import ConsoleSettings
 from utils.routing.operations.console import settings_from as console_settings
 from utils.routing.operations.metrics import MetricsSettings
 from utils.routing.operations.metrics import settings_from as metrics_settings
-from utils.routing.operations.schema import FolderDestination, validate_document
+from utils.routing.operations.schema import DicomwebDestination, FolderDestination, validate_document
 from utils.routing.operations.schema import resolve_path as _path
 from utils.routing.tls import ClientTLS, ServerTLS, client_from, server_from
+
+if TYPE_CHECKING:
+    from utils.routing.delivery.dicomweb import DicomwebSettings
 
 # YAML key -> the constant of utils/constants.py that gives its type, default and bounds (the schema,
 # utils/routing/operations/schema.py, checks them against NAME_RANGE / NAME_CHOICES): every ROUTER_* constant
@@ -66,7 +74,8 @@ from utils.routing.tls import ClientTLS, ServerTLS, client_from, server_from
 _CONSTANTS: dict[str, str] = {
     **{name.removeprefix("ROUTER_").lower(): name for name in constant_types()
        if name.startswith("ROUTER_")
-       and not name.startswith(("ROUTER_ORTHANC_", "ROUTER_TLS_", "ROUTER_METRICS_", "ROUTER_CONSOLE_"))
+       and not name.startswith(("ROUTER_ORTHANC_", "ROUTER_TLS_", "ROUTER_METRICS_", "ROUTER_CONSOLE_", "ROUTER_STOW_",
+                                "ROUTER_DICOMWEB_"))
        and not name.endswith(("_RANGE", "_CHOICES"))},
     "threshold": "THRESHOLD",
     "decode_pool": "DECODE_POOL",  # "processes" (isolated, time-limited) or "threads"
@@ -79,7 +88,7 @@ _CONSTANTS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Destination:
-    """Where one route goes: a DICOM node, or a folder (quarantine, or a share)."""
+    """Where one route goes: a DICOM node, a folder (quarantine, or a share), or a DICOMweb service."""
 
     route: str  # a class name, "uncertain", "unreadable", "pass_through" or another name rules send to
     ae_title: str = ""
@@ -87,6 +96,7 @@ class Destination:
     port: int = 0
     folder: Path | None = None
     tls: ClientTLS | None = None  # DICOM over TLS towards it (None: plain TCP)
+    dicomweb: DicomwebSettings | None = None  # STOW-RS towards a DICOMweb service (utils/routing/delivery/dicomweb.py)
 
     @property
     def is_folder(self) -> bool:
@@ -95,6 +105,8 @@ class Destination:
     @property
     def node(self) -> str:
         """One name per target; routes with the same target share a forwarder."""
+        if self.dicomweb is not None:
+            return f"dicomweb:{self.dicomweb.url}"
         return f"folder:{self.folder}" if self.is_folder else f"{self.ae_title}@{self.host}:{self.port}"
 
 
@@ -130,12 +142,13 @@ class RouterConfig:
     tls: ServerTLS | None = None  # TLS on the router's own port (None: plain TCP)
     metrics: MetricsSettings | None = None  # Prometheus /metrics (None: off)
     console: ConsoleSettings | None = None  # the web console and review list (None: off)
+    stow: StowSettings | None = None  # STOW-RS intake, POST /studies (None: off)
     mode: str = constants.ROUTER_MODE  # "route", or "shadow": forwarded by ``shadow``, the model only recorded
     shadow: ShadowRule | None = None  # the shadow rule (mode "shadow" only)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["destinations"] = {k: ({"folder": str(d.folder)} if d.is_folder else
+        out["destinations"] = {k: ({"folder": str(d.folder)} if d.is_folder else d.dicomweb.to_dict() if d.dicomweb else
                                    {"ae_title": d.ae_title, "host": d.host, "port": d.port,
                                     **({"tls": d.tls.to_dict()} if d.tls else {})})
                                for k, d in self.destinations.items()}
@@ -144,6 +157,7 @@ class RouterConfig:
         out["orthanc_source"] = self.orthanc_source.to_dict() if self.orthanc_source else None
         out["metrics"] = self.metrics.to_dict() if self.metrics else None
         out["console"] = self.console.to_dict() if self.console else None
+        out["stow"] = self.stow.to_dict() if self.stow else None
         out["shadow"] = self.shadow.to_dict() if self.shadow else None
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
 
@@ -252,6 +266,10 @@ def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configura
         label = f"{where}: destinations.{route}"
         if isinstance(spec, FolderDestination):
             destinations[route] = Destination(route, folder=_path(spec.folder, base))
+        elif isinstance(spec, DicomwebDestination):
+            from utils.routing.delivery.dicomweb import settings_from as dicomweb_settings  # it imports this module
+
+            destinations[route] = Destination(route, dicomweb=attempt(dicomweb_settings, spec, base, label))
         else:
             tls = attempt(client_from, spec.tls, base, label) if spec.tls is not None else None
             destinations[route] = Destination(route, ae_title=spec.ae_title, host=spec.host, port=spec.port, tls=tls)
@@ -266,6 +284,7 @@ def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configura
     console = attempt(console_settings, d.console, base, where) if d.console is not None else None
     if console is not None and console.corrections_dir is None:
         console = dataclasses.replace(console, corrections_dir=spool / "corrections")
+    stow = attempt(stow_settings, d.stow, base, where) if d.stow is not None else None
     shadow = attempt(parse_shadow, d.mode, d.shadow.model_dump() if d.shadow is not None else None,
                      destinations, where)
     attempt(_same_tls_per_node, destinations, where)
@@ -274,14 +293,19 @@ def from_dict(raw: dict[str, Any], *, base: Path, where: str = "router configura
     plain = {key: getattr(d, key) for key in _CONSTANTS if key not in ("ae_title", "spool_dir")}
     return RouterConfig(**plain, ae_title=d.ae_title, model=str(_path(d.model, base)), spool_dir=spool,
                         audit_log=audit, allowed_callers=tuple(d.allowed_callers), destinations=destinations,
-                        rules=rules, orthanc_source=source, tls=tls, metrics=metrics, shadow=shadow, console=console)
+                        rules=rules, orthanc_source=source, tls=tls, metrics=metrics, shadow=shadow, console=console,
+                        stow=stow)
 
 
 def _same_tls_per_node(destinations: dict[str, Destination], where: str) -> None:
-    """Routes to the same node share one forwarder, so they must agree on TLS."""
+    """Routes to the same node share one forwarder, so they must agree on TLS (and a DICOMweb service's settings)."""
     first: dict[str, Destination] = {}
     for route, d in destinations.items():
         other = first.setdefault(d.node, d)
+        if other.dicomweb != d.dicomweb:
+            raise ConfigError(f"{where}: destinations.{route} and destinations.{other.route} are the same DICOMweb "
+                              f"service ({d.node}) with different settings (credentials, tls, timeout_s, batch); give "
+                              f"both the same")
         if other.tls != d.tls:
             raise ConfigError(f"{where}: destinations.{route} and destinations.{other.route} are the same node "
                               f"({d.node}) with different tls settings; give both the same tls block")

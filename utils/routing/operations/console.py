@@ -221,15 +221,15 @@ def settings_from(block, base: Path, where: str) -> ConsoleSettings:
             raise ConfigError(f"{where}.trusted_proxies: {proxy!r} is not an address or network ({error})") from error
     paths = {key: None if getattr(block, key) is None else _path(getattr(block, key), base)
              for key in ("token_file", "users_file", "corrections_dir")}
-    tls_cert, tls_key = _read_tls(block.tls, base, f"{where}.tls")
-    token = _read_token(paths["token_file"], values["token_env"], where)
+    tls_cert, tls_key = read_tls(block.tls, base, f"{where}.tls")
+    token = read_token(paths["token_file"], values["token_env"], where)
     missing = [pip for module, pip in _PACKAGES.items() if importlib.util.find_spec(module) is None]
     if paths["users_file"] and importlib.util.find_spec("argon2") is None:
         missing.append("argon2-cffi")
     if missing:
         raise ConfigError(f"{where}: the console needs {' '.join(missing)} (pip install {' '.join(missing)}); "
                           f"install them or remove the console block")
-    users = _read_users(paths["users_file"], where) if paths["users_file"] else {}
+    users = read_users(paths["users_file"], where) if paths["users_file"] else {}
     return ConsoleSettings(**values, **paths, tls_cert=tls_cert, tls_key=tls_key, token=token, users=users)
 
 
@@ -241,7 +241,7 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def _read_tls(block, base: Path, where: str) -> tuple[Path | None, Path | None]:
+def read_tls(block, base: Path, where: str) -> tuple[Path | None, Path | None]:
     """``tls: {cert, key}`` -> paths, loaded once here so that a wrong file stops the start with its name."""
     if block is None:
         return None, None
@@ -270,25 +270,25 @@ def token_problem(token: str) -> str | None:
     return None
 
 
-def _read_token(token_file: Path | None, env: str, where: str) -> str | None:
+def read_token(token_file: Path | None, env: str, where: str, what: str = "the console's token") -> str | None:
     if token_file is not None:
         try:
             token = token_file.read_text().strip()
         except OSError as error:
             raise ConfigError(f"{where}.token_file: cannot read {token_file}: {error}") from error
-        what = f"{where}.token_file {token_file}"
+        source = f"{where}.token_file {token_file}"
     else:
-        token, what = os.environ.get(env, "").strip(), f"environment variable {env}"
+        token, source = os.environ.get(env, "").strip(), f"environment variable {env}"
     if not token:
         return None
     problem = token_problem(token)
     if problem:
-        raise ConfigError(f"{what}: the console's token is too easy to guess: {problem} "
+        raise ConfigError(f"{source}: {what} is too easy to guess: {problem} "
                           f"(make one with python -c 'import secrets; print(secrets.token_urlsafe(24))')")
     return token
 
 
-def _read_users(path: Path, where: str) -> dict[str, str]:
+def read_users(path: Path, where: str) -> dict[str, str]:
     try:
         lines = path.read_text().splitlines()
     except OSError as error:
@@ -1040,7 +1040,7 @@ class Console:
         self._socket = sock
         proxies = list(self.settings.trusted_proxies)
         tls = {"ssl_certfile": str(self.settings.tls_cert), "ssl_keyfile": str(self.settings.tls_key),
-               "ssl_context_factory": _tls_context} if self.settings.tls_cert else {}
+               "ssl_context_factory": tls_context} if self.settings.tls_cert else {}
         # X-Forwarded-For/-Proto are believed from the declared proxies only (uvicorn's default trusts 127.0.0.1)
         config = uvicorn.Config(build_app(self.settings, self.context), log_level="warning", access_log=False,
                                 lifespan="off", server_header=False, timeout_graceful_shutdown=2,
@@ -1066,7 +1066,7 @@ class Console:
         self.server = None
 
 
-def _tls_context(config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+def tls_context(config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
     """uvicorn's context from the cert and key, offering TLS 1.2 at the oldest (as the DICOM port)."""
     context = default()
     context.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -143,13 +143,36 @@ class FolderDestination(Block):
     folder: Text
 
 
+class HttpTLSBlock(Block):
+    """HTTPS towards a DICOMweb destination: the CA that verifies it, the router's client certificate (PEM files)."""
+    ca: Text | None = None
+    cert: Text | None = None
+    key: Text | None = None
+
+
+class DicomwebDestination(Block):
+    """A DICOMweb service the router sends to with STOW-RS (POST {dicomweb}/studies; utils/routing/delivery/dicomweb.py).
+    HTTP basic: ``username`` with ``password_env`` or ``password_file``; a bearer token: ``token_env`` or ``token_file``."""
+    dicomweb: Text = Field(description="the service's base URL, the part before /studies")
+    username: StrictStr = ""
+    password_env: Text | None = None
+    password_file: Text | None = None
+    token_env: Text | None = None
+    token_file: Text | None = None
+    tls: HttpTLSBlock | None = None
+    timeout_s: setting("ROUTER_DICOMWEB_TIMEOUT_S", "float") = default("ROUTER_DICOMWEB_TIMEOUT_S")
+    batch: setting("ROUTER_DICOMWEB_BATCH") = default("ROUTER_DICOMWEB_BATCH")
+    batch_mb: setting("ROUTER_DICOMWEB_BATCH_MB") = default("ROUTER_DICOMWEB_BATCH_MB")
+
+
 def _destination_kind(value: Any) -> str | None:
     if isinstance(value, dict):
-        return "folder" if "folder" in value else "dicom"
+        return "folder" if "folder" in value else "dicomweb" if "dicomweb" in value else "dicom"
     return None
 
 
-Destination = Annotated[Union[Annotated[DicomDestination, Tag("dicom")], Annotated[FolderDestination, Tag("folder")]],
+Destination = Annotated[Union[Annotated[DicomDestination, Tag("dicom")], Annotated[FolderDestination, Tag("folder")],
+                              Annotated[DicomwebDestination, Tag("dicomweb")]],
                         Discriminator(_destination_kind)]
 
 
@@ -213,6 +236,21 @@ class ConsoleBlock(Block):
     corrections_dir: Text | None = None
 
 
+class StowBlock(Block):
+    """STOW-RS intake (POST /studies). The token: ``token_env`` or ``token_file``; users: ``users_file``."""
+    host: Text = Field(default_factory=lambda: constants.ROUTER_STOW_HOST)
+    port: setting("ROUTER_STOW_PORT") = default("ROUTER_STOW_PORT")
+    tls: ConsoleTLSBlock | None = None
+    token_env: StrictStr = Field(default_factory=lambda: constants.ROUTER_STOW_TOKEN_ENV)
+    token_file: Text | None = None
+    users_file: Text | None = None
+    max_request_mb: setting("ROUTER_STOW_MAX_REQUEST_MB") = default("ROUTER_STOW_MAX_REQUEST_MB")
+    max_instance_mb: setting("ROUTER_STOW_MAX_INSTANCE_MB") = default("ROUTER_STOW_MAX_INSTANCE_MB")
+    max_concurrent: setting("ROUTER_STOW_MAX_CONCURRENT") = default("ROUTER_STOW_MAX_CONCURRENT")
+    max_failures: setting("ROUTER_STOW_MAX_FAILURES") = default("ROUTER_STOW_MAX_FAILURES")
+    failure_window_s: setting("ROUTER_STOW_FAILURE_WINDOW_S", "float") = default("ROUTER_STOW_FAILURE_WINDOW_S")
+
+
 # A routing rule ({name, match, destination}) is checked by utils/routing/decision/rules.py, which names each
 # problem with the rule's number and name (fields, operators, values, destinations).
 RuleBlock = Annotated[Any, WithJsonSchema({
@@ -272,6 +310,7 @@ class RouterFile(Block):
     tls: ServerTLSBlock | None = None
     metrics: MetricsBlock | None = None
     console: ConsoleBlock | None = None
+    stow: StowBlock | None = None
     shadow: ShadowBlock | None = None
 
 
@@ -295,8 +334,8 @@ def _path(loc: tuple) -> str:
     members' names pydantic puts in between are left out)."""
     out = ""
     for index, part in enumerate(loc):
-        if index == 2 and loc[0] == "destinations" and part in ("dicom", "folder"):
-            continue  # the tag that tells a DICOM node from a folder
+        if index == 2 and loc[0] == "destinations" and part in ("dicom", "folder", "dicomweb"):
+            continue  # the tag that tells a DICOM node from a folder or a DICOMweb service
         if isinstance(part, int):
             out += f"[{part}]"
         elif str(part).startswith(_INTERNAL) or part in _MEMBERS:
@@ -317,8 +356,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The model whose mapping holds the key at ``loc`` (for "did you mean")."""
     model: type[BaseModel] | None = RouterFile
     for part in loc[:-1]:
-        if part in ("dicom", "folder"):
-            model = DicomDestination if part == "dicom" else FolderDestination
+        if part in ("dicom", "folder", "dicomweb"):
+            model = {"dicom": DicomDestination, "folder": FolderDestination, "dicomweb": DicomwebDestination}[part]
         elif isinstance(part, str) and model is not None and part in model.model_fields:
             found = _models_in(model.model_fields[part].annotation)
             model = found[0] if len(found) == 1 else None
