@@ -1,5 +1,8 @@
 """Forwarders: one thread per destination, C-STORE out (or a copy into a folder), with retries.
 
+A DICOMweb destination's worker (STOW-RS) is utils/routing/delivery/dicomweb.py's ``DicomwebForwarder``: the same
+loop, outcomes and records as below, over HTTP.
+
 A DICOM forwarder opens one association per batch of due objects, proposing for each object
 its SOP class with *only* the transfer syntax it was received in (plus Verification, so that the
 association stands even when the destination refuses every other context), and sends the spool file's
@@ -376,11 +379,14 @@ def remove_partial_copies(folder: Path) -> list[Path]:
 
 def make_forwarders(config: RouterConfig, queue: SpoolQueue, audit: AuditLog, metrics=NO_METRICS) -> list[_Worker]:
     """One worker per distinct target; routes that share a target share its worker."""
+    from utils.routing.delivery.dicomweb import DicomwebForwarder  # a _Worker: it imports this module
+
     by_node: dict[str, list[Destination]] = {}
     for destination in config.destinations.values():
         by_node.setdefault(destination.node, []).append(destination)
     workers: list[_Worker] = []
     for group in by_node.values():
-        kind = FolderForwarder if group[0].is_folder else DicomForwarder
+        kind = (FolderForwarder if group[0].is_folder else DicomwebForwarder if group[0].dicomweb is not None
+                else DicomForwarder)
         workers.append(kind(group[0], [d.route for d in group], queue, audit, config, metrics))
     return workers

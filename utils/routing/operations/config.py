@@ -148,7 +148,8 @@ class RouterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["destinations"] = {k: ({"folder": str(d.folder)} if d.is_folder else d.dicomweb.to_dict() if d.dicomweb else
+        out["destinations"] = {k: ({"folder": str(d.folder)} if d.is_folder else
+                                   d.dicomweb.to_dict() if d.dicomweb is not None else
                                    {"ae_title": d.ae_title, "host": d.host, "port": d.port,
                                     **({"tls": d.tls.to_dict()} if d.tls else {})})
                                for k, d in self.destinations.items()}

@@ -151,8 +151,8 @@ class HttpTLSBlock(Block):
 
 
 class DicomwebDestination(Block):
-    """A DICOMweb service the router sends to with STOW-RS (POST {dicomweb}/studies; utils/routing/delivery/dicomweb.py).
-    HTTP basic: ``username`` with ``password_env`` or ``password_file``; a bearer token: ``token_env`` or ``token_file``."""
+    """A DICOMweb service the router sends to with STOW-RS (POST {dicomweb}/studies: delivery/dicomweb.py). HTTP
+    basic: ``username`` with ``password_env`` or ``password_file``; a bearer token: ``token_env`` or ``token_file``."""
     dicomweb: Text = Field(description="the service's base URL, the part before /studies")
     username: StrictStr = ""
     password_env: Text | None = None
