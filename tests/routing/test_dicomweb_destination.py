@@ -442,3 +442,6 @@ def test_the_router_stores_into_orthanc_by_stow_rs_byte_for_byte(router, samples
     lines = [r for r in read_audit(node.config.audit_log) if r["event"] == "forwarded"]
     assert {r["sop_instance_uid"] for r in lines} == set(images)
     assert {r["status"] for r in lines} == {"HTTP 200"} and len(lines) == len(images)
+    started, = [r for r in read_audit(node.config.audit_log) if r["event"] == "started"]
+    assert started["destinations"]["spine"]["secret"] == f"*** (${PASSWORD_ENV})"
+    assert PASSWORD not in node.config.audit_log.read_text()
