@@ -402,6 +402,20 @@ def test_one_service_is_one_set_of_settings_and_bounds_come_from_constants(tmp_p
         load_config(config_file(tmp_path, same))  # the default is now outside
 
 
+def test_check_describes_a_dicomweb_destination_with_its_secret_masked(tmp_path, model_file, monkeypatch, capsys):
+    from utils.routing.operations.service import check
+
+    monkeypatch.setenv(PASSWORD_ENV, SECRET)
+    pacs = {"dicomweb": "http://127.0.0.1:9/dicom-web", "username": "router", "password_env": PASSWORD_ENV}
+    config = load_config(write_config(tmp_path / "router.yaml", port=11112, spool=tmp_path / "spool", model=model_file,
+                                      destinations={c: pacs for c in (*CLASSES, "uncertain")}))
+    assert check(config) == 0  # no C-ECHO to a DICOMweb service (nor an empty AE title's ValueError)
+    out = capsys.readouterr().out
+    assert (f"spine            -> STOW-RS to http://127.0.0.1:9/dicom-web/studies (basic auth as router, secret from "
+            f"${PASSWORD_ENV}) (not contacted by --check)") in out
+    assert f"secret: '*** (${PASSWORD_ENV})'" in out and SECRET not in out
+
+
 def test_the_json_schema_knows_dicomweb_destinations():
     import jsonschema
 

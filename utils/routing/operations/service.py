@@ -105,6 +105,9 @@ def check(config: RouterConfig) -> int:
         if dest.is_folder:
             print(f"  {route:<16} -> folder {dest.folder}")
             continue
+        if dest.dicomweb is not None:  # no C-ECHO in DICOMweb; its URL, secret and TLS files were checked at load
+            print(f"  {route:<16} -> {dest.dicomweb.describe()} (not contacted by --check)")
+            continue
         if dest.node not in seen:
             seen[dest.node] = echo(config.ae_title, dest.host, dest.port, dest.ae_title, tls=dest.tls)
         result = seen[dest.node]
