@@ -8,6 +8,10 @@
 SOURCE is a folder (recursive), a file, a list file (*.txt, *.lst, *.list: one path per line), a
 CSV manifest (*.csv: column "path", else the first column), local or an fsspec URL (s3://...,
 gs://..., file://...; s3 needs `pip install s3fs`). Local sources are expanded as predict.py does.
+A DICOMweb archive is dicomweb+https://host/dicom-web?from=YYYYMMDD&to=YYYYMMDD (study dates; or
+?study=UID,UID): its instances of the --dicomweb-modalities are listed by QIDO-RS and fetched by
+WADO-RS, one row each; credentials from --dicomweb-password-file / --dicomweb-token-file or an
+environment variable, never the URL. A listing that missed studies or series exits with status 1.
 
 Decoding runs in --workers Ray actors (1 CPU each), each with an isolated decoding process: a
 file that hangs past --decode-timeout-s, crashes its decoder or needs more than
@@ -45,6 +49,11 @@ FLAGS = ("PROJECTION_ONLY", "DECODE_POOL", "DECODE_TIMEOUT_S", "DECODE_MEMORY_LI
 LAYOUT = ("BACKFILL_WORKERS", "BACKFILL_INFERENCE_WORKERS", "BACKFILL_INFERENCE_CPUS", "BACKFILL_INFERENCE_GPUS",
           "BACKFILL_ROWS_PER_FILE", "BACKFILL_NUM_CPUS", "BACKFILL_CORRECTION_THRESHOLD")
 PREFIX = "BACKFILL_"
+# DICOMweb sources: --dicomweb-user ... (utils.backfill.dicomweb.Access); numbers checked against their ranges too.
+DICOMWEB = ("BACKFILL_DICOMWEB_USER", "BACKFILL_DICOMWEB_PASSWORD_ENV", "BACKFILL_DICOMWEB_PASSWORD_FILE",
+            "BACKFILL_DICOMWEB_TOKEN_ENV", "BACKFILL_DICOMWEB_TOKEN_FILE", "BACKFILL_DICOMWEB_CA",
+            "BACKFILL_DICOMWEB_CERT", "BACKFILL_DICOMWEB_KEY", "BACKFILL_DICOMWEB_PAGE_SIZE", "BACKFILL_DICOMWEB_LIST_THREADS", "BACKFILL_DICOMWEB_TIMEOUT_S",
+            "BACKFILL_DICOMWEB_RETRIES", "BACKFILL_DICOMWEB_MAX_INSTANCE_MB")
 
 log = logging.getLogger("backfill")
 
@@ -65,10 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "start Ray on this machine")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     config.add_flags(parser, FLAGS)
+    config.add_flags(parser, DICOMWEB, prefix=PREFIX)
+    parser.add_argument("--dicomweb-modalities", nargs="+", metavar="MODALITY",
+                        default=constants.BACKFILL_DICOMWEB_MODALITIES,
+                        help=config.constant_comments()["BACKFILL_DICOMWEB_MODALITIES"])
     args = parser.parse_args(argv)
     try:  # the one checker, with constants.py's ranges (BATCH_SIZE_RANGE, BACKFILL_*_RANGE)
         config.check_value("BATCH_SIZE", args.batch_size)
-        for name in LAYOUT:
+        for name in LAYOUT + DICOMWEB:
             short = name.removeprefix(PREFIX)
             config.check_value(name, getattr(args, config.dest_name(short)), label=config.flag_name(short))
     except config.ConfigError as error:
@@ -81,12 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     args, settings = config.start(parse_args, argv, FLAGS)
     from utils.artifacts.model_file import read_metadata
     from utils.backfill import pipeline, report, sources
+    from utils.backfill.dicomweb import Access
     from utils.backfill.store import OutputMismatch, OutputStore
+    from utils.dicomweb.archive import Listing
+    from utils.dicomweb.http import DicomwebError
     from utils.infer.predictor import resolve_threshold
 
+    access, listing = Access.from_args(args), Listing()
     try:
-        files, skipped = sources.list_sources(args.sources)
-    except FileNotFoundError as error:
+        files, skipped = sources.list_sources(args.sources, access, listing)
+    except (FileNotFoundError, ValueError, DicomwebError) as error:  # ValueError: a malformed DICOMweb source
         print(f"error: {error}", file=sys.stderr)
         return 2
     if skipped:
@@ -102,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = pipeline.Settings(workers=args.workers, inference_workers=args.inference_workers,
                                inference_cpus=args.inference_cpus, inference_gpus=args.inference_gpus,
                                batch_size=args.batch_size, rows_per_file=args.rows_per_file, pool=pool,
-                               projection_only=args.projection_only)
+                               projection_only=args.projection_only, dicomweb=access)
     if not args.address and not args.num_cpus and args.workers:  # room for the actors asked for
         import os
 
@@ -128,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write_report(summary, corrections, args.output)
     print(f"output: {args.output} ({summary['files']} rows); report: {paths[1]}; "
           f"{len(corrections)} proposed tag corrections: {paths[2]}")
+    if listing.failed:  # those instances were not even listed: a scheduler must see that the run is incomplete
+        print(f"DICOMweb: {'; '.join(listing.lines()[1:])}; run the same command again to list them",
+              file=sys.stderr)
+        return 1
     return 0
 
 

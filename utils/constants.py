@@ -175,6 +175,27 @@ BACKFILL_NUM_CPUS: int = 0  # CPUs Ray offers when it starts on this machine; 0:
 BACKFILL_NUM_CPUS_RANGE: str = "[0, inf)"
 BACKFILL_CORRECTION_THRESHOLD: float = 0.95  # propose a tag correction only at this confidence or above
 BACKFILL_CORRECTION_THRESHOLD_RANGE: str = "[0, 1]"
+# DICOMweb sources (dicomweb+https://host/dicom-web?from=YYYYMMDD&to=YYYYMMDD, utils/backfill/dicomweb.py): QIDO-RS
+# lists, WADO-RS fetches. Secrets come from a file or an environment variable on each Ray node, never the URL or a flag.
+BACKFILL_DICOMWEB_USER: str = ""  # HTTP basic user for DICOMweb sources (password: --dicomweb-password-file or -env); empty: a token or nothing
+BACKFILL_DICOMWEB_PASSWORD_ENV: str = "BACKFILL_DICOMWEB_PASSWORD"  # environment variable holding that user's password
+BACKFILL_DICOMWEB_PASSWORD_FILE: str = ""  # file holding that password (wins over the variable)
+BACKFILL_DICOMWEB_TOKEN_ENV: str = "BACKFILL_DICOMWEB_TOKEN"  # environment variable holding a bearer token (used without a user)
+BACKFILL_DICOMWEB_TOKEN_FILE: str = ""  # file holding a bearer token (wins over the variable)
+BACKFILL_DICOMWEB_CA: str = ""  # PEM bundle that verifies an https archive; empty: the system's
+BACKFILL_DICOMWEB_CERT: str = ""  # client certificate (PEM) for an archive that asks for one
+BACKFILL_DICOMWEB_KEY: str = ""  # its private key, when not in the certificate file
+BACKFILL_DICOMWEB_TIMEOUT_S: float = 60.0  # an archive silent this long on one request has failed it
+BACKFILL_DICOMWEB_TIMEOUT_S_RANGE: str = "(0, 3600]"
+BACKFILL_DICOMWEB_RETRIES: int = 2  # a request unanswered or answered 429/5xx is tried again this often (after 1 s, 2 s...)
+BACKFILL_DICOMWEB_RETRIES_RANGE: str = "[0, 10]"
+BACKFILL_DICOMWEB_PAGE_SIZE: int = 100  # QIDO-RS results asked per request (limit); at most the archive's own cap
+BACKFILL_DICOMWEB_PAGE_SIZE_RANGE: str = "[1, 100000]"
+BACKFILL_DICOMWEB_LIST_THREADS: int = 4  # studies whose series and instances are listed at once
+BACKFILL_DICOMWEB_LIST_THREADS_RANGE: str = "[1, 64]"
+BACKFILL_DICOMWEB_MAX_INSTANCE_MB: int = 2048  # a larger instance is not fetched (a fetch_failed row)
+BACKFILL_DICOMWEB_MAX_INSTANCE_MB_RANGE: str = "[1, 1000000]"
+BACKFILL_DICOMWEB_MODALITIES: tuple[str, ...] = ("CR", "DX", "DR", "RG")  # series listed, by Modality (the header guard's); * = every series
 
 # --- Demo -----------------------------------------------------------------------------------
 DEMO_IMAGES_PER_CLASS: int = 40  # synthetic DICOMs per class for --demo

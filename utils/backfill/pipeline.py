@@ -13,7 +13,9 @@ bounded however large the archive):
    decoder, crashes it or needs too much memory becomes its own error row (``decode_timeout``,
    ``decoder_crashed``, ``out_of_memory``) and never kills a Ray worker. Actors rather than plain
    tasks: the isolated process starts once per actor, not once per batch. Remote files (URLs) are
-   copied to a temporary file first (utils.backfill.sources.fetched).
+   copied to a temporary file first (utils.backfill.sources.fetched); DICOMweb instances are fetched
+   by WADO-RS, each actor keeping one pooled session per archive (utils.backfill.dicomweb). A file or
+   instance that cannot be fetched is an error row (``fetch_failed``, ``file_not_found``).
 3. ``Classifier`` actors (``settings.inference_workers``, each with ``inference_cpus`` CPUs and
    ``inference_gpus`` GPUs) hold the model (``load_predictor``: .keras, TFLite, ONNX, SavedModel)
    and turn decoded batches into predict.py's rows (Engine.predict_decoded, batch_predict's row).
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from utils import constants
+from utils.backfill.dicomweb import Access
 from utils.infer.engine import Decoded, error_reason
 from utils.io.isolation import PoolSettings
 from utils.preprocessing import PreprocessSpec
@@ -61,6 +64,7 @@ class Settings:
     projection_only: bool = constants.PROJECTION_ONLY  # the header guard: not_projection_radiography rows
     # each decoding actor's: one process, one OpenJPEG thread (the actor holds 1 CPU)
     pool: PoolSettings = field(default_factory=lambda: PoolSettings(workers=1, threads=1))
+    dicomweb: Access = field(default_factory=Access)  # how decoding actors reach DICOMweb archives (no secrets in it)
 
     def decode_workers(self, cluster_cpus: float) -> int:
         if self.workers:
@@ -112,17 +116,20 @@ class Decoder:
     """A Ray actor: paths -> decoded images (zeros where unreadable), headers, reasons."""
 
     def __init__(self, spec: PreprocessSpec, pool: PoolSettings, decode: Callable[..., Decoded] | None = None,
-                 projection_only: bool = True) -> None:
+                 projection_only: bool = True, dicomweb: Access | None = None) -> None:
+        from utils.backfill.dicomweb import ArchivePool
         from utils.infer.engine import Engine
 
         self.spec = spec
         self.engine = Engine(spec, pool=pool, decode=decode, projection_only=projection_only)
+        self.archives = ArchivePool(dicomweb)  # sessions opened on the first DICOMweb instance, kept for the actor's life
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from utils.backfill.dicomweb import fetch_error, header_of
         from utils.backfill.sources import fetched
 
         paths = [str(p) for p in batch["path"]]
-        with fetched(paths) as (local, errors):
+        with fetched(paths, self.archives) as (local, errors):
             readable = [i for i, p in enumerate(local) if p is not None]
             decoded: dict[int, Decoded] = dict(zip(readable, self.engine.decode([local[i] for i in readable])))
         size = self.spec.image_size
@@ -130,8 +137,8 @@ class Decoder:
         headers, reasons, messages = [], [], []
         for i, path in enumerate(paths):
             if i in errors:
-                reason, message = error_reason(path, errors[i])
-                header = {}
+                reason, message = fetch_error(path, errors[i]) or error_reason(path, errors[i])
+                header = header_of(path)  # a DICOMweb instance's UIDs, from its path; {} for a file
             else:
                 d = decoded[i]
                 reason, header = d.reason, d.header
@@ -148,6 +155,9 @@ class Decoder:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+        archives = getattr(self, "archives", None)
+        if archives is not None:
+            archives.close()
 
 
 # --- Stage 3: inference --------------------------------------------------------------------------
@@ -196,7 +206,8 @@ def build_dataset(paths: Sequence[str], *, model: str, spec: PreprocessSpec, thr
     table = pa.table({"path": pa.array(list(paths), pa.string())})
     ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, len(paths), rows)])
     ds = ds.map_batches(Decoder, fn_constructor_kwargs={"spec": spec, "pool": settings.pool, "decode": decode,
-                                                        "projection_only": settings.projection_only},
+                                                        "projection_only": settings.projection_only,
+                                                        "dicomweb": settings.dicomweb},
                         batch_size=batch, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     return ds.map_batches(Classifier, fn_constructor_kwargs={"model": str(model), "threshold": threshold},

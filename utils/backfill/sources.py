@@ -12,6 +12,8 @@ nothing): a folder is listed recursively, keeping images, files named as DICOM a
 a suffix (archives often name DICOMs by their UID only, ``1.2.840...`` whose last part is a
 number counting as no suffix; one that is not DICOM becomes a ``not_dicom`` row); content is not sniffed there, since that would read every object twice. Remote files keep
 their URL as ``path``; decoding copies them to a local temporary file first (:func:`fetched`).
+A ``dicomweb+https://`` (or ``dicomweb+http://``) source is a DICOMweb archive, listed by QIDO-RS and fetched by
+WADO-RS (:mod:`utils.backfill.dicomweb`): each instance is a path of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
+from utils.backfill import dicomweb
+from utils.dicomweb.archive import Listing
 from utils.infer.batch_predict import DICOM_SUFFIXES, LIST_SUFFIXES, collect_inputs
 from utils.preprocessing import is_raster
 from utils.untrusted import safe_filename
@@ -39,14 +43,18 @@ def is_url(path: str | os.PathLike) -> bool:
     return bool(_URL.match(os.fspath(path)))
 
 
-def list_sources(sources: Iterable[str | os.PathLike]) -> tuple[list[str], list[str]]:
+def list_sources(sources: Iterable[str | os.PathLike], dicomweb_access: dicomweb.Access | None = None,
+                 listing: Listing | None = None) -> tuple[list[str], list[str]]:
     """(files, skipped files) for SOURCE arguments, in order, each file once.
-    FileNotFoundError for a source that does not exist."""
+    FileNotFoundError for a source that does not exist. DICOMweb sources are listed with ``dicomweb_access``
+    (ValueError, DicomwebError: see :func:`utils.backfill.dicomweb.list_source`), counted in ``listing``."""
     files: list[str] = []
     skipped: list[str] = []
     for source in sources:
         source = os.fspath(source)
-        if source.lower().endswith(MANIFEST_SUFFIX):
+        if dicomweb.is_dicomweb(source):
+            files += dicomweb.list_source(source, dicomweb_access, listing)
+        elif source.lower().endswith(MANIFEST_SUFFIX):
             files += read_manifest(source)
         elif is_url(source):
             found, left = list_url(source)
@@ -123,16 +131,28 @@ def _resolve(listing: str, entry: str) -> str:
 
 
 @contextlib.contextmanager
-def fetched(paths: Sequence[str]) -> Iterator[tuple[list[str | None], dict[int, BaseException]]]:
+def fetched(paths: Sequence[str], archives: dicomweb.ArchivePool | None = None
+            ) -> Iterator[tuple[list[str | None], dict[int, BaseException]]]:
     """Local paths for ``paths``: local ones as they are, URLs copied into a temporary folder
     (kept until the block ends; the file name keeps its suffix, which decides how rasters are
-    read). A URL that cannot be copied has ``None`` and its exception in ``errors`` by index."""
+    read), DICOMweb instances fetched by ``archives`` (a pool with the default access if None).
+    A URL that cannot be copied has ``None`` and its exception in ``errors`` by index."""
     local: list[str | None] = []
     errors: dict[int, BaseException] = {}
     with tempfile.TemporaryDirectory(prefix="backfill-") as tmp:
         for i, path in enumerate(paths):
             if not is_url(path):
                 local.append(path)
+                continue
+            if dicomweb.is_dicomweb(path):
+                archives = archives or dicomweb.ArchivePool()
+                target = os.path.join(tmp, f"{i}.dcm")
+                try:
+                    archives.retrieve(path, target)
+                    local.append(target)
+                except Exception as error:  # noqa: BLE001 - its row says why (dicomweb.fetch_error); the batch goes on
+                    local.append(None)
+                    errors[i] = error
                 continue
             name = safe_filename(posixpath.basename(path.rstrip("/")) or "file")  # a manifest's name: one component
             target = os.path.join(tmp, f"{i}_{name}")
