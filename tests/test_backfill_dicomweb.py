@@ -12,8 +12,6 @@ Skips without Orthanc and its DICOMweb plugin (apt-get install orthanc orthanc-d
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 

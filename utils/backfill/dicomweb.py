@@ -67,7 +67,8 @@ class Access:
     @classmethod
     def from_args(cls, args) -> Access:
         """From backfill.py's parsed flags (``args.dicomweb_user``...)."""
-        values = {f.name: getattr(args, f"dicomweb_{f.name}") for f in fields(cls) if hasattr(args, f"dicomweb_{f.name}")}
+        values = {f.name: getattr(args, f"dicomweb_{f.name}") for f in fields(cls)
+                  if hasattr(args, f"dicomweb_{f.name}")}
         if "modalities" in values:
             values["modalities"] = tuple(values["modalities"])
         return cls(**values)

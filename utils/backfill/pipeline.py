@@ -122,7 +122,7 @@ class Decoder:
 
         self.spec = spec
         self.engine = Engine(spec, pool=pool, decode=decode, projection_only=projection_only)
-        self.archives = ArchivePool(dicomweb)  # sessions opened on the first DICOMweb instance, kept for the actor's life
+        self.archives = ArchivePool(dicomweb)  # sessions opened at the first DICOMweb instance, kept for the actor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from utils.backfill.dicomweb import fetch_error, header_of

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
 ACCEPT_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'  # the bytes as stored, no transcoding
-ACCEPT_ANY = 'multipart/related; type="application/dicom"'  # for archives that refuse transfer-syntax=* (they transcode)
+ACCEPT_ANY = 'multipart/related; type="application/dicom"'  # for archives refusing transfer-syntax=* (they transcode)
 STUDY_UID, SERIES_UID, SOP_UID, MODALITY = "0020000D", "0020000E", "00080018", "00080060"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 CHUNK_BYTES = 1 << 20  # read from the socket and written to the file in pieces of this size
@@ -178,8 +178,9 @@ class Archive:
                 self._sessions.append(http)
         return http
 
-    def _request(self, path: str, *, what: Callable[[Any], Any] = lambda answer: answer, **kwargs):
-        """GET ``path`` and hand the answer to ``what`` (which reads it), with the retries; the answer is closed."""
+    def _request(self, path: str, *, what: Callable[[Any], Any], **kwargs):
+        """GET ``path`` and hand the answer to ``what``, which reads it; what ``what`` returns. Retried as the module
+        says (``what`` included: a body that breaks off is asked for again); the answer is closed afterwards."""
         for attempt in range(self.retries + 1):
             try:
                 answer = self.endpoint.request(self._session(), "GET", path, **kwargs)
@@ -234,14 +235,15 @@ class Archive:
         """(UIDs of the study's series whose Modality is one of ``modalities`` (all without), values that were not
         UIDs)."""
         wanted = {m.upper() for m in modalities}
-        found, invalid = [], 0
+        found: dict[str, None] = {}  # in the archive's order, each once
+        invalid = 0
         for item in self.search(f"/studies/{_checked(study)}/series"):
             series = _uid(item, SERIES_UID, "SeriesInstanceUID")
             if series is None:
                 invalid += 1
-            elif (not wanted or _text(item, MODALITY).upper() in wanted) and series not in found:
-                found.append(series)
-        return found, invalid
+            elif not wanted or _text(item, MODALITY).upper() in wanted:
+                found[series] = None
+        return list(found), invalid
 
     def instances(self, study: str, series: str) -> tuple[list[InstanceRef], int]:
         """(the series' instances, values that were not UIDs)."""

@@ -166,3 +166,16 @@ def test_fetch_error_reasons():
     assert dicomweb.fetch_error("s3://bucket/x.dcm", DicomwebError("x")) is None
     assert dicomweb.header_of(path) == {"SOPInstanceUID": "1.2.3.4", "StudyInstanceUID": "1.2"}
     assert dicomweb.header_of("/local/1.2.3.dcm") == {}
+
+
+def test_backfill_flags_make_the_access(capsys):
+    import backfill
+
+    common = ["dicomweb+https://pacs/dw", "--model", "m.onnx", "--output", "out"]
+    args = backfill.parse_args([*common, "--dicomweb-user", "u", "--dicomweb-password-file", "/run/pw",
+                                "--dicomweb-modalities", "CR", "DX", "--dicomweb-page-size", "50"])
+    assert Access.from_args(args) == Access(user="u", password_file="/run/pw", modalities=("CR", "DX"), page_size=50)
+    assert Access.from_args(backfill.parse_args(common)) == Access()  # the constants' defaults
+    with pytest.raises(SystemExit):
+        backfill.parse_args([*common, "--dicomweb-page-size", "0"])
+    assert "--dicomweb-page-size" in capsys.readouterr().err
