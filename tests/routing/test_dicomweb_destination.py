@@ -30,7 +30,7 @@ from utils.config import ConfigError
 from utils.io.dicom_writer import write_dicom
 from utils.routing import queue as q
 from utils.routing.delivery.dicomweb import DicomwebForwarder
-from utils.routing.delivery.forwarder import make_forwarders
+from utils.routing.delivery.workers import make_forwarders
 from utils.routing.operations.audit import AuditLog, read_audit
 from utils.routing.operations.config import load_config
 from utils.routing.operations.metrics import MetricsSettings, RouterMetrics

@@ -55,7 +55,8 @@ from utils.routing.operations.audit import AuditLog
 from utils.routing.operations.drift import DriftMonitor
 from utils.routing.decision.classifier import BackgroundModel, Classifier, describe
 from utils.routing.operations.config import RouterConfig
-from utils.routing.delivery.forwarder import enable_raw_sending, make_forwarders, remove_partial_copies
+from utils.routing.delivery.forwarder import enable_raw_sending, remove_partial_copies
+from utils.routing.delivery.workers import make_forwarders
 from utils.routing.operations.metrics import NO_METRICS, NoMetrics, RouterMetrics
 from utils.routing.intake.orthanc_source import OrthancSource
 from utils.routing.queue import SpoolQueue

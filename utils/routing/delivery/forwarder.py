@@ -42,11 +42,11 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from utils.infer.decisions import UNREADABLE
 from utils.routing.intake import wakeup
 from utils.routing.operations.audit import AuditLog, AuditWriteError
-from utils.routing.operations.config import Destination, RouterConfig
 from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import (
     FORWARDED,
@@ -60,6 +60,9 @@ from utils.routing.queue import (
 from utils.routing.intake.scp import set_tcp_nodelay
 from utils.routing.worker import FATAL, WakeableThread
 from utils.untrusted import UnsafePathError, contained, is_safe_component, log_safe, safe_component, safe_uid
+
+if TYPE_CHECKING:  # annotations only: the configuration imports the workers' settings
+    from utils.routing.operations.config import Destination, RouterConfig
 
 log = logging.getLogger(__name__)
 
@@ -375,18 +378,3 @@ def remove_partial_copies(folder: Path) -> list[Path]:
         log.warning("%s: removed %d unfinished copies (%s) left by an earlier stop", folder, len(removed),
                     ", ".join(p.name for p in removed[:5]) + (", ..." if len(removed) > 5 else ""))
     return removed
-
-
-def make_forwarders(config: RouterConfig, queue: SpoolQueue, audit: AuditLog, metrics=NO_METRICS) -> list[_Worker]:
-    """One worker per distinct target; routes that share a target share its worker."""
-    from utils.routing.delivery.dicomweb import DicomwebForwarder  # a _Worker: it imports this module
-
-    by_node: dict[str, list[Destination]] = {}
-    for destination in config.destinations.values():
-        by_node.setdefault(destination.node, []).append(destination)
-    workers: list[_Worker] = []
-    for group in by_node.values():
-        kind = (FolderForwarder if group[0].is_folder else DicomwebForwarder if group[0].dicomweb is not None
-                else DicomForwarder)
-        workers.append(kind(group[0], [d.route for d in group], queue, audit, config, metrics))
-    return workers

@@ -46,41 +46,21 @@ import threading
 import time
 from collections.abc import Callable
 
-from pydicom.uid import (
-    HTJ2K,
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
+from typing import TYPE_CHECKING
 
 from utils.routing.intake import wakeup
+from utils.routing.intake.accepted import TRANSFER_SYNTAXES  # noqa: F401 (callers import it from here too)
 from utils.routing.operations.audit import AuditLog, AuditWriteError
-from utils.routing.operations.config import RouterConfig
 from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue
 from utils.routing.intake.space import ReceptionGate
 from utils.untrusted import log_safe
 
+if TYPE_CHECKING:  # annotations only: the configuration imports the workers' settings
+    from utils.routing.operations.config import RouterConfig
+
 log = logging.getLogger(__name__)
 
-TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
-    HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, RLELossless,
-]
 OUT_OF_RESOURCES = 0xA700
 NETWORK_TIMEOUT_S = 60  # an idle or stalled peer is dropped after this long
 MAX_PDU = 1 << 20  # largest PDU we accept: fewer, larger PDUs cost far less Python per object than 16 KB ones

@@ -62,6 +62,7 @@ from utils.config import ConfigError
 from utils.routing.operations.audit import AuditLog, AuditWriteError
 from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue
+from utils.routing.intake.accepted import TRANSFER_SYNTAXES, storage_sop_classes
 from utils.routing.intake.space import ReceptionGate
 from utils.untrusted import UID_MAX, log_safe
 
@@ -213,20 +214,11 @@ def identify(source) -> tuple[str, str, str, str, str]:
     return sop_class, sop_instance, syntax, study, ""
 
 
-def storage_sop_classes() -> frozenset[str]:
-    """What the Storage SCP accepts (every storage SOP class pynetdicom knows)."""
-    from pynetdicom import AllStoragePresentationContexts
-
-    return frozenset(str(context.abstract_syntax) for context in AllStoragePresentationContexts)
-
-
 class StowReceiver:
     """Checks a finished part and puts it in the spool: the part of STOW-RS that is not HTTP. Thread-safe."""
 
     def __init__(self, queue: SpoolQueue, audit: AuditLog, on_received: Callable[[], None],
                  gate: ReceptionGate | None = None, metrics=NO_METRICS) -> None:
-        from utils.routing.intake.scp import TRANSFER_SYNTAXES
-
         self.queue, self.audit, self.on_received, self.gate, self.metrics = queue, audit, on_received, gate, metrics
         self.sop_classes = storage_sop_classes()
         self.transfer_syntaxes = frozenset(str(uid) for uid in TRANSFER_SYNTAXES)
