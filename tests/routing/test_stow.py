@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import uuid
@@ -246,3 +247,95 @@ def test_stow_rs_kill_9_loses_nothing_acknowledged(processes, model_file, tmp_pa
         assert samples[uid].label in {p.relative_to(out).parts[0] for p in copies}
         for copy in copies:
             assert copy.read_bytes() == samples[uid].path.read_bytes()
+
+
+class Free:
+    """A stand-in for shutil.disk_usage: ``free`` bytes of a 10 GB filesystem."""
+
+    def __init__(self, free: int) -> None:
+        self.free, self.total = free, 10 * 1024 ** 3
+
+    def __call__(self, path: str):
+        return self
+
+
+def test_tls_basic_users_limits_and_the_disk_reserve(tmp_path, samples):
+    """The STOW-RS server alone (no model): HTTPS with the site's CA, HTTP basic users (429 after repeated failures),
+    max_concurrent (503 + Retry-After while an upload runs), and the free-space reserve (0xA700, nothing spooled)."""
+    import time
+
+    from tests.routing.test_tls import CA
+    from utils.routing.intake.space import ReceptionGate
+    from utils.routing.intake.stow import OUT_OF_RESOURCES, StowReceiver, StowServer, StowSettings
+    from utils.routing.operations.audit import AuditLog
+    from utils.routing.operations.console import hash_password
+    from utils.routing.queue import SpoolQueue
+
+    ca = CA(tmp_path, "site-ca")
+    cert, key = ca.issue("router")
+    queue, audit = SpoolQueue(tmp_path / "spool"), AuditLog(tmp_path / "spool" / "audit.jsonl")
+    free = Free(5 * 1024 ** 3)
+    gate = ReceptionGate(tmp_path / "spool", 1000, 0, audit, probe=free)
+    settings = StowSettings(host="127.0.0.1", port=0, tls_cert=cert, tls_key=key, max_concurrent=1, max_failures=2,
+                            users={"modality": hash_password("right horse battery", time_cost=1, memory_kib=8)})
+    server = StowServer(settings, queue, StowReceiver(queue, audit, lambda: None, gate)).serve()
+    url = f"https://127.0.0.1:{server.port}/studies"
+    # accepted connections get TCP_NODELAY from asyncio only on an IPPROTO_TCP socket (else each answer waits for
+    # the sender's delayed ACK: ~40 ms per request)
+    assert server._socket.proto == socket.IPPROTO_TCP
+    good = samples[sorted(samples)[0]].path.read_bytes()
+    body, content_type = multipart([good])
+    headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
+    try:
+        with pytest.raises(requests.exceptions.SSLError):  # a certificate the client's CA did not sign
+            requests.post(url, data=body, headers=headers, timeout=30)
+        with pytest.raises(requests.exceptions.ConnectionError):  # plain HTTP to the TLS port
+            requests.post(url.replace("https", "http"), data=body, headers=headers, timeout=30)
+        ok = requests.post(url, data=body, headers=headers, auth=("modality", "right horse battery"),
+                           verify=str(ca.pem), timeout=30)
+        assert ok.status_code == 200 and uids(ok.json(), STORED)
+        for _ in range(2):
+            wrong = requests.post(url, data=body, headers=headers, auth=("modality", "wrong"), verify=str(ca.pem),
+                                  timeout=30)
+            assert wrong.status_code == 401 and wrong.headers["www-authenticate"].startswith("Basic")
+        throttled = requests.post(url, data=body, headers=headers, auth=("modality", "right horse battery"),
+                                  verify=str(ca.pem), timeout=30)
+        assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) > 0
+
+        # max_concurrent: 1 -> a second upload while one is still sending its body is turned away
+        server.close()
+        settings = StowSettings(host="127.0.0.1", port=0, max_concurrent=1)
+        server = StowServer(settings, queue, StowReceiver(queue, audit, lambda: None, gate)).serve()
+        url = f"http://127.0.0.1:{server.port}/studies"
+        release = threading.Event()
+
+        def slow():
+            yield body[:100]
+            release.wait(30)
+            yield body[100:]
+
+        first: list[requests.Response] = []
+        sender = threading.Thread(target=lambda: first.append(requests.post(url, data=slow(), headers=headers,
+                                                                             timeout=60)))
+        sender.start()
+        time.sleep(0.5)
+        busy = post(url, [good], token=None)
+        release.set()
+        sender.join(60)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
+        assert first[0].status_code == 200
+
+        # below the free-space reserve: the instance fails with 0xA700 and nothing is written
+        free.free = 500 * 1024 ** 2
+        before = sorted((tmp_path / "spool" / "files").iterdir())
+        refused = post(url, [good], token=None)
+        assert refused.status_code == 409, refused.text
+        assert [i[REASON]["Value"][0] for i in items(refused.json(), FAILED)] == [OUT_OF_RESOURCES]
+        assert uids(refused.json(), FAILED) == {sorted(samples)[0]}  # named from the part's first bytes
+        assert sorted((tmp_path / "spool" / "files").iterdir()) == before
+        assert not list((tmp_path / "spool" / "incoming").iterdir())
+        assert gate.paused
+    finally:
+        server.close()
+        audit.close()
+        queue.close()
