@@ -282,7 +282,7 @@ def test_tls_basic_users_limits_and_the_disk_reserve(tmp_path, samples):
     url = f"https://127.0.0.1:{server.port}/studies"
     # accepted connections get TCP_NODELAY from asyncio only on an IPPROTO_TCP socket (else each answer waits for
     # the sender's delayed ACK: ~40 ms per request)
-    assert server._socket.proto == socket.IPPROTO_TCP
+    assert server.socket.proto == socket.IPPROTO_TCP
     good = samples[sorted(samples)[0]].path.read_bytes()
     body, content_type = multipart([good])
     headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}

@@ -1,7 +1,8 @@
 """The DICOM router: objects come in, wait in the queue, get a destination, go out.
 
-    intake/      the ways in: scp.py (Storage SCP; wakeup.py and tls.py serve it), orthanc_source.py
-                 (pulls an Orthanc's change feed), space.py (the free-space reserve that pauses both)
+    intake/      the ways in: scp.py (Storage SCP; wakeup.py and tls.py serve it), stow.py (STOW-RS,
+                 POST /studies), orthanc_source.py (pulls an Orthanc's change feed); accepted.py (the
+                 transfer syntaxes and SOP classes all of them take), space.py (the free-space reserve)
                       |  every object: spool file (fsync) + queue row (commit), then acknowledged
                       v
     queue.py     the persistent state (SQLite in WAL mode beside the spool files) and the only code
@@ -13,16 +14,17 @@
                  (utils/infer) -> label, confidence -> route; shadow.py records what the model would do
                       |
                       v
-    delivery/    forwarder.py: one thread per destination (C-STORE out in the received transfer
-                 syntax, or a folder), retries with backoff -> spool file removed; dcmtk.py drives
-                 dcmtk's storescu/storescp for tests and benchmarks
+    delivery/    workers.py: one thread per destination, retries with backoff -> spool file removed:
+                 forwarder.py (C-STORE out in the received transfer syntax, or a folder), dicomweb.py
+                 (STOW-RS to a DICOMweb service); dcmtk.py drives dcmtk's peers for tests and benchmarks
 
     operations/  config.py (the one typed configuration), audit.py (JSON-lines audit log),
                  reconcile.py (start-up repair), metrics.py (/metrics), console.py + review.py (web
                  console, corrections), backup.py, service.py (router.py's --check / --status)
 
 ``node.py`` builds each part with what it needs, starts and stops them in order, watches them and
-reloads configuration and model on SIGHUP; ``worker.py`` is the base of the background threads.
+reloads configuration and model on SIGHUP; ``worker.py`` is the base of the background threads;
+``http_server.py`` serves the console and STOW-RS (uvicorn in a thread).
 Where does an object go after it is stored? ``decision/classifier.py`` (``Classifier.run``) takes it
 from the queue; ``delivery/forwarder.py`` sends it on.
 """

@@ -48,7 +48,6 @@ import logging
 import math
 import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -64,6 +63,7 @@ from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue
 from utils.routing.intake.accepted import TRANSFER_SYNTAXES, storage_sop_classes
 from utils.routing.intake.space import ReceptionGate
+from utils.routing.http_server import ServerThread
 from utils.untrusted import UID_MAX, log_safe
 
 log = logging.getLogger(__name__)
@@ -636,60 +636,35 @@ def build_app(settings: StowSettings, queue: SpoolQueue, receiver: StowReceiver)
 
 
 class StowServer:
-    """The STOW-RS HTTP server in a thread of the router process (bound at start: a taken port fails it)."""
+    """The STOW-RS HTTP server in a thread of the router process (utils/routing/http_server.py; bound at start: a
+    taken port fails it)."""
 
     def __init__(self, settings: StowSettings, queue: SpoolQueue, receiver: StowReceiver) -> None:
         self.settings, self.queue, self.receiver = settings, queue, receiver
-        self.server = None
-        self._socket: socket.socket | None = None
-        self._thread: threading.Thread | None = None
+        self._http = ServerThread("stow-http", settings.host, settings.port,
+                                  tls=(settings.tls_cert, settings.tls_key) if settings.tls_cert else None,
+                                  grace_s=STOP_WAIT_S, h11_max_incomplete_event_size=64 * 1024)
 
     @property
     def port(self) -> int:
-        return self._socket.getsockname()[1]
+        return self._http.port
+
+    @property
+    def socket(self):
+        """The listening socket."""
+        return self._http.socket
 
     def serve(self, timeout: float = 10.0) -> StowServer:
-        import uvicorn
-
-        from utils.routing.operations.console import tls_context
-
-        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.settings.host, self.settings.port))
-            sock.listen(64)
-        except OSError:
-            sock.close()
-            raise
-        self._socket = sock
-        tls = {"ssl_certfile": str(self.settings.tls_cert), "ssl_keyfile": str(self.settings.tls_key),
-               "ssl_context_factory": tls_context} if self.settings.tls_cert else {}
-        config = uvicorn.Config(build_app(self.settings, self.queue, self.receiver), log_level="warning",
-                                access_log=False, lifespan="off", server_header=False,
-                                timeout_graceful_shutdown=int(STOP_WAIT_S), limit_concurrency=None,
-                                h11_max_incomplete_event_size=64 * 1024, **tls)
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="stow-http",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        self._http.serve(build_app(self.settings, self.queue, self.receiver), timeout)
         log.info("%s", self.settings.describe(self.port))
         return self
 
     def close(self) -> None:
         """Stop accepting; uploads in progress get STOP_WAIT_S to finish (a part that begins meanwhile fails with
         A700); returns when no part is being stored any more, so the queue can be closed after it."""
-        if self.server is None:
+        if self._http.server is None:
             return
         self.receiver.begin_closing()
-        self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=STOP_WAIT_S + 5)
-        if self._socket is not None:
-            self._socket.close()
+        self._http.close()
         if not self.receiver.wait_stored(STOP_WAIT_S):
             log.warning("STOW-RS: parts still being stored after %.0f s", STOP_WAIT_S)
-        self.server = None

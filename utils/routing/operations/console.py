@@ -84,7 +84,6 @@ import re
 import secrets
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +92,7 @@ from typing import Any
 
 from utils import constants
 from utils.config import ConfigError
+from utils.routing.http_server import ServerThread
 from utils.routing.operations.schema import resolve_path as _path
 
 log = logging.getLogger(__name__)
@@ -1012,65 +1012,33 @@ def _ago(timestamp: float | None, now: float | None = None) -> str:
 
 
 class Console:
-    """The console's HTTP server in a thread of the router process."""
+    """The console's HTTP server in a thread of the router process (utils/routing/http_server.py)."""
 
     def __init__(self, settings: ConsoleSettings, context: ConsoleContext) -> None:
         self.settings, self.context = settings, context
-        self.server = None
-        self._socket: socket.socket | None = None
-        self._thread: threading.Thread | None = None
+        proxies = list(settings.trusted_proxies)
+        # X-Forwarded-For/-Proto are believed from the declared proxies only (uvicorn's default trusts 127.0.0.1)
+        self._http = ServerThread("console-http", settings.host, settings.port,
+                                  tls=(settings.tls_cert, settings.tls_key) if settings.tls_cert else None,
+                                  grace_s=2.0, proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)
 
     @property
     def port(self) -> int:
-        return self._socket.getsockname()[1]
+        return self._http.port
+
+    @property
+    def server(self):
+        """uvicorn's server while serving, else None."""
+        return self._http.server
 
     def serve(self, timeout: float = 10.0) -> None:
         """Bind (OSError when the port is taken: the node does not start), then serve in a thread."""
-        import uvicorn
-
-        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.settings.host, self.settings.port))
-            sock.listen(64)
-        except OSError:
-            sock.close()
-            raise
-        self._socket = sock
-        proxies = list(self.settings.trusted_proxies)
-        tls = {"ssl_certfile": str(self.settings.tls_cert), "ssl_keyfile": str(self.settings.tls_key),
-               "ssl_context_factory": tls_context} if self.settings.tls_cert else {}
-        # X-Forwarded-For/-Proto are believed from the declared proxies only (uvicorn's default trusts 127.0.0.1)
-        config = uvicorn.Config(build_app(self.settings, self.context), log_level="warning", access_log=False,
-                                lifespan="off", server_header=False, timeout_graceful_shutdown=2,
-                                proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None, **tls)
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="console-http",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        self._http.serve(build_app(self.settings, self.context), timeout)
         log.info("%s", self.settings.describe(self.port))
 
     def close(self) -> None:
         """Stop serving (requests in progress get up to 2 s)."""
-        if self.server is None:
-            return
-        self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._socket is not None:
-            self._socket.close()
-        self.server = None
-
-
-def tls_context(config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-    """uvicorn's context from the cert and key, offering TLS 1.2 at the oldest (as the DICOM port)."""
-    context = default()
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+        self._http.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
