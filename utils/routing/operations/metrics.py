@@ -9,6 +9,8 @@ Counters, incremented where the audit log writes the matching event (the hooks a
 
 - ``router_objects_received_total{calling_ae}`` (the Orthanc source: the modality that sent to Orthanc);
 - ``router_receive_refused_total{reason}``: C-STOREs answered 0xA700: ``disk_reserve``, ``store_failed``, ``stopping``;
+  STOW-RS instances that failed, by the same reasons and ``not_dicom``, ``sop_class``, ``transfer_syntax``,
+  ``study_mismatch``, ``too_large`` (utils/routing/intake/stow.py);
 - ``router_objects_classified_total{label, decided_by}``: decided_by ``model``, ``rule:<name>``,
   ``header_unreadable``, ``classification_failed`` or in shadow mode ``shadow:<rule>`` (the model's id is in
   ``router_model_info``);
@@ -126,7 +128,8 @@ class RouterMetrics(NoMetrics):
         self._node_of, self._down, self._drift = node_of, down, drift
         self._received = Counter("router_objects_received", "Objects received and spooled",
                                  ["calling_ae"], registry=self.registry)
-        self._refused = Counter("router_receive_refused", "C-STOREs refused (0xA700, the sender keeps its copy)",
+        self._refused = Counter("router_receive_refused",
+                                "Objects refused: C-STOREs answered 0xA700, STOW-RS instances failed (the sender keeps them)",
                                 ["reason"], registry=self.registry)
         self._classified = Counter("router_objects_classified", "Objects classified (decisions recorded)",
                                    ["label", "decided_by"], registry=self.registry)

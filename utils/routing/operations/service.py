@@ -95,6 +95,7 @@ def check(config: RouterConfig) -> int:
     print(f"listening on {config.host}:{config.port} with " + (config.tls.describe() if config.tls else "plain TCP"))
     print(config.metrics.describe() if config.metrics else "metrics: off (no metrics block)")
     print(config.console.describe() if config.console else "web console: off (no console block)")
+    print(config.stow.describe() if config.stow else "STOW-RS intake: off (no stow block)")
     for line in describe_mode(config.mode, config.shadow):
         print(line)
     print("routing rules, first match wins (then the built-in default; read from the header before the model):")
