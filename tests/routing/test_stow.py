@@ -325,6 +325,20 @@ def test_tls_basic_users_limits_and_the_disk_reserve(tmp_path, samples):
         assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
         assert first[0].status_code == 200
 
+        # a body that stops arriving does not hold the only slot: 408 after BODY_IDLE_S, then the next one is served
+        import utils.routing.intake.stow as stow_module
+
+        stow_module.BODY_IDLE_S, idle = 1.0, stow_module.BODY_IDLE_S
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as trickle:
+                trickle.sendall(f"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                                f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+                answer = trickle.recv(4096)  # and then nothing more is sent
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert post(url, [good], token=None).status_code == 200
+        finally:
+            stow_module.BODY_IDLE_S = idle
+
         # below the free-space reserve: the instance fails with 0xA700 and nothing is written
         free.free = 500 * 1024 ** 2
         before = sorted((tmp_path / "spool" / "files").iterdir())

@@ -28,7 +28,8 @@ Failure reasons (the same codes as the Storage SCP's statuses where there is one
 - ``0xC122`` transfer syntax not supported: not one of the SCP's transfer syntaxes (forwarders send in it unchanged);
 - ``0xC409`` the instance's Study Instance UID differs from the one in the URL (``POST /studies/{study}``).
 
-The whole request: 401 without valid credentials (429 after ``max_failures`` failed tries from one address),
+The whole request: 408 when the body stops arriving for ``BODY_IDLE_S`` (what was stored before stays stored),
+401 without valid credentials (429 after ``max_failures`` failed tries from one address),
 415 for a body that is not ``multipart/related`` of ``application/dicom``, 413 over ``max_request_mb`` (told by
 Content-Length before anything is read; a chunked body is cut at the limit, and what was stored before the cut
 stays stored), 503 with ``Retry-After`` when ``max_concurrent`` uploads are running or the router is stopping,
@@ -40,6 +41,7 @@ starlette, uvicorn and python-multipart are imported when the block is configure
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import hashlib
@@ -73,6 +75,7 @@ CALLING_AE = "STOW-RS"  # the queue's calling_ae of what came by STOW-RS (rules 
 CHUNK_BYTES = 1 << 20  # how much of a part is written at once (request chunks are gathered up to this)
 HEAD_BYTES = 1 << 16  # kept of a part that is not written (refused), to name its instance in the answer
 RETRY_AFTER_S = 5  # told to a sender turned away because max_concurrent uploads run
+BODY_IDLE_S = 60.0  # a request body that sends nothing this long is dropped (408): a trickle cannot hold a slot
 VERIFIED_CACHE_S = 300.0  # a user's verified password is remembered this long (argon2 costs ~50 ms per check)
 VERIFIED_CACHED = 64
 STOP_WAIT_S = 10.0  # how long close() waits for parts being stored
@@ -496,6 +499,16 @@ class PartWriter:
         self.done.clear()
 
 
+async def _idle_limited(chunks, idle_s: float):
+    """The chunks of ``chunks`` (an async iterator); TimeoutError when the next one takes longer than ``idle_s``."""
+    iterator = chunks.__aiter__()
+    while True:
+        try:
+            yield await asyncio.wait_for(iterator.__anext__(), idle_s)
+        except StopAsyncIteration:
+            return
+
+
 def build_app(settings: StowSettings, queue: SpoolQueue, receiver: StowReceiver):
     """The STOW-RS Starlette application: POST /studies and POST /studies/{study}."""
     import anyio
@@ -600,7 +613,7 @@ def build_app(settings: StowSettings, queue: SpoolQueue, receiver: StowReceiver)
         try:
             parser = MultipartParser(boundary, writer.callbacks())
             received = 0
-            async for chunk in request.stream():
+            async for chunk in _idle_limited(request.stream(), BODY_IDLE_S):
                 received += len(chunk)
                 if received > max_request:
                     return PlainTextResponse(f"the request is larger than max_request_mb ({settings.max_request_mb} "
@@ -614,6 +627,11 @@ def build_app(settings: StowSettings, queue: SpoolQueue, receiver: StowReceiver)
             if writer.part is not None or not outcomes:
                 return PlainTextResponse("the multipart body ended before its closing boundary" if outcomes or
                                          writer.part is not None else "the request has no parts", status_code=400)
+        except TimeoutError:
+            log.warning("STOW-RS: %s sent nothing for %.0f s; %d instances stored before, the rest dropped",
+                        log_safe(peer), BODY_IDLE_S, len(outcomes))
+            return PlainTextResponse(f"nothing received for {BODY_IDLE_S:.0f} s", status_code=408,
+                                     headers={"Connection": "close"})
         except MultipartParseError as error:
             return PlainTextResponse(f"malformed multipart body: {log_safe(error)}", status_code=400)
         except ClientDisconnect:
