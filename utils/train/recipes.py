@@ -11,7 +11,7 @@ existed. The recipe's name is recorded in the run's config.json with every resol
   +-10 degrees and horizontal flips with p = 0.5, no other augmentation). The best epoch is still
   chosen by validation macro-F1 and BatchNorm momentum is PyTorch's 0.9, as everywhere here.
 * ``small-data``: for a few hundred to a few thousand labelled images trained from scratch; chosen
-  by grouped 5-fold cross-validation on 1,029 public X-rays (README, "Results on real images"):
+  by grouped 5-fold cross-validation on 1,029 public X-rays (docs/EVALUATION.md, "Results on real images"):
   twice the steps (batch 16), 60 epochs, inverse-frequency class weights, zoom / shift / shear, and
   the look of other detectors (gamma curves, blur or edge enhancement, noise).
 """
