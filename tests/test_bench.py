@@ -104,3 +104,48 @@ def test_inference_e2e_table_shows_the_ratio_to_decoding_alone():
     rows = [("TFLite int8", "uncompressed", "processes (2)", 10.0, 58.2, 16.1, 16.1 / 58.2)]
     table = inference.e2e_table(rows, 64)
     assert "x decoding alone" in table[0] and table[-1].endswith("| 58.2 | 16.1 | 0.28 |")
+
+
+def test_adaptation_plan_keeps_one_evaluation_set_nests_the_draws_and_marks_n_above_the_pool():
+    from bench.adaptation import draw_plan, split_pool
+
+    pool, evaluation = split_pool(132, 82, seed=42)
+    assert len(pool) == 50 and len(evaluation) == 82 and not set(pool) & set(evaluation)
+    assert np.array_equal(split_pool(132, 82, seed=42)[0], pool)  # seeded
+    plan, skipped = draw_plan(pool, evaluation, [0, 10, 50, 100, 132], draws=2, seed=42)
+    by = {(d.n, d.draw): d for d in plan}
+    assert [d.name for d in plan] == ["base", "n010-d0", "n050-d0", "n100-d0", "n010-d1", "n050-d1", "n100-d1"]
+    assert 132 in skipped  # nothing left to evaluate on
+    for d in plan:
+        assert len(d.train) == d.n and not set(d.train) & set(d.evaluate)
+        assert d.shared_eval == (d.n <= 50) and (d.evaluate == tuple(evaluation)) == d.shared_eval
+    assert set(by[10, 0].train) < set(by[50, 0].train) < set(by[100, 0].train)  # nested within a draw
+    assert by[10, 0].train != by[10, 1].train and by[10, 1].seed == by[10, 0].seed + 1
+    assert len(by[100, 0].evaluate) == 32 and set(by[100, 0].evaluate) < set(evaluation)
+
+
+def test_adaptation_routed_accuracy_and_the_mean_over_draws():
+    from bench.adaptation import aggregate, source_samples
+
+    correct = np.array([1, 1, 0, 1], bool)
+    routed = np.array([1, 0, 1, 0], bool)
+    weights = np.array([[1, 1, 1, 1], [2, 2, 0, 0], [0, 1, 0, 3]])  # the last resample routes nothing
+    m = source_samples(correct, routed, np.zeros(4, bool), weights)
+    assert m["accuracy"][0] == 0.75 and np.allclose(m["accuracy"][1], [0.75, 1.0, 1.0])
+    assert m["routed_share"][0] == 0.5 and m["routed_accuracy"][0] == 0.5
+    assert np.allclose(m["routed_accuracy"][1][:2], [0.5, 1.0]) and np.isnan(m["routed_accuracy"][1][2])
+    both = aggregate([0.5, 1.0], [np.array([0.4, 0.6, np.nan]), np.array([1.0, 1.0, np.nan])], 0.95)
+    assert both["value"] == 0.75 and (both["min"], both["max"], both["draws"]) == (0.5, 1.0, 2)
+    assert 0.7 <= both["ci_low"] <= both["ci_high"] <= 0.8  # NaN resamples left out
+    assert aggregate([None], [np.full(3, np.nan)], 0.95)["value"] is None
+
+
+def test_dicomweb_bench_stow_intake_spools_every_file(tmp_path):
+    """bench.dicomweb's STOW-RS intake run: a sender process posts the files (2 per request) and every one is in
+    the spool queue afterwards (the function checks the count itself)."""
+    from bench.dicomweb import stow_intake
+    from bench.router import make_files
+
+    files = make_files(tmp_path / "files", 3, 64, "explicit", seed=0)
+    rate, cpu_ms = stow_intake(files, tmp_path, per_request=2)
+    assert rate > 0 and cpu_ms >= 0
