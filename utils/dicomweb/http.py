@@ -151,6 +151,7 @@ class Endpoint:
             raise DicomwebError(f"{method} {log_safe(url)}: {log_safe(_reason(error))}") from error
         if answer.status_code >= 400 and answer.status_code not in ok:
             hint = " (check the credentials)" if answer.status_code in (401, 403) else ""
+            answer.close()  # a streamed answer's connection goes back to the pool now, not when collected
             raise DicomwebError(f"{method} {log_safe(url)}: HTTP {answer.status_code} "
                                 f"{log_safe(answer.reason or '')}{hint}", answer.status_code)
         return answer
