@@ -116,7 +116,8 @@ def error_reason(path: str, error: BaseException) -> tuple[str, str]:
     memory failure or an operating-system I/O error (one with an errno) gets its code also when
     a reader wrapped it."""
     chain = (error, error.__cause__)
-    if any(isinstance(e, FileNotFoundError) for e in chain) or not os.path.lexists(path):
+    local = "://" not in str(path)  # a URL (s3://, dicomweb+https://...) is not looked for on this disk
+    if any(isinstance(e, FileNotFoundError) for e in chain) or (local and not os.path.lexists(path)):
         return FILE_NOT_FOUND, str(error)
     if any(isinstance(e, MemoryError) for e in chain):
         return OUT_OF_MEMORY, f"decoding needs more memory than the limit allows ({error or 'MemoryError'})"

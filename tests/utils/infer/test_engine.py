@@ -104,6 +104,9 @@ def test_reason_codes_of_exceptions(tmp_path):
     assert error_reason(str(tmp_path / "gone.dcm"), ValueError("wrapped"))[0] == "file_not_found"
     assert error_reason(str(existing), MemoryError())[0] == "out_of_memory"
     assert error_reason(str(existing), Coded("sr"))[0] == "no_pixel_data"
+    # a remote file is not "not found" because no local file has its URL as name
+    assert error_reason("s3://bucket/x.dcm", Coded("sr"))[0] == "no_pixel_data"
+    assert error_reason("s3://bucket/x.dcm", FileNotFoundError("gone"))[0] == "file_not_found"
     assert error_reason(str(existing), PermissionError("no"))[0] == "os_error"
     wrapped = Coded("could not read")
     wrapped.__cause__ = IsADirectoryError(21, "a folder")
