@@ -89,6 +89,10 @@ AUGMENT_INVERT: float = 0.0  # the gray scale inverted (a viewer or export that 
 AUGMENT_INVERT_RANGE: str = "[0, 0.5]"
 AUGMENT_EQUALISE: float = 0.0  # global histogram equalisation (the strong processing some systems apply)
 AUGMENT_EQUALISE_RANGE: str = "[0, 1]"
+AUGMENT_RESAMPLE: float = 0.0  # a lower-resolution detector or export: shrunk up to RESAMPLE_MAX times, enlarged back
+AUGMENT_RESAMPLE_RANGE: str = "[0, 1]"
+AUGMENT_JPEG: float = 0.0  # a lossy JPEG export: re-encoded at a quality drawn in [JPEG_QUALITY_MIN, 95]
+AUGMENT_JPEG_RANGE: str = "[0, 1]"
 
 # --- Model ----------------------------------------------------------------------------------
 BACKBONE: str = "mobilenet_v1"  # the paper's best model; `python training.py --help` lists all

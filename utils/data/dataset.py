@@ -43,6 +43,8 @@ class Augmentation:
     border: float = constants.AUGMENT_BORDER  # another site's look (:func:`site_look`): probabilities per image
     invert: float = constants.AUGMENT_INVERT
     equalise: float = constants.AUGMENT_EQUALISE
+    resample: float = constants.AUGMENT_RESAMPLE
+    jpeg: float = constants.AUGMENT_JPEG
 
     @property
     def geometric(self) -> bool:
@@ -56,8 +58,8 @@ class Augmentation:
 
     @property
     def site(self) -> bool:
-        """Whether another site's rendering (borders, inversion, equalisation) is drawn per image."""
-        return bool(self.border or self.invert or self.equalise)
+        """Whether another site's rendering (borders, inversion, equalisation, resolution, JPEG) is drawn per image."""
+        return bool(self.border or self.invert or self.equalise or self.resample or self.jpeg)
 
     @property
     def active(self) -> bool:
@@ -71,7 +73,7 @@ class Augmentation:
                    settings["horizontal_flip"],
                    **{field: settings.get(f"augment_{field}", 0.0)
                       for field in ("scale", "translate", "shear_deg", "gamma", "sharpness", "noise", "border",
-                                    "invert", "equalise")})
+                                    "invert", "equalise", "resample", "jpeg")})
 
 
 NO_AUGMENTATION = Augmentation(0.0, 0.0, 0.0, False)
@@ -213,6 +215,8 @@ def detector_look(images: tf.Tensor, aug: Augmentation, seed: tf.Tensor) -> tf.T
 
 
 BORDER_MAX = 0.2  # the deepest collimation band site_look draws, as a fraction of the image side
+RESAMPLE_MAX = 3.0  # the strongest shrink site_look draws (at a 128 px input: a 512 px source shrunk 12 times)
+JPEG_QUALITY_MIN = 10  # the lowest JPEG quality site_look draws
 
 
 def _equalise(image: tf.Tensor) -> tf.Tensor:
@@ -228,8 +232,10 @@ def _equalise(image: tf.Tensor) -> tf.Tensor:
 def site_look(images: tf.Tensor, aug: Augmentation, seed: tf.Tensor) -> tf.Tensor:
     """How another site renders the same X-ray, drawn per image of a float batch (B, H, W, C) with values 0..255,
     each with its probability: global histogram equalisation (``equalise``); collimation borders or letterbox bars
-    (``border``: on each side with probability 1/2 a band up to BORDER_MAX deep, black or white); the gray scale
-    inverted (``invert``). The shifts of utils/evaluate/shifts.py that broke the small-data model at their mildest
+    (``border``: on each side with probability 1/2 a band up to BORDER_MAX deep, black or white); a lower
+    resolution (``resample``: shrunk by a factor drawn in [1, RESAMPLE_MAX] with area averaging, enlarged back
+    bilinearly); a lossy JPEG export (``jpeg``: quality drawn in [JPEG_QUALITY_MIN, 95]); the gray scale inverted
+    (``invert``). The shifts of utils/evaluate/shifts.py that broke the small-data model at their mildest
     severities; each draw has its own seed (folded in)."""
     batch, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
 
@@ -248,6 +254,21 @@ def site_look(images: tf.Tensor, aug: Augmentation, seed: tf.Tensor) -> tf.Tenso
                 | (cols < depth[:, 2, None, None, None]) | (cols > 1.0 - depth[:, 3, None, None, None]))
         fill = tf.where(draw(3, [batch, 1, 1, 1]) < 0.5, 0.0, 255.0)
         images = tf.where(band & (draw(4, [batch, 1, 1, 1]) < aug.border), fill, images)
+    if aug.resample:  # one factor per batch (resize takes one size), applied to each image with its probability
+        factor = draw(6, [], 1.0, RESAMPLE_MAX)
+        small = tf.maximum(tf.cast(tf.round(tf.cast(tf.stack([height, width]), tf.float32) / factor), tf.int32), 1)
+        blurred = tf.image.resize(tf.image.resize(images, small, method="area"), [height, width], method="bilinear")
+        images = tf.where(draw(7, [batch, 1, 1, 1]) < aug.resample, blurred, images)
+    if aug.jpeg:
+        keys = tf.cast(draw(8, [batch, 2], 0.0, 2.0 ** 30), tf.int32)
+
+        def reencode(args):
+            image, key = args
+            encoded = tf.image.stateless_random_jpeg_quality(image / 255.0, JPEG_QUALITY_MIN, 95, key)
+            return tf.cast(encoded, tf.float32) * 255.0
+
+        reencoded = tf.map_fn(reencode, (images, keys), fn_output_signature=tf.float32)
+        images = tf.where(draw(9, [batch, 1, 1, 1]) < aug.jpeg, reencoded, images)
     if aug.invert:
         images = tf.where(draw(5, [batch, 1, 1, 1]) < aug.invert, 255.0 - images, images)
     return images

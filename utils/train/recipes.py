@@ -43,7 +43,8 @@ RECIPES: dict[str, Recipe] = {
             "BN_RECALIBRATION_STEPS": 0, "AUGMENT_ROTATION_DEG": 10.0, "HORIZONTAL_FLIP": True,
             "AUGMENT_BRIGHTNESS": 0.0, "AUGMENT_CONTRAST": 0.0, "AUGMENT_SCALE": 0.0, "AUGMENT_TRANSLATE": 0.0,
             "AUGMENT_SHEAR_DEG": 0.0, "AUGMENT_GAMMA": 0.0, "AUGMENT_SHARPNESS": 0.0, "AUGMENT_NOISE": 0.0,
-            "AUGMENT_BORDER": 0.0, "AUGMENT_INVERT": 0.0, "AUGMENT_EQUALISE": 0.0,
+            "AUGMENT_BORDER": 0.0, "AUGMENT_INVERT": 0.0, "AUGMENT_EQUALISE": 0.0, "AUGMENT_RESAMPLE": 0.0,
+            "AUGMENT_JPEG": 0.0,
         }),
         Recipe("small-data", "a few hundred labelled images from scratch: batch 16, 60 epochs, class weights, "
                              "zoom/shift/shear and detector looks", {
@@ -52,11 +53,13 @@ RECIPES: dict[str, Recipe] = {
             "AUGMENT_GAMMA": 0.3, "AUGMENT_SHARPNESS": 0.5, "AUGMENT_NOISE": 0.02,
         }),
         Recipe("site-robust", "small-data plus the looks of other sites that break it (test.py --shift): "
-                              "collimation borders, inverted and equalised gray scales, wider gamma and contrast", {
+                              "collimation borders, inverted and equalised gray scales, lower resolution, lossy "
+                              "JPEG, wider gamma, contrast and noise", {
             "WEIGHTS": "none", "EPOCHS": 60, "BATCH_SIZE": 16, "CLASS_WEIGHTS": True,
             "AUGMENT_SCALE": 0.15, "AUGMENT_TRANSLATE": 0.1, "AUGMENT_SHEAR_DEG": 5.0,
-            "AUGMENT_GAMMA": 0.7, "AUGMENT_SHARPNESS": 0.5, "AUGMENT_NOISE": 0.02, "AUGMENT_CONTRAST": 0.4,
-            "AUGMENT_BORDER": 0.3, "AUGMENT_INVERT": 0.2, "AUGMENT_EQUALISE": 0.2,
+            "AUGMENT_GAMMA": 0.7, "AUGMENT_SHARPNESS": 0.5, "AUGMENT_NOISE": 0.05, "AUGMENT_CONTRAST": 0.4,
+            "AUGMENT_BORDER": 0.3, "AUGMENT_INVERT": 0.2, "AUGMENT_EQUALISE": 0.2, "AUGMENT_RESAMPLE": 0.25,
+            "AUGMENT_JPEG": 0.25,
         }),
     )
 }

@@ -272,3 +272,32 @@ def test_site_look_draws_borders_inversions_and_equalisation_with_their_probabil
                 "horizontal_flip": False, "augment_border": 0.3}
     assert Augmentation.from_settings(settings).border == 0.3  # a run's config.json; older ones: off
     assert Augmentation.from_settings({**settings, "augment_border": 0.0}).site is False
+
+
+def test_site_look_resamples_and_jpeg_encodes_with_their_probabilities():
+    """A lower-resolution export (shrunk, enlarged back: fine detail averaged away, a flat image unchanged) and a
+    lossy JPEG export, each with its probability per image, seeded, in range, and off at probability 0."""
+    from utils.data.dataset import site_look
+
+    rng = np.random.default_rng(0)
+    noise = tf.constant(rng.integers(0, 256, (40, SIZE, SIZE, 1)).astype(np.float32))
+    resampled = site_look(noise, Augmentation(0.0, 0.0, 0.0, False, resample=0.5), tf.constant([1, 2])).numpy()
+    changed = np.array([not np.array_equal(a, b) for a, b in zip(resampled, noise.numpy())])
+    assert 0.25 < changed.mean() < 0.75
+    assert resampled[changed].std() < 0.8 * noise.numpy().std()  # pixel noise averaged away
+    flat = tf.fill((4, SIZE, SIZE, 1), 100.0)
+    np.testing.assert_allclose(site_look(flat, Augmentation(0.0, 0.0, 0.0, False, resample=1.0),
+                                         tf.constant([1, 2])).numpy(), 100.0, atol=1e-3)
+
+    ramp = tf.constant(np.tile(np.linspace(0.0, 255.0, SIZE, dtype=np.float32)[None, None, :, None],
+                               (20, SIZE, 1, 1)))
+    encoded = site_look(noise, Augmentation(0.0, 0.0, 0.0, False, jpeg=1.0), tf.constant([3, 4])).numpy()
+    assert encoded.min() >= 0 and encoded.max() <= 255 and encoded.shape == noise.shape
+    assert all(not np.array_equal(a, b) for a, b in zip(encoded, noise.numpy()))  # lossy on every image
+    smooth = site_look(ramp, Augmentation(0.0, 0.0, 0.0, False, jpeg=1.0), tf.constant([3, 4])).numpy()
+    assert np.abs(smooth - ramp.numpy()).mean() < 8  # a smooth ramp survives JPEG nearly intact
+    again = site_look(noise, Augmentation(0.0, 0.0, 0.0, False, jpeg=1.0), tf.constant([3, 4])).numpy()
+    np.testing.assert_array_equal(again, encoded)  # seeded
+    off = site_look(noise, Augmentation(0.0, 0.0, 0.0, False), tf.constant([3, 4])).numpy()
+    np.testing.assert_array_equal(off, noise.numpy())
+    assert Augmentation(0.0, 0.0, 0.0, False, jpeg=0.1).site and Augmentation(0.0, 0.0, 0.0, False, resample=0.1).site
