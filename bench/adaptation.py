@@ -1,7 +1,7 @@
 """Adaptation from corrections, measured: what fine-tuning on N corrected images of a new source buys.
 
-    python -m bench.adaptation                                    # trains the base model first (~15-20 min, 2 CPU cores)
-    python -m bench.adaptation --base-run runs/adaptation-cadma/base   # reuses a trained base model
+    python -m bench.adaptation              # trains the base model first (~17 min on 2 CPU cores), then 12 fine-tunes
+    python -m bench.adaptation --base-run runs/adaptation-cadma/base --draws 5    # reuses a trained base model
 
 The held-out source (--source-repo, default the 132 full-spine scoliosis films of Znarfran/CADMA:
 strongly equalised, one patient each, all labelled spine) is every image of the prepared dataset
@@ -32,8 +32,9 @@ strongly equalised, one patient each, all labelled spine) is every image of the 
    the base dataset's test split (--split). On the evaluation set: accuracy (share labelled as the
    true class), the share routed automatically at the model's own recommended threshold (its
    calibration; confidence >= threshold and not flagged out-of-distribution, the router's rule),
-   the accuracy of those routed, the share flagged out-of-distribution, and the accuracy gain over the
-   base model on the same images. On the test split: macro F1 and its change against the base
+   the accuracy of those routed, the share routed automatically with a wrong label (the errors no one
+   reviews), the share flagged out-of-distribution, and the accuracy gain over the base model on the
+   same images. On the test split: macro F1 and its change against the base
    model (forgetting). CIs: percentile bootstrap, --resamples, over images on the held-out source (each
    film is its own patient), over patient groups on the test split where groups repeat (test.py's
    rule); the same resamples for every model on the same images, so gains and drops are paired.
@@ -159,6 +160,7 @@ def source_samples(correct: np.ndarray, routed: np.ndarray, flagged: np.ndarray,
     return {"accuracy": (float(correct.mean()), w @ correct / total),
             "routed_share": (float(routed.mean()), w @ routed / total),
             "routed_accuracy": (float((routed * correct).sum() / n_routed) if n_routed else None, routed_accuracy),
+            "routed_wrong": (float((routed * (1 - correct)).mean()), w @ (routed * (1 - correct)) / total),
             "ood_flagged": (float(flagged.mean()), w @ flagged / total)}
 
 
@@ -342,20 +344,22 @@ def _cell(m: dict, pct: bool = False, sign: bool = False, spread: bool = False) 
 def markdown(per_n: list[dict], rows: list[dict]) -> str:
     """The per-N table (mean over draws, 95 % CI, [min to max of the draws]), then one row per model."""
     head = ("| N | draws | eval films | accuracy on the source | gain vs N=0 | auto-routed | accuracy of routed "
-            "| flagged OOD | test macro F1 | F1 change vs N=0 |")
-    lines = [head, "|" + "---|" * 10]
+            "| routed wrongly | flagged OOD | test macro F1 | F1 change vs N=0 |")
+    lines = [head, "|" + "---|" * 11]
     for e in per_n:
         films = "/".join(str(x) for x in e["eval_images"]) + ("" if e["shared_eval"] else " (rest)")
         lines.append(f"| {e['n']} | {e['draws']} | {films} | {_cell(e['accuracy'], True, spread=True)} "
                      f"| {_cell(e['gain'], True, True)} | {_cell(e['routed_share'], True, spread=True)} "
-                     f"| {_cell(e['routed_accuracy'], True)} | {_cell(e['ood_flagged'], True)} "
+                     f"| {_cell(e['routed_accuracy'], True)} | {_cell(e['routed_wrong'], True)} "
+                     f"| {_cell(e['ood_flagged'], True)} "
                      f"| {_cell(e['test_macro_f1'], spread=True)} | {_cell(e['test_f1_change'], sign=True)} |")
     lines += ["", "| model | N | eval films | threshold | accuracy on the source | auto-routed | accuracy of routed "
-                  "| test macro F1 |", "|" + "---|" * 8]
+                  "| routed wrongly | flagged OOD | test macro F1 |", "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['model']} | {r['n']} | {r['eval_images']}{'' if r['shared_eval'] else ' (rest)'} "
                      f"| {r['threshold']:.4f} | {_cell(r['accuracy'], True)} | {_cell(r['routed_share'], True)} "
-                     f"| {_cell(r['routed_accuracy'], True)} | {_cell(r['test_macro_f1'])} |")
+                     f"| {_cell(r['routed_accuracy'], True)} | {_cell(r['routed_wrong'], True)} "
+                     f"| {_cell(r['ood_flagged'], True)} | {_cell(r['test_macro_f1'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -398,7 +402,7 @@ def plot(per_n: list[dict], rows: list[dict], path: Path, source: str) -> None:
 
 
 def write(output: Path, summary: dict) -> None:
-    flat_keys = ("accuracy", "gain", "routed_share", "routed_accuracy", "ood_flagged", "test_macro_f1",
+    flat_keys = ("accuracy", "gain", "routed_share", "routed_accuracy", "routed_wrong", "ood_flagged", "test_macro_f1",
                  "test_f1_change")
     (output / "adaptation.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     for name, entries, fixed in (("adaptation.csv", summary["per_n"], ("n", "draws", "shared_eval")),

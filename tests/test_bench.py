@@ -132,7 +132,7 @@ def test_adaptation_routed_accuracy_and_the_mean_over_draws():
     weights = np.array([[1, 1, 1, 1], [2, 2, 0, 0], [0, 1, 0, 3]])  # the last resample routes nothing
     m = source_samples(correct, routed, np.zeros(4, bool), weights)
     assert m["accuracy"][0] == 0.75 and np.allclose(m["accuracy"][1], [0.75, 1.0, 1.0])
-    assert m["routed_share"][0] == 0.5 and m["routed_accuracy"][0] == 0.5
+    assert m["routed_share"][0] == 0.5 and m["routed_accuracy"][0] == 0.5 and m["routed_wrong"][0] == 0.25
     assert np.allclose(m["routed_accuracy"][1][:2], [0.5, 1.0]) and np.isnan(m["routed_accuracy"][1][2])
     both = aggregate([0.5, 1.0], [np.array([0.4, 0.6, np.nan]), np.array([1.0, 1.0, np.nan])], 0.95)
     assert both["value"] == 0.75 and (both["min"], both["max"], both["draws"]) == (0.5, 1.0, 2)
