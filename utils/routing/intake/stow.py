@@ -43,15 +43,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import hashlib
 import hmac
 import logging
 import math
 import os
-import secrets
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,8 +73,6 @@ CHUNK_BYTES = 1 << 20  # how much of a part is written at once (request chunks a
 HEAD_BYTES = 1 << 16  # kept of a part that is not written (refused), to name its instance in the answer
 RETRY_AFTER_S = 5  # told to a sender turned away because max_concurrent uploads run
 BODY_IDLE_S = 60.0  # a request body that sends nothing this long is dropped (408): a trickle cannot hold a slot
-VERIFIED_CACHE_S = 300.0  # a user's verified password is remembered this long (argon2 costs ~50 ms per check)
-VERIFIED_CACHED = 64
 STOP_WAIT_S = 10.0  # how long close() waits for parts being stored
 
 # Failure reasons (PS3.18 Store Instances Response; PS3.4 C-STORE statuses)
@@ -511,7 +506,6 @@ async def _idle_limited(chunks, idle_s: float):
 
 def build_app(settings: StowSettings, queue: SpoolQueue, receiver: StowReceiver):
     """The STOW-RS Starlette application: POST /studies and POST /studies/{study}."""
-    import anyio
     from python_multipart.multipart import MultipartParser
     from python_multipart.exceptions import MultipartParseError
     from starlette.applications import Starlette
@@ -520,39 +514,19 @@ def build_app(settings: StowSettings, queue: SpoolQueue, receiver: StowReceiver)
     from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    from utils.routing.operations.console import FailureLimiter, check_password, dummy_hash
+    from utils.routing.operations.console import FailureLimiter, PasswordChecker
 
     max_request = settings.max_request_mb * 1024 * 1024
     max_instance = settings.max_instance_mb * 1024 * 1024
     failures = FailureLimiter(settings.max_failures, settings.failure_window_s)
-    key = secrets.token_bytes(32)
-    verified: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+    passwords = PasswordChecker(settings.users)
     bearer_digest = hashlib.sha256(settings.token.encode()).digest() if settings.token else b""
-    verifying = anyio.CapacityLimiter(2)
-    dummy: list[str] = []
     running = [0]
     challenge = {"WWW-Authenticate": 'Basic realm="router STOW-RS", charset="UTF-8"'} if settings.users else {}
 
     def address(request: Request) -> str:
         return request.client.host if request.client else "?"
 
-    async def password_ok(name: str, password: str) -> bool:
-        mark = hmac.new(key, f"{len(name)}:{name}:{password}".encode(), hashlib.sha256).digest()
-        when = verified.get(mark)
-        if when is not None and time.monotonic() - when < VERIFIED_CACHE_S:
-            return True
-        hashed = settings.users.get(name)
-        if hashed is None:  # the same work as for a known name
-            if not dummy:
-                dummy.append(await anyio.to_thread.run_sync(dummy_hash, settings.users, limiter=verifying))
-            await anyio.to_thread.run_sync(check_password, password, dummy[0], limiter=verifying)
-            return False
-        if not await anyio.to_thread.run_sync(check_password, password, hashed, limiter=verifying):
-            return False
-        verified[mark] = time.monotonic()
-        while len(verified) > VERIFIED_CACHED:
-            verified.popitem(last=False)
-        return True
 
     async def sender(request: Request) -> str:
         """Who sends (``token`` or the user's name); RequestRefused 401 / 429."""
@@ -572,7 +546,7 @@ def build_app(settings: StowSettings, queue: SpoolQueue, receiver: StowReceiver)
                 name, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
                 name, password = "", None
-            if password is not None and await password_ok(name, password):
+            if password is not None and await passwords.check(name, password):
                 return name
         failures.failed(address(request))
         log.warning("STOW-RS: failed authentication from %s", log_safe(address(request)))

@@ -368,6 +368,44 @@ def dummy_hash(users: dict[str, str]) -> str:
     return pbkdf2_hash(secrets.token_urlsafe(16), iterations)
 
 
+class PasswordChecker:
+    """HTTP basic passwords against a users file, for the console and STOW-RS: each verification in a worker thread,
+    VERIFY_THREADS at a time; an unknown name checked against a dummy hash of the same kind (the same time as a known
+    one); the last VERIFIED_CACHED successes remembered for VERIFIED_CACHE_S, keyed by an HMAC of name and password
+    with a key of this start's."""
+
+    def __init__(self, users: dict[str, str]) -> None:
+        import anyio
+
+        self.users = users
+        self._key = secrets.token_bytes(32)
+        self._limiter = anyio.CapacityLimiter(VERIFY_THREADS)
+        self._verified: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._dummy: list[str] = []  # made on first need (in a thread: it costs one hashing)
+
+    async def check(self, name: str, password: str) -> bool:
+        import anyio
+
+        mark = hmac.new(self._key, f"{len(name)}:{name}:{password}".encode(), hashlib.sha256).digest()
+        when = self._verified.get(mark)
+        if when is not None and time.monotonic() - when < VERIFIED_CACHE_S:
+            self._verified.move_to_end(mark)
+            return True
+        hashed = self.users.get(name)
+        if hashed is None:  # the same work as for a known name
+            if not self._dummy:
+                self._dummy.append(await anyio.to_thread.run_sync(dummy_hash, self.users, limiter=self._limiter))
+            await anyio.to_thread.run_sync(check_password, password, self._dummy[0], limiter=self._limiter)
+            return False
+        if not await anyio.to_thread.run_sync(check_password, password, hashed, limiter=self._limiter):
+            return False
+        self._verified[mark] = time.monotonic()
+        self._verified.move_to_end(mark)
+        while len(self._verified) > VERIFIED_CACHED:
+            self._verified.popitem(last=False)
+        return True
+
+
 # --- what the console reads --------------------------------------------------------------------
 
 
@@ -654,14 +692,12 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
     env.filters["when"] = _when
     env.filters["ago"] = lambda t, now=None: _ago(t, now)
     env.filters["seconds"] = lambda s: "-" if s is None else f"{s:.2f} s"
-    key = secrets.token_bytes(32)  # this start's: form CSRF tokens and the verified-password cache
+    key = secrets.token_bytes(32)  # this start's: form CSRF tokens
+    passwords = PasswordChecker(settings.users)
     sessions = SessionStore(settings.session_hours, settings.idle_minutes)
     failures = FailureLimiter(settings.max_failures, settings.failure_window_s)
-    verifying = anyio.CapacityLimiter(VERIFY_THREADS)
     acting = anyio.CapacityLimiter(1)  # one review action at a time, as on a single thread before
-    verified: collections.OrderedDict[bytes, float] = collections.OrderedDict()  # HMAC(name, password) -> when
     announced: collections.OrderedDict[tuple[str, str, str], None] = collections.OrderedDict()
-    dummy: list[str] = []  # the dummy hash, made on first need (in a thread: it costs one hashing)
     bearer_digest = hashlib.sha256(settings.token.encode()).digest() if settings.token else b""
     challenge = {"WWW-Authenticate": 'Basic realm="router console", charset="UTF-8"'} if settings.users else {}
 
@@ -694,24 +730,7 @@ def build_app(settings: ConsoleSettings, context: ConsoleContext):
                                f"{math.ceil(wait)} s", {"Retry-After": str(math.ceil(wait))})
 
     async def password_ok(name: str, password: str) -> bool:
-        mark = hmac.new(key, f"{len(name)}:{name}:{password}".encode(), hashlib.sha256).digest()
-        when = verified.get(mark)
-        if when is not None and time.monotonic() - when < VERIFIED_CACHE_S:
-            verified.move_to_end(mark)
-            return True
-        hashed = settings.users.get(name)
-        if hashed is None:  # the same work as for a known name
-            if not dummy:
-                dummy.append(await anyio.to_thread.run_sync(dummy_hash, settings.users, limiter=verifying))
-            await anyio.to_thread.run_sync(check_password, password, dummy[0], limiter=verifying)
-            return False
-        if not await anyio.to_thread.run_sync(check_password, password, hashed, limiter=verifying):
-            return False
-        verified[mark] = time.monotonic()
-        verified.move_to_end(mark)
-        while len(verified) > VERIFIED_CACHED:
-            verified.popitem(last=False)
-        return True
+        return await passwords.check(name, password)
 
     async def operator(request: Request) -> Operator | None:
         """The operator of the request (Authorization header first, then the session cookie); Refusal for wrong
