@@ -364,13 +364,15 @@ def markdown(per_n: list[dict], rows: list[dict]) -> str:
 
 
 def plot(per_n: list[dict], rows: list[dict], path: Path, source: str) -> None:
-    """Held-out accuracy and routed share (left) and test macro F1 (right) against N, 95 % CI bars,
+    """Held-out accuracy, routed share and routed errors (left), test macro F1 (right) against N, 95 % CI bars,
     single draws as dots; an N evaluated on the rest of the evaluation set drawn hollow."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
     left, right = fig.subplots(1, 2)
-    for ax, keys in ((left, (("accuracy", "accuracy", "tab:blue"), ("routed_share", "auto-routed", "tab:green"))),
+    offset = {"routed_share": 1.0, "routed_wrong": 2.0}  # side by side with the accuracy
+    for ax, keys in ((left, (("accuracy", "accuracy", "tab:blue"), ("routed_share", "auto-routed", "tab:green"),
+                             ("routed_wrong", "auto-routed with a wrong label", "tab:red"))),
                      (right, (("test_macro_f1", "test macro F1", "tab:purple"),))):
         for key, label, colour in keys:
             on_source = key != "test_macro_f1"  # the test split is the same for every N
@@ -384,18 +386,19 @@ def plot(per_n: list[dict], rows: list[dict], path: Path, source: str) -> None:
                 low = np.array([e[key]["ci_low"] if e[key]["ci_low"] is not None else e[key]["value"] for e in entries])
                 high = np.array([e[key]["ci_high"] if e[key]["ci_high"] is not None else e[key]["value"]
                                  for e in entries])
-                x = x + (1.0 if key == "routed_share" else 0.0)  # side by side with the accuracy
+                x = x + offset.get(key, 0.0)
                 ax.errorbar(x, y, yerr=[y - low, high - y], fmt="o-" if shared else "o", color=colour, capsize=3,
                             mfc=colour if shared else "white",
-                            label=label + ("" if shared else " (N > pool: rest of the eval set)"))
-            dots = [(r["n"], r[key]["value"]) for r in rows if r["n"] > 0 and r[key]["value"] is not None]
+                            label=label if shared else None)
+            dots = [(r["n"] + offset.get(key, 0.0), r[key]["value"]) for r in rows
+                    if r["n"] > 0 and r[key]["value"] is not None]
             if dots:
                 ax.scatter(*zip(*dots), s=10, color=colour, alpha=0.4)
         ax.set_xlabel("N corrected images fine-tuned on")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     left.set_ylim(0, 1.02)
-    left.set_title(f"{source}: held-out evaluation films", fontsize=10)
+    left.set_title(f"{source}: held-out evaluation films (hollow: N > pool, the rest of them)", fontsize=10)
     right.set_title("regular test split (without the source)", fontsize=10)
     fig.suptitle("Fine-tuning on corrections: mean over draws, 95 % bootstrap CI; dots: single draws")
     fig.savefig(path, dpi=100)
