@@ -101,9 +101,11 @@ def test_ood_bench_candidates_score_and_the_table_prints():
 
 
 def test_inference_e2e_table_shows_the_ratio_to_decoding_alone():
-    rows = [("TFLite int8", "uncompressed", "processes (2)", 10.0, 58.2, 16.1, 16.1 / 58.2)]
+    rows = [("TFLite int8", "uncompressed", "processes (2)", 10.0, 58.2, 16.1, 16.1 / 58.2),
+            ("TFLite int8", "uncompressed", "processes (2)", 10.0, 58.2, 16.1, 16.1 / 58.2, 52.4, 52.4 / 58.2)]
     table = inference.e2e_table(rows, 64)
-    assert "x decoding alone" in table[0] and table[-1].endswith("| 58.2 | 16.1 | 0.28 |")
+    assert "x decoding alone" in table[0] and table[-2].endswith("| 58.2 | 16.1 | 0.28 | | |")
+    assert table[-1].endswith("| 58.2 | 16.1 | 0.28 | 52.4 | 0.90 |")  # the workers already running
 
 
 def test_adaptation_plan_keeps_one_evaluation_set_nests_the_draws_and_marks_n_above_the_pool():
