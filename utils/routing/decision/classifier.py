@@ -55,7 +55,7 @@ from utils import constants
 from utils.infer.decisions import UNREADABLE, tag_disagrees
 from utils.infer.engine import Engine
 from utils.io.isolation import PoolSettings
-from utils.routing.operations.audit import AuditLog, AuditWriteError
+from utils.routing.operations.audit import AuditLog
 from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import Classification, QueueItem, SpoolQueue, SpoolWriteError
 from utils.routing.decision.rules import MODEL, RuleSet
@@ -506,14 +506,11 @@ class Classifier(WakeableThread):
             return [], for_model
         self.queue.set_classified(decisions)
         for (item, rule), decision in zip(routed, decisions):
-            try:  # committed: a line lost here is written by the next start (utils/routing/operations/reconcile.py)
-                self.audit.write("classified", sop_instance_uid=item.sop_instance_uid, item=item.id,
-                                 label=decision.label, top_label=None, confidence=None, model_id="",
-                                 route=decision.route, reason=decision.reason or None,
-                                 body_part_examined=rule.header.get("BodyPartExamined"),
-                                 modality=rule.header.get("Modality"), decided_by=decision.decided_by)
-            except AuditWriteError as error:
-                log.error("%s", error)
+            self.audit.record("classified", sop_instance_uid=item.sop_instance_uid, item=item.id,
+                              label=decision.label, top_label=None, confidence=None, model_id="",
+                              route=decision.route, reason=decision.reason or None,
+                              body_part_examined=rule.header.get("BodyPartExamined"),
+                              modality=rule.header.get("Modality"), decided_by=decision.decided_by)
             self.metrics.classified(decision.label, decision.decided_by)
         log.info("routed %d objects by rule (%s)", len(decisions),
                  ", ".join(sorted({f"{d.decided_by} -> {d.route}" for d in decisions})))

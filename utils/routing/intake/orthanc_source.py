@@ -299,7 +299,7 @@ class OrthancSource(WakeableThread):
             return saved
         start = 0 if self.settings.start_from == "beginning" else self.client.last_change()
         self.queue.set_meta(CURSOR_KEY, cursor_value(start, self.settings.url))
-        self._audit("orthanc_cursor_start", url=self.settings.url, seq=start, start_from=self.settings.start_from)
+        self.audit.record("orthanc_cursor_start", url=self.settings.url, seq=start, start_from=self.settings.start_from)
         log.info("Orthanc source %s: new spool, starting after change %d (%s)", self.settings.url, start,
                  self.settings.start_from)
         return start
@@ -307,7 +307,7 @@ class OrthancSource(WakeableThread):
     def _reset(self, last: int) -> None:
         log.warning("Orthanc source %s: its last change is %d, before the cursor %d (a new Orthanc database?); "
                     "reading its changes from the beginning", self.settings.url, last, self.cursor)
-        self._audit("orthanc_cursor_reset", url=self.settings.url, previous=self.cursor, last=last)
+        self.audit.record("orthanc_cursor_reset", url=self.settings.url, previous=self.cursor, last=last)
         self._save_cursor(0)
 
     def _save_cursor(self, seq: int) -> None:
@@ -320,7 +320,7 @@ class OrthancSource(WakeableThread):
         if not ORTHANC_ID.fullmatch(instance):  # it would become part of a URL path: never asked for
             log.warning("Orthanc change %d names an instance %r that is not an Orthanc identifier: skipped", seq,
                         log_safe(instance, 80))
-            self._audit("orthanc_skipped", orthanc_id=instance[:200], seq=seq, reason="not an Orthanc identifier")
+            self.audit.record("orthanc_skipped", orthanc_id=instance[:200], seq=seq, reason="not an Orthanc identifier")
             self.skipped += 1
             return True
         try:
@@ -341,7 +341,7 @@ class OrthancSource(WakeableThread):
             data = client.get(f"/instances/{instance}/file")
         except OrthancNotFound as error:
             log.warning("Orthanc instance %s (change %d) was deleted before it was fetched: %s", instance, seq, error)
-            self._audit("orthanc_skipped", orthanc_id=instance, seq=seq, reason="deleted from Orthanc before the "
+            self.audit.record("orthanc_skipped", orthanc_id=instance, seq=seq, reason="deleted from Orthanc before the "
                         "router fetched it")
             self.skipped += 1
             return True
@@ -366,7 +366,7 @@ class OrthancSource(WakeableThread):
             self.queue.set_meta(CURSOR_KEY, cursor_value(seq, settings.url))
         self.cursor = seq
         self.stored += 1
-        self._audit("received", sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
+        self.audit.record("received", sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
                     transfer_syntax=transfer_syntax, calling_ae=remote, size=item.size, item=item.id,
                     duplicate=duplicate, source="orthanc", orthanc_id=instance, seq=seq)
         self.metrics.received(remote)
@@ -389,7 +389,7 @@ class OrthancSource(WakeableThread):
         if self.down_since is None:
             self.down_since = time.time()
             log.error("Orthanc source %s: %s; retrying until it answers", self.settings.url, reason)
-            self._audit("orthanc_source_down", url=self.settings.url, reason=reason)
+            self.audit.record("orthanc_source_down", url=self.settings.url, reason=reason)
             self._note(None, down=reason)
         else:
             log.debug("Orthanc source %s still down: %s", self.settings.url, reason)
@@ -399,7 +399,7 @@ class OrthancSource(WakeableThread):
     def _up(self) -> None:
         down_s = time.time() - (self.down_since or time.time())
         log.info("Orthanc source %s answers again after %.0f s", self.settings.url, down_s)
-        self._audit("orthanc_source_up", url=self.settings.url, down_s=round(down_s, 3))
+        self.audit.record("orthanc_source_up", url=self.settings.url, down_s=round(down_s, 3))
         self.down_since, self.failures = None, 0
 
     def _note(self, last: int | None, down: str | None = None) -> None:
@@ -410,11 +410,6 @@ class OrthancSource(WakeableThread):
         except Exception as error:  # noqa: BLE001 - a note must not stop the source
             log.debug("could not note the Orthanc source's state: %s", error)
 
-    def _audit(self, event: str, **fields) -> None:
-        try:
-            self.audit.write(event, **fields)
-        except AuditWriteError as error:
-            log.error("%s", error)
 
 
 # --- router.py --check and --status --------------------------------------------------------------

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 from utils.routing.intake import wakeup
 from utils.routing.intake.accepted import TRANSFER_SYNTAXES  # noqa: F401 (callers import it from here too)
-from utils.routing.operations.audit import AuditLog, AuditWriteError
+from utils.routing.operations.audit import AuditLog
 from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue
 from utils.routing.intake.space import ReceptionGate
@@ -156,22 +156,17 @@ class StoreHandler:
         except Exception as error:  # noqa: BLE001 - disk full, I/O error: refuse, the sender keeps its copy
             log.error("could not store %s from %s: %s", log_safe(sop_instance_uid), log_safe(calling_ae), error)
             self.metrics.refused("store_failed")
-            self._audit("receive_failed", sop_instance_uid=sop_instance_uid, calling_ae=calling_ae, reason=str(error))
+            self.audit.record("receive_failed", sop_instance_uid=sop_instance_uid, calling_ae=calling_ae, reason=str(error))
             return OUT_OF_RESOURCES
         # Stored and committed: success, even if the line cannot be written now (the next start writes it,
         # utils/routing/operations/reconcile.py).
-        self._audit("received", sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
+        self.audit.record("received", sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
                     transfer_syntax=transfer_syntax, calling_ae=calling_ae, size=item.size, item=item.id,
                     duplicate=duplicate)
         self.metrics.received(calling_ae)
         self.on_received()
         return 0x0000
 
-    def _audit(self, event: str, **fields) -> None:
-        try:
-            self.audit.write(event, **fields)
-        except AuditWriteError as error:
-            log.error("%s", error)
 
     @staticmethod
     def handle_echo(event) -> int:

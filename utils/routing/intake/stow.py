@@ -57,7 +57,7 @@ from xml.sax.saxutils import escape
 
 from utils import constants
 from utils.config import ConfigError
-from utils.routing.operations.audit import AuditLog, AuditWriteError
+from utils.routing.operations.audit import AuditLog
 from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue
 from utils.routing.intake.accepted import TRANSFER_SYNTAXES, storage_sop_classes
@@ -291,13 +291,13 @@ class StowReceiver:
                                                     sop_instance_uid=sop_instance, sop_class_uid=sop_class,
                                                     transfer_syntax=syntax, calling_ae=CALLING_AE)
         except Exception as error:  # noqa: BLE001 - disk full, I/O error: refused, the sender keeps its copy
-            self._audit("receive_failed", sop_instance_uid=sop_instance, transport=TRANSPORT, user=user, peer=peer,
+            self.audit.record("receive_failed", sop_instance_uid=sop_instance, transport=TRANSPORT, user=user, peer=peer,
                         reason=str(error))
             return self._failed(sop_class, sop_instance, OUT_OF_RESOURCES, f"could not store: {error}",
                                 "store_failed", user, peer)
         part.path = None  # renamed into the spool (or, a duplicate, deleted)
         # Stored and committed: success, even if the line cannot be written now (the next start writes it).
-        self._audit("received", sop_instance_uid=sop_instance, sop_class_uid=sop_class, transfer_syntax=syntax,
+        self.audit.record("received", sop_instance_uid=sop_instance, sop_class_uid=sop_class, transfer_syntax=syntax,
                     calling_ae=CALLING_AE, transport=TRANSPORT, user=user, peer=peer, size=item.size, item=item.id,
                     duplicate=duplicate)
         self.metrics.received(CALLING_AE)
@@ -311,11 +311,6 @@ class StowReceiver:
         self.metrics.refused(metric)
         return Outcome(sop_class, sop_instance, code, reason)
 
-    def _audit(self, event: str, **fields) -> None:
-        try:
-            self.audit.write(event, **fields)
-        except AuditWriteError as error:
-            log.error("%s", error)
 
 
 # --- the answer ----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -40,6 +41,9 @@ from typing import Any
 
 class AuditWriteError(OSError):
     """A line could not be appended to the audit log (disk full, I/O error)."""
+
+
+log = logging.getLogger(__name__)
 
 
 class AuditLog:
@@ -62,6 +66,14 @@ class AuditLog:
                 except OSError as error:
                     raise AuditWriteError(error.errno, f"audit log {self.path}: could not write {event}: "
                                                        f"{error.strerror}") from error
+
+    def record(self, event: str, **fields: Any) -> None:
+        """:meth:`write` for an event whose state is already committed: a line that cannot be written is logged,
+        not raised (the next start writes it from the queue, utils/routing/operations/reconcile.py)."""
+        try:
+            self.write(event, **fields)
+        except AuditWriteError as error:
+            log.error("%s", error)
 
     def reopen(self) -> bool:
         """Open the configured path again (after logrotate moved the file away: later lines go to a new file there,
