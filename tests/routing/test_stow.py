@@ -106,18 +106,19 @@ def test_stow_rs_intake_end_to_end(router, peers, samples, tmp_path, monkeypatch
     stored = client.store_instances([pydicom.dcmread(files[u]) for u in rest])
     assert {str(i.ReferencedSOPInstanceUID) for i in stored.ReferencedSOPSequence} == set(rest)
 
-    # 3. One request, five parts: good, not DICOM, text/plain, SOP class the SCP does not take, another study
+    # 3. One request, five parts: good, not DICOM, text/plain, a SOP class the SCP does not take, an empty part
     good = files[first[0]].read_bytes()
     odd_class = pydicom.dcmread(files[first[1]])
     odd_class.SOPClassUID = odd_class.file_meta.MediaStorageSOPClassUID = "1.2.3.4.5.6.7"
     odd_class.SOPInstanceUID = odd_class.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8"
     buffer = io.BytesIO()
     odd_class.save_as(buffer, enforce_file_format=True)
-    answer = post(url, [good, b"not a dicom file at all", good, buffer.getvalue()],
-                  content_types=["application/dicom", "application/dicom", "text/plain", "application/dicom"])
+    answer = post(url, [good, b"not a dicom file at all", good, buffer.getvalue(), b""],
+                  content_types=["application/dicom", "application/dicom", "text/plain", "application/dicom",
+                                 "application/dicom"])
     assert answer.status_code == 202, answer.text
     reasons = [i[REASON]["Value"][0] for i in items(answer.json(), FAILED)]
-    assert reasons == [CANNOT_UNDERSTAND, CANNOT_UNDERSTAND, SOP_CLASS_NOT_SUPPORTED]
+    assert reasons == [CANNOT_UNDERSTAND, CANNOT_UNDERSTAND, SOP_CLASS_NOT_SUPPORTED, CANNOT_UNDERSTAND]  # ..., empty
     assert uids(answer.json(), STORED) == {first[0]}  # sent again: still waiting or delivered, success either way
 
     study = str(pydicom.dcmread(files[first[0]]).StudyInstanceUID)

@@ -169,6 +169,17 @@ class Part:
     def content_type(self) -> str:
         return self.headers.get("content-type", "").split(";")[0].strip().lower()
 
+    def close(self, durable: bool = False) -> None:
+        """Close its file (if still open), with ``durable`` after an fsync."""
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            try:
+                if durable:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            finally:
+                handle.close()
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -249,12 +260,14 @@ class StowReceiver:
             return self._lock.wait_for(lambda: not self._storing, timeout)
 
     def finish(self, part: Part, *, study: str | None, user: str, peer: str) -> Outcome:
-        """Check the finished ``part`` and store it (its file is moved into the spool or deleted)."""
+        """Check the finished ``part`` and store it (its file is made durable, then moved into the spool or
+        deleted)."""
         with self._lock:
             self._storing += 1
         try:
             return self._finish(part, study, user, peer)
         finally:
+            part.close()
             if part.path is not None:
                 part.path.unlink(missing_ok=True)  # stored: renamed away already; otherwise never acknowledged
             self.release(part.admitted)
@@ -263,7 +276,7 @@ class StowReceiver:
                 self._lock.notify_all()
 
     def _finish(self, part: Part, study: str | None, user: str, peer: str) -> Outcome:
-        source = part.head if part.refused else part.path
+        source = part.head if part.refused or part.path is None else part.path  # None: an empty part
         sop_class, sop_instance, syntax, its_study, problem = identify(source)
         if part.refused:
             reason = {"too_large": f"larger than max_instance_mb ({part.size} bytes and more)",
@@ -287,6 +300,7 @@ class StowReceiver:
                                 f"Study Instance UID {its_study or '(none)'} is not the URL's {study}",
                                 "study_mismatch", user, peer)
         try:
+            part.close(durable=True)  # fsync here, in a worker thread, not in the server's event loop
             item, duplicate = self.queue.store_file(part.path, digest=part.sha256.hexdigest(), size=part.size,
                                                     sop_instance_uid=sop_instance, sop_class_uid=sop_class,
                                                     transfer_syntax=syntax, calling_ae=CALLING_AE)
@@ -450,31 +464,22 @@ class PartWriter:
         else:
             if part.handle is None:
                 part.path = self.queue.new_part()
-                part.handle = open(part.path, "xb")  # noqa: SIM115 - closed in _end / close()
+                part.handle = open(part.path, "xb")  # noqa: SIM115 - closed by Part.close
             part.handle.write(chunk)
             part.sha256.update(chunk)
         self._buffer = bytearray()
 
     def _drop(self, part: Part) -> None:
-        if part.handle is not None:
-            part.handle.close()
-            part.handle = None
+        part.close()
         if part.path is not None:
             part.path.unlink(missing_ok=True)
             part.path = None
 
     def _end(self) -> None:
         self._flush()
-        part = self.part
-        if part.handle is not None:
-            part.handle.flush()
-            os.fsync(part.handle.fileno())
-            part.handle.close()
-            part.handle = None
-        elif not part.refused:  # an empty part
-            part.path = self.queue.new_part()
-            part.path.write_bytes(b"")
-        self.done.append(part)
+        if self.part.handle is not None:  # written through for reading; the fsync is StowReceiver's, in a thread
+            self.part.handle.flush()
+        self.done.append(self.part)
         self.part = None
 
     def close(self) -> None:
