@@ -36,7 +36,6 @@ utils.untrusted.log_safe; the UIDs of an answer are only compared with the objec
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import urllib.parse
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from utils.config import ConfigError
 from utils.dicomweb.http import DicomwebError, Endpoint, HttpAuth, SecretError, check_url, read_secret
 from utils.dicomweb.stow import Cancelled, StowAnswer, plan, store_instances
 from utils.routing.delivery.forwarder import _Worker
+from utils.routing.operations.console import is_loopback
 from utils.routing.operations.schema import resolve_path
 from utils.routing.queue import QueueItem
 
@@ -169,10 +169,7 @@ def _plain_http_to_another_host(endpoint: Endpoint) -> bool:
     parts = urllib.parse.urlsplit(endpoint.url)
     if parts.scheme != "http" or endpoint.auth.kind == "none":
         return False
-    try:
-        return not ipaddress.ip_address(parts.hostname or "").is_loopback
-    except ValueError:
-        return parts.hostname != "localhost"
+    return not is_loopback(parts.hostname or "")
 
 
 class DicomwebForwarder(_Worker):
