@@ -9,6 +9,7 @@ in: every instance acknowledged before the kill is delivered after the restart.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import signal
 import socket
@@ -180,6 +181,14 @@ def test_the_answer_documents_name_each_instance_once():
     assert document[FAILED]["Value"][0]["00081155"] == {"vr": "UI"}  # unknown: present, empty
     xml = response_xml(outcomes)
     assert "1.2.5&lt;&amp;&gt;" in xml and "<&>" not in xml
+    # the router's own STOW-RS client (DICOMweb destinations) reads both forms the same way
+    from utils.dicomweb.stow import parse_answer
+
+    for media, content in (("application/dicom+json", json.dumps(document).encode()),
+                           ("application/dicom+xml", xml.encode())):
+        answer = parse_answer(202, media, content)
+        assert answer.outcome("1.2.3").stored and not answer.outcome("1.2.5<&>").stored
+        assert "SOP class not supported" in answer.outcome("1.2.5<&>").reason
 
 
 def test_an_unauthenticated_port_must_be_loopback(tmp_path, model_file, monkeypatch):

@@ -44,12 +44,14 @@ FAILED_SOP_SEQUENCE = "00081198"
 FAILURE_REASON = "00081197"
 WARNING_REASON = "00081196"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
+REFERENCED_SOP_CLASS_UID = "00081150"
 
 # FailureReason / WarningReason values of PS3.18 (Store Instances Response) and PS3.4 (C-STORE statuses); others are
 # shown by their number and the class PS3.4 gives its high byte.
 REASONS = {0x0110: "processing failure", 0x0122: "SOP class not supported", 0x0124: "not authorized",
            0x0211: "unrecognized operation", 0xA700: "out of resources", 0xA900: "data set does not match SOP class",
            0xC000: "cannot understand", 0xC122: "transfer syntax not supported",
+           0xC409: "study instance UID does not match the request",
            0xB000: "coercion of data elements", 0xB006: "elements discarded",
            0xB007: "data set does not match SOP class"}
 

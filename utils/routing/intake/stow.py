@@ -57,6 +57,14 @@ from xml.sax.saxutils import escape
 
 from utils import constants
 from utils.config import ConfigError
+from utils.dicomweb.stow import (
+    FAILED_SOP_SEQUENCE,
+    FAILURE_REASON,
+    PART_TYPE,
+    REFERENCED_SOP_CLASS_UID,
+    REFERENCED_SOP_INSTANCE_UID,
+    REFERENCED_SOP_SEQUENCE,
+)
 from utils.routing.operations.audit import AuditLog
 from utils.routing.operations.metrics import NO_METRICS
 from utils.routing.queue import SpoolQueue
@@ -84,9 +92,9 @@ STUDY_MISMATCH = 0xC409
 
 DICOM_JSON = "application/dicom+json"
 DICOM_XML = "application/dicom+xml"
-_TAGS = {"RetrieveURL": ("00081190", "UR"), "FailedSOPSequence": ("00081198", "SQ"),
-         "ReferencedSOPSequence": ("00081199", "SQ"), "ReferencedSOPClassUID": ("00081150", "UI"),
-         "ReferencedSOPInstanceUID": ("00081155", "UI"), "FailureReason": ("00081197", "US")}
+_TAGS = {"FailedSOPSequence": (FAILED_SOP_SEQUENCE, "SQ"), "ReferencedSOPSequence": (REFERENCED_SOP_SEQUENCE, "SQ"),
+         "ReferencedSOPClassUID": (REFERENCED_SOP_CLASS_UID, "UI"),
+         "ReferencedSOPInstanceUID": (REFERENCED_SOP_INSTANCE_UID, "UI"), "FailureReason": (FAILURE_REASON, "US")}
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -283,7 +291,7 @@ class StowReceiver:
                       "disk_reserve": "below the spool's free-space reserve",
                       "stopping": "the router is stopping"}.get(part.refused, part.refused)
             return self._failed(sop_class, sop_instance, OUT_OF_RESOURCES, reason, part.refused, user, peer)
-        if part.content_type != "application/dicom":
+        if part.content_type != PART_TYPE:
             return self._failed(sop_class, sop_instance, CANNOT_UNDERSTAND,
                                 f"part of type {part.content_type or 'none'!r}, not application/dicom", "not_dicom",
                                 user, peer)
@@ -557,7 +565,7 @@ def build_app(settings: StowSettings, queue: SpoolQueue, receiver: StowReceiver)
         kind, parameters = media_type(request.headers.get("content-type", ""))
         if kind != "multipart/related":
             raise RequestRefused(415, f"expected multipart/related; type=\"application/dicom\", got {log_safe(kind)!r}")
-        if parameters.get("type", "application/dicom").lower() != "application/dicom":
+        if parameters.get("type", PART_TYPE).lower() != PART_TYPE:
             raise RequestRefused(415, f"only application/dicom parts are accepted (not bulk data or metadata), got "
                                       f"type={log_safe(parameters.get('type'))!r}")
         boundary = parameters.get("boundary", "")
