@@ -252,11 +252,9 @@ class SpoolQueue:
         neither. Not written for a duplicate.
         """
         digest = hashlib.sha256(data).hexdigest()
-        with self._lock:
-            row = self._db.execute("SELECT * FROM items WHERE sop_instance_uid = ? AND sha256 = ? AND state IN (?, ?)",
-                                   (sop_instance_uid, digest, *PENDING)).fetchone()
-        if row is not None:
-            return _item(row), True
+        waiting = self._waiting_copy(sop_instance_uid, digest)
+        if waiting is not None:
+            return waiting, True
         name = self._write_file(data)
         item = self._insert(name, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, digest, len(data),
                             meta)
@@ -271,14 +269,19 @@ class SpoolQueue:
                    transfer_syntax: str, calling_ae: str = "") -> tuple[QueueItem, bool]:
         """:meth:`store` for an object already written and fsynced to ``partial`` (from :meth:`new_part`), whose
         SHA-256 is ``digest``: renamed into ``files/`` (a duplicate's part is deleted); (item, duplicate)."""
+        waiting = self._waiting_copy(sop_instance_uid, digest)
+        if waiting is not None:
+            partial.unlink(missing_ok=True)
+            return waiting, True
+        name = self._settle(partial)
+        return self._insert(name, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, digest, size), False
+
+    def _waiting_copy(self, sop_instance_uid: str, digest: str) -> QueueItem | None:
+        """The item of an identical object (same SOP Instance UID and SHA-256) still waiting in the queue, or None."""
         with self._lock:
             row = self._db.execute("SELECT * FROM items WHERE sop_instance_uid = ? AND sha256 = ? AND state IN (?, ?)",
                                    (sop_instance_uid, digest, *PENDING)).fetchone()
-        if row is not None:
-            partial.unlink(missing_ok=True)
-            return _item(row), True
-        name = self._settle(partial)
-        return self._insert(name, sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae, digest, size), False
+        return None if row is None else _item(row)
 
     def _write_file(self, data: bytes) -> str:
         """Write ``data`` durably into ``files/`` (incoming, fsync, rename, fsync the folder); its name."""
