@@ -49,6 +49,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
