@@ -346,6 +346,14 @@ def test_tls_basic_users_limits_and_the_disk_reserve(tmp_path, samples):
                 answer = trickle.recv(4096)  # and then nothing more is sent
             assert answer.startswith(b"HTTP/1.1 408"), answer
             assert post(url, [good], token=None).status_code == 200
+            # a sender that disappears in the middle of a part: what it wrote is deleted, the port serves on
+            big, big_type = multipart([good + bytes(3 << 20)])  # cut after 2 MB: a part file is on disk by then
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as gone:
+                gone.sendall(f"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Type: {big_type}\r\n"
+                             f"Content-Length: {len(big)}\r\n\r\n".encode() + big[:2 << 20])
+                wait_for(lambda: list((tmp_path / "spool" / "incoming").iterdir()), 10, "the part file")
+            wait_for(lambda: post(url, [good], token=None).status_code == 200, 10, "the cut upload's slot to be freed")
+            assert not list((tmp_path / "spool" / "incoming").iterdir())
         finally:
             stow_module.BODY_IDLE_S = idle
 

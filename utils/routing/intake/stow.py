@@ -227,7 +227,7 @@ def identify(source) -> tuple[str, str, str, str, str]:
     if not (sop_class and sop_instance and syntax):
         return sop_class, sop_instance, syntax, study, "file meta without SOP Class, SOP Instance or Transfer Syntax UID"
     if _uid(dataset.get("SOPInstanceUID", "")) != sop_instance or _uid(dataset.get("SOPClassUID", "")) != sop_class:
-        return sop_class, sop_instance, syntax, study, "the data set's SOP Class / Instance UID differ from its file meta"
+        return sop_class, sop_instance, syntax, study, "the data set's SOP Class / Instance UID are missing or differ from its file meta"
     return sop_class, sop_instance, syntax, study, ""
 
 
