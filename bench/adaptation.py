@@ -138,13 +138,10 @@ def held_out_mask(labels: pd.DataFrame, manifest: pd.DataFrame, source_repo: str
 
 
 # --- metrics (pure) ----------------------------------------------------------------------------------------
-def _interval(value, samples: np.ndarray | None, confidence: float) -> dict:
-    from utils.evaluate import metrics as M
+def _interval_cell(value, samples: np.ndarray | None, confidence: float) -> dict:
+    from utils.evaluate.metrics import interval_cell
 
-    if value is None or samples is None or not np.isfinite(samples).any():
-        return {"value": value, "ci_low": None, "ci_high": None}
-    low, high = M.percentile_interval(samples[np.isfinite(samples)], confidence)
-    return {"value": float(value), "ci_low": low, "ci_high": high}
+    return interval_cell(value, samples, confidence)
 
 
 def source_samples(correct: np.ndarray, routed: np.ndarray, flagged: np.ndarray, weights: np.ndarray
@@ -172,7 +169,7 @@ def aggregate(values: list[float | None], samples: list[np.ndarray], confidence:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample where no draw routed anything: NaN
         mean_samples = np.nanmean(np.vstack(samples), axis=0)
-    out = _interval(float(np.mean(defined)), mean_samples, confidence)
+    out = _interval_cell(float(np.mean(defined)), mean_samples, confidence)
     return {**out, "min": float(min(defined)), "max": float(max(defined)), "draws": len(defined)}
 
 
@@ -315,7 +312,7 @@ def evaluate_runs(plan: list[Draw], scores: dict[str, dict], held_y: np.ndarray,
         samples[draw.name] = metrics
         rows.append({"model": draw.name, "n": draw.n, "draw": draw.draw, "seed": draw.seed,
                      "eval_images": len(idx), "shared_eval": draw.shared_eval, "threshold": threshold,
-                     **{k: _interval(v, a, confidence) for k, (v, a) in metrics.items()}})
+                     **{k: _interval_cell(v, a, confidence) for k, (v, a) in metrics.items()}})
     per_n = []
     for n in sorted({d.n for d in plan}):
         group = [d for d in plan if d.n == n]

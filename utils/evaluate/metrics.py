@@ -220,6 +220,15 @@ def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, 
     return float(low), float(high)
 
 
+def interval_cell(value: float | None, samples: np.ndarray | None, confidence: float) -> dict[str, float | None]:
+    """``{"value", "ci_low", "ci_high"}`` for a report: the percentile interval of the finite bootstrap ``samples``;
+    no interval when there is no value, no samples or none finite (a metric undefined in every resample)."""
+    if value is None or samples is None or not np.isfinite(samples).any():
+        return {"value": value, "ci_low": None, "ci_high": None}
+    low, high = percentile_interval(samples[np.isfinite(samples)], confidence)
+    return {"value": float(value), "ci_low": low, "ci_high": high}
+
+
 def bootstrap_metrics(
     y_true: Any,
     y_pred: Any,

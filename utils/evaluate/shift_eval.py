@@ -139,13 +139,6 @@ def score_conditions(info, images: Sequence[np.ndarray], keys: Sequence[str], co
 
 
 # --- Metrics --------------------------------------------------------------------------------
-def _interval(value: float, samples: np.ndarray | None, confidence: float) -> dict[str, float | None]:
-    if samples is None:
-        return {"value": float(value), "ci_low": None, "ci_high": None}
-    low, high = M.percentile_interval(samples, confidence)
-    return {"value": float(value), "ci_low": low, "ci_high": high}
-
-
 def summarise(y_true, outcomes: Sequence[Outcome], num_classes: int, *, groups=None, threshold: float | None,
               n_resamples: int = 1000, confidence: float = 0.95, seed: int = 42, unit: str = "auto") -> dict:
     """The rows of the report; ``outcomes[0]`` is the clean condition. The same resamples (of
@@ -168,10 +161,10 @@ def summarise(y_true, outcomes: Sequence[Outcome], num_classes: int, *, groups=N
         correct = predicted == t
         row = {"shift": outcome.name, "severity": int(outcome.severity),
                "level": None if outcome.name == CLEAN else shifts.get(outcome.name).level(outcome.severity),
-               "macro_f1": _interval(point["macro_f1"], f1_samples, confidence),
-               "accuracy": _interval(point["accuracy"], samples["accuracy"] if samples is not None else None,
+               "macro_f1": M.interval_cell(point["macro_f1"], f1_samples, confidence),
+               "accuracy": M.interval_cell(point["accuracy"], samples["accuracy"] if samples is not None else None,
                                      confidence),
-               "f1_drop": _interval(drop, drop_samples, confidence),
+               "f1_drop": M.interval_cell(drop, drop_samples, confidence),
                "ood_flagged": float(outcome.flagged.mean()),
                "breaks": bool(outcome.name != CLEAN and drop > BREAK_DROP),
                # the paired CI of the drop excludes zero: not a resampling accident

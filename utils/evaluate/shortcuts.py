@@ -226,13 +226,6 @@ def _weights(n: int, groups: Sequence | None, n_resamples: int, seed: int, unit:
                                     np.random.default_rng(seed)), resolved
 
 
-def _interval(value: float | None, samples: np.ndarray | None, confidence: float) -> dict[str, float | None]:
-    if value is None or samples is None or not np.isfinite(samples).any():
-        return {"value": value, "ci_low": None, "ci_high": None}
-    low, high = M.percentile_interval(samples[np.isfinite(samples)], confidence)
-    return {"value": float(value), "ci_low": low, "ci_high": high}
-
-
 def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     """The median of ``values`` each repeated ``weights`` times (integer multiplicities); NaN when empty."""
     v, wt = np.asarray(values, np.float64), np.asarray(weights, np.float64)
@@ -257,15 +250,15 @@ def bootstrap_location(values: Any, groups: Sequence | None = None, *, n_resampl
     v = v[ok]
     g = None if groups is None else np.asarray(groups)[ok]
     if v.size == 0:
-        return {"n": 0, "median": _interval(None, None, confidence), "mean": _interval(None, None, confidence)}
+        return {"n": 0, "median": M.interval_cell(None, None, confidence), "mean": M.interval_cell(None, None, confidence)}
     weights, unit = _weights(v.size, g, n_resamples, seed)
     medians = means = None
     if weights is not None:
         medians = np.array([weighted_median(v, row) for row in weights])
         totals = weights.sum(axis=1).astype(np.float64)
         means = np.divide(weights @ v, totals, out=np.full(totals.shape, np.nan), where=totals > 0)
-    return {"n": int(v.size), "unit": unit, "median": _interval(float(np.median(v)), medians, confidence),
-            "mean": _interval(float(v.mean()), means, confidence)}
+    return {"n": int(v.size), "unit": unit, "median": M.interval_cell(float(np.median(v)), medians, confidence),
+            "mean": M.interval_cell(float(v.mean()), means, confidence)}
 
 
 # --- Source probe -----------------------------------------------------------------------------
@@ -333,9 +326,9 @@ def probe(features: Any, targets: Sequence, groups: Sequence, *, baseline: Seque
     s = M.bootstrap_metrics_from_weights(y, predicted, k, weights) if weights is not None else None
     sb = M.bootstrap_metrics_from_weights(y, base, k, weights) if weights is not None else None
     for name, key in (("macro_f1", "macro_f1"), ("accuracy", "accuracy")):
-        row[name] = _interval(point[key], None if s is None else s[key], confidence)
-        row[f"baseline_{name}"] = _interval(point_base[key], None if sb is None else sb[key], confidence)
-    row["gain_macro_f1"] = _interval(point["macro_f1"] - point_base["macro_f1"],
+        row[name] = M.interval_cell(point[key], None if s is None else s[key], confidence)
+        row[f"baseline_{name}"] = M.interval_cell(point_base[key], None if sb is None else sb[key], confidence)
+    row["gain_macro_f1"] = M.interval_cell(point["macro_f1"] - point_base["macro_f1"],
                                      None if s is None else s["macro_f1"] - sb["macro_f1"], confidence)
     row.update({"folds": folds, "unit": unit,
                 "confusion": {"order": [str(n) for n in names],
@@ -424,9 +417,9 @@ def masked_f1(y_true: Any, predictions: dict[str, np.ndarray], num_classes: int,
         if base is None:
             base, base_s = point["macro_f1"], (None if s is None else s["macro_f1"])
         rows.append({"condition": name, "unit": unit,
-                     "macro_f1": _interval(point["macro_f1"], None if s is None else s["macro_f1"], confidence),
-                     "accuracy": _interval(point["accuracy"], None if s is None else s["accuracy"], confidence),
-                     "f1_drop": _interval(base - point["macro_f1"],
+                     "macro_f1": M.interval_cell(point["macro_f1"], None if s is None else s["macro_f1"], confidence),
+                     "accuracy": M.interval_cell(point["accuracy"], None if s is None else s["accuracy"], confidence),
+                     "f1_drop": M.interval_cell(base - point["macro_f1"],
                                           None if s is None else base_s - s["macro_f1"], confidence),
                      "changed": int((np.asarray(predicted) != np.asarray(next(iter(predictions.values())))).sum()),
                      "f1_per_class": [float(v) for v in point["f1"]]})
