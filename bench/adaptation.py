@@ -24,7 +24,9 @@ strongly equalised, one patient each, all labelled spine) is every image of the 
 3. Fine-tune. Each (N, draw) is a dataset in prepare.py's format holding the N images, all in the
    train split (OUTPUT/sets/NAME: the cached PNGs copied, the base dataset's preprocess.json), and
    `training.py --finetune BASE --data SET --seed SEED+d` (utils/train/finetune.py: FINETUNE_EPOCHS,
-   rehearsal of the base training images, validation and calibration on the base validation split)
+   rehearsal of the base training images; validation and calibration on the base validation split,
+   plus FINETUNE_HOLDOUT of the N images from FINETUNE_HOLDOUT_MIN_PATIENTS up; the OOD detector
+   refitted on all base training images and the N)
    into OUTPUT/finetunes/NAME. A finished run (best.keras that records its parent) is reused on a
    re-run; an unfinished one is removed and trained again.
 4. Scores. Every model, through the predictor interface and the evaluation engine (the model's

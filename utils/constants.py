@@ -141,6 +141,10 @@ FINETUNE_MAX_LR_RANGE: str = "(0, inf)"
 FINETUNE_REHEARSAL: float = 4.0  # rehearsal: up to this many of the parent run's training images per new training image are mixed back in (stratified by class, seeded) so that the model does not forget; 0 = none
 FINETUNE_REHEARSAL_RANGE: str = "[0, inf)"
 FINETUNE_FREEZE_BATCHNORM: bool = True  # BatchNorm layers keep the parent's statistics (inference mode) while fine-tuning: a few dozen images would otherwise move them
+FINETUNE_HOLDOUT: float = 0.2  # when the new data has no val split, this share of its patients (grouped, stratified, seeded) is held out to validate and calibrate on with the parent's validation set, so that the best epoch, the temperature and the threshold also see the new site; 0 = never
+FINETUNE_HOLDOUT_RANGE: str = "[0, 0.5]"
+FINETUNE_HOLDOUT_MIN_PATIENTS: int = 20  # ...but only from this many patients of new training data up: fewer corrections all train
+FINETUNE_HOLDOUT_MIN_PATIENTS_RANGE: str = "[2, inf)"
 
 # --- Evaluation -----------------------------------------------------------------------------
 SPLIT: str = "test"  # which split test.py evaluates

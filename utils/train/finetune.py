@@ -11,15 +11,20 @@ the parent run decided and changes only what must change:
   ``--epochs`` and ``--max-lr`` win), every other training setting is the parent's unless given on
   the command line; BatchNorm layers keep the parent's statistics (``FINETUNE_FREEZE_BATCHNORM``);
 * **validation** is the parent's validation set (every source it was validated on, recursively
-  through earlier fine-tunes) plus the new data's ``val`` split, if any: a corrections set whose few
-  patients all went to ``train`` fine-tunes without a split of its own, and the best epoch (and the
-  calibration) is chosen on the images the deployed model was judged on, so it cannot forget them
-  unnoticed;
+  through earlier fine-tunes) plus the new data's ``val`` split. New data without one (corrections
+  all in ``train``) gives ``FINETUNE_HOLDOUT`` of its patients to validation once it has
+  ``FINETUNE_HOLDOUT_MIN_PATIENTS`` (grouped, stratified): the best epoch, temperature and threshold
+  then see the new site too, not only the images the deployed model was judged on. Fewer
+  corrections all train, and those choices rest on the parent's validation set alone (which still
+  keeps the model from forgetting it unnoticed);
 * **rehearsal**: up to ``FINETUNE_REHEARSAL`` of the parent's training images per new training image,
   drawn stratified by class with the seed, are mixed back into training (logged; when the parent's
   data is gone the log says that training is on the new images alone);
-* **calibration**: temperature, threshold and out-of-distribution detector are refitted at the end
-  exactly as after any training (``calibrate_after_training``), on that validation set.
+* **calibration**: temperature and threshold are refitted at the end exactly as after any training
+  (``calibrate_after_training``), on that validation set; the out-of-distribution detector on every
+  training image of the lineage plus the new ones (not only the rehearsal sample: a detector fitted
+  on a few dozen images calls most of the parent's world unfamiliar, and one fitted on the new site
+  alone calls everything else unfamiliar).
 
 The new run directory records its lineage in config.json under ``finetune`` (parent run, parent model
 id, new data, every source, counts) and in best.keras's metadata (``extra.finetuned_from``).
@@ -194,11 +199,38 @@ def rehearsal_sample(frame: pd.DataFrame, count: int, seed: int) -> pd.DataFrame
     return frame.iloc[sorted(picked)]
 
 
+def hold_out(frame: pd.DataFrame, share: float, min_patients: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows, validation rows) of new data that came without a val split: ``share`` of its
+    patients (whole groups, stratified by label, seeded) for validation once it has ``min_patients``
+    patients or more; below that, or with ``share`` 0, every row trains."""
+    from utils.data.split import distribute_groups
+
+    groups = frame["group"].astype(str) if "group" in frame else frame["path"].astype(str)
+    if share <= 0 or groups.nunique() < min_patients:
+        return frame, frame.iloc[:0]
+    parts = distribute_groups(frame["label"].tolist(), groups.tolist(), (1.0 - share, share), seed,
+                              balance_ties=True)
+    held = groups.map(parts).to_numpy() == 1
+    log.info("the new data has no val split: %d of its %d images (%d of %d patients) held out to validate and "
+             "calibrate on (FINETUNE_HOLDOUT %g)", int(held.sum()), len(frame), groups[held].nunique(),
+             groups.nunique(), share)
+    return frame[~held].reset_index(drop=True), frame[held].reset_index(drop=True)
+
+
 def gather(data_dir: str, parent: Parent, spec: PreprocessSpec, seed: int,
-           rehearsal: float = constants.FINETUNE_REHEARSAL) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """(training rows, validation rows, what was used) of a fine-tune (module docstring)."""
+           rehearsal: float = constants.FINETUNE_REHEARSAL, holdout: float = constants.FINETUNE_HOLDOUT,
+           holdout_min: int = constants.FINETUNE_HOLDOUT_MIN_PATIENTS
+           ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """(training rows, validation rows, rows the out-of-distribution detector is fitted on, what was
+    used) of a fine-tune (module docstring). The detector learns every training image of the lineage
+    with the new ones, not the small rehearsal sample: what it calls "like the training data" must
+    stay the parent's whole training set plus the new site."""
     new_train = _rows(data_dir, "train", spec)
     new_val = _rows(data_dir, "val", spec)
+    held_out = 0
+    if new_val.empty:
+        new_train, new_val = hold_out(new_train, holdout, holdout_min, seed)
+        held_out = len(new_val)
     sources = [s for s in parent.sources if not _same_dir(s, data_dir)]
     present = [s for s in sources if dataset_files.is_prepared(s)]
     missing = [s for s in sources if s not in present]
@@ -233,10 +265,11 @@ def gather(data_dir: str, parent: Parent, spec: PreprocessSpec, seed: int,
             f"no validation images: {data_dir} has no 'val' split and the parent's validation set is not available "
             f"({', '.join(sources) or 'its run records no dataset'}). Keep the parent's prepared dataset where its "
             f"config.json says, or prepare the new data with enough patients for a validation split.")
-    used = {"new_train": len(new_train), "new_val": len(new_val), "rehearsal_images": len(replayed),
-            "parent_train_available": len(old_train), "parent_val": len(old_val), "val": len(val),
-            "missing_sources": missing}
-    return train, val, used
+    ood = pd.concat([new_train, old_train]).reset_index(drop=True)
+    used = {"new_train": len(new_train), "new_val": len(new_val), "new_held_out": held_out,
+            "rehearsal_images": len(replayed), "parent_train_available": len(old_train),
+            "parent_val": len(old_val), "val": len(val), "ood_fit": len(ood), "missing_sources": missing}
+    return train, val, ood, used
 
 
 def freeze_batchnorm(model) -> int:
@@ -267,7 +300,7 @@ def finetune(args, settings: dict[str, Any]) -> Path:
     data_dir = str(args.data)
     spec = check_data(data_dir, parent)
     settings = finetune_settings(args, settings, parent)
-    train_rows, val_rows, used = gather(data_dir, parent, spec, settings["seed"])
+    train_rows, val_rows, ood_rows, used = gather(data_dir, parent, spec, settings["seed"])
     try:
         strategy = T.select_strategy()
     except (ValueError, T.MultiWorkerUnsupported) as error:
@@ -284,6 +317,7 @@ def finetune(args, settings: dict[str, Any]) -> Path:
                "parent_model_id": parent.metadata.model_id, "data": data_dir,
                "sources": [*[s for s in parent.sources if not _same_dir(s, data_dir)], data_dir],
                "rehearsal_per_new_image": constants.FINETUNE_REHEARSAL, "freeze_batchnorm": constants.FINETUNE_FREEZE_BATCHNORM,
+               "holdout": constants.FINETUNE_HOLDOUT,
                **used}
     config.save_config(settings, run_dir / R.CONFIG, spec=spec.to_dict(), **{KEY: lineage})
     log.info("fine-tuning %s (%s) on %s: %d training images (%d new, %d rehearsal), %d validation images "
@@ -320,7 +354,7 @@ def finetune(args, settings: dict[str, Any]) -> Path:
                       verbose=2 if args.quiet else 1, shuffle=False)
             best = next(c for c in callbacks if isinstance(c, T.Checkpoints)).best
         described = " + ".join(dict.fromkeys([*val_rows["source"], *train_rows["source"]]))
-        calibrate_after_training(run_dir, described, val_rows, train_rows=train_rows)
+        calibrate_after_training(run_dir, described, val_rows, train_rows=ood_rows)
     _record_lineage(run_dir, lineage)
     runner._add_train_seconds(run_dir, time.monotonic() - started)
     return run_dir

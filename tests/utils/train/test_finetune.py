@@ -97,14 +97,39 @@ def test_validation_is_the_parents_plus_the_new_val_and_rehearsal_mixes_its_trai
                                       for i in range(4)])
     new = prepared(tmp_path / "new", [("spine", "train", "n1"), ("abdominal", "train", "n2"),
                                       ("others", "val", "n3")])
-    train, val, used = F.gather(new, parent((old,)), SPEC, seed=0, rehearsal=2.0)
-    assert used == {"new_train": 2, "new_val": 1, "rehearsal_images": 4, "parent_train_available": 20,
-                    "parent_val": 20, "val": 21, "missing_sources": []}
+    train, val, ood, used = F.gather(new, parent((old,)), SPEC, seed=0, rehearsal=2.0)
+    assert used == {"new_train": 2, "new_val": 1, "new_held_out": 0, "rehearsal_images": 4,
+                    "parent_train_available": 20, "parent_val": 20, "val": 21, "ood_fit": 22, "missing_sources": []}
     assert len(train) == 6 and set(train["source"]) == {old, new} and len(val) == 21
+    # the out-of-distribution detector learns all of the parent's training images and the new ones
+    assert len(ood) == 22 and set(ood["split"]) == {"train"} and set(ood.loc[ood["source"] == new, "path"]) == \
+        set(train.loc[train["source"] == new, "path"])
     # a validation image that is also a training image (same SOP Instance UID) judges nothing
     leak = prepared(tmp_path / "leak", [("spine", "train", f"o{'spine'}val0")])
-    _, val, _ = F.gather(leak, parent((old,)), SPEC, seed=0)
+    _, val, _, _ = F.gather(leak, parent((old,)), SPEC, seed=0)
     assert len(val) == 19
+
+
+def test_new_data_without_val_gives_a_share_of_its_patients_to_validation_once_there_are_enough(tmp_path):
+    old = prepared(tmp_path / "old", [(c, s, f"o{c}{s}") for c in CLASSES for s in ("train", "val")])
+    # 30 images of 15 patients (two each: prepared() names groups by row, so make the pairs share one)
+    rows = [("spine" if i < 20 else "others", "train", f"n{i}") for i in range(30)]
+    new = prepared(tmp_path / "new", rows)
+    frame = pd.read_csv(Path(new) / "labels.csv")
+    frame["group"] = [f"p{i // 2}" for i in range(30)]
+    frame.to_csv(Path(new) / "labels.csv", index=False)
+    train, val, ood, used = F.gather(new, parent((old,)), SPEC, seed=3, holdout=0.2, holdout_min=15)
+    held = val[val["source"] == new]
+    assert used["new_held_out"] == len(held) == used["new_val"] and 4 <= len(held) <= 8
+    assert set(held["group"]).isdisjoint(train["group"])  # whole patients
+    assert set(held["label"]) == {"spine", "others"}  # stratified
+    assert used["new_train"] == 30 - len(held) and len(ood) == used["new_train"] + 5
+    again = F.gather(new, parent((old,)), SPEC, seed=3, holdout=0.2, holdout_min=15)[1]
+    assert again["path"].tolist() == val["path"].tolist()  # seeded
+    # fewer patients than the minimum, or a share of 0: every correction trains
+    for kwargs in ({"holdout": 0.2, "holdout_min": 16}, {"holdout": 0.0, "holdout_min": 2}):
+        _, val, _, used = F.gather(new, parent((old,)), SPEC, seed=3, **kwargs)
+        assert used["new_held_out"] == 0 and used["new_train"] == 30 and len(val) == 5
 
 
 def test_without_the_parents_data_a_set_without_val_is_refused_and_one_with_val_trains_alone(tmp_path, caplog):
@@ -112,7 +137,7 @@ def test_without_the_parents_data_a_set_without_val_is_refused_and_one_with_val_
     with pytest.raises(F.FinetuneError, match="no validation images.*gone-dataset"):
         F.gather(only_train, parent((str(tmp_path / "gone-dataset"),)), SPEC, seed=0)
     with_val = prepared(tmp_path / "b", [("spine", "train", "1"), ("others", "val", "2")])
-    train, val, used = F.gather(with_val, parent((str(tmp_path / "gone-dataset"),)), SPEC, seed=0)
+    train, val, _, used = F.gather(with_val, parent((str(tmp_path / "gone-dataset"),)), SPEC, seed=0)
     assert len(train) == 1 and len(val) == 1 and used["missing_sources"] == [str(tmp_path / "gone-dataset")]
     assert "no rehearsal" in caplog.text
     with pytest.raises(F.FinetuneError, match="no training images"):
