@@ -7,6 +7,7 @@ import math
 
 import keras
 import numpy as np
+import pytest
 
 from bench import gpu, inference
 
@@ -52,6 +53,18 @@ def test_recipes_paired_difference_is_zero_for_equal_predictions_and_positive_fo
     point, low, high = paired_f1_difference(better, base)
     assert 0 < low < point < high
     assert paired_f1_difference(better.iloc[:-1], base) is None  # not the same images: no paired comparison
+    # bench.tta's summary of a view set: the same paired difference, the routed share and its accuracy
+    from bench.tta import markdown, summarise
+
+    flags = dict(ood_flagged=False, routed=rng.random(300) < 0.5, correct=base["predicted_label"] == truth)
+    plain = base.assign(**flags, true_label=truth)
+    fixed = plain.assign(predicted_label=truth, correct=True)
+    summary = summarise(fixed, plain, resamples=200, seed=0, confidence=0.95)
+    assert summary["paired_difference"]["value"] == pytest.approx(point) and summary["accuracy"] == 1.0
+    assert summary["routed_accuracy"] == 1.0 and summary["routed_share"] == pytest.approx(flags["routed"].mean())
+    assert summarise(plain, None, resamples=200, seed=0, confidence=0.95)["paired_difference"] is None
+    table = markdown([{"run": "cv", "views": "identity+flip", "calls": 2, "seconds": 3.0, **summary}])
+    assert "| cv | identity+flip | 2 | 1.000 (1.000-1.000) | +0." in table
 
 
 def test_j2k_bench_switches_the_decoder_and_times_the_levels(tmp_path):
