@@ -486,8 +486,6 @@ def run(model: str | os.PathLike, data: str | os.PathLike | None, sources_csv: s
     """Every measure of the module doc on ``split`` of ``data`` (a prepared dataset; default: the one the
     run was trained on). ``probe_split``: the split(s) the probe runs on ("test", "all" = every split),
     default ``split``."""
-    import pandas as pd
-
     from utils.artifacts.run_dir import training_data
     from utils.data import files as F
     from utils.evaluate.evaluation import decode_cached
