@@ -181,7 +181,7 @@ class RouterNode:
         if config.metrics is not None:  # listening before anything is accepted: a taken port fails the start
             self.metrics = self._serve_metrics(model)
         self.forwarders = make_forwarders(config, self.queue, self.audit, self.metrics)
-        self._by_route.update({route: f for f in self.forwarders for route in f.routes})
+        self._index_routes()
         by_route = self._by_route
         rules = config.rule_set()
         for line in rules.describe(config.destinations):
@@ -407,6 +407,11 @@ class RouterNode:
         self._note_state("running", model_id=model.model_id)
         return result
 
+    def _index_routes(self) -> None:
+        """route -> the forwarder that delivers it, rebuilt in place (the classifier holds the dict)."""
+        self._by_route.clear()
+        self._by_route.update({route: f for f in self.forwarders for route in f.routes})
+
     def _replace_forwarders(self, config: RouterConfig) -> None:
         """Stop the forwarders (each finishes the object it is sending), then start those of ``config``: one
         object is never sent by two at once."""
@@ -417,8 +422,7 @@ class RouterNode:
             thread.join()
         new = make_forwarders(config, self.queue, self.audit, self.metrics)
         self.forwarders[:] = new
-        self._by_route.clear()
-        self._by_route.update({route: f for f in new for route in f.routes})
+        self._index_routes()
         for thread in new:
             thread.start()
 

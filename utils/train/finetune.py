@@ -206,7 +206,14 @@ def hold_out(frame: pd.DataFrame, share: float, min_patients: int, seed: int) ->
     from utils.data.split import distribute_groups
 
     groups = frame["group"].astype(str) if "group" in frame else frame["path"].astype(str)
-    if share <= 0 or groups.nunique() < min_patients:
+    if share <= 0:
+        return frame, frame.iloc[:0]
+    if groups.nunique() < min_patients:
+        log.warning("only %d patient(s) of new data and no val split: all train, and the best epoch, the threshold and "
+                    "the out-of-distribution threshold are judged without any image of the new site. Measured on a "
+                    "held-out source (docs/TRAINING.md), 10 corrections left a third of its images routed with a "
+                    "wrong label; collect corrections of %d patients or more before deploying a fine-tune for a new "
+                    "site", groups.nunique(), min_patients)
         return frame, frame.iloc[:0]
     parts = distribute_groups(frame["label"].tolist(), groups.tolist(), (1.0 - share, share), seed,
                               balance_ties=True)

@@ -110,7 +110,7 @@ def test_validation_is_the_parents_plus_the_new_val_and_rehearsal_mixes_its_trai
     assert len(val) == 19
 
 
-def test_new_data_without_val_gives_a_share_of_its_patients_to_validation_once_there_are_enough(tmp_path):
+def test_new_data_without_val_gives_a_share_of_its_patients_to_validation_once_there_are_enough(tmp_path, caplog):
     old = prepared(tmp_path / "old", [(c, s, f"o{c}{s}") for c in CLASSES for s in ("train", "val")])
     # 30 images of 15 patients (two each: prepared() names groups by row, so make the pairs share one)
     rows = [("spine" if i < 20 else "others", "train", f"n{i}") for i in range(30)]
@@ -128,8 +128,11 @@ def test_new_data_without_val_gives_a_share_of_its_patients_to_validation_once_t
     assert again["path"].tolist() == val["path"].tolist()  # seeded
     # fewer patients than the minimum, or a share of 0: every correction trains
     for kwargs in ({"holdout": 0.2, "holdout_min": 16}, {"holdout": 0.0, "holdout_min": 2}):
+        caplog.clear()
         _, val, _, used = F.gather(new, parent((old,)), SPEC, seed=3, **kwargs)
         assert used["new_held_out"] == 0 and used["new_train"] == 30 and len(val) == 5
+        # too few patients to validate on is said (switched off on purpose is not)
+        assert ("judged without any image of the new site" in caplog.text) == (kwargs["holdout"] > 0)
 
 
 def test_without_the_parents_data_a_set_without_val_is_refused_and_one_with_val_trains_alone(tmp_path, caplog):
