@@ -402,18 +402,38 @@ def test_one_service_is_one_set_of_settings_and_bounds_come_from_constants(tmp_p
         load_config(config_file(tmp_path, same))  # the default is now outside
 
 
-def test_check_describes_a_dicomweb_destination_with_its_secret_masked(tmp_path, model_file, monkeypatch, capsys):
+def test_check_probes_a_dicomweb_destination_with_a_search_and_masks_its_secret(tmp_path, model_file, monkeypatch,
+                                                                                capsys, server):
+    """router.py --check: one search per service (no C-ECHO in DICOMweb), with the credentials; refused
+    credentials, nothing at the path or no service at all is a problem (exit 1), a store-only 403 is not."""
+    from utils.dicomweb.http import probe
     from utils.routing.operations.service import check
 
     monkeypatch.setenv(PASSWORD_ENV, SECRET)
-    pacs = {"dicomweb": "http://127.0.0.1:9/dicom-web", "username": "router", "password_env": PASSWORD_ENV}
+    pacs = {"dicomweb": server.url, "username": "router", "password_env": PASSWORD_ENV}
     config = load_config(write_config(tmp_path / "router.yaml", port=11112, spool=tmp_path / "spool", model=model_file,
                                       destinations={c: pacs for c in (*CLASSES, "uncertain")}))
-    assert check(config) == 0  # no C-ECHO to a DICOMweb service (nor an empty AE title's ValueError)
+    assert check(config) == 0
     out = capsys.readouterr().out
-    assert (f"spine            -> STOW-RS to http://127.0.0.1:9/dicom-web/studies (basic auth as router, secret from "
-            f"${PASSWORD_ENV}) (not contacted by --check)") in out
+    assert (f"spine            -> STOW-RS to {server.url}/studies (basic auth as router, secret from "
+            f"${PASSWORD_ENV}): reachable, credentials accepted (HTTP 200 to a search)") in out
     assert f"secret: '*** (${PASSWORD_ENV})'" in out and SECRET not in out
+    assert len(server.requests) == 1  # one service, probed once for its six routes
+    search = server.requests[0]
+    assert (search.method, search.path) == ("GET", "/dicom-web/studies?limit=1") and search.headers["authorization"]
+    endpoint = config.destinations["spine"].dicomweb.endpoint
+    for status, ok, words in ((401, False, "HTTP 401 Unauthorized (check the credentials)"),
+                              (404, False, "no DICOMweb service at this URL?"),
+                              (503, False, "HTTP 503"), (403, True, "store-only")):
+        server.script = lambda request, status=status: Reply(status, b"", "text/plain")
+        reachable, line = probe(endpoint)
+        assert reachable is ok and words in line, line
+    server.script = lambda request: Reply(401, b"", "text/plain")
+    assert check(config) == 1 and "HTTP 401" in capsys.readouterr().out
+    gone = load_config(write_config(tmp_path / "gone.yaml", port=11112, spool=tmp_path / "spool", model=model_file,
+                                    destinations={c: {**pacs, "dicomweb": "http://127.0.0.1:9/dicom-web"}
+                                                  for c in (*CLASSES, "uncertain")}))
+    assert check(gone) == 1 and "GET http://127.0.0.1:9/dicom-web/studies" in capsys.readouterr().out
 
 
 def test_the_json_schema_knows_dicomweb_destinations():

@@ -157,6 +157,33 @@ class Endpoint:
         return answer
 
 
+PROBE_TIMEOUT_S = 10.0
+
+
+def probe(endpoint: Endpoint, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    """``router.py --check``'s look at a DICOMweb service without storing anything: a QIDO-RS search for one
+    study (``GET URL/studies?limit=1``) with the endpoint's credentials and TLS. (True, what it answered) when
+    the service answered as one that would take a STOW-RS (2xx; 403, 405 or 501 to the search: a store-only
+    account or service, said); (False, why) when it cannot be reached (name, connection, TLS, timeout),
+    refuses the credentials (401), has nothing at that path (404) or fails (5xx)."""
+    http = endpoint.session()
+    try:
+        answer = endpoint.request(http, "GET", "/studies", params={"limit": "1"}, timeout=timeout_s,
+                                  headers={"Accept": "application/dicom+json"}, ok=(403, 405, 501))
+    except DicomwebError as error:
+        status = error.status
+        hint = {404: " (no DICOMweb service at this URL? it is the part before /studies)"}.get(status, "")
+        return False, f"{error}{hint}"
+    finally:
+        http.close()
+    status = answer.status_code
+    answer.close()
+    if status in (403, 405, 501):
+        return True, f"reachable, HTTP {status} to a search (a store-only service or account may refuse searches; " \
+                     f"STOW-RS itself is not tried)"
+    return True, f"reachable, credentials accepted (HTTP {status} to a search)"
+
+
 def _reason(error: Exception) -> str:
     """The innermost useful words of a requests / urllib3 error (not its whole chain of reprs)."""
     text = str(error)

@@ -78,7 +78,7 @@ def describe_config(config: RouterConfig) -> str:
 
 def check(config: RouterConfig) -> int:
     """Load the model, check every label has a destination, the spool's free space; print the routing rules in
-    order; C-ECHO each DICOM destination."""
+    order; C-ECHO each DICOM destination, probe each DICOMweb one (utils.dicomweb.http.probe)."""
     from utils.infer.predictor import load_predictor
 
     print(describe_config(config))
@@ -102,12 +102,19 @@ def check(config: RouterConfig) -> int:
     for line in config.rule_set().describe(config.destinations):
         print(line)
     seen: dict[str, str | None] = {}
+    probed: dict[str, tuple[bool, str]] = {}
     for route, dest in sorted(config.destinations.items()):
         if dest.is_folder:
             print(f"  {route:<16} -> folder {dest.folder}")
             continue
-        if dest.dicomweb is not None:  # no C-ECHO in DICOMweb; its URL, secret and TLS files were checked at load
-            print(f"  {route:<16} -> {dest.dicomweb.describe()} (not contacted by --check)")
+        if dest.dicomweb is not None:  # no C-ECHO in DICOMweb: a search for one study, with the credentials and TLS
+            from utils.dicomweb.http import probe
+
+            if dest.node not in probed:
+                probed[dest.node] = probe(dest.dicomweb.endpoint)
+            ok, line = probed[dest.node]
+            problems += not ok
+            print(f"  {route:<16} -> {dest.dicomweb.describe()}: {line}")
             continue
         if dest.node not in seen:
             seen[dest.node] = echo(config.ae_title, dest.host, dest.port, dest.ae_title, tls=dest.tls)
