@@ -159,3 +159,18 @@ def test_metrics_block_is_checked(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="pip install prometheus-client"):
         from_dict({**base(tmp_path), "metrics": {}}, base=tmp_path)
     assert from_dict(base(tmp_path), base=tmp_path).metrics is None  # without the block, nothing is needed
+
+
+def test_a_peer_cycling_through_calling_ae_titles_cannot_grow_the_metrics(monkeypatch):
+    monkeypatch.setattr(m, "MAX_CALLING_AE_LABELS", 3)
+    metrics = m.RouterMetrics(m.MetricsSettings(), queue_gauges=lambda: ({}, {}), model=lambda: ("m", "ready"),
+                              paused=lambda: False, node_of={}, down=lambda node: False)
+    for title in ["A", "B", "A", "C", "D", "E", "B", "F"]:
+        metrics.received(title)
+    from prometheus_client import generate_latest
+
+    families = {f.name: [(s.name, s.labels, s.value) for s in f.samples]
+                for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+    count = values(families, "router_objects_received", "router_objects_received_total")
+    assert count == {(("calling_ae", "A"),): 2, (("calling_ae", "B"),): 2, (("calling_ae", "C"),): 1,
+                     (("calling_ae", m.OTHER_AE),): 3}  # the first three titles, then one shared series

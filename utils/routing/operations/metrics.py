@@ -7,7 +7,8 @@
 Counters, incremented where the audit log writes the matching event (the hooks are the methods of
 :class:`NoMetrics`, which does nothing, so that a router without metrics pays one no-op call):
 
-- ``router_objects_received_total{calling_ae}`` (the Orthanc source: the modality that sent to Orthanc);
+- ``router_objects_received_total{calling_ae}`` (the Orthanc source: the modality that sent to Orthanc; the
+  first 64 distinct titles get a series each, later ones are counted under ``(other)``);
 - ``router_receive_refused_total{reason}``: C-STOREs answered 0xA700: ``disk_reserve``, ``store_failed``, ``stopping``;
   STOW-RS instances that failed, by the same reasons and ``not_dicom``, ``sop_class``, ``transfer_syntax``,
   ``study_mismatch``, ``too_large`` (utils/routing/intake/stow.py);
@@ -56,6 +57,10 @@ PREFIX = "ROUTER_METRICS_"  # the constants of the block's keys (the key is the 
 POLL_S = 0.05  # how often the HTTP server looks for a stop request (stop waits at most this long for it)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)  # seconds
 STATES = ("received", "classified", "forwarded", "quarantined", "failed")  # utils/routing/queue.py
+# A calling AE title is the sender's word: a peer that cycles through titles must not grow /metrics (and the
+# memory behind it) without bound. The first this many titles get a series of their own, later ones share OTHER_AE.
+MAX_CALLING_AE_LABELS = 64
+OTHER_AE = "(other)"  # cannot be an AE title: parentheses are not in the AE title character set
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ class RouterMetrics(NoMetrics):
         self._node_of, self._down, self._drift = node_of, down, drift
         self._received = Counter("router_objects_received", "Objects received and spooled",
                                  ["calling_ae"], registry=self.registry)
+        self._callers: set[str] = set()  # the calling AE titles with a series of their own (MAX_CALLING_AE_LABELS)
+        self._callers_lock = threading.Lock()
         self._refused = Counter("router_receive_refused",
                                 "Objects refused: C-STOREs answered 0xA700, STOW-RS instances failed (the sender keeps them)",
                                 ["reason"], registry=self.registry)
@@ -148,6 +155,12 @@ class RouterMetrics(NoMetrics):
     # --- the hooks ---------------------------------------------------------------------------
 
     def received(self, calling_ae: str) -> None:
+        with self._callers_lock:
+            if calling_ae not in self._callers:
+                if len(self._callers) < MAX_CALLING_AE_LABELS:
+                    self._callers.add(calling_ae)
+                else:
+                    calling_ae = OTHER_AE
         self._received.labels(calling_ae).inc()
 
     def refused(self, reason: str) -> None:
