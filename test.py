@@ -26,6 +26,8 @@ skipped.csv, an error naming the counts and reasons, and exit status 2.
 A cross-validation directory (training.py --folds K) is evaluated on its pooled out-of-fold
 predictions (every labelled image once, by the model that never saw it), with patient-level
 bootstrap CIs and the per-fold spread; results go to CV_DIR/eval-cv (--data and --split do not apply).
+With --shift, each fold's model also scores its own fold under every shift, pooled the same way (routed
+at each fold's own threshold).
 """
 
 from __future__ import annotations
@@ -128,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(ood_eval.markdown(results["ood"]).rstrip())
         print(f"details: {output_dir / reports.RESULTS_MD}")
-        if args.shift and cross_validation:
-            log.warning("--shift applies to one model, not to a cross-validation's pooled predictions: evaluate "
-                        "a fold's model (CV_DIR/fold-K)")
-        elif args.shift:
+        if args.shift:
             from utils.evaluate import shift_eval
 
-            summary = shift_eval.evaluate(model_arg, args.data, settings, output_dir, args.shift,
-                                          progress=not args.quiet)
+            if cross_validation:
+                summary = shift_eval.evaluate_cv(model_arg, settings, output_dir, args.shift, progress=not args.quiet)
+            else:
+                summary = shift_eval.evaluate(model_arg, args.data, settings, output_dir, args.shift,
+                                              progress=not args.quiet)
             print(f"\n{name} under site shifts ({summary['n_images']} images):")
             print(shift_eval.table(summary))
             print("\n".join(shift_eval.verdict_lines(summary)))

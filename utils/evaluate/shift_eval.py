@@ -72,6 +72,59 @@ def evaluate(model_arg: str, data: str | None, settings: dict, output_dir: Path,
     return summary
 
 
+def evaluate_cv(cv_dir: str | Path, settings: dict, output_dir: Path, requested: Sequence[tuple[str, int]], *,
+                progress: bool = True) -> dict:
+    """:func:`evaluate` for a cross-validation (training.py --folds K): each fold's model on the fold it never
+    saw, under every condition, pooled, so that every labelled image is scored once per condition by a model
+    that was not trained on its patient (as test.py CV_DIR's clean metrics). Routed: at or above each fold's
+    own recommended threshold and not flagged. Writes the outputs into ``output_dir``, returns the summary."""
+    import types
+
+    from utils.artifacts import run_dir as R
+    from utils.data.dataset import split_frame
+    from utils.infer.predictor import load_predictor
+    from utils.train.runner import run_fold
+
+    cv = R.read_cv(cv_dir)["config"]
+    conditions = [(CLEAN, 0)] + list(requested)
+    y_true, groups, keys, thresholds, fold_thresholds, parts, example = [], [], [], [], [], [], None
+    folds = int(cv["folds"])
+    for index in range(folds):
+        info = load_predictor(R.fold_dir(cv_dir, index))
+        frame = split_frame(cv["data"], "test", list(info.spec.class_names), run_fold({**cv, "fold": index}))
+        images, kept = decode(info, types.SimpleNamespace(files=frame["abs_path"].tolist(), cached=True), settings,
+                              progress=False)
+        rows = frame.iloc[kept]
+        fold_keys = [Path(f).name for f in rows["abs_path"]]
+        parts.append(score_conditions(info, images, fold_keys, conditions, settings, progress=False))
+        recommended = getattr(getattr(info, "metadata", None), "recommended_threshold", None)
+        fold_thresholds.append(float(recommended["value"]) if recommended else np.nan)
+        thresholds += [fold_thresholds[-1]] * len(rows)
+        y_true += rows["y"].tolist()
+        groups += rows["group"].astype(str).tolist()
+        keys += fold_keys
+        if example is None and images:
+            example = (images[0], fold_keys[0])
+        log.info("shifts: fold %d of %d scored (%d images, %d conditions)", index + 1, folds, len(rows),
+                 len(conditions))
+    if not y_true:
+        raise ValueError(f"{cv_dir}: none of the folds' images could be read")
+    outcomes = [Outcome(name, severity, np.concatenate([p[i].probs for p in parts]),
+                        np.concatenate([p[i].flagged for p in parts])) for i, (name, severity) in enumerate(conditions)]
+    per_image = np.asarray(thresholds, dtype=np.float64)
+    summary = summarise(y_true, outcomes, len(info.spec.class_names), groups=groups,
+                        threshold=None if np.isnan(per_image).any() else per_image,
+                        n_resamples=settings["bootstrap_resamples"], confidence=settings["confidence_level"],
+                        seed=settings["seed"], unit=settings["bootstrap_unit"])
+    summary.update({"threshold": None, "model_id": f"{Path(cv_dir).name} ({folds} folds, out of fold)",
+                    "fold_thresholds": None if np.isnan(per_image).any() else fold_thresholds,
+                    "data": str(cv["data"]), "split": "out-of-fold", "source": f"{cv['data']} (every labelled image)",
+                    "listed": len(y_true), "shift_seed": int(settings["seed"])})
+    write(output_dir, summary)
+    plot_examples(example[0], example[1], conditions[1:], output_dir / EXAMPLES_PNG, seed=settings["seed"])
+    return summary
+
+
 def decode(info, subset, settings: dict, *, progress: bool) -> tuple[list[np.ndarray], list[int]]:
     """The split's 8-bit images as the model's preprocessing makes them (once), and their indices."""
     from tqdm import tqdm
@@ -232,7 +285,6 @@ def table(summary: dict) -> str:
 def markdown(summary: dict) -> str:
     boot = summary["bootstrap"]
     unit = "patients" if boot["unit"] == "group" else "images"
-    threshold = summary["threshold"]
     out = [f"# Robustness to site shifts: {summary.get('model_id', '')} on the {summary.get('split', '')} split", "",
            f"{summary['n_images']} images" + (f" of {summary['n_groups']} patients" if summary["n_groups"] else "") +
            f" from {summary.get('source', summary.get('data', ''))}, each re-rendered as another site would send it "
@@ -243,9 +295,9 @@ def markdown(summary: dict) -> str:
             "the same resamples for every row; the F1 change is shifted minus clean, paired on those resamples. "
             f"A shift **breaks** the model where macro F1 falls more than {summary['break_drop']:g} below clean "
             "(*breaks (CI includes 0)*: by more than that, but the paired CI of the change still includes 0).",
-            "", ("Auto-routed: confidence at or above the model's auto threshold "
-                 f"{threshold:.4g} and not flagged out-of-distribution; Acc. routed: the accuracy of that share; "
-                 "Errors routed: wrong classes that would go out without review." if threshold is not None else
+            "", (f"Auto-routed: confidence at or above {_threshold_words(summary)} and not flagged "
+                 "out-of-distribution; Acc. routed: the accuracy of that share; Errors routed: wrong classes that "
+                 "would go out without review." if summary["rows"][0]["routed_share"] is not None else
                  "The model has no auto threshold (no calibration): no routed share.")]
     out += [""] + [f"- {line}" for line in verdict_lines(summary)]
     out += ["", "| Shift | What a site does | Levels (severity 1, 2, 3) |", "|---|---|---|"]
@@ -254,6 +306,13 @@ def markdown(summary: dict) -> str:
     out += ["", f"Figures: {SHIFTS_PNG} (macro F1 and auto-routed share against severity), {EXAMPLES_PNG} "
             "(one test image under every shift)."]
     return "\n".join(out) + "\n"
+
+
+def _threshold_words(summary: dict) -> str:
+    if summary.get("fold_thresholds"):
+        values = summary["fold_thresholds"]
+        return f"each fold's own auto threshold ({min(values):.4g} to {max(values):.4g})"
+    return f"the model's auto threshold {summary['threshold']:.4g}"
 
 
 def verdict_lines(summary: dict) -> list[str]:

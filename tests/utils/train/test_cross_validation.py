@@ -57,8 +57,27 @@ def test_cross_validation_pools_out_of_fold_predictions(tiny_demo, tmp_path, cap
     assert training.main(["--resume", str(cv), "--quiet"]) == 0
     assert len(pd.read_csv(cv / "oof_predictions.csv")) == len(labels)
 
-    assert test_script.main([str(cv), "--bootstrap-resamples", "100", "--quiet"]) == 0
+    assert test_script.main([str(cv), "--bootstrap-resamples", "100", "--quiet", "--shift", "invert",
+                             "--shift", "jpeg:2"]) == 0
     results = json.loads((cv / "eval-cv" / "results.json").read_text())
+    # --shift on a cross-validation: each fold's model on its own fold under every shift, pooled
+    shifted = json.loads((cv / "eval-cv" / "shifts.json").read_text())
+    assert [(r["shift"], r["severity"]) for r in shifted["rows"]] == [("clean", 0), ("invert", 1), ("jpeg", 2)]
+    assert shifted["n_images"] == len(labels) and shifted["split"] == "out-of-fold"
+    assert shifted["rows"][0]["macro_f1"]["value"] == pytest.approx(results["metrics"]["macro_f1"]["value"], abs=1e-6)
+    assert len(shifted["fold_thresholds"]) == 2 and "each fold's own auto threshold" in \
+        (cv / "eval-cv" / "shifts.md").read_text()
+    clean_routed = (oof[[c for c in oof if c.startswith("prob_")]].max(axis=1) >= oof["threshold"]).mean()
+    assert shifted["rows"][0]["routed_share"] <= clean_routed + 1e-9  # the same rule, minus what OOD flags
+    # bench/tta.py: the fold models again, with test-time views, paired against the plain ones
+    from bench import tta
+
+    assert tta.main([str(cv), "--views", "identity", "identity,flip", "--resamples", "50"]) == 0
+    rows = json.loads((cv / "tta" / "tta.json").read_text())["results"]
+    assert [r["views"] for r in rows] == ["identity", "identity+flip"] and rows[0]["images"] == len(labels)
+    plain = pd.read_csv(cv / "tta" / "identity.csv").set_index("file")
+    assert (plain.loc[oof["file"], "predicted_label"].to_numpy() == oof["predicted_label"].to_numpy()).all()
+    assert rows[1]["paired_difference"] is not None and rows[0]["paired_difference"] is None
     assert results["split"] == "out-of-fold" and results["n_images"] == len(labels)
     assert results["bootstrap"]["unit"] == "group"
     assert results["extra"]["cross_validation"]["folds"] == 2
