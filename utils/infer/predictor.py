@@ -164,9 +164,26 @@ def _share(value) -> str:
     return f"{100 * value:.2f}%" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
+class FromOutputs:
+    """What every predictor derives from its ``outputs(batch)`` (logits, features): the logits, the calibrated
+    probabilities, and the engine's :class:`Scored`. A predictor sets ``metadata`` and defines ``outputs``."""
+
+    metadata: ModelMetadata | None
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.outputs(batch)[0]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return probabilities(self.logits(batch), self.metadata)
+
+    def score(self, batch: np.ndarray) -> Scored:
+        return scored(self.outputs(batch), self.metadata)
+
+
 @dataclass
-class KerasPredictor:
-    """A .keras file saved by this project (or a run directory's best.keras)."""
+class KerasPredictor(FromOutputs):
+    """A .keras file saved by this project (or a run directory's best.keras); ``logits`` alone skips the
+    features."""
 
     model: object
     spec: PreprocessSpec
@@ -199,12 +216,6 @@ class KerasPredictor:
             raise ValueError(f"batch shape {batch.shape[1:]} differs from the model's {self.spec.input_shape}")
         logits, features = self._both(np.asarray(batch, dtype=np.float32))
         return logits.numpy(), features.numpy()
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        return probabilities(self.logits(batch), self.metadata)
-
-    def score(self, batch: np.ndarray) -> Scored:
-        return scored(self.outputs(batch), self.metadata)
 
 
 def with_features(model):
@@ -263,7 +274,7 @@ def slow_int8_ops(interpreter) -> list[str]:
     return [name for name in SLOW_INT8_OPS if name in names]
 
 
-class TFLitePredictor:
+class TFLitePredictor(FromOutputs):
     """A ``.tflite`` file exported by export.py (fp32, fp16 or int8; input and output stay float32,
     an integer input/output would be (de)quantised here). Thread-safe (one interpreter, a lock)."""
 
@@ -317,17 +328,8 @@ class TFLitePredictor:
         with self._lock:
             return _split_outputs(self._run(batch), self.spec.num_classes)
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.outputs(batch)[0]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        return probabilities(self.logits(batch), self.metadata)
-
-    def score(self, batch: np.ndarray) -> Scored:
-        return scored(self.outputs(batch), self.metadata)
-
-
-class SavedModelPredictor:
+class SavedModelPredictor(FromOutputs):
     """A SavedModel directory exported by export.py (its ``serve`` endpoint returns logits)."""
 
     def __init__(self, path: str | os.PathLike, metadata: ModelMetadata | None = None) -> None:
@@ -353,17 +355,8 @@ class SavedModelPredictor:
             out = [out]
         return _split_outputs([np.asarray(t) for t in out], self.spec.num_classes)
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.outputs(batch)[0]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        return probabilities(self.logits(batch), self.metadata)
-
-    def score(self, batch: np.ndarray) -> Scored:
-        return scored(self.outputs(batch), self.metadata)
-
-
-class ONNXPredictor:
+class ONNXPredictor(FromOutputs):
     """A ``.onnx`` file exported by export.py, run by ONNX Runtime on the CPU (all cores)."""
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None) -> None:
@@ -388,15 +381,6 @@ class ONNXPredictor:
         if len(batch) == 0:
             return np.zeros((0, self.spec.num_classes), np.float32), None
         return _split_outputs(self._session.run(None, {self._input: batch}), self.spec.num_classes)
-
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.outputs(batch)[0]
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        return probabilities(self.logits(batch), self.metadata)
-
-    def score(self, batch: np.ndarray) -> Scored:
-        return scored(self.outputs(batch), self.metadata)
 
 
 def load_predictor(path: str | os.PathLike) -> Predictor:

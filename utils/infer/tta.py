@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from utils.infer.predictor import Scored, probabilities, scored
+from utils.infer.predictor import FromOutputs
 
 ZOOM_KEEP = 0.9  # the zoom view's central share of each side
 
@@ -61,7 +61,7 @@ def parse_views(text: str | Sequence[str]) -> tuple[str, ...]:
 
 
 @dataclass
-class TTAPredictor:
+class TTAPredictor(FromOutputs):
     """``inner`` (any utils.infer.predictor.Predictor) with its logits averaged over ``views``."""
 
     inner: object
@@ -97,12 +97,3 @@ class TTAPredictor:
             if index == 0:  # identity when it is among the views (parse_views puts it first)
                 features = view_features
         return (total / len(self._calls)).astype(np.float32), features
-
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.outputs(batch)[0]
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        return probabilities(self.logits(batch), self.metadata)
-
-    def score(self, batch: np.ndarray) -> Scored:
-        return scored(self.outputs(batch), self.metadata)
