@@ -34,20 +34,14 @@ log = logging.getLogger("bench.tta")
 def fold_predictions(cv_dir: Path, views: tuple[str, ...], batch_size: int) -> pd.DataFrame:
     """Every fold's held-out images predicted by that fold's model with ``views``: oof_predictions.csv's
     columns plus ``routed`` (the router's rule at the fold's recommended threshold)."""
-    from utils.artifacts import run_dir as R
-    from utils.data.dataset import split_frame
     from utils.evaluate.evaluation import predict_with_ood
-    from utils.infer.predictor import load_predictor
     from utils.infer.tta import TTAPredictor
-    from utils.train.runner import run_fold
+    from utils.train.cross_validation import held_out_folds
 
-    settings = R.read_cv(cv_dir)["config"]
     rows = []
-    for index in range(int(settings["folds"])):
-        plain = load_predictor(R.fold_dir(cv_dir, index))
+    for index, plain, frame in held_out_folds(cv_dir):
         predictor = plain if views == ("identity",) else TTAPredictor(plain, views)
         names = list(plain.spec.class_names)
-        frame = split_frame(settings["data"], "test", names, run_fold({**settings, "fold": index}))
         probs, _, flagged, kept, errors = predict_with_ood(predictor, frame["abs_path"].tolist(), cached=True,
                                                            batch_size=batch_size, progress=False)
         if errors:

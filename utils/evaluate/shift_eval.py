@@ -81,17 +81,13 @@ def evaluate_cv(cv_dir: str | Path, settings: dict, output_dir: Path, requested:
     import types
 
     from utils.artifacts import run_dir as R
-    from utils.data.dataset import split_frame
-    from utils.infer.predictor import load_predictor
-    from utils.train.runner import run_fold
+    from utils.train.cross_validation import held_out_folds
 
     cv = R.read_cv(cv_dir)["config"]
     conditions = [(CLEAN, 0)] + list(requested)
     y_true, groups, keys, thresholds, fold_thresholds, parts, example = [], [], [], [], [], [], None
     folds = int(cv["folds"])
-    for index in range(folds):
-        info = load_predictor(R.fold_dir(cv_dir, index))
-        frame = split_frame(cv["data"], "test", list(info.spec.class_names), run_fold({**cv, "fold": index}))
+    for index, info, frame in held_out_folds(cv_dir, cv):
         images, kept = decode(info, types.SimpleNamespace(files=frame["abs_path"].tolist(), cached=True), settings,
                               progress=False)
         rows = frame.iloc[kept]

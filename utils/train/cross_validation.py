@@ -80,19 +80,29 @@ def run(args, settings: dict[str, Any], train) -> Path:
     return parent
 
 
-def pool_predictions(parent: Path, settings: dict[str, Any], *, progress: bool = True) -> list[dict[str, Any]]:
-    """Predict each fold's test part with that fold's best model; write oof_predictions.csv and
-    oof_skipped.csv; return per-fold counts and metrics."""
+def held_out_folds(parent: str | Path, settings: dict[str, Any] | None = None):
+    """Each fold's (index, its best model's predictor, the rows of the fold it never saw), in fold order.
+    ``settings``: the cross-validation's (default: read from ``parent``'s cv.json)."""
     from utils.data.dataset import split_frame
-    from utils.evaluate.evaluation import predict
     from utils.infer.predictor import load_predictor
     from utils.train.runner import run_fold
 
-    rows, skipped, summary = [], [], []
+    settings = settings if settings is not None else R.read_cv(parent)["config"]
     for index in range(int(settings["folds"])):
         predictor = load_predictor(R.fold_dir(parent, index))
+        frame = split_frame(settings["data"], "test", list(predictor.spec.class_names),
+                            run_fold({**settings, "fold": index}))
+        yield index, predictor, frame
+
+
+def pool_predictions(parent: Path, settings: dict[str, Any], *, progress: bool = True) -> list[dict[str, Any]]:
+    """Predict each fold's test part with that fold's best model; write oof_predictions.csv and
+    oof_skipped.csv; return per-fold counts and metrics."""
+    from utils.evaluate.evaluation import predict
+
+    rows, skipped, summary = [], [], []
+    for index, predictor, frame in held_out_folds(parent, settings):
         names = list(predictor.spec.class_names)
-        frame = split_frame(settings["data"], "test", names, run_fold({**settings, "fold": index}))
         probs, kept, errors = predict(predictor, frame["abs_path"].tolist(), cached=True,
                                       batch_size=int(settings["batch_size"]), progress=progress)
         part = frame.iloc[kept]
